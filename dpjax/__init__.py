@@ -1,0 +1,25 @@
+"""dpjax: dual-pixel defocus-map estimation and deblurring in JAX.
+
+Public API (see README.md):
+- kernels: KernelBank, TileGrid, parametric_bank, parametric_dp_kernels, rescale_kernels,
+  recenter_kernel_pairs
+- configuration: Config, MpiConfig, SolverConfig, LossWeights
+- solving: fit, FitResult, Progress
+- synthetic data: make_scene, SyntheticScene
+"""
+
+from dpjax.config import Config, MpiConfig, SolverConfig
+from dpjax.kernels import (KernelBank, TileGrid, parametric_bank, parametric_dp_kernels,
+                           recenter_kernel_pairs, rescale_kernels)
+from dpjax.losses import LossTerms, LossWeights
+from dpjax.mpi import MpiParams
+from dpjax.solver import FitResult, Progress, fit
+from dpjax.synthetic import SyntheticScene, make_scene
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config", "MpiConfig", "SolverConfig", "LossWeights", "LossTerms", "KernelBank", "TileGrid",
+    "parametric_bank", "parametric_dp_kernels", "recenter_kernel_pairs", "rescale_kernels",
+    "MpiParams", "FitResult", "Progress", "fit", "SyntheticScene", "make_scene",
+]

@@ -1,0 +1,122 @@
+"""Frozen configuration dataclasses, one per concern, composed by `Config`.
+
+All fields are plain Python values, so configs are hashable (safe as static jit
+arguments) and serialise to JSON next to every output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import numpy as np
+
+from dpjax.losses import LossWeights
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MpiConfig:
+    """Depth discretisation: L layers with scales linspace(scale_max, scale_min, L).
+
+    Layer 0 (the back) gets scale_max. Scales are signed defocus scales of the
+    calibrated kernel (1 reproduces the calibration; negative: other side of focus).
+    """
+
+    num_layers: int = 12
+    scale_min: float = 0.1
+    scale_max: float = 1.6
+
+    def __post_init__(self):
+        if self.num_layers < 2:
+            raise ValueError("num_layers must be at least 2")
+        if not self.scale_max > self.scale_min:
+            raise ValueError(f"scale_max ({self.scale_max}) must exceed scale_min "
+                             f"({self.scale_min})")
+
+    def scales(self) -> np.ndarray:
+        """[L] float32 layer scales, back to front."""
+        return np.linspace(self.scale_max, self.scale_min, self.num_layers).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SolverConfig:
+    """Optimiser and schedule.
+
+    Attributes:
+      optimizer: "adam" (the paper's) or "lbfgs" (optax.lbfgs with line search).
+      num_iters: iteration budget at the finest level.
+      coarse_iters: iteration budget at each coarser pyramid level.
+      pyramid_levels: 1 = single scale; n = solve at 1/2^(n-1) resolution first.
+      lr_start, lr_end: Adam learning rate, decaying log-linearly over each level.
+      chunk_size: iterations per compiled chunk between progress reports.
+      rel_tol: stop a level when the mean loss of a chunk improves on the previous
+        chunk's by less than this fraction (0 disables the rule).
+      conv_method: "fft" or "direct" spatially varying convolution.
+      round_fft: round tile FFT sizes up to products of 2, 3 and 5.
+      seed: seeds the optional initial noise (the solve is deterministic).
+      init_noise: std of Gaussian noise added to the initial logits.
+    """
+
+    optimizer: Literal["adam", "lbfgs"] = "adam"
+    num_iters: int = 1000
+    coarse_iters: int = 300
+    pyramid_levels: int = 1
+    lr_start: float = 0.3
+    lr_end: float = 0.1
+    chunk_size: int = 50
+    rel_tol: float = 0.0
+    conv_method: Literal["fft", "direct"] = "fft"
+    round_fft: bool = True
+    seed: int = 0
+    init_noise: float = 0.0
+
+    def __post_init__(self):
+        if self.optimizer not in ("adam", "lbfgs"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; use 'adam' or 'lbfgs'")
+        if self.conv_method not in ("fft", "direct"):
+            raise ValueError(f"unknown conv_method {self.conv_method!r}")
+        if self.num_iters < 1 or self.chunk_size < 1 or self.pyramid_levels < 1:
+            raise ValueError("num_iters, chunk_size and pyramid_levels must be >= 1")
+        if self.coarse_iters < 0:
+            raise ValueError("coarse_iters must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """Everything a solve needs besides the data."""
+
+    mpi: MpiConfig = MpiConfig()
+    loss: LossWeights = LossWeights()
+    solver: SolverConfig = SolverConfig()
+
+    def replace(self, **sections: Any) -> "Config":
+        """Returns a copy with whole sections or dotted fields replaced.
+
+        Example: cfg.replace(**{"solver.num_iters": 100, "mpi.num_layers": 8}).
+        """
+        updates: dict[str, dict[str, Any]] = {}
+        direct: dict[str, Any] = {}
+        for key, value in sections.items():
+            if "." in key:
+                section, field = key.split(".", 1)
+                updates.setdefault(section, {})[field] = value
+            else:
+                direct[key] = value
+        cfg = dataclasses.replace(self, **direct)
+        for section, fields in updates.items():
+            if not hasattr(cfg, section):
+                raise ValueError(f"unknown config section {section!r}")
+            cfg = dataclasses.replace(cfg, **{
+                section: dataclasses.replace(getattr(cfg, section), **fields)})
+        return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved configuration as a JSON-ready dict."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """Inverse of to_dict; unknown keys raise TypeError."""
+    return Config(mpi=MpiConfig(**d.get("mpi", {})), loss=LossWeights(**d.get("loss", {})),
+                  solver=SolverConfig(**d.get("solver", {})))

@@ -1,0 +1,227 @@
+"""Multiplane-image (MPI) scene model and its occlusion-aware dual-pixel rendering.
+
+Layers are ordered back to front (layer 0 at the back, always opaque). Arrays are
+planar inside the solver: colours [L, C, H, W], alphas [L, H, W], observed views
+[V, C, H, W]. Public results are converted to [H, W, C] at the API boundary.
+
+Equations (METHOD.md, "Scene representation" and "Rendering the two views"):
+  visibility   V_l = prod_{j>l} (1 - a_j)
+  transmittance T_l = a_l V_l
+  all-in-focus A = sum_l T_l c_l,   defocus D = sum_l T_l s_l
+  view v:  B_v = sum_l (k_vl * a_l c_l) prod_{j>l} (1 - k_vj * a_j)
+           blurred transmittance T~_vl = (k_vl * a_l) prod_{j>l} (1 - k_vj * a_j)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dpjax import conv
+from dpjax.kernels import KernelBank, rescale_kernels
+
+
+class MpiParams(NamedTuple):
+    """Optimised variables, as logits.
+
+    Attributes:
+      color_logits: [L, C, H, W] layer intensities before the sigmoid.
+      alpha_logits: [L - 1, H, W] alphas of layers 1..L-1 (layer 0 is opaque).
+    """
+
+    color_logits: jax.Array
+    alpha_logits: jax.Array
+
+
+class Rendering(NamedTuple):
+    """Rendered views and the per-layer quantities the losses need.
+
+    Attributes:
+      views: [V, C, H, W] blurred composite of each view.
+      blurred_transmittance: [V, L, H, W] T~_vl.
+      layer_views: [V, L, C, H, W] each layer's intensity alone, blurred (k_vl * c_l).
+    """
+
+    views: jax.Array
+    blurred_transmittance: jax.Array
+    layer_views: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerKernels:
+    """Kernels of every view, layer and tile, prepared once per solve.
+
+    Attributes:
+      kernels: [V, L, T, K, K] spatial kernels at the layer scales.
+      spectra: [V, L, T, Fh, Fw//2+1] their tile-FFT spectra ("fft" method), or an
+        empty array for the "direct" method.
+      inverse_power: [L, T] mean over frequencies of C / (sum_v |k_vl(w)|^2 + C),
+        the kernel-dependent factor of the data-term bias (METHOD.md, term 1).
+      geom: static convolution geometry.
+    """
+
+    kernels: jax.Array
+    spectra: jax.Array
+    inverse_power: jax.Array
+    geom: conv.ConvGeometry = dataclasses.field(metadata=dict(static=True))
+
+
+# Bias-correction constant C of the data term (METHOD.md, term 1).
+BIAS_FREQ_CONSTANT = 5e-3
+
+
+def prepare_layer_kernels(bank: KernelBank, scales: jax.Array,
+                          geom: conv.ConvGeometry) -> LayerKernels:
+    """Rescales the kernel bank to the layer scales and computes spectra once.
+
+    Args:
+      bank: reference kernels [V, T, K0, K0].
+      scales: [L] signed layer scales, back to front.
+      geom: geometry whose radius holds the largest rescaled kernel.
+
+    Returns:
+      LayerKernels.
+    """
+    size = 2 * geom.radius + 1
+    k = rescale_kernels(bank.kernels, scales, size)  # [L, V, T, K, K]
+    k = jnp.swapaxes(k, 0, 1)  # [V, L, T, K, K]
+    power = jnp.sum(jnp.abs(jnp.fft.fft2(k)) ** 2, axis=0)  # [L, T, K, K]
+    inverse_power = jnp.mean(BIAS_FREQ_CONSTANT / (power + BIAS_FREQ_CONSTANT), axis=(-2, -1))
+    if geom.method == "fft":
+        spectra = conv.kernel_spectra(k, geom)
+    else:
+        spectra = jnp.zeros((0,), jnp.complex64)
+    return LayerKernels(kernels=k, spectra=spectra, inverse_power=inverse_power, geom=geom)
+
+
+def alphas(params: MpiParams) -> jax.Array:
+    """[L, H, W] alphas with the back layer fixed opaque."""
+    front = jax.nn.sigmoid(params.alpha_logits)
+    back = jnp.ones((1,) + front.shape[1:], front.dtype)
+    return jnp.concatenate([back, front], axis=0)
+
+
+def colors(params: MpiParams) -> jax.Array:
+    """[L, C, H, W] layer intensities in (0, 1)."""
+    return jax.nn.sigmoid(params.color_logits)
+
+
+def visibility(alpha: jax.Array) -> jax.Array:
+    """V_l = prod_{j>l} (1 - alpha_j) along axis -3 (layers), back to front.
+
+    Args:
+      alpha: [..., L, H, W].
+
+    Returns:
+      [..., L, H, W]; the front layer has visibility 1.
+    """
+    clear = 1.0 - alpha
+    # Exclusive product over the layers in front: reverse, cumulative product, shift.
+    rev = jnp.flip(clear, axis=-3)
+    prod = jnp.cumprod(rev, axis=-3)
+    ones = jnp.ones_like(prod[..., :1, :, :])
+    excl = jnp.concatenate([ones, prod[..., :-1, :, :]], axis=-3)
+    return jnp.flip(excl, axis=-3)
+
+
+def transmittance(alpha: jax.Array) -> jax.Array:
+    """T_l = alpha_l V_l; sums to one over layers when layer 0 is opaque."""
+    return alpha * visibility(alpha)
+
+
+def all_in_focus(color: jax.Array, trans: jax.Array) -> jax.Array:
+    """A = sum_l T_l c_l: [L, C, H, W], [L, H, W] -> [C, H, W]."""
+    return jnp.sum(color * trans[:, None], axis=0)
+
+
+def defocus_map(trans: jax.Array, scales: jax.Array) -> jax.Array:
+    """D = sum_l T_l s_l: [L, H, W], [L] -> [H, W]."""
+    return jnp.tensordot(scales, trans, axes=1)
+
+
+def blur_layers(signals: jax.Array, lk: LayerKernels) -> jax.Array:
+    """Blurs every layer's signals with that layer's kernels, for both views.
+
+    Args:
+      signals: [L, S, H, W] S signals per layer (edge-padded internally).
+      lk: prepared layer kernels.
+
+    Returns:
+      [V, L, S, H, W].
+    """
+    geom = lk.geom
+    padded = conv.pad_edges(signals, geom.radius)
+    if geom.method == "fft":
+        spec = conv.tile_spectra(padded, geom)  # [L, S, T, Fh, Fw'] computed once for both views
+        # Broadcast the views' kernel spectra over the S signals of each layer.
+        return conv.apply_spectra(spec[None], lk.spectra[:, :, None], geom)
+    num_layers, num_signals = signals.shape[:2]
+
+    def per_view(kernels):  # kernels: [L, T, K, K]
+        k = jnp.repeat(kernels[:, None], num_signals, axis=1)
+        flat_x = padded.reshape((num_layers * num_signals,) + padded.shape[2:])
+        flat_k = k.reshape((num_layers * num_signals,) + k.shape[2:])
+        out = conv.convolve_tiles_direct(flat_x, flat_k, geom)
+        return out.reshape((num_layers, num_signals) + out.shape[1:])
+
+    return jax.vmap(per_view)(lk.kernels)
+
+
+def render(params: MpiParams, lk: LayerKernels) -> Rendering:
+    """Occlusion-aware rendering of both dual-pixel views (METHOD.md)."""
+    c = colors(params)  # [L, C, H, W]
+    a = alphas(params)  # [L, H, W]
+    num_c = c.shape[1]
+    signals = jnp.concatenate([a[:, None] * c, a[:, None], c], axis=1)  # [L, 2C+1, H, W]
+    blurred = blur_layers(signals, lk)  # [V, L, 2C+1, H, W]
+    premult = blurred[:, :, :num_c]
+    blurred_alpha = blurred[:, :, num_c]
+    layer_views = blurred[:, :, num_c + 1:]
+    vis = visibility(blurred_alpha)  # [V, L, H, W]
+    views = jnp.sum(premult * vis[:, :, None], axis=1)  # [V, C, H, W]
+    return Rendering(views=views, blurred_transmittance=blurred_alpha * vis,
+                     layer_views=layer_views)
+
+
+def render_views(color: jax.Array, alpha: jax.Array, lk: LayerKernels) -> jax.Array:
+    """Renders both views of an MPI given directly by colours and alphas.
+
+    Used to synthesise observations with known ground truth.
+
+    Args:
+      color: [L, C, H, W] layer intensities.
+      alpha: [L, H, W] alphas (layer 0 should be 1).
+
+    Returns:
+      [V, C, H, W].
+    """
+    num_c = color.shape[1]
+    signals = jnp.concatenate([alpha[:, None] * color, alpha[:, None]], axis=1)
+    blurred = blur_layers(signals, lk)
+    vis = visibility(blurred[:, :, num_c])
+    return jnp.sum(blurred[:, :, :num_c] * vis[:, :, None], axis=1)
+
+
+def init_params(observation: jax.Array, num_layers: int) -> MpiParams:
+    """The paper's initialisation: c_l = mean input, alpha_l = 1 / (l + 1).
+
+    With these alphas every layer starts with transmittance 1/L.
+
+    Args:
+      observation: [V, C, H, W] views.
+      num_layers: L.
+    """
+    mean = jnp.mean(observation, axis=0)  # [C, H, W]
+    mean = jnp.clip(mean, 1e-3, 1 - 1e-3)
+    color_logits = jnp.broadcast_to(jax.scipy.special.logit(mean),
+                                    (num_layers,) + mean.shape)
+    layer = jnp.arange(1, num_layers, dtype=jnp.float32)
+    alpha0 = 1.0 / (layer + 1.0)
+    alpha_logits = jnp.broadcast_to(jax.scipy.special.logit(alpha0)[:, None, None],
+                                    (num_layers - 1,) + mean.shape[1:])
+    return MpiParams(color_logits=jnp.asarray(color_logits, jnp.float32),
+                     alpha_logits=jnp.asarray(alpha_logits, jnp.float32))

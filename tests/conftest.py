@@ -1,0 +1,27 @@
+"""Shared fixtures: a tiny synthetic problem and the shared Pixel 4 data location."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dpjax
+
+DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pixel4"
+
+
+@pytest.fixture(scope="session")
+def pixel4_dir():
+    """The shared Pixel 4 scenes (present in CI); tests needing them skip only if absent."""
+    if not DATA_DIR.exists():
+        pytest.skip(f"shared Pixel 4 data not found at {DATA_DIR}")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_bank():
+    """2x2 tiles of 32x48 px with slightly different parametric kernels per tile."""
+    pairs = [dpjax.parametric_dp_kernels(radius=r, ramp=0.4, smooth_sigma=0.5, size=15)
+             for r in (4.0, 4.5, 5.0, 5.5)]
+    kernels = np.stack(pairs, axis=1)  # [2, T, K, K]
+    return dpjax.KernelBank.create(kernels, rows=2, cols=2, tile_h=32, tile_w=48)

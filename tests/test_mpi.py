@@ -1,0 +1,77 @@
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+from dpjax import conv, mpi
+from dpjax.kernels import KernelBank, TileGrid
+
+
+def _delta_bank(grid, k=5):
+    d = np.zeros((2, grid.num_tiles, k, k), np.float32)
+    d[:, :, k // 2, k // 2] = 1.0
+    return KernelBank.create(d, rows=grid.rows, cols=grid.cols, tile_h=grid.tile_h,
+                             tile_w=grid.tile_w)
+
+
+def _random_params(rng, num_layers=4, c=2, h=16, w=24, spread=3.0):
+    return mpi.MpiParams(
+        color_logits=jnp.asarray(rng.normal(size=(num_layers, c, h, w)) * spread, jnp.float32),
+        alpha_logits=jnp.asarray(rng.normal(size=(num_layers - 1, h, w)) * spread, jnp.float32))
+
+
+def test_transmittance_sums_to_one_with_opaque_back():
+    rng = np.random.default_rng(0)
+    p = _random_params(rng)
+    t = mpi.transmittance(mpi.alphas(p))
+    np.testing.assert_allclose(np.asarray(t.sum(axis=0)), 1.0, atol=1e-5)
+    assert np.all(np.asarray(t) >= 0)
+
+
+def test_one_hot_alphas_select_a_layer():
+    rng = np.random.default_rng(1)
+    p = _random_params(rng)
+    big = 30.0
+    # Layer 2 opaque, layer 3 (front) transparent: only layer 2 is seen.
+    alpha_logits = jnp.stack([jnp.full((16, 24), -big), jnp.full((16, 24), big),
+                              jnp.full((16, 24), -big)])
+    p = p._replace(alpha_logits=alpha_logits)
+    t = mpi.transmittance(mpi.alphas(p))
+    np.testing.assert_allclose(np.asarray(t[2]), 1.0, atol=1e-6)
+    aif = mpi.all_in_focus(mpi.colors(p), t)
+    np.testing.assert_allclose(np.asarray(aif), np.asarray(mpi.colors(p)[2]), atol=1e-6)
+    d = mpi.defocus_map(t, jnp.asarray([1.5, 1.0, 0.5, 0.0]))
+    np.testing.assert_allclose(np.asarray(d), 0.5, atol=1e-6)
+
+
+def test_delta_kernel_renders_the_all_in_focus_image():
+    rng = np.random.default_rng(2)
+    grid = TileGrid(rows=2, cols=2, tile_h=8, tile_w=12)
+    p = _random_params(rng)
+    for method in ("fft", "direct"):
+        geom = conv.ConvGeometry.create(grid, 2, method)
+        lk = mpi.prepare_layer_kernels(_delta_bank(grid), jnp.asarray([1.0, 0.8, 0.6, 0.4]), geom)
+        r = mpi.render(p, lk)
+        aif = mpi.all_in_focus(mpi.colors(p), mpi.transmittance(mpi.alphas(p)))
+        np.testing.assert_allclose(np.asarray(r.views[0]), np.asarray(aif), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(r.views[1]), np.asarray(aif), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(r.blurred_transmittance.sum(axis=1)), 1.0,
+                                   atol=1e-5)
+
+
+def test_uniform_scene_renders_uniform_views(tiny_bank):
+    """Kernels sum to one and padding replicates edges: a constant MPI stays constant."""
+    h, w = tiny_bank.grid.image_shape
+    p = mpi.MpiParams(color_logits=jnp.full((3, 1, h, w), 0.3),
+                      alpha_logits=jnp.full((2, h, w), -0.2))
+    geom = conv.ConvGeometry.create(tiny_bank.grid, 9, "fft")
+    lk = mpi.prepare_layer_kernels(tiny_bank, jnp.asarray([1.2, 0.7, -0.5]), geom)
+    views = np.asarray(mpi.render(p, lk).views)
+    np.testing.assert_allclose(views, float(jax.nn.sigmoid(0.3)), atol=1e-5)
+
+
+def test_init_gives_equal_transmittance():
+    obs = jnp.full((2, 1, 8, 8), 0.4)
+    p = mpi.init_params(obs, 6)
+    t = mpi.transmittance(mpi.alphas(p))
+    np.testing.assert_allclose(np.asarray(t), 1.0 / 6, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(mpi.colors(p)), 0.4, atol=1e-5)
