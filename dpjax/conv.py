@@ -90,9 +90,12 @@ def extract_tiles(x_padded: jax.Array, geom: ConvGeometry) -> jax.Array:
     """
     g = geom.grid
     n_h, n_w = geom.padded_tile
-    rows = (jnp.arange(g.rows) * g.tile_h)[:, None] + jnp.arange(n_h)[None, :]  # [rows, n_h]
-    cols = (jnp.arange(g.cols) * g.tile_w)[:, None] + jnp.arange(n_w)[None, :]  # [cols, n_w]
-    tiles = x_padded[..., rows[:, None, :, None], cols[None, :, None, :]]  # [..., R, C, n_h, n_w]
+    # Static slices rather than a gather: their gradient is a sum of pads, whereas a
+    # gather's is a scatter-add, which is slow on CPU.
+    strips = jnp.stack([x_padded[..., i * g.tile_h:i * g.tile_h + n_h, :]
+                        for i in range(g.rows)], axis=-3)  # [..., R, n_h, Wp]
+    tiles = jnp.stack([strips[..., j * g.tile_w:j * g.tile_w + n_w]
+                       for j in range(g.cols)], axis=-3)  # [..., R, C, n_h, n_w]
     return tiles.reshape(x_padded.shape[:-2] + (g.num_tiles, n_h, n_w))
 
 

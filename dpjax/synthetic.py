@@ -99,11 +99,13 @@ def random_shape_mask(rng: np.random.Generator, height: int, width: int, *,
         dist = np.minimum(dist, d)
         if np.mean(dist < 0) >= target:
             break
-    return (1.0 / (1.0 + np.exp(dist / softness))).astype(np.float32)
+    # Logistic edge profile; clipping avoids overflow far from the shape.
+    return (1.0 / (1.0 + np.exp(np.clip(dist / softness, -50, 50)))).astype(np.float32)
 
 
 def random_layers(rng: np.random.Generator, *, height: int, width: int, num_layers: int = 4,
-                  channels: int = 1, scale_range: tuple[float, float] = (0.1, 1.5)):
+                  channels: int = 1, scale_range: tuple[float, float] = (0.1, 1.5),
+                  slope: float = 1.5):
     """Random textured layers, occluders and distinct scales (back layer largest).
 
     Returns:
@@ -114,7 +116,8 @@ def random_layers(rng: np.random.Generator, *, height: int, width: int, num_laye
     edges = np.linspace(hi, lo, num_layers + 1)
     scales = np.array([rng.uniform(min(a, b), max(a, b)) for a, b in zip(edges[:-1], edges[1:])],
                       np.float32)
-    colors = np.stack([natural_texture(rng, height, width, channels) for _ in range(num_layers)])
+    colors = np.stack([natural_texture(rng, height, width, channels, slope=slope)
+                       for _ in range(num_layers)])
     alphas = np.stack([np.ones((height, width), np.float32)] + [
         random_shape_mask(rng, height, width) for _ in range(num_layers - 1)])
     return colors, alphas, scales
@@ -163,11 +166,12 @@ def composite_ground_truth(colors: np.ndarray, alphas: np.ndarray, scales: np.nd
 
 def make_scene(rng: np.random.Generator, bank: KernelBank, *, num_layers: int = 4,
                channels: int = 1, scale_range: tuple[float, float] = (0.1, 1.5),
-               shot: float = 1e-4, read: float = 2e-3) -> SyntheticScene:
+               shot: float = 1e-4, read: float = 2e-3, slope: float = 1.5) -> SyntheticScene:
     """A random layered scene covering the bank's grid, rendered with noise."""
     h, w = bank.grid.image_shape
     colors, alphas, scales = random_layers(rng, height=h, width=w, num_layers=num_layers,
-                                           channels=channels, scale_range=scale_range)
+                                           channels=channels, scale_range=scale_range,
+                                           slope=slope)
     views = add_noise(rng, render_layers(colors, alphas, scales, bank), shot=shot, read=read)
     aif, dmap = composite_ground_truth(colors, alphas, scales)
     return SyntheticScene(colors=colors, alphas=alphas, scales=scales, views=views,

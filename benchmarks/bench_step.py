@@ -1,0 +1,96 @@
+"""Times one loss-and-gradient evaluation at the paper's full size, FFT vs direct.
+
+Problem: 1008x1344 px, 12 layers, 6x8 tiles of 168 px, 61x61 reference kernels
+(rescaled to the layer scales, so the largest layer kernel is bigger), two views,
+one channel. Prints one JSON object.
+
+  python benchmarks/bench_step.py [--repeats=3] [--methods=fft,direct]
+"""
+
+import json
+import platform
+import resource
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpjax import conv, kernels, losses, mpi
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("repeats", 3, "Timed evaluations per method (after one warm-up).")
+flags.DEFINE_list("methods", ["fft", "direct"], "Convolution paths to time.")
+flags.DEFINE_integer("rows", 6, "Tile rows.")
+flags.DEFINE_integer("cols", 8, "Tile columns.")
+flags.DEFINE_integer("tile", 168, "Tile side in pixels.")
+flags.DEFINE_integer("kernel_size", 61, "Reference kernel side.")
+flags.DEFINE_integer("num_layers", 12, "MPI layers.")
+flags.DEFINE_float("scale_min", 0.2, "Smallest layer scale.")
+flags.DEFINE_float("scale_max", 1.5, "Largest layer scale.")
+flags.DEFINE_string("output", "", "Also write the JSON here.")
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def main(argv):
+    del argv
+    rng = np.random.default_rng(0)
+    grid = kernels.TileGrid(rows=FLAGS.rows, cols=FLAGS.cols, tile_h=FLAGS.tile, tile_w=FLAGS.tile)
+    pair = kernels.parametric_dp_kernels(radius=FLAGS.kernel_size / 2 - 3, size=FLAGS.kernel_size,
+                                         smooth_sigma=1.0)
+    bank = kernels.KernelBank.create(np.repeat(pair[:, None], grid.num_tiles, axis=1),
+                                     rows=grid.rows, cols=grid.cols, tile_h=grid.tile_h)
+    h, w = grid.image_shape
+    scales = jnp.asarray(np.linspace(FLAGS.scale_max, FLAGS.scale_min, FLAGS.num_layers),
+                         jnp.float32)
+    radius = kernels.rescaled_radius(FLAGS.kernel_size, max(abs(FLAGS.scale_min),
+                                                            abs(FLAGS.scale_max)))
+    obs = jnp.asarray(rng.random((2, 1, h, w)) * 0.5 + 0.25, jnp.float32)
+    params = mpi.init_params(obs, FLAGS.num_layers)
+    weights = losses.LossWeights()
+    result = {
+        "problem": {"height": h, "width": w, "layers": FLAGS.num_layers, "tiles": grid.num_tiles,
+                    "kernel_size": FLAGS.kernel_size, "layer_kernel_size": 2 * radius + 1,
+                    "views": 2, "channels": 1},
+        "jax_version": jax.__version__,
+        "device": str(jax.devices()[0]),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+    @jax.jit
+    def step(params, obs, lk):
+        return jax.value_and_grad(lambda p: losses.loss_terms(p, obs, lk, weights).total)(params)
+
+    for method in FLAGS.methods:
+        geom = conv.ConvGeometry.create(grid, radius, method)
+        lk = jax.jit(mpi.prepare_layer_kernels, static_argnames="geom")(bank, scales, geom)
+        t0 = time.perf_counter()
+        jax.block_until_ready(step(params, obs, lk))
+        compile_and_first = time.perf_counter() - t0
+        times = []
+        for _ in range(FLAGS.repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(step(params, obs, lk))
+            times.append(time.perf_counter() - t0)
+        result[method] = {"ms_per_step": 1e3 * float(np.median(times)),
+                          "ms_all": [1e3 * t for t in times],
+                          "first_call_s": compile_and_first,
+                          "fft_shape": list(geom.fft_shape),
+                          "peak_rss_gib_so_far": _peak_rss_gib()}
+    if "fft" in result and "direct" in result:
+        result["direct_over_fft"] = result["direct"]["ms_per_step"] / result["fft"]["ms_per_step"]
+    result["peak_rss_gib"] = _peak_rss_gib()
+    text = json.dumps(result, indent=2)
+    print(text)
+    if FLAGS.output:
+        with open(FLAGS.output, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,774 @@
+"""Reading dual-pixel captures, ground truth and calibrated kernels (host-side numpy).
+
+Nothing here imports JAX: loaders return numpy arrays that callers move to the device.
+
+Conventions (the package's axis glossary): views are float32 `[V, H, W, C]` with
+V = 2 (0 left, 1 right); kernels are float32 `[V, T, K, K]`, T tiles in row-major
+order of a (rows, cols) grid of square tiles, K odd.
+
+Pixel 4 preprocessing (METHOD.md, "Inputs"), done by `load_pixel_pair`:
+1. subtract the black level (1024), clip at 0, divide by the white level 2^14 - 1;
+2. vignetting: multiply the right view by the per-pixel ratio of the white-sheet
+   images white_L / white_R (each preprocessed as in step 1), box-filtered over a
+   101 x 101 window;
+3. take the central crop (1008 x 1344, offset floor((H - h) / 2), floor((W - w) / 2));
+4. divide the pair by its joint maximum.
+
+The box filter is a mean over the window with 'reflect' edges (mirror about the edge
+pixel without repeating it, numpy's 'reflect' = OpenCV's default BORDER_REFLECT_101),
+computed with a summed-area table in float64. Xin et al.'s public code averages with
+zero padding counted in the mean; the two differ only within 50 px of the sensor
+border, which the default crop (252 / 336 px margins) discards.
+
+Other capture formats (`load_pgm_pair`, `load_png_pair`, `load_tiff_pair`) subtract an
+optional black level, clip at 0 and divide the pair by its joint maximum. Every
+problem with an input file raises `InputError` (a ValueError) naming the file;
+a missing file raises `MissingFileError`, which is both an `InputError` and a
+`FileNotFoundError`.
+
+PNG: greyscale (8/16-bit) and 8-bit colour PNGs are decoded by PIL. PIL reduces
+16-bit colour PNGs to 8 bits, so those (colour types 2, 4, 6 at 16 bits, e.g.
+Canon DP exports) are decoded here: chunks are parsed and CRC-checked, IDAT is
+inflated with zlib, and the five scanline filters are undone with numpy. The
+filters Average and Paeth depend on the reconstructed left neighbour, so they are
+undone along anti-diagonal wavefronts (pixel (y, x) needs only (y, x-1), (y-1, x)
+and (y-1, x-1)), vectorised over each diagonal. Alpha channels are dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import re
+import struct
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "InputError", "MissingFileError", "Pixel4Preprocess", "Pixel4Scene", "CalibratedKernels",
+    "ScenePair", "box_filter", "load_pixel_pair", "load_pixel4_scene", "load_calibration_kernels",
+    "save_calibration_kernels", "check_kernels_match_image", "load_pgm_pair", "load_png_pair",
+    "load_tiff_pair", "load_pair", "discover_pairs", "read_image", "validate_pair",
+]
+
+KERNELS_LEFT = "blur_kernels_left.npy"
+KERNELS_RIGHT = "blur_kernels_right.npy"
+KERNELS_META = "kernels_meta.json"
+WHITE_LEFT = "white_sheet_left.png"
+WHITE_RIGHT = "white_sheet_right.png"
+
+# Pixel 4 calibration geometry (data/pixel4/README.md).
+PIXEL4_GRID = (6, 8)
+PIXEL4_TILE = 168
+
+# Kernel validation tolerances: sums within 1% of 1, negative lobes (interpolation
+# ringing) no deeper than 1e-3 of the kernel's peak; both are then fixed exactly.
+_KERNEL_SUM_RTOL = 1e-2
+_KERNEL_NEG_RTOL = 1e-3
+
+
+class InputError(ValueError):
+    """An input file that cannot be used: unreadable, truncated, mismatched, wrong depth."""
+
+
+class MissingFileError(InputError, FileNotFoundError):
+    """A required input file does not exist (a FileNotFoundError and an InputError)."""
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration and containers
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Pixel4Preprocess:
+    """Pixel 4 DP preprocessing constants (METHOD.md, "Inputs").
+
+    crop_hw=None keeps the full frame; vignetting_box must be odd.
+    """
+
+    black_level: int = 1024
+    white_level: int = 2**14 - 1
+    vignetting_box: int = 101
+    crop_hw: tuple[int, int] | None = (1008, 1344)
+
+
+class Pixel4Scene(NamedTuple):
+    """One Pixel 4 scene.
+
+    views: [2, H, W, 1] float32 preprocessed left/right views, max 1.
+    gt_all_in_focus: [H, W] float32, the raw 16-bit ground-truth values, or None.
+    gt_defocus: [H, W] float32, the raw 8-bit values (0 = no ground truth), or None.
+    """
+
+    views: np.ndarray
+    gt_all_in_focus: np.ndarray | None
+    gt_defocus: np.ndarray | None
+    scene_id: str
+
+
+class CalibratedKernels(NamedTuple):
+    """kernels: [2, T, K, K] float32 (left, right), T = rows * cols, each summing to 1."""
+
+    kernels: np.ndarray
+    grid: tuple[int, int]
+    tile_size: int
+
+
+class ScenePair(NamedTuple):
+    """A discovered capture; left or right is None when that view is missing."""
+
+    name: str
+    left: Path | None
+    right: Path | None
+    format: str  # "pixel", "canon", "pgm" or "tiff"
+
+
+# ----------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _read_bytes(path: str | Path, what: str = "file") -> bytes:
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{what} not found: {path}")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read {what} {path}: {e}") from e
+
+
+def box_filter(image: np.ndarray, size: int) -> np.ndarray:
+    """Mean over a size x size window centred on each pixel, 'reflect' edges.
+
+    Args:
+      image: [H, W] array.
+      size: odd window side.
+
+    Returns:
+      [H, W] float64. A summed-area table makes the cost independent of `size`;
+      it is accumulated in float64 so that cancellation stays far below float32 noise.
+    """
+    if size < 1 or size % 2 != 1:
+        raise ValueError(f"box filter size must be a positive odd integer, got {size}")
+    if image.ndim != 2:
+        raise ValueError(f"box_filter expects [H, W], got shape {image.shape}")
+    r = size // 2
+    x = np.asarray(image, np.float64)
+    for axis in (0, 1):  # 'reflect' needs >= 2 pixels; a 1-pixel axis is constant ('edge')
+        widths = [(0, 0), (0, 0)]
+        widths[axis] = (r, r)
+        x = np.pad(x, widths, mode="reflect" if x.shape[axis] > 1 else "edge")
+    sat = np.zeros((x.shape[0] + 1, x.shape[1] + 1), np.float64)
+    np.cumsum(np.cumsum(x, axis=0), axis=1, out=sat[1:, 1:])
+    s = size
+    total = sat[s:, s:] - sat[:-s, s:] - sat[s:, :-s] + sat[:-s, :-s]
+    return total / (s * s)
+
+
+def _central_crop(image: np.ndarray, crop_hw: tuple[int, int] | None, name: str) -> np.ndarray:
+    """Central crop of the leading two axes, offsets floor((H - h) / 2), floor((W - w) / 2)."""
+    if crop_hw is None:
+        return image
+    h, w = crop_hw
+    big_h, big_w = image.shape[:2]
+    if h > big_h or w > big_w:
+        raise InputError(f"{name}: image {big_h}x{big_w} is smaller than the crop {h}x{w}")
+    y0, x0 = (big_h - h) // 2, (big_w - w) // 2
+    return image[y0:y0 + h, x0:x0 + w]
+
+
+def _normalise_pair(left: np.ndarray, right: np.ndarray, name: str) -> np.ndarray:
+    """Stack to [2, H, W, C] float32 divided by the joint maximum."""
+    views = np.stack([left, right]).astype(np.float64)
+    if views.ndim == 3:
+        views = views[..., None]
+    peak = views.max()
+    if not peak > 0:
+        raise InputError(f"{name}: both views are zero everywhere (after black level)")
+    return (views / peak).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# PNG
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class _PngInfo(NamedTuple):
+    width: int
+    height: int
+    bit_depth: int
+    colour_type: int
+    interlace: int
+    idat: bytes
+
+
+def _parse_png(data: bytes, name: str) -> _PngInfo:
+    """Walk the chunks, checking lengths and CRCs; returns the header and joined IDAT."""
+    if not data.startswith(_PNG_SIGNATURE):
+        raise InputError(f"{name}: not a PNG file (bad signature)")
+    pos, header, idat = len(_PNG_SIGNATURE), None, []
+    while True:
+        if pos + 8 > len(data):
+            raise InputError(f"{name}: truncated PNG (no IEND chunk)")
+        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            raise InputError(f"{name}: truncated PNG (chunk {ctype!r} cut short)")
+        body = data[pos + 8:end]
+        (crc,) = struct.unpack(">I", data[end:end + 4])
+        if zlib.crc32(body, zlib.crc32(ctype)) != crc:
+            raise InputError(f"{name}: corrupt PNG (CRC mismatch in chunk {ctype!r})")
+        if ctype == b"IHDR":
+            if length != 13:
+                raise InputError(f"{name}: corrupt PNG (IHDR length {length})")
+            header = struct.unpack(">IIBBBBB", body)
+        elif ctype == b"IDAT":
+            idat.append(body)
+        elif ctype == b"IEND":
+            break
+        pos = end + 4
+    if header is None:
+        raise InputError(f"{name}: corrupt PNG (no IHDR chunk)")
+    width, height, depth, colour, _, _, interlace = header
+    if width == 0 or height == 0:
+        raise InputError(f"{name}: PNG has zero size {height}x{width}")
+    return _PngInfo(width, height, depth, colour, interlace, b"".join(idat))
+
+
+def _paeth(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """PNG Paeth predictor on int16 arrays (ties broken a, then b, then c)."""
+    pa = np.abs(b - c)
+    pb = np.abs(a - c)
+    pc = np.abs(a + b - 2 * c)
+    return np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+
+
+def _unfilter(raw: bytes, height: int, width: int, bpp: int, name: str) -> np.ndarray:
+    """Undo PNG scanline filters (bit depth >= 8). Returns [height, width, bpp] uint8."""
+    stride = width * bpp
+    need = height * (stride + 1)
+    if len(raw) < need:
+        raise InputError(f"{name}: truncated PNG image data ({len(raw)} of {need} bytes)")
+    rows = np.frombuffer(raw, np.uint8, count=need).reshape(height, stride + 1)
+    ftype = rows[:, 0]
+    filt = rows[:, 1:].reshape(height, width, bpp)
+    if ftype.max() > 4:
+        raise InputError(f"{name}: corrupt PNG (unknown filter type {int(ftype.max())})")
+
+    if ftype.max() <= 2:  # None / Sub / Up only: row by row, each row vectorised.
+        out = np.empty((height, width, bpp), np.uint8)
+        prev = np.zeros((width, bpp), np.uint8)
+        for y in range(height):
+            t = ftype[y]
+            if t == 0:
+                out[y] = filt[y]
+            elif t == 1:  # uint8 accumulation wraps modulo 256, as the filter requires.
+                np.cumsum(filt[y], axis=0, dtype=np.uint8, out=out[y])
+            else:
+                np.add(filt[y], prev, out=out[y])
+            prev = out[y]
+        return out
+
+    # General case: anti-diagonal wavefronts. Pixels are stored skewed, diag[d + 2, y + 1]
+    # = pixel (y, x = d - y), so each wavefront is one contiguous slice and the left,
+    # up and up-left neighbours are slices of the two previous wavefronts; never-written
+    # cells are the zero border the filters assume outside the image.
+    yy, xx = np.indices((height, width))
+    skew = (yy + xx + 2, yy + 1)
+    diag = np.zeros((height + width + 1, height + 1, bpp), np.int16)
+    fdiag = np.zeros_like(diag)
+    fdiag[skew] = filt
+    types = ftype.astype(np.int16)[:, None]
+    for d in range(height + width - 1):
+        y0, y1 = max(0, d - width + 1), min(height, d + 1)
+        a = diag[d + 1, y0 + 1:y1 + 1]  # left
+        b = diag[d + 1, y0:y1]  # up
+        c = diag[d, y0:y1]  # up-left
+        t = types[y0:y1]
+        pred = np.select([t == 1, t == 2, t == 3, t == 4],
+                         [a, b, (a + b) >> 1, _paeth(a, b, c)], 0)
+        diag[d + 2, y0 + 1:y1 + 1] = (fdiag[d + 2, y0 + 1:y1 + 1] + pred) & 255
+    return diag[skew].astype(np.uint8)
+
+
+def _decode_png_numpy(info: _PngInfo, name: str) -> np.ndarray:
+    """Decode a non-interlaced 8/16-bit greyscale/RGB(A) PNG. Returns [H, W, C], alpha kept."""
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}.get(info.colour_type)
+    if channels is None or info.bit_depth not in (8, 16) or info.interlace != 0:
+        raise InputError(f"{name}: unsupported PNG (colour type {info.colour_type}, "
+                         f"{info.bit_depth}-bit, interlace {info.interlace})")
+    try:
+        raw = zlib.decompress(info.idat)
+    except zlib.error as e:
+        raise InputError(f"{name}: truncated or corrupt PNG image data ({e})") from e
+    nbytes = info.bit_depth // 8
+    out = _unfilter(raw, info.height, info.width, channels * nbytes, name)
+    if nbytes == 2:
+        out = out.reshape(info.height, -1).view(">u2").astype(np.uint16)
+    return out.reshape(info.height, info.width, channels)
+
+
+def _decode_png(data: bytes, name: str) -> tuple[np.ndarray, int]:
+    """Returns (samples [H, W] or [H, W, 3] uint8/uint16 with alpha dropped, bit depth)."""
+    info = _parse_png(data, name)
+    if info.bit_depth == 16 and info.colour_type in (2, 4, 6):
+        if info.interlace:
+            raise InputError(f"{name}: interlaced 16-bit colour PNGs are not supported")
+        arr = _decode_png_numpy(info, name)
+    else:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                if im.mode in ("P", "PA", "1"):
+                    im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info
+                                    else ("RGB" if im.mode == "P" else "L"))
+                arr = np.asarray(im)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise InputError(f"{name}: unreadable PNG ({e})") from e
+        if info.bit_depth == 16 and arr.dtype != np.uint16:  # PIL mode 'I' (int32)
+            arr = arr.astype(np.uint16)
+    if arr.ndim == 3:
+        arr = arr[..., :1] if arr.shape[-1] == 2 else arr[..., :3]  # drop alpha
+        if arr.shape[-1] == 1:
+            arr = arr[..., 0]
+    return np.ascontiguousarray(arr), info.bit_depth
+
+
+# ----------------------------------------------------------------------------------------
+# PGM
+
+
+def _decode_pgm(data: bytes, name: str) -> tuple[np.ndarray, int]:
+    """Binary PGM (P5): returns ([H, W] uint8 or uint16, bit depth 8 or 16).
+
+    Header tokens (width, height, maxval) are separated by whitespace, '#' comments
+    run to the end of a line, and exactly one whitespace byte precedes the raster.
+    Samples are 1 byte for maxval < 256, else 2 bytes big-endian (the Netpbm spec,
+    as written by Google's DP capture app for 16-bit data).
+    """
+    if data[:2] != b"P5":
+        kind = "ASCII PGM (P2)" if data[:2] == b"P2" else "not a binary PGM (P5)"
+        raise InputError(f"{name}: unsupported file: {kind}")
+    pos, tokens = 2, []
+    while len(tokens) < 3:
+        while pos < len(data) and (data[pos:pos + 1].isspace() or data[pos:pos + 1] == b"#"):
+            if data[pos:pos + 1] == b"#":
+                eol = data.find(b"\n", pos)
+                pos = len(data) if eol < 0 else eol
+            pos += 1
+        start = pos
+        while pos < len(data) and data[pos:pos + 1].isdigit():
+            pos += 1
+        if pos == start:
+            raise InputError(f"{name}: truncated or corrupt PGM header")
+        tokens.append(int(data[start:pos]))
+    if pos >= len(data) or not data[pos:pos + 1].isspace():
+        raise InputError(f"{name}: truncated or corrupt PGM header")
+    pos += 1
+    width, height, maxval = tokens
+    if width == 0 or height == 0 or not 0 < maxval < 65536:
+        raise InputError(f"{name}: bad PGM header (size {width}x{height}, maxval {maxval})")
+    dtype = np.dtype(np.uint8) if maxval < 256 else np.dtype(">u2")
+    need = width * height * dtype.itemsize
+    if len(data) - pos < need:
+        raise InputError(f"{name}: truncated PGM ({len(data) - pos} of {need} raster bytes)")
+    arr = np.frombuffer(data, dtype, count=width * height, offset=pos).reshape(height, width)
+    return arr.astype(np.uint16 if maxval >= 256 else np.uint8), 16 if maxval >= 256 else 8
+
+
+# ----------------------------------------------------------------------------------------
+# Generic reading and validation
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, int | None]:
+    """Read one PNG, PGM or TIFF file.
+
+    Returns:
+      (samples, bit depth): samples [H, W] or [H, W, C] in the file's dtype (alpha
+      dropped); bit depth 8 or 16 for integer data, None for floating-point TIFF.
+    """
+    path = Path(path)
+    data = _read_bytes(path, "image")
+    suffix = path.suffix.lower()
+    if suffix == ".png" or data.startswith(_PNG_SIGNATURE):
+        return _decode_png(data, str(path))
+    if suffix == ".pgm" or data[:2] in (b"P5", b"P2"):
+        return _decode_pgm(data, str(path))
+    if suffix in (".tif", ".tiff"):
+        return _decode_tiff(data, str(path))
+    raise InputError(f"{path}: unknown image format (expected .png, .pgm, .tif or .tiff)")
+
+
+def _decode_tiff(data: bytes, name: str) -> tuple[np.ndarray, int | None]:
+    import tifffile
+
+    try:
+        arr = tifffile.imread(io.BytesIO(data))
+    except Exception as e:  # tifffile raises several types for corrupt files
+        raise InputError(f"{name}: unreadable or truncated TIFF ({type(e).__name__}: {e})") from e
+    arr = np.asarray(arr)
+    if arr.size == 0:
+        raise InputError(f"{name}: unreadable or truncated TIFF (no image data)")
+    if arr.ndim == 3 and arr.shape[-1] > 4 and arr.shape[0] <= 4:  # planar [C, H, W]
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim == 3:
+        arr = arr[..., :3] if arr.shape[-1] != 2 else arr[..., :1]  # drop alpha
+        if arr.shape[-1] == 1:
+            arr = arr[..., 0]
+    if arr.ndim not in (2, 3):
+        raise InputError(f"{name}: expected one [H, W] or [H, W, C] image, got shape {arr.shape}")
+    if arr.dtype.kind == "f":
+        return arr, None
+    if arr.dtype.kind not in "ui":
+        raise InputError(f"{name}: unsupported TIFF sample type {arr.dtype}")
+    return arr, 8 * arr.dtype.itemsize
+
+
+def validate_pair(left: np.ndarray, right: np.ndarray, *, names: Sequence[str] = ("left", "right"),
+                  bit_depths: Sequence[int | None] = (None, None), expect_16bit: bool = False,
+                  min_hw: tuple[int, int] | None = None) -> None:
+    """Raise InputError unless two raw views form a usable pair.
+
+    Checks, each naming the offending file: 8-bit integer data where 16-bit is
+    expected, non-finite values, mismatched shapes (size or channels), and images
+    smaller than min_hw = (min_height, min_width).
+    """
+    for arr, name, depth in zip((left, right), names, bit_depths):
+        if expect_16bit and depth is not None and depth < 16:
+            raise InputError(f"{name}: {depth}-bit data where 16-bit is expected "
+                             "(an 8-bit export has lost the linear raw range)")
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            raise InputError(f"{name}: contains NaN or Inf values")
+        if min_hw is not None and (arr.shape[0] < min_hw[0] or arr.shape[1] < min_hw[1]):
+            raise InputError(f"{name}: image {arr.shape[0]}x{arr.shape[1]} is smaller than "
+                             f"the minimum {min_hw[0]}x{min_hw[1]}")
+    if left.shape != right.shape:
+        raise InputError(f"views differ in shape: {names[0]} {left.shape} vs "
+                         f"{names[1]} {right.shape}")
+
+
+def _load_raw_pair(left_path, right_path, *, expect_16bit: bool,
+                   min_hw: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    if left_path is None or right_path is None:
+        present = left_path if right_path is None else right_path
+        missing = "right" if right_path is None else "left"
+        raise InputError(f"{present}: missing partner view ({missing} view not found)")
+    left, depth_l = read_image(left_path)
+    right, depth_r = read_image(right_path)
+    validate_pair(left, right, names=(str(left_path), str(right_path)),
+                  bit_depths=(depth_l, depth_r), expect_16bit=expect_16bit, min_hw=min_hw)
+    return left, right
+
+
+def _subtract_black(image: np.ndarray, black_level: float) -> np.ndarray:
+    return np.maximum(image.astype(np.float64) - black_level, 0.0)
+
+
+# ----------------------------------------------------------------------------------------
+# Pixel 4
+
+
+def _pixel_preprocess(raw: np.ndarray, p: Pixel4Preprocess) -> np.ndarray:
+    """Black level, clip at 0, white level: [H, W] float64 in [0, ~1]."""
+    return _subtract_black(raw, p.black_level) / p.white_level
+
+
+def load_pixel_pair(left_path, right_path, *, white_left=None, white_right=None,
+                    preprocess: Pixel4Preprocess = Pixel4Preprocess(), expect_16bit: bool = True,
+                    min_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Load and preprocess a Pixel DP pair (METHOD.md "Inputs"; module docstring).
+
+    Args:
+      left_path, right_path: 16-bit greyscale PNG (or PGM/TIFF) views, [H, W].
+      white_left, white_right: white-sheet images of the same size for vignetting
+        correction; both or neither (None skips the correction).
+      preprocess: constants; crop_hw=None keeps the full frame.
+
+    Returns:
+      [2, H', W', 1] float32, the pair divided by its joint maximum (max == 1).
+    """
+    p = preprocess
+    left, right = _load_raw_pair(left_path, right_path, expect_16bit=expect_16bit, min_hw=min_hw)
+    if left.ndim != 2:
+        raise InputError(f"{left_path}: expected single-channel Pixel DP views, got {left.shape}")
+    left, right = _pixel_preprocess(left, p), _pixel_preprocess(right, p)
+    if (white_left is None) != (white_right is None):
+        raise ValueError("give both white_left and white_right, or neither")
+    if white_left is not None:
+        wl, wr = _load_raw_pair(white_left, white_right, expect_16bit=expect_16bit, min_hw=None)
+        if wl.shape != left.shape:
+            raise InputError(f"white sheets {wl.shape} do not match the views {left.shape}")
+        wl, wr = _pixel_preprocess(wl, p), _pixel_preprocess(wr, p)
+        if np.any(wr <= 0):
+            raise InputError(f"{white_right}: white sheet is zero (at or below the black level) "
+                             f"at {int(np.sum(wr <= 0))} pixels; cannot form the vignetting ratio")
+        right = right * box_filter(wl / wr, p.vignetting_box)
+    left = _central_crop(left, p.crop_hw, str(left_path))
+    right = _central_crop(right, p.crop_hw, str(right_path))
+    return _normalise_pair(left, right, str(left_path))
+
+
+def _scene_id(scene_id: int | str) -> str:
+    if isinstance(scene_id, (int, np.integer)):
+        return f"{int(scene_id):03d}"
+    scene_id = str(scene_id)
+    return scene_id.zfill(3) if scene_id.isdigit() else scene_id
+
+
+def load_pixel4_scene(data_dir, scene_id: int | str, *,
+                      preprocess: Pixel4Preprocess = Pixel4Preprocess(), vignetting: bool = True,
+                      require_gt: bool = False) -> Pixel4Scene:
+    """Load one scene of the Pixel 4 dataset layout (data/pixel4/README.md).
+
+    Files: data_dir/NNN_left.png, NNN_right.png, calibration/white_sheet_{left,right}.png,
+    gt_all_in_focus_im/NNN_gt.png, gt_defocus_map/NNN_gt.png. Missing ground truth
+    is None unless require_gt, which raises FileNotFoundError naming the file.
+    """
+    data_dir = Path(data_dir)
+    sid = _scene_id(scene_id)
+    paths = [data_dir / f"{sid}_left.png", data_dir / f"{sid}_right.png"]
+    if vignetting:
+        paths += [data_dir / "calibration" / WHITE_LEFT, data_dir / "calibration" / WHITE_RIGHT]
+    for path in paths:
+        if not path.is_file():
+            raise MissingFileError(f"Pixel 4 scene {sid}: file not found: {path}")
+    whites = dict(white_left=paths[2], white_right=paths[3]) if vignetting else {}
+    views = load_pixel_pair(paths[0], paths[1], preprocess=preprocess, **whites)
+
+    def _gt(sub: str) -> np.ndarray | None:
+        path = data_dir / sub / f"{sid}_gt.png"
+        if not path.is_file():
+            if require_gt:
+                raise MissingFileError(f"Pixel 4 scene {sid}: ground truth not found: {path}")
+            return None
+        arr, _ = read_image(path)
+        if arr.ndim != 2:
+            raise InputError(f"{path}: expected a single-channel ground truth, got {arr.shape}")
+        if arr.shape != views.shape[1:3]:
+            raise InputError(f"{path}: ground truth {arr.shape} does not match the views "
+                             f"{views.shape[1:3]} (check the crop)")
+        return arr.astype(np.float32)
+
+    return Pixel4Scene(views=views, gt_all_in_focus=_gt("gt_all_in_focus_im"),
+                       gt_defocus=_gt("gt_defocus_map"), scene_id=sid)
+
+
+# ----------------------------------------------------------------------------------------
+# Calibrated kernels
+
+
+def _validate_kernels(kernels: np.ndarray, grid: tuple[int, int], where: str) -> np.ndarray:
+    """Check a [2, T, K, K] bank; returns it clipped at 0 and renormalised to sum 1."""
+    if kernels.ndim != 4 or kernels.shape[0] != 2:
+        raise ValueError(f"{where}: kernels must be [2, T, K, K], got {kernels.shape}")
+    _, t, kh, kw = kernels.shape
+    rows, cols = grid
+    if t != rows * cols:
+        raise ValueError(f"{where}: {t} kernels per view but the grid {rows}x{cols} "
+                         f"has {rows * cols} tiles")
+    if kh != kw or kh % 2 != 1:
+        raise ValueError(f"{where}: kernels must be square with an odd side, got {kh}x{kw}")
+    if not np.all(np.isfinite(kernels)):
+        raise ValueError(f"{where}: kernels contain NaN or Inf")
+    k = kernels.astype(np.float64)
+    peak = k.max(axis=(-2, -1), keepdims=True)
+    if np.any(peak <= 0):
+        raise ValueError(f"{where}: a kernel has no positive value")
+    if np.any(k.min(axis=(-2, -1), keepdims=True) < -_KERNEL_NEG_RTOL * peak):
+        raise ValueError(f"{where}: kernels have negative values deeper than "
+                         f"{_KERNEL_NEG_RTOL:g} x their peak")
+    sums = k.sum(axis=(-2, -1))
+    bad = np.abs(sums - 1) > _KERNEL_SUM_RTOL
+    if np.any(bad):
+        v, i = np.argwhere(bad)[0]
+        raise ValueError(f"{where}: kernel sums must be ~1; view {v} tile {i} sums to "
+                         f"{sums[v, i]:.6g} ({int(bad.sum())} kernels off by > "
+                         f"{_KERNEL_SUM_RTOL:g})")
+    k = np.maximum(k, 0.0)
+    return (k / k.sum(axis=(-2, -1), keepdims=True)).astype(np.float32)
+
+
+def load_calibration_kernels(calib_dir, *, grid: tuple[int, int] | None = None,
+                             tile_size: int | None = None) -> CalibratedKernels:
+    """Load blur_kernels_left.npy / blur_kernels_right.npy ([T, K, K] each).
+
+    grid / tile_size default to kernels_meta.json in calib_dir when present (written
+    by `save_calibration_kernels`), else to the Pixel 4 values (6, 8) and 168.
+    Explicit values that contradict kernels_meta.json raise ValueError.
+    """
+    calib_dir = Path(calib_dir)
+    meta_path = calib_dir / KERNELS_META
+    meta = {}
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+            meta = dict(grid=tuple(int(v) for v in meta["grid"]),
+                        tile_size=int(meta["tile_size"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{meta_path}: unreadable kernel metadata ({e})") from e
+    for key, value in (("grid", None if grid is None else tuple(grid)), ("tile_size", tile_size)):
+        if value is not None and key in meta and meta[key] != value:
+            raise ValueError(f"{meta_path} says {key}={meta[key]} but {value} was requested")
+    grid = tuple(grid) if grid is not None else meta.get("grid", PIXEL4_GRID)
+    tile_size = tile_size if tile_size is not None else meta.get("tile_size", PIXEL4_TILE)
+
+    views = []
+    for fname in (KERNELS_LEFT, KERNELS_RIGHT):
+        path = calib_dir / fname
+        if not path.is_file():
+            raise MissingFileError(f"calibration file not found: {path}")
+        try:
+            views.append(np.load(path, allow_pickle=False))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: unreadable kernel file ({e})") from e
+    if views[0].shape != views[1].shape:
+        raise ValueError(f"{calib_dir}: left kernels {views[0].shape} and right kernels "
+                         f"{views[1].shape} differ in shape")
+    kernels = _validate_kernels(np.stack(views), grid, str(calib_dir))
+    return CalibratedKernels(kernels=kernels, grid=(int(grid[0]), int(grid[1])),
+                             tile_size=int(tile_size))
+
+
+def save_calibration_kernels(calib_dir, calib: CalibratedKernels) -> None:
+    """Write blur_kernels_{left,right}.npy and kernels_meta.json (grid, tile size), atomically."""
+    from dpjax.outputs import atomic_write, write_json
+
+    calib_dir = Path(calib_dir)
+    kernels = _validate_kernels(np.asarray(calib.kernels), tuple(calib.grid), "save")
+    for v, fname in enumerate((KERNELS_LEFT, KERNELS_RIGHT)):
+        atomic_write(calib_dir / fname, lambda fh, k=kernels[v]: np.save(fh, k))
+    write_json(calib_dir / KERNELS_META, dict(grid=list(calib.grid), tile_size=calib.tile_size))
+
+
+def check_kernels_match_image(calib: CalibratedKernels, height: int, width: int) -> None:
+    """ValueError unless the kernel grid covers exactly a height x width image."""
+    rows, cols = calib.grid
+    h, w = rows * calib.tile_size, cols * calib.tile_size
+    if (h, w) != (height, width):
+        raise ValueError(f"calibration covers {h}x{w} px ({rows}x{cols} tiles of "
+                         f"{calib.tile_size} px) but the image is {height}x{width}; "
+                         "the kernels do not belong to this image size (check the crop)")
+
+
+# ----------------------------------------------------------------------------------------
+# Other DP formats
+
+
+def load_pgm_pair(left, right, *, black_level: float, expect_16bit: bool = True,
+                  min_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Binary PGM views (Google's DP capture app: 16-bit big-endian P5).
+
+    Returns [2, H, W, 1] float32: black level subtracted, clipped at 0, / pair max.
+    8-bit PGMs (maxval < 256) raise InputError unless expect_16bit=False.
+    """
+    a, b = _load_raw_pair(left, right, expect_16bit=expect_16bit, min_hw=min_hw)
+    return _normalise_pair(_subtract_black(a, black_level), _subtract_black(b, black_level),
+                           str(left))
+
+
+def load_png_pair(left, right, *, black_level: float = 0, expect_16bit: bool = True,
+                  min_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """PNG views, e.g. Canon-style *_L.png / *_R.png, 16-bit colour or greyscale.
+
+    Returns [2, H, W, C] float32 (C = 3 colour, 1 greyscale; alpha dropped): black
+    level subtracted, clipped at 0, divided by the pair max.
+    """
+    a, b = _load_raw_pair(left, right, expect_16bit=expect_16bit, min_hw=min_hw)
+    return _normalise_pair(_subtract_black(a, black_level), _subtract_black(b, black_level),
+                           str(left))
+
+
+def load_tiff_pair(left, right, *, black_level: float = 0, expect_16bit: bool = True,
+                   min_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """TIFF views (integer or float, [H, W] or [H, W, C]) via tifffile.
+
+    Returns [2, H, W, C] float32 divided by the pair max. expect_16bit rejects 8-bit
+    integer data only; float data is accepted but must be finite.
+    """
+    a, b = _load_raw_pair(left, right, expect_16bit=expect_16bit, min_hw=min_hw)
+    return _normalise_pair(_subtract_black(a, black_level), _subtract_black(b, black_level),
+                           str(left))
+
+
+def load_pair(pair: ScenePair, *, black_level: float | None = None, expect_16bit: bool = True,
+              min_hw: tuple[int, int] | None = None,
+              pixel_preprocess: Pixel4Preprocess = Pixel4Preprocess(),
+              white_left=None, white_right=None) -> np.ndarray:
+    """Load a discovered pair with the loader of its format; returns [2, H, W, C] float32.
+
+    black_level=None uses the format's default (Pixel: pixel_preprocess.black_level,
+    else 0; required for PGM, whose black level depends on the capture app).
+    """
+    if pair.left is None or pair.right is None:
+        _load_raw_pair(pair.left, pair.right, expect_16bit=expect_16bit, min_hw=min_hw)
+    if pair.format == "pixel":
+        if black_level is not None:
+            pixel_preprocess = dataclasses.replace(pixel_preprocess, black_level=black_level)
+        return load_pixel_pair(pair.left, pair.right, white_left=white_left,
+                               white_right=white_right, preprocess=pixel_preprocess,
+                               expect_16bit=expect_16bit, min_hw=min_hw)
+    kw = dict(expect_16bit=expect_16bit, min_hw=min_hw)
+    if pair.format == "pgm":
+        if black_level is None:
+            raise ValueError(f"{pair.name}: PGM input needs an explicit black_level")
+        return load_pgm_pair(pair.left, pair.right, black_level=black_level, **kw)
+    if pair.format == "canon":
+        return load_png_pair(pair.left, pair.right, black_level=black_level or 0, **kw)
+    if pair.format == "tiff":
+        return load_tiff_pair(pair.left, pair.right, black_level=black_level or 0, **kw)
+    raise ValueError(f"{pair.name}: unknown format {pair.format!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# Discovery
+
+
+_PAIR_RE = re.compile(r"^(?P<name>.+)_(?P<side>left|right|l|r)\.(?P<ext>png|pgm|tiff?)$",
+                      re.IGNORECASE)
+
+
+def discover_pairs(input_dir) -> list[ScenePair]:
+    """Find DP pairs in one folder (not recursive), sorted by name.
+
+    Recognised names (case-insensitive): NAME_left / NAME_right with .png (format
+    "pixel"), .pgm ("pgm") or .tif/.tiff ("tiff"), and NAME_L / NAME_R with .png
+    ("canon"; with .pgm/.tif(f) the format follows the extension). A view without
+    its partner is returned with the other side None, never dropped; so is a second
+    view for the same side (named after its file). When one NAME occurs in two
+    formats, each pair is named NAME_format to keep names unique.
+    """
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise MissingFileError(f"input folder not found: {input_dir}")
+    groups: dict[tuple[str, str], dict[str, Path]] = {}
+    for path in sorted(input_dir.iterdir()):
+        m = _PAIR_RE.match(path.name)
+        if m is None or not path.is_file():
+            continue
+        side, ext = m["side"].lower(), m["ext"].lower()
+        if ext == "pgm":
+            fmt = "pgm"
+        elif ext.startswith("tif"):
+            fmt = "tiff"
+        else:
+            fmt = "pixel" if len(side) > 1 else "canon"
+        key = "left" if side.startswith("l") else "right"
+        views = groups.setdefault((m["name"], fmt), {})
+        if key in views:  # e.g. x_left.tif and x_left.tiff: report the extra one alone
+            views = groups.setdefault((path.name, fmt), {})
+        views[key] = path
+    counts: dict[str, int] = {}
+    for name, _ in groups:
+        counts[name] = counts.get(name, 0) + 1
+    pairs = [ScenePair(name=name if counts[name] == 1 else f"{name}_{fmt}",
+                       left=views.get("left"), right=views.get("right"), format=fmt)
+             for (name, fmt), views in groups.items()]
+    return sorted(pairs, key=lambda p: p.name)
