@@ -12,6 +12,7 @@ from typing import Any, Literal
 import numpy as np
 
 from dpjax.losses import LossWeights
+from dpjax.postprocess import PostConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -88,6 +89,7 @@ class Config:
     mpi: MpiConfig = MpiConfig()
     loss: LossWeights = LossWeights()
     solver: SolverConfig = SolverConfig()
+    post: PostConfig = PostConfig()
 
     def replace(self, **sections: Any) -> "Config":
         """Returns a copy with whole sections or dotted fields replaced.
@@ -119,4 +121,4 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 def from_dict(d: dict[str, Any]) -> Config:
     """Inverse of to_dict; unknown keys raise TypeError."""
     return Config(mpi=MpiConfig(**d.get("mpi", {})), loss=LossWeights(**d.get("loss", {})),
-                  solver=SolverConfig(**d.get("solver", {})))
+                  solver=SolverConfig(**d.get("solver", {})), post=PostConfig(**d.get("post", {})))

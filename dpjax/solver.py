@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpjax import conv, losses, mpi
+from dpjax import conv, losses, mpi, postprocess
 from dpjax.config import Config, SolverConfig
 from dpjax.kernels import KernelBank, downsample_bank, rescaled_radius
 
@@ -40,7 +40,9 @@ class FitResult:
     """Output of `fit` (host numpy arrays).
 
     Attributes:
-      all_in_focus: [H, W, C] estimated sharp image, same scale as the input.
+      all_in_focus: [H, W, C] estimated sharp image, same scale as the input
+        (bilateral-filtered when config.post.bilateral).
+      all_in_focus_raw: [H, W, C] the MPI's composite before post-processing.
       defocus: [H, W] signed defocus map (in layer-scale units).
       params: final MPI logits at full resolution.
       scales: [L] layer scales.
@@ -51,6 +53,7 @@ class FitResult:
     """
 
     all_in_focus: np.ndarray
+    all_in_focus_raw: np.ndarray
     defocus: np.ndarray
     params: mpi.MpiParams
     scales: np.ndarray
@@ -60,7 +63,24 @@ class FitResult:
     timings: dict[str, float]
 
 
-def _lr_schedule(cfg: SolverConfig, num_steps) -> optax.Schedule:
+class _StepConfig(NamedTuple):
+    """The solver settings the compiled chunk depends on (its static argument).
+
+    Budgets, tolerances and pyramid settings are left out so that changing them
+    does not trigger a recompilation.
+    """
+
+    optimizer: str
+    lr_start: float
+    lr_end: float
+    chunk_size: int
+
+    @classmethod
+    def of(cls, cfg: SolverConfig) -> "_StepConfig":
+        return cls(cfg.optimizer, cfg.lr_start, cfg.lr_end, cfg.chunk_size)
+
+
+def _lr_schedule(cfg: _StepConfig, num_steps) -> optax.Schedule:
     """Log-linear decay lr_start -> lr_end over num_steps (paper: 0.3 -> 0.1)."""
     ratio = cfg.lr_end / cfg.lr_start
 
@@ -71,7 +91,7 @@ def _lr_schedule(cfg: SolverConfig, num_steps) -> optax.Schedule:
     return schedule
 
 
-def _make_optimizer(cfg: SolverConfig, num_steps) -> optax.GradientTransformation:
+def _make_optimizer(cfg: _StepConfig, num_steps) -> optax.GradientTransformation:
     if cfg.optimizer == "adam":
         return optax.adam(_lr_schedule(cfg, num_steps))
     return optax.lbfgs()
@@ -88,7 +108,7 @@ def _total_loss(params, observation, lk, weights):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "weights"), donate_argnums=(0, 1))
 def _run_chunk(params: mpi.MpiParams, opt_state, step0: jax.Array, num_steps: jax.Array,
-               observation: jax.Array, lk: mpi.LayerKernels, *, cfg: SolverConfig,
+               observation: jax.Array, lk: mpi.LayerKernels, *, cfg: _StepConfig,
                weights: losses.LossWeights):
     """Runs cfg.chunk_size optimiser steps (fewer once step0 + i reaches num_steps).
 
@@ -260,12 +280,13 @@ def fit(observation, bank: KernelBank, config: Config = Config(), *,
         done = 0
         if budget > 0:
             # Fresh buffers: some optimiser states alias the parameters, which donation forbids.
-            opt_state = jax.tree_util.tree_map(jnp.copy, _make_optimizer(scfg, budget).init(params))
+            opt_state = jax.tree_util.tree_map(
+                jnp.copy, _make_optimizer(_StepConfig.of(scfg), budget).init(params))
             prev_mean = None
             while done < budget:
                 params, opt_state, values, bad = _run_chunk(
                     params, opt_state, jnp.int32(done), jnp.int32(budget), lvl_obs, lk,
-                    cfg=scfg, weights=config.loss)
+                    cfg=_StepConfig.of(scfg), weights=config.loss)
                 values = np.asarray(values)
                 bad = int(bad)
                 ran = min(scfg.chunk_size, budget - done)
@@ -292,13 +313,18 @@ def fit(observation, bank: KernelBank, config: Config = Config(), *,
     terms = _final_terms(params, lvl_obs, lk, config.loss)
     color = mpi.colors(params)
     trans = mpi.transmittance(mpi.alphas(params))
-    aif = np.asarray(jnp.transpose(mpi.all_in_focus(color, trans), (1, 2, 0)))
+    raw = jnp.transpose(mpi.all_in_focus(color, trans), (1, 2, 0))
+    aif = raw
+    if config.post.bilateral:
+        aif = postprocess.bilateral_filter(raw, sigma_spatial=config.post.sigma_spatial,
+                                           sigma_value=config.post.sigma_value)
+    aif, raw = np.asarray(aif), np.asarray(raw)
     dmap = np.asarray(mpi.defocus_map(trans, scales))
     if not (np.all(np.isfinite(aif)) and np.all(np.isfinite(dmap))):
         raise FloatingPointError("the solve produced non-finite outputs")
     timings["total_s"] = time.perf_counter() - t_start
     return FitResult(
-        all_in_focus=aif, defocus=dmap, params=params, scales=np.asarray(scales),
+        all_in_focus=aif, all_in_focus_raw=raw, defocus=dmap, params=params, scales=np.asarray(scales),
         loss_history=np.concatenate(history) if history else np.zeros((0,), np.float32),
         level_iterations=tuple(level_iters),
         terms={k: float(v) for k, v in terms._asdict().items()}, timings=timings)
