@@ -47,6 +47,8 @@ class SolverConfig:
       optimizer: "adam" (the paper's) or "lbfgs" (optax.lbfgs with line search).
       num_iters: iteration budget at the finest level.
       coarse_iters: iteration budget at each coarser pyramid level.
+      level_iters: optional per-level budgets, coarsest first (overrides num_iters
+        and coarse_iters; its length must equal pyramid_levels).
       pyramid_levels: 1 = single scale; n = solve at 1/2^(n-1) resolution first.
       lr_start, lr_end: Adam learning rate, decaying log-linearly over each level.
       chunk_size: iterations per compiled chunk between progress reports.
@@ -61,6 +63,7 @@ class SolverConfig:
     optimizer: Literal["adam", "lbfgs"] = "adam"
     num_iters: int = 1000
     coarse_iters: int = 300
+    level_iters: tuple[int, ...] | None = None
     pyramid_levels: int = 1
     lr_start: float = 0.3
     lr_end: float = 0.1
@@ -80,6 +83,18 @@ class SolverConfig:
             raise ValueError("num_iters, chunk_size and pyramid_levels must be >= 1")
         if self.coarse_iters < 0:
             raise ValueError("coarse_iters must be >= 0")
+        if self.level_iters is not None:
+            if isinstance(self.level_iters, list):  # from JSON
+                object.__setattr__(self, "level_iters", tuple(self.level_iters))
+            if len(self.level_iters) != self.pyramid_levels or min(self.level_iters) < 0:
+                raise ValueError(f"level_iters {self.level_iters} must hold "
+                                 f"{self.pyramid_levels} non-negative budgets, coarsest first")
+
+    def budget(self, level: int) -> int:
+        """Iterations at pyramid level `level` (0 = finest)."""
+        if self.level_iters is not None:
+            return self.level_iters[self.pyramid_levels - 1 - level]
+        return self.num_iters if level == 0 else self.coarse_iters
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

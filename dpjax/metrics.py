@@ -25,8 +25,9 @@ values at zero-confidence pixels never change a score.
   ordinal ranks (kept for comparability): tied predictions are ordered by raster
   position. Only a wholly constant p (or g), whose ranks would be raster order
   alone, is special-cased to rho_s = 0, a loss of 1.
-- `defocus_metrics(pred, gt)` uses w = (gt > 0) and the 8-bit gt values as they are
-  (no rescale: all three metrics are invariant to affine changes of p).
+- `defocus_metrics(pred, gt)` uses w = (gt > 0) and the 8-bit gt values divided by
+  255, so AIWE(1) and AIWE(2) are in units of the ground truth's full range (as in
+  the paper's tables). The metrics are invariant to affine changes of p, not of gt.
 
   Differences from the released TensorFlow code, all immaterial for binary
   confidence: ranks are taken over confident pixels only (the released code ranks
@@ -208,7 +209,7 @@ def defocus_metrics(pred, gt_defocus) -> dict[str, float]:
     Args:
       pred: [H, W] predicted defocus (or any affine function of it).
       gt_defocus: [H, W] ground truth as stored (8-bit values; 0 = no ground truth).
-        Confidence is (gt_defocus > 0).
+        Confidence is (gt_defocus > 0); values are divided by 255 before scoring.
 
     Returns:
       {"aiwe1": float, "aiwe2": float, "spearman": float} (lower is better).
@@ -219,6 +220,7 @@ def defocus_metrics(pred, gt_defocus) -> dict[str, float]:
     conf = (g > 0).astype(np.float64)
     if not np.any(conf):
         raise ValueError("gt_defocus has no pixel > 0: no ground truth to score against")
+    g = g / 255.0  # 8-bit ground truth to [0, 1]
     return {
         "aiwe1": aiwe1(p, g, conf),
         "aiwe2": aiwe2(p, g, conf),

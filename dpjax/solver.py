@@ -275,7 +275,7 @@ def fit(observation, bank: KernelBank, config: Config = Config(), *,
             raise ValueError("init has a different channel count from the observation")
         params = jax.tree_util.tree_map(lambda x: jnp.array(x, jnp.float32), params)
 
-        budget = scfg.num_iters if level == 0 else scfg.coarse_iters
+        budget = scfg.budget(level)
         t0 = time.perf_counter()
         done = 0
         if budget > 0:

@@ -152,7 +152,9 @@ def test_defocus_metrics_keys_and_confidence_from_gt():
     out = metrics.defocus_metrics(pred, gt)
     assert set(out) == {"aiwe1", "aiwe2", "spearman"}
     conf = (gt > 0).astype(float)
-    assert out["aiwe2"] == pytest.approx(metrics.aiwe2(pred, gt.astype(float), conf))
+    # The 8-bit ground truth is scored in units of its full range (divided by 255).
+    assert out["aiwe2"] == pytest.approx(metrics.aiwe2(pred, gt / 255.0, conf))
+    assert out["aiwe1"] == pytest.approx(metrics.aiwe1(pred, gt / 255.0, conf))
 
 
 @pytest.mark.skipif(not PIXEL4.exists(), reason="shared Pixel 4 data not present")
