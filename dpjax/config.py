@@ -51,6 +51,9 @@ class SolverConfig:
         and coarse_iters; its length must equal pyramid_levels).
       pyramid_levels: 1 = single scale; n = solve at 1/2^(n-1) resolution first.
       lr_start, lr_end: Adam learning rate, decaying log-linearly over each level.
+      refine_lr: optional (start, end) Adam learning rates for the levels after the
+        first (a fresh Adam state takes steps of about the learning rate in every
+        logit, which would undo much of an upsampled coarse solution).
       chunk_size: iterations per compiled chunk between progress reports.
       rel_tol: stop a level when the mean loss of a chunk improves on the previous
         chunk's by less than this fraction (0 disables the rule).
@@ -67,6 +70,7 @@ class SolverConfig:
     pyramid_levels: int = 1
     lr_start: float = 0.3
     lr_end: float = 0.1
+    refine_lr: tuple[float, float] | None = (0.05, 0.02)
     chunk_size: int = 50
     rel_tol: float = 0.0
     conv_method: Literal["fft", "direct"] = "fft"
@@ -83,6 +87,10 @@ class SolverConfig:
             raise ValueError("num_iters, chunk_size and pyramid_levels must be >= 1")
         if self.coarse_iters < 0:
             raise ValueError("coarse_iters must be >= 0")
+        if isinstance(self.refine_lr, list):  # from JSON
+            object.__setattr__(self, "refine_lr", tuple(self.refine_lr))
+        if self.refine_lr is not None and len(self.refine_lr) != 2:
+            raise ValueError("refine_lr must be (start, end)")
         if self.level_iters is not None:
             if isinstance(self.level_iters, list):  # from JSON
                 object.__setattr__(self, "level_iters", tuple(self.level_iters))
@@ -95,6 +103,23 @@ class SolverConfig:
         if self.level_iters is not None:
             return self.level_iters[self.pyramid_levels - 1 - level]
         return self.num_iters if level == 0 else self.coarse_iters
+
+
+def fast_solver() -> SolverConfig:
+    """dpjax's fast default: coarse-to-fine Adam over 3 levels (1/4, 1/2, full res).
+
+    200 steps at quarter resolution find the layer structure cheaply, 60 at half
+    and 20 at full resolution refine it with a lower learning rate (refine_lr).
+    Measured on a 336x336 Pixel 4 crop (scene 008): +3.1 dB over the input and
+    AIWE(1) 0.039 in 53 s, vs +3.6 dB / 0.040 for 300 single-scale paper-schedule
+    steps in 270 s (see BENCHMARKS.md).
+    """
+    return SolverConfig(pyramid_levels=3, level_iters=(200, 60, 20))
+
+
+def paper_solver(num_iters: int = 10_000) -> SolverConfig:
+    """The paper's schedule: single-scale Adam, lr 0.3 -> 0.1 log-linearly."""
+    return SolverConfig(pyramid_levels=1, num_iters=num_iters)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

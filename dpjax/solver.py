@@ -25,7 +25,12 @@ from dpjax.kernels import KernelBank, downsample_bank, rescaled_radius
 
 
 class Progress(NamedTuple):
-    """What the host learns after each chunk."""
+    """What the host learns after each chunk.
+
+    `params` are the current MPI logits at this level's resolution (device arrays,
+    valid only during the callback: their buffers are donated to the next chunk). `elapsed_s` is the
+    solver's own wall time: time spent inside callbacks is excluded.
+    """
 
     level: int  # 0 = finest
     num_levels: int
@@ -33,6 +38,8 @@ class Progress(NamedTuple):
     num_steps: int  # budget at this level
     loss: float
     elapsed_s: float
+    params: mpi.MpiParams | None = None
+    scales: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +83,10 @@ class _StepConfig(NamedTuple):
     chunk_size: int
 
     @classmethod
-    def of(cls, cfg: SolverConfig) -> "_StepConfig":
-        return cls(cfg.optimizer, cfg.lr_start, cfg.lr_end, cfg.chunk_size)
+    def of(cls, cfg: SolverConfig, refine: bool = False) -> "_StepConfig":
+        lr = cfg.refine_lr if (refine and cfg.refine_lr is not None) else (cfg.lr_start,
+                                                                           cfg.lr_end)
+        return cls(cfg.optimizer, float(lr[0]), float(lr[1]), cfg.chunk_size)
 
 
 def _lr_schedule(cfg: _StepConfig, num_steps) -> optax.Schedule:
@@ -193,6 +202,18 @@ def upsample_params(params: mpi.MpiParams, shape: tuple[int, int]) -> mpi.MpiPar
     return mpi.MpiParams(color_logits=up(params.color_logits), alpha_logits=up(params.alpha_logits))
 
 
+def _level_problem(planar: jax.Array, bank: KernelBank, scales: jax.Array, max_abs: float,
+                   factor: int, scfg: SolverConfig):
+    """Observation and prepared layer kernels of the pyramid level with this factor."""
+    lvl_bank = downsample_bank(bank, factor)
+    lvl_obs = downsample_image(planar, factor)
+    radius = rescaled_radius(lvl_bank.kernel_size, max_abs)
+    geom = conv.ConvGeometry.create(lvl_bank.grid, radius, scfg.conv_method, scfg.round_fft)
+    lk = _prepare(lvl_bank.kernels, scales, geom)
+    jax.block_until_ready(lk.kernels)
+    return lvl_obs, lk
+
+
 def validate_observation(observation, bank: KernelBank) -> np.ndarray:
     """Checks shape, finiteness and the match with the kernel grid.
 
@@ -226,7 +247,8 @@ def fit(observation, bank: KernelBank, config: Config = Config(), *,
       observation: [2, H, W, C] left and right views, linear, roughly in [0, 1].
       bank: calibrated kernels whose tile grid covers exactly H x W.
       config: the resolved configuration.
-      callback: called on the host after every chunk with a Progress.
+      callback: called on the host after every chunk with a Progress; returning
+        True stops the solve there (e.g. a wall-time budget), keeping the result.
       init: optional initial MPI logits at the coarsest level's resolution.
 
     Returns:
@@ -248,16 +270,16 @@ def fit(observation, bank: KernelBank, config: Config = Config(), *,
     timings: dict[str, float] = {}
     params = init
     key = jax.random.PRNGKey(scfg.seed)
+    solved_before = init is not None
+    callback_s = 0.0  # time spent in the callback, excluded from reported timings
+    stopped = False  # the callback asked to stop
 
     for level in reversed(range(levels)):  # coarsest first
+        if stopped:
+            break
         factor = 2**level
-        lvl_bank = downsample_bank(bank, factor)
-        lvl_obs = downsample_image(planar, factor)
-        radius = rescaled_radius(lvl_bank.kernel_size, max_abs)
-        geom = conv.ConvGeometry.create(lvl_bank.grid, radius, scfg.conv_method, scfg.round_fft)
         t0 = time.perf_counter()
-        lk = _prepare(lvl_bank.kernels, scales, geom)
-        jax.block_until_ready(lk.kernels)
+        lvl_obs, lk = _level_problem(planar, bank, scales, max_abs, factor, scfg)
         timings[f"prepare_level{level}_s"] = time.perf_counter() - t0
 
         if params is None:
@@ -276,17 +298,19 @@ def fit(observation, bank: KernelBank, config: Config = Config(), *,
         params = jax.tree_util.tree_map(lambda x: jnp.array(x, jnp.float32), params)
 
         budget = scfg.budget(level)
+        step_cfg = _StepConfig.of(scfg, refine=solved_before)
         t0 = time.perf_counter()
         done = 0
         if budget > 0:
+            solved_before = True
             # Fresh buffers: some optimiser states alias the parameters, which donation forbids.
             opt_state = jax.tree_util.tree_map(
-                jnp.copy, _make_optimizer(_StepConfig.of(scfg), budget).init(params))
+                jnp.copy, _make_optimizer(step_cfg, budget).init(params))
             prev_mean = None
             while done < budget:
                 params, opt_state, values, bad = _run_chunk(
                     params, opt_state, jnp.int32(done), jnp.int32(budget), lvl_obs, lk,
-                    cfg=_StepConfig.of(scfg), weights=config.loss)
+                    cfg=step_cfg, weights=config.loss)
                 values = np.asarray(values)
                 bad = int(bad)
                 ran = min(scfg.chunk_size, budget - done)
@@ -299,9 +323,15 @@ def fit(observation, bank: KernelBank, config: Config = Config(), *,
                 history.append(values[:ran])
                 done += ran
                 if callback is not None:
-                    callback(Progress(level=level, num_levels=levels, step=done, num_steps=budget,
+                    t_cb = time.perf_counter()
+                    stop = callback(Progress(level=level, num_levels=levels, step=done, num_steps=budget,
                                       loss=float(values[ran - 1]),
-                                      elapsed_s=time.perf_counter() - t_start))
+                                      elapsed_s=t_cb - t_start - callback_s, params=params,
+                                      scales=np.asarray(scales)))
+                    callback_s += time.perf_counter() - t_cb
+                    if stop is True:
+                        stopped = True
+                        break
                 cur_mean = float(np.mean(values[:ran]))
                 if scfg.rel_tol > 0 and prev_mean is not None:
                     if (prev_mean - cur_mean) < scfg.rel_tol * abs(prev_mean):
@@ -310,6 +340,10 @@ def fit(observation, bank: KernelBank, config: Config = Config(), *,
         level_iters.append(done)
         timings[f"solve_level{level}_s"] = time.perf_counter() - t0
 
+    if params.color_logits.shape[-2:] != planar.shape[-2:]:
+        # Stopped early at a coarse level: continue the result at full resolution.
+        params = upsample_params(params, planar.shape[-2:])
+        lvl_obs, lk = _level_problem(planar, bank, scales, max_abs, 1, scfg)
     terms = _final_terms(params, lvl_obs, lk, config.loss)
     color = mpi.colors(params)
     trans = mpi.transmittance(mpi.alphas(params))
@@ -322,7 +356,7 @@ def fit(observation, bank: KernelBank, config: Config = Config(), *,
     dmap = np.asarray(mpi.defocus_map(trans, scales))
     if not (np.all(np.isfinite(aif)) and np.all(np.isfinite(dmap))):
         raise FloatingPointError("the solve produced non-finite outputs")
-    timings["total_s"] = time.perf_counter() - t_start
+    timings["total_s"] = time.perf_counter() - t_start - callback_s
     return FitResult(
         all_in_focus=aif, all_in_focus_raw=raw, defocus=dmap, params=params, scales=np.asarray(scales),
         loss_history=np.concatenate(history) if history else np.zeros((0,), np.float32),

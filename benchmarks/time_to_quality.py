@@ -1,0 +1,190 @@
+"""Time to quality: the paper's schedule vs dpjax's fast default, in one process.
+
+On a Pixel 4 scene it runs (a) the paper's schedule (single-scale Adam, lr 0.3 ->
+0.1 over 10,000 iterations, cut off by --paper_budget_s) and (b) the fast default
+(`dpjax.config.fast_solver()`), recording the loss and the metrics against ground
+truth over the solver's wall time (metric evaluation is excluded from the clock).
+Prints JSON with, for each run, the time at which it first reaches the paper run's
+final AIWE(1) and PSNR, and draws loss / AIWE(1) / PSNR against time to a PNG.
+
+  python benchmarks/time_to_quality.py --scene=008 --crop=2x2 --paper_budget_s=600
+  python benchmarks/time_to_quality.py --scene=008 --crop=full --paper_budget_s=1200
+
+--crop=2x2 is the central 336x336 block of kernel tiles (rows 2-3, cols 3-4) with
+its four kernels; --crop=full the whole 1008x1344 crop. Both runs use the paper's
+layer range for the scene, so only the schedule differs.
+"""
+
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, ImageDraw
+
+import dpjax
+from dpjax import config as config_lib
+from dpjax import io, kernels, metrics, mpi, postprocess
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data_dir", str(Path(__file__).resolve().parents[2] / "shared" / "data" /
+                                    "pixel4"), "Pixel 4 data folder.")
+flags.DEFINE_string("scene", "008", "Scene id.")
+flags.DEFINE_enum("crop", "2x2", ["2x2", "full"], "Central 2x2 tiles or the full crop.")
+flags.DEFINE_float("paper_budget_s", 600.0, "Wall-time cap for the paper schedule.")
+flags.DEFINE_integer("paper_iters", 10_000, "The paper schedule's iteration count.")
+flags.DEFINE_integer("eval_every", 50, "Paper run: evaluate the metrics every N iterations.")
+flags.DEFINE_integer("fast_eval_every", 20, "Fast run: evaluate the metrics every N iterations.")
+flags.DEFINE_string("output", "", "Also write the JSON here.")
+flags.DEFINE_string("plot", "", "PNG plot path.")
+
+# The paper's per-scene layer ranges (data README) for the shared scenes.
+PAPER_RANGES = {"001": (0.5, 1.6), "005": (0.1, 1.3), "008": (0.2, 1.5), "011": (0.2, 1.5),
+                "013": (0.3, 1.6), "016": (0.3, 1.5)}
+
+
+def load_problem():
+    scene = io.load_pixel4_scene(FLAGS.data_dir, FLAGS.scene, require_gt=True)
+    calib = io.load_calibration_kernels(Path(FLAGS.data_dir) / "calibration")
+    rows, cols = calib.grid
+    if FLAGS.crop == "2x2":
+        r0, c0, nr, nc = rows // 2 - 1, cols // 2 - 1, 2, 2
+    else:
+        r0, c0, nr, nc = 0, 0, rows, cols
+    t = calib.tile_size
+    sl = (slice(r0 * t, (r0 + nr) * t), slice(c0 * t, (c0 + nc) * t))
+    views = scene.views[:, sl[0], sl[1]]
+    views = views / views.max()
+    tiles = [(r0 + i) * cols + (c0 + j) for i in range(nr) for j in range(nc)]
+    k = kernels.recenter_kernel_pairs(calib.kernels[:, tiles])
+    bank = dpjax.KernelBank.create(k, rows=nr, cols=nc, tile_h=t)
+    return views, bank, scene.gt_all_in_focus[sl], scene.gt_defocus[sl]
+
+
+class Recorder:
+    """Callback that scores the current MPI at each report (excluded from the clock)."""
+
+    def __init__(self, shape, cfg, gt_aif, gt_defocus, stop_after_s=None):
+        self.shape, self.cfg = shape, cfg
+        self.gt_aif, self.gt_defocus = gt_aif, gt_defocus
+        self.stop_after_s = stop_after_s
+        self.records = []
+        self.steps = 0
+
+    def __call__(self, p: dpjax.Progress):
+        self.steps += 1
+        params = p.params
+        if params.color_logits.shape[-2:] != self.shape:
+            params = dpjax.solver.upsample_params(params, self.shape)
+        trans = mpi.transmittance(mpi.alphas(params))
+        aif = jnp.transpose(mpi.all_in_focus(mpi.colors(params), trans), (1, 2, 0))
+        post = self.cfg.post
+        if post.bilateral:
+            aif = postprocess.bilateral_filter(aif, sigma_spatial=post.sigma_spatial,
+                                               sigma_value=post.sigma_value)
+        dmap = np.asarray(mpi.defocus_map(trans, jnp.asarray(p.scales)))
+        im = metrics.image_metrics(np.asarray(aif)[..., 0], self.gt_aif)
+        dm = metrics.defocus_metrics(dmap, self.gt_defocus)
+        self.records.append({"t": p.elapsed_s, "level": p.level, "step": p.step,
+                             "loss": p.loss, "aiwe1": dm["aiwe1"], "psnr": im["psnr"],
+                             "ssim": im["ssim"], "spearman": dm["spearman"]})
+        return self.stop_after_s is not None and p.elapsed_s >= self.stop_after_s
+
+
+def first_time(records, key, target, better):
+    for r in records:
+        if (r[key] <= target) if better == "lower" else (r[key] >= target):
+            return r["t"]
+    return None
+
+
+def plot(runs, path):
+    panels = [("loss", "loss (log)"), ("aiwe1", "AIWE(1)"), ("psnr", "PSNR dB")]
+    w, h, pad = 420, 300, 40
+    img = Image.new("RGB", (w * len(panels), h), "white")
+    draw = ImageDraw.Draw(img)
+    colours = {"paper": (200, 40, 40), "fast": (30, 90, 200)}
+    tmax = max(r["t"] for run in runs.values() for r in run["records"])
+    for i, (key, title) in enumerate(panels):
+        x0 = i * w
+        vals = [r[key] for run in runs.values() for r in run["records"]]
+        if key == "loss":
+            vals = np.log10(np.maximum(vals, 1e-9))
+        lo, hi = float(np.min(vals)), float(np.max(vals))
+        hi = hi if hi > lo else lo + 1
+        draw.rectangle([x0 + pad, pad, x0 + w - 10, h - pad], outline=(0, 0, 0))
+        draw.text((x0 + pad, 10), f"{title} vs solver time (s), t_max={tmax:.0f}", fill=(0, 0, 0))
+        draw.text((x0 + 2, pad), f"{hi:.3g}", fill=(0, 0, 0))
+        draw.text((x0 + 2, h - pad - 10), f"{lo:.3g}", fill=(0, 0, 0))
+        for name, run in runs.items():
+            pts = []
+            for r in run["records"]:
+                v = np.log10(max(r[key], 1e-9)) if key == "loss" else r[key]
+                px = x0 + pad + (w - 10 - pad) * r["t"] / tmax
+                py = h - pad - (h - 2 * pad) * (v - lo) / (hi - lo)
+                pts.append((px, py))
+            if len(pts) > 1:
+                draw.line(pts, fill=colours[name], width=2)
+            draw.text((x0 + pad + 5, pad + 5 + 12 * list(runs).index(name)), name,
+                      fill=colours[name])
+    img.save(path)
+
+
+def main(argv):
+    del argv
+    views, bank, gt_aif, gt_defocus = load_problem()
+    s_min, s_max = PAPER_RANGES.get(FLAGS.scene, (0.1, 1.6))
+    base = dpjax.Config().replace(**{"mpi.scale_min": s_min, "mpi.scale_max": s_max})
+    runs = {}
+    schedules = {
+        "paper": (config_lib.paper_solver(FLAGS.paper_iters), FLAGS.eval_every,
+                  FLAGS.paper_budget_s),
+        "fast": (config_lib.fast_solver(), FLAGS.fast_eval_every, None),
+    }
+    for name, (solver_cfg, every, budget) in schedules.items():
+        cfg = base.replace(solver=solver_cfg).replace(**{"solver.chunk_size": every})
+        rec = Recorder(views.shape[1:3], cfg, gt_aif, gt_defocus, stop_after_s=budget)
+        res = dpjax.fit(views, bank, cfg, callback=rec)
+        im = metrics.image_metrics(res.all_in_focus[..., 0], gt_aif)
+        dm = metrics.defocus_metrics(res.defocus, gt_defocus)
+        runs[name] = {"schedule": config_lib.to_dict(cfg)["solver"],
+                      "iterations": list(res.level_iterations),
+                      "solver_time_s": res.timings["total_s"],
+                      "final": {"aiwe1": dm["aiwe1"], "aiwe2": dm["aiwe2"],
+                                "spearman": dm["spearman"], "psnr": im["psnr"],
+                                "ssim": im["ssim"], "mae": im["mae"]},
+                      "records": rec.records}
+    target_aiwe, target_psnr = runs["paper"]["final"]["aiwe1"], runs["paper"]["final"]["psnr"]
+    inp = metrics.image_metrics(views.mean(0)[..., 0], gt_aif)
+    summary = {"scene": FLAGS.scene, "crop": FLAGS.crop, "shape": list(views.shape),
+               "input_psnr": inp["psnr"], "input_ssim": inp["ssim"],
+               "paper_target": {"aiwe1": target_aiwe, "psnr": target_psnr},
+               "jax_version": jax.__version__, "device": str(jax.devices()[0]),
+               "platform": platform.platform(),
+               "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    for name, run in runs.items():
+        t_a = first_time(run["records"], "aiwe1", target_aiwe, "lower")
+        t_p = first_time(run["records"], "psnr", target_psnr, "higher")
+        run["time_to_paper_aiwe1_s"] = t_a
+        run["time_to_paper_psnr_s"] = t_p
+        both = None if t_a is None or t_p is None else max(t_a, t_p)
+        run["time_to_paper_quality_s"] = both
+    paper_t = runs["paper"]["solver_time_s"]
+    fast_both = runs["fast"]["time_to_paper_quality_s"]
+    summary["fast_fraction_of_paper_time"] = (None if fast_both is None else fast_both / paper_t)
+    summary["runs"] = runs
+    text = json.dumps(summary, indent=1)
+    print(text)
+    if FLAGS.output:
+        Path(FLAGS.output).write_text(text + "\n")
+    if FLAGS.plot:
+        plot(runs, FLAGS.plot)
+
+
+if __name__ == "__main__":
+    app.run(main)
