@@ -24,7 +24,7 @@ def _problem(dtype, tiny_bank, rng):
 def test_terms_are_finite_and_sum(tiny_bank):
     rng = np.random.default_rng(0)
     params, obs, lk = _problem(jnp.float32, tiny_bank, rng)
-    t = losses.loss_terms(params, obs, lk, losses.LossWeights())
+    t = jax.jit(losses.loss_terms, static_argnums=3)(params, obs, lk, losses.LossWeights())
     vals = {k: float(v) for k, v in t._asdict().items()}
     assert all(np.isfinite(v) for v in vals.values())
     np.testing.assert_allclose(
@@ -38,6 +38,7 @@ def test_gradient_matches_finite_differences_float64(tiny_bank):
         params, obs, lk = _problem(jnp.float64, tiny_bank, rng)
         weights = losses.LossWeights()
 
+        @jax.jit
         def f(p):
             # Without stop-gradients the objective is a plain smooth function, so its
             # gradient must match central differences.
@@ -59,7 +60,8 @@ def test_extreme_logits_give_finite_gradients(tiny_bank):
     rng = np.random.default_rng(2)
     params, obs, lk = _problem(jnp.float32, tiny_bank, rng)
     params = mpi.MpiParams(params.color_logits * 40.0, params.alpha_logits * 40.0)
-    g = jax.grad(lambda p: losses.loss_terms(p, obs, lk, losses.LossWeights()).total)(params)
+    g = jax.jit(jax.grad(
+        lambda p: losses.loss_terms(p, obs, lk, losses.LossWeights()).total))(params)
     for leaf in g:
         assert np.all(np.isfinite(np.asarray(leaf)))
 
