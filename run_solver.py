@@ -1,33 +1,138 @@
-"""dpjax command line: with no flags, runs the demo on a synthetic dual-pixel scene.
+"""dpjax command line: the demo (no flags), or batch solving of a folder of DP pairs.
 
   python run_solver.py                      # demo -> ./dpjax_out/demo/
+  python run_solver.py --input_dir=IN --output_dir=OUT [--calib_dir=CAL] [--preset=auto]
+      [--num_iters=N] [--scenes=a,b] [--overwrite] [--batch_size=B] [--memory_budget_gb=G]
+      [--coordinator_address=HOST:PORT --num_processes=N --process_id=K]
 
 The demo renders a synthetic scene with known ground truth (textured layers with
 occlusions, 256x320 px, 2x2 kernel tiles) through the parametric kernels stored in
 calib_data/parametric_2x2, solves it, and writes all_in_focus.{tif,png},
 defocus_map.{tif,png} and result.json (metrics of the estimate and of the input).
+
+Batch mode (see README.md, "Batch solving") finds the DP pairs in --input_dir
+(`dpjax.io.discover_pairs`: NNN_left/right.png Pixel, *_L/_R.png Canon, PGM and TIFF
+pairs) and writes OUT/<scene>/ in the standard layout, OUT/summary.json and an
+OUT/index.html gallery. Complete scenes are skipped unless --overwrite; a bad scene
+is one line in the log and the summary, never the end of the batch; the exit status
+is 1 when any scene failed, 2 when the batch could not start.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
 import sys
+import threading
 import time
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from absl import app, flags, logging
 import numpy as np
-
-import dpjax
-from dpjax import pipeline
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("output_dir", "dpjax_out", "Where results are written.")
-flags.DEFINE_integer("num_iters", None, "Iterations at the finest level (default: config's).")
-flags.DEFINE_integer("seed", 0, "Seed of the demo scene.")
-flags.DEFINE_bool("quiet", False, "Only log warnings and the final summary.")
+
+# dpjax is imported lazily (`_load_dpjax`): importing it initialises the XLA backend
+# (dpjax.losses builds a jnp constant at import time), and jax.distributed.initialize
+# must run before that happens.
+dpjax = batch = io = outputs = pipeline = None
+
+
+def _load_dpjax() -> None:
+    global dpjax, batch, io, outputs, pipeline
+    if dpjax is None:
+        import dpjax as dpjax_
+        from dpjax import batch as batch_
+        from dpjax import io as io_
+        from dpjax import outputs as outputs_
+        from dpjax import pipeline as pipeline_
+        dpjax, batch, io, outputs, pipeline = dpjax_, batch_, io_, outputs_, pipeline_
+
 
 ROOT = Path(__file__).resolve().parent
 DEMO_CALIB = ROOT / "calib_data" / "parametric_2x2"
+
+# Batch default schedule: the fast coarse-to-fine schedule (--num_iters sets the last).
+FAST_LEVEL_ITERS = (200, 40, 8)
+SUMMARY_JSON = "summary.json"
+INDEX_HTML = "index.html"
+
+# Flags that only make sense with --input_dir.
+_BATCH_FLAGS = (
+    "calib_dir", "preset", "scenes", "overwrite", "batch_size", "memory_budget_gb",
+    "pyramid_levels", "level_iters", "num_layers", "black_level", "allow_8bit",
+    "recenter_kernels", "grid", "tile_size", "kernel_radius", "kernel_ramp", "kernel_smooth",
+    "kernel_size", "coordinator_address", "num_processes", "process_id", "distributed",
+    "distributed_timeout_s", "thumb_size")
+
+
+def _define_flags() -> None:
+    """Flags are defined only when run as a program, so tests can import this module."""
+    d = flags
+    d.DEFINE_string("output_dir", "dpjax_out", "Where results are written.")
+    d.DEFINE_integer("num_iters", None, "Iterations at the finest level (default: the "
+                     "demo's / batch schedule's).")
+    d.DEFINE_integer("seed", 0, "Seed of the demo scene.")
+    d.DEFINE_bool("quiet", False, "No progress bars: only warnings, failures and the final "
+                  "summary (for log files).")
+    # Batch mode.
+    d.DEFINE_string("input_dir", None, "Folder of DP pairs to solve (batch mode; without it "
+                    "the demo runs).")
+    d.DEFINE_string("calib_dir", None, "Calibrated kernels (blur_kernels_{left,right}.npy, "
+                    "optional kernels_meta.json and white_sheet_{left,right}.png for Pixel "
+                    "vignetting). Without it the parametric kernel model is used.")
+    d.DEFINE_enum("preset", "auto", ["auto", "paper", "none"], "Per-scene configuration: "
+                  "auto (layer range estimated from each pair), paper (Xin et al.'s per-scene "
+                  "Pixel 4 settings), none (the base configuration).")
+    d.DEFINE_list("scenes", None, "Only these scene names (comma-separated).")
+    d.DEFINE_bool("overwrite", False, "Re-solve scenes whose outputs are complete.")
+    d.DEFINE_integer("batch_size", 1, "Group up to this many same-size scenes on one device, "
+                     "back to back (they share compiled code). Not vmap: see README.")
+    d.DEFINE_float("memory_budget_gb", None, "Refuse scenes whose estimated peak memory "
+                   "exceeds this (default: the device's memory; on CPU the host RAM divided "
+                   "by the number of local devices).")
+    d.DEFINE_integer("pyramid_levels", 3, "Coarse-to-fine levels (tiles must divide by "
+                     "2^(levels-1)).")
+    d.DEFINE_list("level_iters", None, "Iterations per pyramid level, coarsest first "
+                  "(default 200,40,8 for 3 levels; --num_iters sets the last).")
+    d.DEFINE_integer("num_layers", None, "MPI layers (default: dpjax.Config's, 12).")
+    d.DEFINE_float("black_level", None, "Black level of the raw views (default: Pixel 1024, "
+                   "PNG/TIFF 0; required for PGM).")
+    d.DEFINE_bool("allow_8bit", False, "Accept 8-bit views (default: 16-bit expected).")
+    d.DEFINE_bool("recenter_kernels", True, "Re-centre each tile's calibrated kernel pair "
+                  "(dpjax.recenter_kernel_pairs).")
+    d.DEFINE_string("grid", None, "Parametric model: kernel tile grid RxC (default: tiles "
+                    "of about 256 px).")
+    d.DEFINE_integer("tile_size", None, "Parametric model: tile side in px; the image must "
+                     "then match the grid (Pixel pairs are centre-cropped to it). Default: "
+                     "the largest tiles that fit, centre-cropping a few pixels.")
+    d.DEFINE_float("kernel_radius", 8.0, "Parametric model: aperture radius in px at "
+                   "scale 1.")
+    d.DEFINE_float("kernel_ramp", 0.5, "Parametric model: intensity ramp of the half disc.")
+    d.DEFINE_float("kernel_smooth", 0.7, "Parametric model: Gaussian smoothing in px.")
+    d.DEFINE_integer("kernel_size", None, "Parametric model: odd kernel side (default: "
+                     "just large enough).")
+    d.DEFINE_integer("thumb_size", 256, "Longest side of the gallery thumbnails.")
+    # Multi-host.
+    d.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 for "
+                    "jax.distributed.initialize (multi-host).")
+    d.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+    d.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+    d.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "jax.distributed: on = "
+                  "always initialize (missing flags auto-detected by JAX: SLURM, Open MPI, "
+                  "Cloud TPU, ...); auto = when the flags above or a known cluster "
+                  "environment are present; off = never.")
+    d.DEFINE_integer("distributed_timeout_s", 300, "Seconds to wait for all processes.")
+
+
+# ----------------------------------------------------------------------------------------
+# Demo
 
 
 def demo_config(num_iters: int | None) -> dpjax.Config:
@@ -42,6 +147,7 @@ def demo_config(num_iters: int | None) -> dpjax.Config:
 
 
 def run_demo() -> int:
+    _load_dpjax()
     kernels = np.stack([np.load(DEMO_CALIB / "blur_kernels_left.npy"),
                         np.load(DEMO_CALIB / "blur_kernels_right.npy")])
     bank = dpjax.KernelBank.create(kernels, rows=2, cols=2, tile_h=128, tile_w=160)
@@ -68,13 +174,787 @@ def run_demo() -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------
+# Batch options and set-up
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BatchOptions:
+    """Everything a batch run needs (the flags, or a test's arguments)."""
+
+    input_dir: Path
+    output_dir: Path
+    calib_dir: Path | None = None
+    preset: str = "auto"
+    num_iters: int | None = None
+    level_iters: tuple[int, ...] | None = None
+    pyramid_levels: int = 3
+    num_layers: int | None = None
+    scenes: tuple[str, ...] | None = None
+    overwrite: bool = False
+    batch_size: int = 1
+    memory_budget_gb: float | None = None
+    black_level: float | None = None
+    allow_8bit: bool = False
+    recenter_kernels: bool = True
+    grid: tuple[int, int] | None = None
+    tile_size: int | None = None
+    kernel_radius: float = 8.0
+    kernel_ramp: float = 0.5
+    kernel_smooth: float = 0.7
+    kernel_size: int | None = None
+    thumb_size: int = 256
+    quiet: bool = False
+
+
+class SetupError(Exception):
+    """The batch cannot start (no input, unreadable calibration, bad flag values)."""
+
+
+class SceneFailure(Exception):
+    """A scene that cannot be solved; `kind` names the category in the summary."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def parse_grid(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SetupError(f"--grid must be RxC (e.g. 2x3), got {text!r}") from None
+    if rows < 1 or cols < 1:
+        raise SetupError(f"--grid must have at least one row and column, got {text!r}")
+    return rows, cols
+
+
+def base_config(opts: BatchOptions) -> dpjax.Config:
+    """The configuration every scene starts from (the preset then adjusts it)."""
+    _load_dpjax()
+    levels = opts.pyramid_levels
+    solver: dict[str, Any] = {"pyramid_levels": levels}
+    level_iters = opts.level_iters
+    if level_iters is None and levels == len(FAST_LEVEL_ITERS):
+        level_iters = FAST_LEVEL_ITERS
+    if level_iters is not None:
+        level_iters = tuple(level_iters)
+        if opts.num_iters is not None:
+            level_iters = level_iters[:-1] + (opts.num_iters,)
+        solver["level_iters"] = level_iters
+    elif opts.num_iters is not None:
+        solver["num_iters"] = opts.num_iters
+    try:
+        cfg = dpjax.Config(solver=dpjax.SolverConfig(**solver))
+        if opts.num_layers is not None:
+            cfg = cfg.replace(**{"mpi.num_layers": opts.num_layers})
+    except ValueError as e:
+        raise SetupError(f"invalid solver settings: {e}") from e
+    return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSource:
+    """Calibrated kernels ([2, T, K, K] numpy and their grid) or the parametric model."""
+
+    kernels: np.ndarray  # [2, T, K, K] (parametric: [2, 1, K, K], repeated per tile)
+    grid: tuple[int, int] | None  # None: chosen per image (parametric)
+    tile_size: int | None  # None: chosen per image (parametric)
+    info: dict[str, Any]
+    white_sheets: tuple[Path, Path] | None = None
+
+    @property
+    def kernel_size(self) -> int:
+        return int(self.kernels.shape[-1])
+
+    @property
+    def fixed_shape(self) -> tuple[int, int] | None:
+        if self.grid is None or self.tile_size is None:
+            return None
+        return self.grid[0] * self.tile_size, self.grid[1] * self.tile_size
+
+
+def kernel_source(opts: BatchOptions, pyramid_factor: int) -> KernelSource:
+    """Loads the calibration once, or sets up the parametric model."""
+    if opts.calib_dir is not None:
+        try:
+            calib = io.load_calibration_kernels(opts.calib_dir)
+        except (ValueError, OSError) as e:
+            raise SetupError(f"calibration {opts.calib_dir}: {e}") from e
+        kernels = calib.kernels
+        if opts.recenter_kernels:
+            kernels = dpjax.recenter_kernel_pairs(kernels)
+        whites = (Path(opts.calib_dir) / io.WHITE_LEFT, Path(opts.calib_dir) / io.WHITE_RIGHT)
+        have = [p.is_file() for p in whites]
+        if any(have) and not all(have):
+            logging.warning("calibration %s has only one white sheet: Pixel pairs are not "
+                            "corrected for vignetting", opts.calib_dir)
+        source = KernelSource(
+            kernels=kernels, grid=calib.grid, tile_size=calib.tile_size,
+            white_sheets=whites if all(have) else None,
+            info={"model": "calibrated", "calib_dir": str(opts.calib_dir),
+                  "grid": list(calib.grid), "tile_size": calib.tile_size,
+                  "kernel_size": int(kernels.shape[-1]), "recentered": opts.recenter_kernels,
+                  "vignetting_white_sheets": all(have)})
+    else:
+        try:
+            pair = dpjax.parametric_dp_kernels(radius=opts.kernel_radius, ramp=opts.kernel_ramp,
+                                               smooth_sigma=opts.kernel_smooth,
+                                               size=opts.kernel_size)
+        except ValueError as e:
+            raise SetupError(f"parametric kernel model: {e}") from e
+        source = KernelSource(
+            kernels=pair[:, None], grid=opts.grid, tile_size=opts.tile_size,
+            info={"model": "parametric", "radius": opts.kernel_radius, "ramp": opts.kernel_ramp,
+                  "smooth_sigma": opts.kernel_smooth, "kernel_size": int(pair.shape[-1]),
+                  "grid": None if opts.grid is None else list(opts.grid),
+                  "tile_size": opts.tile_size})
+        if opts.tile_size is not None and opts.grid is None:
+            raise SetupError("--tile_size needs --grid (RxC)")
+    if source.tile_size is not None and source.tile_size % pyramid_factor:
+        raise SetupError(f"kernel tiles of {source.tile_size} px do not divide by the pyramid "
+                         f"factor {pyramid_factor}; use fewer --pyramid_levels")
+    return source
+
+
+def load_presets():
+    """dpjax.presets, or None (with a warning) when that module is not available."""
+    try:
+        from dpjax import presets
+    except ImportError as e:
+        logging.warning("dpjax.presets is not available (%s): scenes use the base "
+                        "configuration", e)
+        return None
+    return presets
+
+
+def memory_budget_bytes(opts: BatchOptions, devices: Sequence[Any]) -> float | None:
+    """--memory_budget_gb, else the device's memory limit, else host RAM / devices."""
+    if opts.memory_budget_gb is not None:
+        return opts.memory_budget_gb * 1e9
+    try:
+        stats = devices[0].memory_stats()
+    except Exception:  # noqa: BLE001 - not every backend implements memory_stats
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return float(stats["bytes_limit"])
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return float(ram) / max(1, len(devices))
+
+
+# ----------------------------------------------------------------------------------------
+# One scene
+
+
+@dataclasses.dataclass
+class Context:
+    """Shared, read-only state of a batch run (plus the progress display)."""
+
+    opts: BatchOptions
+    source: KernelSource
+    base: dpjax.Config
+    presets: Any
+    budget: float | None
+    display: Display
+    process_index: int = 0
+
+
+def load_views(ctx: Context, pair: io.ScenePair) -> tuple[np.ndarray, dict[str, Any]]:
+    """Views [2, H, W, C] cropped to a kernel grid, and what was done to them."""
+    opts, src = ctx.opts, ctx.source
+    fixed = src.fixed_shape
+    whites = {}
+    pre = io.Pixel4Preprocess(crop_hw=fixed)  # Pixel: the calibration's central crop
+    if pair.format == "pixel" and src.white_sheets is not None:
+        whites = {"white_left": src.white_sheets[0], "white_right": src.white_sheets[1]}
+    views = io.load_pair(pair, black_level=opts.black_level, expect_16bit=not opts.allow_8bit,
+                         pixel_preprocess=pre, **whites)
+    info: dict[str, Any] = {"loaded_shape": list(views.shape), "vignetting": bool(whites)}
+    h, w = views.shape[1:3]
+    if fixed is not None:
+        if h < fixed[0] or w < fixed[1]:
+            raise io.InputError(f"{pair.left}: image {h}x{w} is smaller than the kernel grid "
+                                f"({src.grid[0]}x{src.grid[1]} tiles of {src.tile_size} px "
+                                f"= {fixed[0]}x{fixed[1]})")
+        try:
+            io.check_kernels_match_image(
+                io.CalibratedKernels(src.kernels, src.grid, src.tile_size), h, w)
+        except ValueError as e:
+            raise SceneFailure("calibration", f"{pair.left}: {e}") from e
+        info["crop"] = None
+    else:
+        factor = 2 ** (ctx.base.solver.pyramid_levels - 1)
+        grid = src.grid or batch.auto_grid(h, w)
+        min_tile = -(-src.kernel_size // factor) * factor
+        try:
+            tg, (y0, x0) = batch.fit_tiles(h, w, grid, factor, min_tile)
+        except ValueError as e:
+            raise io.InputError(f"{pair.left}: {e}") from e
+        ch, cw = tg.image_shape
+        if (ch, cw) != (h, w):
+            views = views[:, y0:y0 + ch, x0:x0 + cw]
+            views = views / views.max() if views.max() > 0 else views
+        info["crop"] = [y0, x0, ch, cw]
+        info["tile_grid"] = [tg.rows, tg.cols, tg.tile_h, tg.tile_w]
+    return np.ascontiguousarray(views, np.float32), info
+
+
+def make_bank(ctx: Context, views: np.ndarray, info: dict[str, Any]) -> dpjax.KernelBank:
+    """The kernel bank covering the views (call inside the scene's device context)."""
+    src = ctx.source
+    if src.fixed_shape is not None:
+        rows, cols = src.grid
+        kernels = src.kernels
+        if kernels.shape[1] == 1:
+            kernels = np.repeat(kernels, rows * cols, axis=1)
+        return dpjax.KernelBank.create(kernels, rows=rows, cols=cols, tile_h=src.tile_size)
+    rows, cols, th, tw = info["tile_grid"]
+    kernels = np.repeat(src.kernels[:, :1], rows * cols, axis=1)
+    return dpjax.KernelBank.create(kernels, rows=rows, cols=cols, tile_h=th, tile_w=tw)
+
+
+def load_ground_truth(ctx: Context, name: str, shape: tuple[int, int],
+                      info: dict[str, Any]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Optional Pixel-4-layout ground truth (IN/gt_*/NAME_gt.png), cropped like the views."""
+    out = []
+    for sub in ("gt_all_in_focus_im", "gt_defocus_map"):
+        path = Path(ctx.opts.input_dir) / sub / f"{name}_gt.png"
+        if not path.is_file():
+            out.append(None)
+            continue
+        try:
+            arr, _ = io.read_image(path)
+        except io.InputError as e:
+            info.setdefault("warnings", []).append(f"ground truth ignored: {e}")
+            out.append(None)
+            continue
+        arr = arr.astype(np.float32)
+        crop = info.get("crop")
+        if crop is not None and arr.shape[:2] == tuple(info["loaded_shape"][1:3]):
+            y0, x0, ch, cw = crop
+            arr = arr[y0:y0 + ch, x0:x0 + cw]
+        if arr.shape[:2] != shape:
+            info.setdefault("warnings", []).append(
+                f"ground truth {path} is {arr.shape[0]}x{arr.shape[1]}, the views are "
+                f"{shape[0]}x{shape[1]}: not scored")
+            out.append(None)
+            continue
+        out.append(arr)
+    return out[0], out[1]
+
+
+def scene_config(ctx: Context, name: str, views: np.ndarray,
+                 bank: dpjax.KernelBank) -> tuple[dpjax.Config, dict[str, Any]]:
+    """The preset's configuration for one scene, and how it was chosen."""
+    t0 = time.perf_counter()
+    preset = ctx.opts.preset
+    info: dict[str, Any] = {"name": preset}
+    if preset == "none" or ctx.presets is None:
+        cfg = ctx.base
+        if preset != "none":
+            info["note"] = "dpjax.presets unavailable: base configuration"
+    elif preset == "paper":
+        try:
+            cfg = ctx.presets.paper_config(name, ctx.base)
+        except ValueError as e:
+            raise SceneFailure("config", str(e)) from e
+    else:
+        cfg = ctx.presets.auto_config(views, bank, ctx.base)
+    info["scale_range"] = [cfg.mpi.scale_min, cfg.mpi.scale_max]
+    info["seconds"] = time.perf_counter() - t0
+    return cfg, info
+
+
+def _write_thumb(path: Path, display: np.ndarray, size: int) -> None:
+    if display.ndim == 3 and display.shape[-1] == 1:
+        display = display[..., 0]
+    outputs.write_png(path, batch.thumbnail(display, size))
+
+
+def ensure_thumbnails(out_dir: Path, size: int) -> None:
+    """Gallery thumbnails of a complete scene from its PNGs, where missing."""
+    from PIL import Image
+
+    for key, full in (("all_in_focus", outputs.AIF_PNG), ("defocus", outputs.DEFOCUS_PNG)):
+        thumb, src = out_dir / batch.THUMBS[key], out_dir / full
+        if thumb.is_file() or not src.is_file():
+            continue
+        try:
+            with Image.open(src) as im:
+                a = np.asarray(im.convert("L" if im.mode in ("L", "I;16", "I") else "RGB"))
+        except OSError:
+            continue
+        _write_thumb(thumb, a, size)
+
+
+def skipped_record(name: str, out_dir: Path) -> dict[str, Any]:
+    """The record of a complete scene, with the numbers of its result.json."""
+    rec: dict[str, Any] = {"scene": name, "status": "skipped",
+                           "reason": "outputs complete (use --overwrite to redo)"}
+    try:
+        result = json.loads((out_dir / outputs.RESULT_JSON).read_text())
+    except (OSError, ValueError):
+        return rec
+    for key in ("metrics", "input_metrics", "final_loss", "iterations", "format"):
+        if key in result:
+            rec[key] = result[key]
+    if "preset" in result and isinstance(result["preset"], dict):
+        rec["scale_range"] = result["preset"].get("scale_range")
+    wall = (result.get("timings") or {}).get("wall_s")
+    if wall is not None:
+        rec["timings"] = {"previous_solve_s": wall}
+    return rec
+
+
+def solve_one(ctx: Context, name: str, pair: io.ScenePair, device, group: int) -> dict[str, Any]:
+    """Loads, configures, checks and solves one scene; never raises for a bad scene."""
+    import jax
+
+    opts = ctx.opts
+    out_dir = Path(opts.output_dir) / name
+    rec: dict[str, Any] = {"scene": name, "format": pair.format,
+                           "inputs": [str(p) if p else None for p in (pair.left, pair.right)],
+                           "process": ctx.process_index, "device": str(device)}
+    if opts.batch_size > 1:
+        rec["group"] = group
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    eta = batch.SceneEta(tuple(ctx.base.solver.budget(lv)
+                               for lv in reversed(range(ctx.base.solver.pyramid_levels))))
+    seen_devices: set[str] = set()
+
+    def progress(p: dpjax.Progress):
+        eta.update(level=p.level, step=p.step, num_steps=p.num_steps, loss=p.loss,
+                   elapsed_s=p.elapsed_s)
+        if p.params is not None and not seen_devices:
+            seen_devices.update(str(d) for d in p.params.color_logits.devices())
+        ctx.display.scene(name, eta)
+
+    try:
+        t0 = time.perf_counter()
+        views, info = load_views(ctx, pair)
+        timings["load_s"] = time.perf_counter() - t0
+        rec["shape"] = list(views.shape)
+        with jax.default_device(device):
+            bank = make_bank(ctx, views, info)
+            cfg, preset_info = scene_config(ctx, name, views, bank)
+            timings["preset_s"] = preset_info["seconds"]
+            rec["scale_range"] = preset_info["scale_range"]
+            est = batch.estimate_solve_memory(
+                height=views.shape[1], width=views.shape[2], channels=views.shape[3],
+                num_layers=cfg.mpi.num_layers, grid=bank.grid, kernel_size=bank.kernel_size,
+                max_abs_scale=float(np.max(np.abs(cfg.mpi.scales()))),
+                conv_method=cfg.solver.conv_method, round_fft=cfg.solver.round_fft)
+            rec["memory_estimate_gb"] = round(est.gb, 3)
+            refusal = batch.memory_refusal(est, ctx.budget)
+            if refusal is not None:
+                raise SceneFailure("memory", refusal)
+            gt_aif, gt_def = load_ground_truth(ctx, name, views.shape[1:3], info)
+            extra = {"scene": name, "format": pair.format, "inputs": rec["inputs"],
+                     "preprocessing": info, "kernels": ctx.source.info, "preset": preset_info,
+                     "memory_estimate_gb": rec["memory_estimate_gb"],
+                     "assigned_device": str(device), "process": ctx.process_index}
+            t0 = time.perf_counter()
+            res, result = pipeline.solve_scene(views, bank, cfg, out_dir, gt_all_in_focus=gt_aif,
+                                               gt_defocus=gt_def, extra=extra, callback=progress)
+            timings["solve_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _write_thumb(out_dir / batch.THUMBS["input"], outputs.to_display(views.mean(axis=0)),
+                     opts.thumb_size)
+        _write_thumb(out_dir / batch.THUMBS["all_in_focus"], outputs.to_display(res.all_in_focus),
+                     opts.thumb_size)
+        _write_thumb(out_dir / batch.THUMBS["defocus"], outputs.defocus_png(res.defocus),
+                     opts.thumb_size)
+        timings["thumbnails_s"] = time.perf_counter() - t0
+        rec.update(status="done", iterations=result["iterations"],
+                   final_loss=result["final_loss"], solver_timings=result["timings"])
+        if seen_devices:
+            rec["device"] = ",".join(sorted(seen_devices))
+        for key in ("metrics", "input_metrics"):
+            if key in result:
+                rec[key] = result[key]
+        if info.get("warnings"):
+            rec["warnings"] = info["warnings"]
+            for w in info["warnings"]:
+                ctx.display.log(logging.WARNING, "%s: %s", name, w)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - a bad scene must not end the batch
+        kind = _failure_kind(e)
+        rec.update(status="failed", error=kind, reason=f"{kind}: {e}")
+        if kind == "error":
+            rec["traceback"] = traceback.format_exc(limit=6)
+    timings["total_s"] = time.perf_counter() - t_start
+    rec["timings"] = timings
+    return rec
+
+
+def _failure_kind(e: BaseException) -> str:
+    if isinstance(e, SceneFailure):
+        return e.kind
+    if isinstance(e, io.InputError):
+        return "input"
+    if isinstance(e, FloatingPointError):
+        return "solver diverged"
+    if isinstance(e, (ValueError, MemoryError)):
+        return "invalid" if isinstance(e, ValueError) else "memory"
+    return "error"
+
+
+# ----------------------------------------------------------------------------------------
+# Progress display
+
+
+class Display:
+    """Progress bars on stderr (rewritten in place on a terminal, else logged lines)."""
+
+    def __init__(self, quiet: bool, total: int, workers: int, stream=None):
+        self.quiet = quiet
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.batch = batch.BatchEta(total=total, workers=workers)
+        self.active: dict[str, str] = {}
+        self.lock = threading.RLock()
+        self._drawn = False
+
+    def _clear(self):
+        if self._drawn:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self._drawn = False
+
+    def _draw(self):
+        if self.quiet or not self.tty:
+            return
+        cols = shutil.get_terminal_size((160, 24)).columns - 1
+        line = " | ".join(list(self.active.values()) + [batch.format_batch_progress(self.batch)])
+        self.stream.write("\r\033[K" + line[-cols:])  # the overall bar (last) stays visible
+        self.stream.flush()
+        self._drawn = True
+
+    def scene(self, name: str, eta: batch.SceneEta) -> None:
+        if self.quiet:
+            return
+        with self.lock:
+            self.active[name] = batch.format_scene_progress(name, eta)
+            if self.tty:
+                self._draw()
+            else:
+                logging.info("%s  %s", self.active[name], batch.format_batch_progress(self.batch))
+
+    def log(self, level: int, fmt: str, *args) -> None:
+        with self.lock:
+            self._clear()
+            logging.log(level, fmt, *args)
+            self._draw()
+
+    def finished(self, rec: dict[str, Any]) -> None:
+        with self.lock:
+            self.active.pop(rec["scene"], None)
+            self.batch.record(rec["status"], (rec.get("timings") or {}).get("total_s"))
+            status = rec["status"]
+            if status == "failed":
+                self.log(logging.ERROR, "%s: FAILED %s", rec["scene"], rec["reason"])
+            elif status == "skipped":
+                self.log(logging.INFO, "%s: skipped, %s", rec["scene"], rec["reason"])
+            else:
+                loss = rec.get("final_loss")
+                self.log(logging.INFO, "%s: done in %s (loss %.5g)  %s", rec["scene"],
+                         batch.format_duration(rec["timings"]["total_s"]),
+                         float("nan") if loss is None else loss,
+                         batch.format_batch_progress(self.batch))
+
+    def close(self) -> None:
+        with self.lock:
+            self._clear()
+
+
+# ----------------------------------------------------------------------------------------
+# The batch
+
+
+Gather = Callable[[Any], list[Any]]
+
+
+def _scene_list_digest(names: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+
+def _probe_key(pair: io.ScenePair):
+    """(format, raw size) of a pair for grouping, or None when it cannot be read."""
+    if pair.left is None or pair.right is None:
+        return None
+    try:
+        return pair.format, io.read_image(pair.left)[0].shape
+    except (io.InputError, OSError):
+        return None
+
+
+def write_reports(out_dir: Path, summary: dict[str, Any]) -> None:
+    """summary.json and the index.html gallery (both atomic)."""
+    outputs.write_json(out_dir / SUMMARY_JSON, summary)
+    existing = {f"{r['scene']}/{t}" for r in summary["scenes"] for t in batch.THUMBS.values()
+                if (out_dir / r["scene"] / t).is_file()}
+    page = batch.gallery_html(summary, existing)
+    outputs.atomic_write_bytes(out_dir / INDEX_HTML, page.encode("utf-8"))
+
+
+def run_batch(opts: BatchOptions, *, devices: Sequence[Any] | None = None,
+              process_index: int = 0, process_count: int = 1,
+              gather: Gather | None = None) -> int:
+    """Solves this process's share of the scenes in opts.input_dir; returns the exit status.
+
+    Args:
+      devices: local devices to spread scenes over (default jax.local_devices()).
+      process_index, process_count: this process's place among the batch's processes.
+      gather: with several processes, a collective that returns every process's
+        value (in process order); called the same number of times by all processes.
+    """
+    import jax
+
+    _load_dpjax()
+    t_start = time.perf_counter()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    out_root = Path(opts.output_dir)
+    devices = list(devices) if devices is not None else jax.local_devices()
+    try:
+        pairs = {p.name: p for p in io.discover_pairs(opts.input_dir)}
+        if not pairs:
+            raise SetupError(f"no DP pairs found in {opts.input_dir} (expected NAME_left/"
+                             "NAME_right .png/.pgm/.tif or NAME_L/NAME_R .png)")
+        base = base_config(opts)
+        factor = 2 ** (base.solver.pyramid_levels - 1)
+        source = kernel_source(opts, factor)
+        if opts.batch_size < 1:
+            raise SetupError("--batch_size must be >= 1")
+    except (SetupError, io.InputError) as e:
+        logging.error("batch cannot start: %s", e)
+        return 2
+
+    names = sorted(pairs)
+    missing: list[str] = []
+    if opts.scenes:
+        missing = sorted(set(opts.scenes) - set(pairs))
+        names = sorted(set(opts.scenes))
+    if gather is not None:
+        digests = gather(_scene_list_digest(names))
+        if len(set(digests)) != 1:
+            logging.error("the processes found different scene lists (is --input_dir the "
+                          "same shared folder on every host?)")
+            return 2
+    share = batch.shard_scenes(names, process_index, process_count)
+    if source.info["model"] == "parametric":
+        logging.info("no --calib_dir: using the parametric DP kernel model (radius %.3g px, "
+                     "ramp %.3g, smoothing %.3g px, %d px kernels); set --kernel_radius etc. "
+                     "to match your camera", opts.kernel_radius, opts.kernel_ramp,
+                     opts.kernel_smooth, source.kernel_size)
+    presets = load_presets() if opts.preset != "none" else None
+    budget = memory_budget_bytes(opts, devices)
+    display = Display(opts.quiet, total=len(share), workers=len(devices))
+    ctx = Context(opts=opts, source=source, base=base, presets=presets, budget=budget,
+                  display=display, process_index=process_index)
+    logging.info("process %d/%d: %d of %d scenes on %d device(s): %s", process_index + 1,
+                 process_count, len(share), len(names), len(devices),
+                 ", ".join(str(d) for d in devices))
+
+    meta = {"input_dir": str(opts.input_dir), "output_dir": str(out_root),
+            "kernels": source.info, "preset": opts.preset,
+            "base_config": dpjax.config.to_dict(base), "process_count": process_count,
+            "devices_per_process": len(devices), "batch_size": opts.batch_size,
+            "memory_budget_gb": None if budget is None else round(budget / 1e9, 3),
+            "started": started}
+    share_path = out_root / (SUMMARY_JSON if process_count == 1 else
+                             f"summary.process-{process_index}-of-{process_count}.json")
+    records: dict[str, dict[str, Any]] = {}
+    lock = threading.Lock()
+
+    def save_share(state: str) -> dict[str, Any]:
+        with lock:
+            recs = list(records.values())
+        extra = {"process_index": process_index} if process_count > 1 else {}
+        summary = batch.summarize(recs, **meta, **extra, state=state,
+                                  wall_s=time.perf_counter() - t_start)
+        outputs.write_json(share_path, summary)
+        return summary
+
+    def finish(rec: dict[str, Any]) -> None:
+        with lock:
+            records[rec["scene"]] = rec
+        display.finished(rec)
+        save_share("running")
+
+    out_root.mkdir(parents=True, exist_ok=True)
+    todo: list[str] = []
+    for name in share:
+        if name in missing:
+            finish({"scene": name, "status": "failed", "error": "input",
+                    "reason": f"input: scene {name!r} (from --scenes) not found in "
+                              f"{opts.input_dir}"})
+        elif not opts.overwrite and outputs.is_complete(out_root / name):
+            ensure_thumbnails(out_root / name, opts.thumb_size)
+            finish(skipped_record(name, out_root / name))
+        else:
+            todo.append(name)
+
+    keys = ({n: _probe_key(pairs[n]) for n in todo} if opts.batch_size > 1 else {})
+    groups = batch.group_by_shape(todo, keys, opts.batch_size)
+    per_device: dict[int, list[tuple[int, str]]] = {i: [] for i in range(len(devices))}
+    slots = list(range(len(devices)))  # by position: a list may repeat a device
+    for gi, (group, slot) in enumerate(batch.assign_round_robin(groups, slots)):
+        per_device[slot].extend((gi, n) for n in group)
+
+    def worker(dev_index: int) -> None:
+        for gi, name in per_device[dev_index]:
+            finish(solve_one(ctx, name, pairs[name], devices[dev_index], gi))
+
+    state = "complete"
+    try:
+        if len(devices) == 1:
+            worker(0)
+        else:
+            threads = [threading.Thread(target=worker, args=(i,), daemon=True,
+                                        name=f"dpjax-{devices[i]}") for i in per_device]
+            for t in threads:
+                t.start()
+            for t in threads:
+                while t.is_alive():
+                    t.join(timeout=0.5)
+    except KeyboardInterrupt:
+        state = "interrupted"
+        with lock:
+            for name in share:
+                records.setdefault(name, {"scene": name, "status": "not run",
+                                          "reason": "interrupted before this scene finished"})
+        display.log(logging.ERROR, "interrupted: completed scenes are kept; run again to resume")
+    display.close()
+    share_summary = save_share(state)
+
+    if gather is not None:
+        shares = gather(share_summary)
+        summary = batch.merge_shares(shares, **meta, state=state,
+                                     wall_s=time.perf_counter() - t_start)
+    else:
+        summary = share_summary
+    if process_index == 0:
+        write_reports(out_root, summary)
+    c = summary["counts"]
+    print(f"batch: {summary['num_scenes']} scenes: {c['done']} done, {c['skipped']} skipped, "
+          f"{c['failed']} failed{', interrupted' if state == 'interrupted' else ''} -> "
+          f"{out_root / SUMMARY_JSON}", flush=True)
+    if state == "interrupted":
+        return 130
+    return summary["exit_status"]
+
+
+# ----------------------------------------------------------------------------------------
+# Multi-process set-up
+
+
+def detect_cluster(environ=os.environ) -> str | None:
+    """The multi-process environment `jax.distributed.initialize()` can read, if any.
+
+    Mirrors the cheap checks of JAX's own detectors (jax._src.clusters): an explicit
+    JAX_COORDINATOR_ADDRESS, a SLURM job step with several tasks, an Open MPI launch,
+    a multi-host Cloud TPU slice. Detectors that need a network query (GCE metadata,
+    Kubernetes API) are not tried: pass --distributed=on there. (Here rather than in
+    dpjax.batch because it runs before dpjax may be imported.)
+    """
+    if environ.get("JAX_COORDINATOR_ADDRESS"):
+        return "JAX_COORDINATOR_ADDRESS"
+    if "SLURM_JOB_ID" in environ and int(environ.get("SLURM_NTASKS", "1") or 1) > 1:
+        return "slurm"
+    if "OMPI_MCA_orte_hnp_uri" in environ:
+        return "open-mpi"
+    hosts = environ.get("TPU_WORKER_HOSTNAMES") or environ.get("TPU_PROCESS_ADDRESSES")
+    if hosts and "," in hosts:
+        return "cloud-tpu"
+    return None
+
+
+def init_distributed() -> tuple[int, int, Gather | None]:
+    """jax.distributed.initialize per the flags; returns (index, count, gather)."""
+    import jax
+
+    explicit = any(v is not None for v in (FLAGS.coordinator_address, FLAGS.num_processes,
+                                           FLAGS.process_id))
+    mode = FLAGS.distributed
+    cluster = detect_cluster()
+    if mode == "off" or (mode == "auto" and not explicit and cluster is None):
+        return 0, 1, None
+    if mode == "auto" and not explicit:
+        logging.info("multi-process environment detected (%s): jax.distributed.initialize",
+                     cluster)
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+                               initialization_timeout=FLAGS.distributed_timeout_s)
+    index, count = jax.process_index(), jax.process_count()
+    if count == 1:
+        return 0, 1, None
+
+    def gather(value: Any) -> list[Any]:
+        from jax.experimental import multihost_utils
+
+        _load_dpjax()
+        data = np.frombuffer(json.dumps(outputs.to_json_compatible(value)).encode(), np.uint8)
+        sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size))).reshape(-1)
+        buf = np.zeros(int(sizes.max()), np.uint8)
+        buf[:data.size] = data
+        every = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+        return [json.loads(bytes(every[i, :sizes[i]]).decode()) for i in range(len(sizes))]
+
+    return index, count, gather
+
+
+def batch_options_from_flags() -> BatchOptions:
+    level_iters = None
+    if FLAGS.level_iters:
+        try:
+            level_iters = tuple(int(v) for v in FLAGS.level_iters)
+        except ValueError:
+            raise app.UsageError(f"--level_iters must be integers, got {FLAGS.level_iters}")
+    try:
+        grid = parse_grid(FLAGS.grid)
+    except SetupError as e:
+        raise app.UsageError(str(e))
+    return BatchOptions(
+        input_dir=Path(FLAGS.input_dir), output_dir=Path(FLAGS.output_dir),
+        calib_dir=Path(FLAGS.calib_dir) if FLAGS.calib_dir else None, preset=FLAGS.preset,
+        num_iters=FLAGS.num_iters, level_iters=level_iters, pyramid_levels=FLAGS.pyramid_levels,
+        num_layers=FLAGS.num_layers, scenes=tuple(FLAGS.scenes) if FLAGS.scenes else None,
+        overwrite=FLAGS.overwrite, batch_size=FLAGS.batch_size,
+        memory_budget_gb=FLAGS.memory_budget_gb, black_level=FLAGS.black_level,
+        allow_8bit=FLAGS.allow_8bit, recenter_kernels=FLAGS.recenter_kernels, grid=grid,
+        tile_size=FLAGS.tile_size, kernel_radius=FLAGS.kernel_radius,
+        kernel_ramp=FLAGS.kernel_ramp, kernel_smooth=FLAGS.kernel_smooth,
+        kernel_size=FLAGS.kernel_size, thumb_size=FLAGS.thumb_size, quiet=FLAGS.quiet)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.quiet:
         logging.set_verbosity(logging.WARNING)
-    return run_demo()
+    if FLAGS.input_dir is None:
+        given = [f"--{n}" for n in _BATCH_FLAGS if FLAGS[n].present]
+        if given:
+            raise app.UsageError(f"{', '.join(given)} need(s) --input_dir (batch mode)")
+        return run_demo()
+    opts = batch_options_from_flags()
+    index, count, gather = init_distributed()  # before anything initialises the backend
+    try:
+        return run_batch(opts, process_index=index, process_count=count, gather=gather)
+    finally:
+        if gather is not None:
+            import jax
+
+            jax.distributed.shutdown()
 
 
 if __name__ == "__main__":
+    _define_flags()
     sys.exit(app.run(main))

@@ -12,6 +12,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dpjax import mpi
 from dpjax.kernels import TileGrid
@@ -68,7 +69,9 @@ def sqrt_finite_grad(x: jax.Array, eps: float = 1e-10) -> jax.Array:
     return jnp.sqrt(jnp.maximum(x, eps))
 
 
-_BINOMIAL = jnp.asarray([1.0, 2.0, 1.0]) / 4.0
+# A numpy constant: importing dpjax must not initialise an XLA backend (multi-process
+# runs call jax.distributed.initialize after import).
+_BINOMIAL = np.array([1.0, 2.0, 1.0], np.float32) / 4.0
 
 
 def binomial_blur_valid(x: jax.Array) -> jax.Array:

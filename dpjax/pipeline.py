@@ -53,6 +53,15 @@ def score(all_in_focus: np.ndarray, defocus: np.ndarray | None, *,
     return out
 
 
+def _solve_device(res: FitResult) -> str:
+    """The device the solve ran on (that of its final parameters), not jax.devices()[0]:
+    a batch run places scenes on other local devices with jax.default_device."""
+    leaf = res.params.color_logits
+    if isinstance(leaf, jax.Array):
+        return ",".join(sorted(str(d) for d in leaf.devices()))
+    return str(jax.devices()[0])
+
+
 def solve_scene(views: np.ndarray, bank: KernelBank, cfg: config_lib.Config, out_dir, *,
                 gt_all_in_focus=None, gt_defocus=None, defocus_confidence=None,
                 extra: dict[str, Any] | None = None,
@@ -83,7 +92,7 @@ def solve_scene(views: np.ndarray, bank: KernelBank, cfg: config_lib.Config, out
         "loss_terms": res.terms,
         "final_loss": float(res.loss_history[-1]) if res.loss_history.size else None,
         "jax_version": jax.__version__,
-        "device": str(jax.devices()[0]),
+        "device": _solve_device(res),
     }
     if gt_all_in_focus is not None or gt_defocus is not None:
         result["metrics"] = score(res.all_in_focus, res.defocus, gt_all_in_focus=gt_all_in_focus,

@@ -1,0 +1,502 @@
+"""Host-side logic for batch solving (`run_solver.py --input_dir=...`).
+
+Pure functions and small classes that return data; the app logs and writes.
+
+- Work split: `shard_scenes` gives each of N processes a disjoint, deterministic
+  share of the scenes (together they cover every scene exactly once);
+  `group_by_shape` puts same-size scenes together (at most `batch_size` per group)
+  and `assign_round_robin` deals groups to the local devices.
+- Memory: `estimate_solve_memory` predicts the peak memory of one solve from its
+  shapes (formula below); `memory_refusal` turns an estimate over budget into a
+  clear message.
+- Progress: `SceneEta` (iterations, loss and ETA of one solve, weighting pyramid
+  levels by their pixel count) and `BatchEta` (scenes finished and ETA of the run),
+  `format_scene_progress` / `format_batch_progress` render one-line bars.
+- Reports: `summarize` (the summary.json object and exit status), `merge_shares`
+  (summaries of several processes), `gallery_html` (the index.html page),
+  `thumbnail` (gallery images).
+
+Memory model of one solve (finest pyramid level, which dominates: every coarser
+level has a quarter of the pixels of the next). With V = 2 views, L layers, C
+channels, P = H * W pixels, T tiles, K' = 2r + 1 the side of the largest rescaled
+kernel (r = `kernels.rescaled_radius(K, max |scale|)`) and Fh x Fw the tile FFT size
+of `conv.ConvGeometry` (Fr = Fw // 2 + 1 complex bins per row):
+
+  inputs   = V C P * 4                          observation (float32)
+  kernels  = V L T (K'^2 * 4 + Fh Fr * 8)       layer kernels and their spectra
+  pixels   = BETA (L C + L - 1) P * 4           MPI-sized buffers: logits, gradient,
+                                                Adam state and the per-layer images
+                                                the backward pass keeps
+  work     = ALPHA V L (C + 1) T Fh Fr * 8      tile spectra of every view's blurred
+                                                layer signals (alpha * colour, alpha)
+  total    = OVERHEAD + inputs + kernels + pixels + work
+
+OVERHEAD (compiled code, runtime buffers), ALPHA and BETA are a least-squares fit to
+the peak resident memory of nine single-level 5-step CPU solves on jax 0.10.2
+(ru_maxrss minus the resident size after `import dpjax`, which is ~0.22 GB and not
+included), from 64x64 px / 4 layers to a full 1008x1344 Pixel 4 frame with the
+61-px calibrated kernels (7.8 GB); MEMORY_MEASUREMENTS lists them. The fit is within
+6% on every problem except the smallest (64x64 px, +19%). On GPU the
+same buffers live in device memory, but XLA's fusion and buffer reuse differ:
+treat the estimate as a guide (+-30%), not a bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, NamedTuple, TypeVar
+
+import numpy as np
+from PIL import Image
+
+from dpjax import conv
+from dpjax.kernels import TileGrid, rescaled_radius
+
+__all__ = [
+    "ALPHA",
+    "BETA",
+    "MEMORY_MEASUREMENTS",
+    "OVERHEAD_BYTES",
+    "STATUSES",
+    "THUMBS",
+    "BatchEta",
+    "MemoryEstimate",
+    "SceneEta",
+    "assign_round_robin",
+    "auto_grid",
+    "estimate_solve_memory",
+    "exit_status",
+    "fit_tiles",
+    "format_batch_progress",
+    "format_duration",
+    "format_scene_progress",
+    "gallery_html",
+    "group_by_shape",
+    "memory_refusal",
+    "merge_shares",
+    "shard_scenes",
+    "summarize",
+    "thumbnail",
+]
+
+T = TypeVar("T")
+
+STATUSES = ("done", "skipped", "failed")
+# Gallery thumbnails written into each scene's folder.
+THUMBS = {"input": "thumb_input.png", "all_in_focus": "thumb_all_in_focus.png",
+          "defocus": "thumb_defocus_map.png"}
+
+# Memory model constants (module docstring), fitted to MEMORY_MEASUREMENTS.
+OVERHEAD_BYTES = 340e6
+ALPHA = 3.5
+BETA = 38.0
+# ((H, W, rows, cols, layers, channels, kernel side, max |scale|), measured MB).
+MEMORY_MEASUREMENTS: tuple[tuple[tuple[float, ...], float], ...] = (
+    ((128, 128, 2, 2, 12, 1, 23, 1.6), 456),
+    ((256, 256, 2, 2, 12, 1, 23, 1.6), 671),
+    ((512, 512, 2, 2, 12, 1, 23, 1.6), 1527),
+    ((512, 512, 2, 2, 12, 3, 23, 1.6), 2608),
+    ((384, 384, 4, 4, 8, 1, 15, 1.6), 824),
+    ((336, 448, 2, 2, 12, 1, 61, 1.6), 1168),
+    ((64, 64, 2, 2, 4, 1, 13, 1.45), 292),
+    ((768, 768, 3, 3, 12, 1, 23, 1.6), 3129),
+    ((1008, 1344, 6, 8, 12, 1, 61, 1.6), 7781),
+)
+
+
+# ----------------------------------------------------------------------------------------
+# Splitting the work
+
+
+def shard_scenes(names: Sequence[str], process_index: int, process_count: int) -> list[str]:
+    """This process's share of the scenes: every process_count-th of the sorted names.
+
+    Deterministic and disjoint: the shares of processes 0 .. process_count - 1
+    partition the (de-duplicated) names, so together they cover each scene once.
+    """
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"process {process_index} of {process_count} is not a valid "
+                         "process index / count")
+    return sorted(set(names))[process_index::process_count]
+
+
+def group_by_shape(names: Sequence[str], keys: Mapping[str, Hashable | None],
+                   batch_size: int) -> list[list[str]]:
+    """Groups of at most batch_size scenes that share a key (e.g. format and size).
+
+    Scenes keep their order; a scene whose key is None (unknown, e.g. an unreadable
+    file) gets a group of its own. batch_size=1 gives one group per scene.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    groups: list[list[str]] = []
+    open_groups: dict[Hashable, list[str]] = {}
+    for name in names:
+        key = keys.get(name)
+        if key is None:
+            groups.append([name])
+            continue
+        group = open_groups.get(key)
+        if group is None or len(group) >= batch_size:
+            group = []
+            groups.append(group)
+            open_groups[key] = group
+        group.append(name)
+    return groups
+
+
+def assign_round_robin(items: Sequence[T], devices: Sequence[Any]) -> list[tuple[T, Any]]:
+    """Deals items to devices in turn: item i goes to devices[i % len(devices)]."""
+    if not devices:
+        raise ValueError("no devices to assign work to")
+    return [(item, devices[i % len(devices)]) for i, item in enumerate(items)]
+
+
+# ----------------------------------------------------------------------------------------
+# Tile geometry for the parametric kernel model
+
+
+def auto_grid(height: int, width: int, target_tile: int = 256) -> tuple[int, int]:
+    """A rows x cols grid whose tiles are about target_tile px (at least 1 x 1)."""
+    return (max(1, round(height / target_tile)), max(1, round(width / target_tile)))
+
+
+def fit_tiles(height: int, width: int, grid: tuple[int, int], multiple: int,
+              min_tile: int) -> tuple[TileGrid, tuple[int, int]]:
+    """The largest grid of equal tiles (sides divisible by `multiple`) inside an image.
+
+    Returns:
+      (TileGrid, (y0, x0)): the grid and the offset of its central crop.
+
+    Raises:
+      ValueError: when a tile would be smaller than min_tile px.
+    """
+    rows, cols = grid
+    tile_h = (height // rows) // multiple * multiple
+    tile_w = (width // cols) // multiple * multiple
+    if min(tile_h, tile_w) < min_tile:
+        raise ValueError(f"image {height}x{width} is smaller than the kernel grid: "
+                         f"{rows}x{cols} tiles would be {tile_h}x{tile_w} px, below the "
+                         f"minimum {min_tile} px (the kernel side, rounded up to a "
+                         f"multiple of the pyramid factor {multiple})")
+    tg = TileGrid(rows=rows, cols=cols, tile_h=tile_h, tile_w=tile_w)
+    h, w = tg.image_shape
+    return tg, ((height - h) // 2, (width - w) // 2)
+
+
+# ----------------------------------------------------------------------------------------
+# Memory
+
+
+class MemoryEstimate(NamedTuple):
+    """Predicted peak memory of one solve, in bytes, with its parts (module docstring)."""
+
+    total: float
+    parts: dict[str, float]
+
+    @property
+    def gb(self) -> float:
+        return self.total / 1e9
+
+
+def estimate_solve_memory(*, height: int, width: int, channels: int, num_layers: int,
+                          grid: TileGrid, kernel_size: int, max_abs_scale: float,
+                          conv_method: str = "fft", round_fft: bool = True) -> MemoryEstimate:
+    """Peak memory of `dpjax.fit` on one [2, height, width, channels] pair.
+
+    Args:
+      grid: the kernel tile grid covering height x width.
+      kernel_size: side K of the calibrated kernels.
+      max_abs_scale: largest |layer scale| (sets the rescaled kernel radius).
+
+    Returns:
+      MemoryEstimate (bytes; see the module docstring for the formula).
+    """
+    v, L, c, p, t = 2, num_layers, channels, height * width, grid.num_tiles
+    r = rescaled_radius(kernel_size, max_abs_scale)
+    geom = conv.ConvGeometry.create(grid, r, "fft", round_fft)
+    fh, fw = geom.fft_shape
+    bins = fh * (fw // 2 + 1)
+    kside = 2 * r + 1
+    parts = {
+        "overhead": OVERHEAD_BYTES,
+        "inputs": v * c * p * 4.0,
+        "kernels": v * L * t * (kside * kside * 4.0 + (bins * 8.0 if conv_method == "fft" else 0)),
+        "pixels": BETA * (L * c + L - 1) * p * 4.0,
+        "work": ALPHA * v * L * (c + 1) * t * bins * 8.0,
+    }
+    return MemoryEstimate(total=float(sum(parts.values())), parts=parts)
+
+
+def memory_refusal(estimate: MemoryEstimate, budget_bytes: float | None) -> str | None:
+    """None when the estimate fits the budget, else the reason to refuse the scene."""
+    if budget_bytes is None or estimate.total <= budget_bytes:
+        return None
+    big = max((k for k in estimate.parts if k != "overhead"), key=estimate.parts.get)
+    return (f"needs about {estimate.total / 1e9:.2f} GB (largest part: {big} "
+            f"{estimate.parts[big] / 1e9:.2f} GB), over the memory budget of "
+            f"{budget_bytes / 1e9:.2f} GB; raise --memory_budget_gb, use fewer layers "
+            f"(--num_layers) or smaller images")
+
+
+# ----------------------------------------------------------------------------------------
+# Progress
+
+
+def format_duration(seconds: float | None) -> str:
+    """'42s', '3m05s', '2h07m'; '?' when unknown."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def _bar(fraction: float, width: int) -> str:
+    fraction = min(max(fraction, 0.0), 1.0)
+    full = round(fraction * width)
+    return "#" * full + "." * (width - full)
+
+
+@dataclasses.dataclass
+class SceneEta:
+    """Progress of one coarse-to-fine solve.
+
+    A step at pyramid level l (0 = finest) costs about 4^-l of a finest-level step
+    (it touches a quarter of the pixels per level), so the work done and left are
+    weighted that way and ETA = elapsed * left / done. Compilation time, which
+    dominates small solves, makes early estimates pessimistic.
+
+    Args:
+      level_budgets: iterations per level, coarsest first (`SolverConfig.budget`).
+    """
+
+    level_budgets: tuple[int, ...]
+    level: int = -1  # -1: not started; else the level being solved (0 = finest)
+    step: int = 0
+    loss: float = float("nan")
+    elapsed_s: float = 0.0
+
+    def __post_init__(self):
+        n = len(self.level_budgets)
+        self._weights = [4.0 ** -(n - 1 - i) for i in range(n)]  # coarsest first
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.level_budgets)
+
+    def update(self, *, level: int, step: int, num_steps: int, loss: float,
+               elapsed_s: float) -> None:
+        """Records a `dpjax.Progress` report (level 0 = finest)."""
+        i = self.num_levels - 1 - level
+        budgets = list(self.level_budgets)
+        budgets[i] = num_steps
+        self.level_budgets = tuple(budgets)
+        self.level, self.step, self.loss, self.elapsed_s = level, step, loss, elapsed_s
+
+    @property
+    def iterations(self) -> tuple[int, int]:
+        """(iterations done, total budget) over all levels."""
+        if self.level < 0:
+            return 0, sum(self.level_budgets)
+        i = self.num_levels - 1 - self.level
+        return sum(self.level_budgets[:i]) + self.step, sum(self.level_budgets)
+
+    @property
+    def fraction(self) -> float:
+        """Share of the weighted work done, in [0, 1]."""
+        total = sum(w * b for w, b in zip(self._weights, self.level_budgets))
+        if self.level < 0 or total <= 0:
+            return 0.0
+        i = self.num_levels - 1 - self.level
+        done = sum(w * b for w, b in zip(self._weights[:i], self.level_budgets[:i]))
+        done += self._weights[i] * self.step
+        return min(done / total, 1.0)
+
+    @property
+    def eta_s(self) -> float | None:
+        f = self.fraction
+        if f <= 0:
+            return None
+        return self.elapsed_s * (1 - f) / f
+
+
+def format_scene_progress(name: str, eta: SceneEta, width: int = 20) -> str:
+    """'001 [#####.....] L2/3 it 120/248 loss 0.01234 ETA 12s'."""
+    done, total = eta.iterations
+    lvl = "-" if eta.level < 0 else f"{eta.num_levels - eta.level}/{eta.num_levels}"
+    return (f"{name} [{_bar(eta.fraction, width)}] L{lvl} it {done}/{total} "
+            f"loss {eta.loss:.5g} ETA {format_duration(eta.eta_s)}")
+
+
+@dataclasses.dataclass
+class BatchEta:
+    """Progress of the whole run: scenes finished and an ETA from the solves so far.
+
+    ETA = mean solve time x scenes left / workers (skipped and failed scenes count
+    as finished but not towards the mean).
+    """
+
+    total: int
+    workers: int = 1
+    counts: dict[str, int] = dataclasses.field(
+        default_factory=lambda: {s: 0 for s in STATUSES})
+    solve_times: list[float] = dataclasses.field(default_factory=list)
+
+    def record(self, status: str, seconds: float | None = None) -> None:
+        self.counts[status] += 1
+        if status == "done" and seconds is not None:
+            self.solve_times.append(seconds)
+
+    @property
+    def finished(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def eta_s(self) -> float | None:
+        left = self.total - self.finished
+        if left <= 0:
+            return 0.0
+        if not self.solve_times:
+            return None
+        return float(np.mean(self.solve_times)) * left / max(self.workers, 1)
+
+
+def format_batch_progress(eta: BatchEta, width: int = 20) -> str:
+    """'[#####.....] 3/10 scenes (done 2, skipped 1, failed 0) ETA 4m10s'."""
+    frac = eta.finished / eta.total if eta.total else 1.0
+    c = eta.counts
+    return (f"[{_bar(frac, width)}] {eta.finished}/{eta.total} scenes (done {c['done']}, "
+            f"skipped {c['skipped']}, failed {c['failed']}) ETA {format_duration(eta.eta_s)}")
+
+
+# ----------------------------------------------------------------------------------------
+# Summary and gallery
+
+
+def exit_status(records: Sequence[Mapping[str, Any]]) -> int:
+    """1 if any scene failed (or was not run), else 0."""
+    return int(any(r.get("status") != "done" and r.get("status") != "skipped"
+                   for r in records))
+
+
+def summarize(records: Sequence[Mapping[str, Any]], **meta: Any) -> dict[str, Any]:
+    """The summary.json object: meta fields, counts, exit status, scenes sorted by name.
+
+    Every record needs "scene" and "status" (one of STATUSES, or "not run" for a
+    scene an interrupted run never reached) and, unless done, a "reason".
+    """
+    scenes = sorted((dict(r) for r in records), key=lambda r: r["scene"])
+    names = [r["scene"] for r in scenes]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"scenes listed more than once: {dup}")
+    counts = {s: 0 for s in STATUSES}
+    for r in scenes:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return {**meta, "counts": counts, "num_scenes": len(scenes),
+            "exit_status": exit_status(scenes), "scenes": scenes}
+
+
+def merge_shares(shares: Sequence[Mapping[str, Any]], **meta: Any) -> dict[str, Any]:
+    """One summary from the summaries of several processes' disjoint shares.
+
+    Raises:
+      ValueError: when two shares list the same scene.
+    """
+    records = [r for share in shares for r in share["scenes"]]
+    return summarize(records, **meta)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def gallery_html(summary: Mapping[str, Any], existing: set[str] | None = None,
+                 title: str = "dpjax batch results") -> str:
+    """A self-contained HTML page: one row per scene with thumbnails, metrics, timings.
+
+    Args:
+      summary: the summary.json object (`summarize`).
+      existing: relative paths of files that exist (thumbnails are shown only when
+        listed); None shows every thumbnail link.
+
+    Links are relative to the output folder (index.html sits beside summary.json).
+    """
+    esc = html.escape
+    c = summary.get("counts", {})
+    rows = []
+    for r in summary["scenes"]:
+        name = r["scene"]
+        cells = [f'<td class="name">{esc(name)}</td>']
+        for key, full in (("input", None), ("all_in_focus", "all_in_focus.png"),
+                          ("defocus", "defocus_map.png")):
+            rel = f"{name}/{THUMBS[key]}"
+            if existing is None or rel in existing:
+                target = esc(f"{name}/{full}" if full else rel, quote=True)
+                cells.append(f'<td><a href="{target}"><img src="{esc(rel, quote=True)}" '
+                             f'alt="{esc(name)} {key}"></a></td>')
+            else:
+                cells.append('<td class="none">&mdash;</td>')
+        status = r["status"]
+        info = [f'<b class="{esc(status.replace(" ", "-"))}">{esc(status)}</b>']
+        if r.get("reason"):
+            info.append(esc(r["reason"]))
+        for label, key in (("metrics", "metrics"), ("input metrics", "input_metrics")):
+            if r.get(key):
+                info.append(f"{label}: " + ", ".join(f"{esc(k)} {esc(_fmt(v))}"
+                                                     for k, v in r[key].items()
+                                                     if v is not None and k != "shift"))
+        if r.get("final_loss") is not None:
+            info.append(f"final loss {r['final_loss']:.5g}")
+        if r.get("scale_range"):
+            info.append("scales {:.3g} .. {:.3g}".format(*r["scale_range"]))
+        t = r.get("timings") or {}
+        if t:
+            info.append("time: " + ", ".join(f"{esc(k.removesuffix('_s'))} {v:.1f}s"
+                                             for k, v in t.items() if isinstance(v, (int, float))))
+        if r.get("device"):
+            info.append(f"device {esc(str(r['device']))}")
+        cells.append(f'<td class="info">{"<br>".join(info)}</td>')
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    head = (f"{summary.get('num_scenes', len(rows))} scenes: done {c.get('done', 0)}, "
+            f"skipped {c.get('skipped', 0)}, failed {c.get('failed', 0)}")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1em; }}
+table {{ border-collapse: collapse; }}
+td, th {{ border: 1px solid #ccc; padding: 4px; vertical-align: top; }}
+img {{ max-width: 256px; max-height: 256px; display: block; }}
+.info {{ font-size: 0.85em; max-width: 28em; }}
+.done {{ color: #080; }} .skipped {{ color: #555; }} .failed, .not-run {{ color: #b00; }}
+.none {{ color: #aaa; text-align: center; }}
+</style></head><body>
+<h1>{esc(title)}</h1>
+<p>{esc(head)}. Click a thumbnail for the full-size image; numbers in summary.json.</p>
+<table>
+<tr><th>scene</th><th>input</th><th>all-in-focus</th><th>defocus</th><th>status, metrics, timings</th></tr>
+{chr(10).join(rows)}
+</table></body></html>
+"""
+
+
+def thumbnail(image: np.ndarray, max_side: int = 256) -> np.ndarray:
+    """A uint8 [H, W] or [H, W, 3] image shrunk (area filter) to at most max_side px."""
+    a = np.asarray(image)
+    if a.dtype != np.uint8:
+        raise ValueError(f"thumbnail expects uint8 display data, got {a.dtype}")
+    h, w = a.shape[:2]
+    s = min(1.0, max_side / max(h, w))
+    if s >= 1.0:
+        return a
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return np.asarray(Image.fromarray(a).resize(size, Image.Resampling.BOX))
