@@ -18,7 +18,6 @@ layer range for the scene, so only the schedule differs.
 import json
 import platform
 import resource
-import time
 from pathlib import Path
 
 from absl import app, flags

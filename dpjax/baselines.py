@@ -31,15 +31,17 @@ import numpy as np
 from dpjax import conv
 from dpjax.kernels import KernelBank, rescale_kernels, rescaled_radius
 
-__all__ = ["WIENER_NSR", "STEREO_WINDOW", "DpStereoResult", "dp_stereo_defocus",
-           "dp_stereo_cost", "wiener_deconvolve", "box_filter"]
+__all__ = [
+    "STEREO_WINDOW", "WIENER_NSR", "DpStereoResult", "box_filter", "dp_stereo_cost",
+    "dp_stereo_defocus", "wiener_deconvolve",
+]
 
 # Noise-to-signal ratio of the Wiener filter, relative to the DC gain of the joint
-# system (sum_v |K_v(0)|^2 = 2 for kernels summing to 1). 1e-2 keeps the gain of the
+# system (sum_v |K_v(0)|^2 = 2 for kernels summing to 1). 3e-2 keeps the gain of the
 # inverse filter below ~7 at any frequency; measured on synthetic scenes with the
 # package's default sensor noise (shot 1e-4, read 2e-3), where values from 3e-3 to
 # 3e-2 all beat the blurry input (tests/test_reproduce.py).
-WIENER_NSR = 1e-2
+WIENER_NSR = 3e-2
 
 # Side of the square window over which the symmetry mismatch is averaged (pixels at
 # full resolution); about the calibration's kernel size, so a window sees a whole blur.

@@ -1,0 +1,236 @@
+"""Configuration presets: the paper's per-scene settings and an automatic one.
+
+- `paper_config`: the layer range and prior weights that Xin et al.'s public code
+  used for each of the 17 Pixel 4 scenes (data/pixel4/README.md), keyed by scene id.
+- `auto_config`: one configuration for every capture. The layer range comes from the
+  DP pair itself (`estimate_scale_range`), the prior weights are fixed (the paper's
+  majority choice, alpha TV 7.5e4 and entropy 20). Hand-tuned per-scene numbers are
+  what a user cannot supply for a new photo, so this is the default.
+
+`estimate_scale_range` runs the calibrated kernel-symmetry search
+(`dpjax.baselines.dp_stereo_defocus`) over a wide grid of signed scales at reduced
+resolution and keeps robust percentiles of the confident pixels:
+
+1. resolution: half resolution when the pair's base disparity (centroid distance of
+   the left and right kernels at s = 1, ~5.3 px for the Pixel 4) stays >= 2 px there
+   and the tiles divide evenly, else full resolution;
+2. candidates: -2 ... 2.5 in steps of 1/8 (SEARCH_SCALES);
+3. confident pixels: confidence (1 - min cost / median cost) > 0.7, windowed gradient
+   energy above its 10th percentile over the image (drops flat windows: sky, walls),
+   and an argmin strictly inside the candidate grid (an argmin at either end means
+   "no minimum found"). The texture cut is deliberately low: blurred regions have
+   little gradient energy, and a stricter cut (e.g. the median) keeps only the
+   in-focus content and misses a blurred background (measured on synthetic
+   two-layer scenes, where it missed the back layer in 3 of 6 scenes);
+4. range: from the 5th percentile of their scales minus 10% of the 5th-90th
+   percentile width, to the 90th percentile; clamped to [-2, 2.5] and at least 0.5
+   wide (grown about its centre). With fewer than MIN_CONFIDENT_FRACTION confident
+   pixels the base configuration's range is kept.
+
+The two ends are treated differently on purpose. A front layer sharper than the
+nearest content only under-deblurs it, so the near end gets a margin. A back layer
+blurrier than the farthest content makes the solver over-sharpen it, and the upper
+tail of the search is its least reliable part (blurred, weakly textured windows):
+a first version of this rule used the 95th percentile plus a 10% margin, which put
+s_max 0.1-0.5 above the paper's hand-set values and cost 0.7 dB mean all-in-focus
+PSNR against the paper preset; with the ranges otherwise equal, lowering s_max alone
+recovered it (scenes 008 and 013, experiments/results/pixel4.md). With this rule the
+six shared Pixel 4 scenes get ranges within about 0.2 of the paper's at both ends.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from dpjax import baselines
+from dpjax.config import Config, MpiConfig
+from dpjax.kernels import KernelBank, downsample_bank
+
+__all__ = [
+    "AUTO_ALPHA_TV", "AUTO_ENTROPY", "PAPER_SCENES", "SCALE_LIMITS", "SEARCH_SCALES",
+    "RangeEstimate", "analyze_scale_range", "auto_config", "auto_config_from_estimate",
+    "estimate_scale_range", "kernel_base_disparity", "paper_config",
+]
+
+
+def _scene(s_min: float, s_max: float, alpha_tv: float, entropy: float) -> dict:
+    return {"s_min": s_min, "s_max": s_max, "alpha_tv": alpha_tv, "entropy": entropy}
+
+
+# The paper's public-code settings per Pixel 4 scene (data/pixel4/README.md): layer
+# scales linspace(s_max, s_min, 12), image TV 30 for all, alpha TV and entropy below.
+PAPER_SCENES: dict[str, dict] = {
+    "001": _scene(0.5, 1.6, 1.5e4, 20), "002": _scene(0.5, 1.6, 1.5e4, 20),
+    "003": _scene(0.7, 1.6, 1.5e4, 20), "004": _scene(0.7, 1.6, 1.5e4, 20),
+    "005": _scene(0.1, 1.3, 7.5e4, 30), "006": _scene(0.1, 1.4, 7.5e4, 30),
+    "007": _scene(0.1, 1.4, 7.5e4, 30), "008": _scene(0.2, 1.5, 7.5e4, 30),
+    "009": _scene(0.1, 1.5, 7.5e4, 30), "010": _scene(0.2, 1.5, 7.5e4, 30),
+    "011": _scene(0.2, 1.5, 7.5e4, 30), "012": _scene(0.1, 1.5, 7.5e4, 30),
+    "013": _scene(0.3, 1.6, 7.5e4, 20), "014": _scene(0.1, 1.5, 7.5e4, 20),
+    "015": _scene(0.1, 1.6, 7.5e4, 20), "016": _scene(0.3, 1.5, 7.5e4, 20),
+    "017": _scene(0.2, 1.6, 7.5e4, 20),
+}
+
+# The auto preset's prior weights, the same for every scene: the paper's majority
+# choice (13 of 17 scenes use alpha TV 7.5e4; 8 of 17 entropy 20, the lower value).
+AUTO_ALPHA_TV = 7.5e4
+AUTO_ENTROPY = 20.0
+
+# Candidate scales of the range search and the interval a range is clamped to.
+SCALE_LIMITS = (-2.0, 2.5)
+SEARCH_SCALES = tuple(float(s) for s in np.arange(SCALE_LIMITS[0], SCALE_LIMITS[1] + 1e-6, 0.125))
+
+# Range rule constants (see the module docstring).
+_CONFIDENCE_MIN = 0.7
+_TEXTURE_QUANTILE = 10.0
+_PERCENTILES = (5.0, 90.0)
+_NEAR_MARGIN = 0.1  # fraction of the percentile width added below the near end
+_MIN_WIDTH = 0.5
+_MIN_DISPARITY_PX = 2.0  # base disparity kept at the search resolution
+MIN_CONFIDENT_FRACTION = 0.01
+
+
+def _scene_key(scene_id) -> str:
+    if isinstance(scene_id, (int, np.integer)):
+        return f"{int(scene_id):03d}"
+    s = str(scene_id)
+    return s.zfill(3) if s.isdigit() else s
+
+
+def paper_config(scene_id, base: Config | None = None) -> Config:
+    """`base` with the paper's layer range and prior weights for one Pixel 4 scene.
+
+    Args:
+      scene_id: "001" ... "017" (ints and unpadded strings accepted).
+      base: the configuration to start from (solver schedule etc. are kept);
+        default Config().
+
+    Raises:
+      ValueError: for a scene the paper did not list (the message names the known ids).
+    """
+    key = _scene_key(scene_id)
+    if key not in PAPER_SCENES:
+        raise ValueError(f"no paper settings for scene {scene_id!r}; the paper's preset knows "
+                         f"scenes {', '.join(sorted(PAPER_SCENES))} (use the auto preset "
+                         "for other captures)")
+    p = PAPER_SCENES[key]
+    base = Config() if base is None else base
+    return base.replace(**{"mpi.scale_min": p["s_min"], "mpi.scale_max": p["s_max"],
+                           "loss.alpha_tv": p["alpha_tv"], "loss.entropy": p["entropy"]})
+
+
+def kernel_base_disparity(bank: KernelBank) -> float:
+    """Mean over tiles of |x-centroid(k_R) - x-centroid(k_L)| at s = 1, in pixels.
+
+    At signed scale s both kernels scale about their centre, so the horizontal
+    disparity between the views of a point at scale s is s times this.
+    """
+    k = np.asarray(bank.kernels, np.float64)  # [V, T, K, K]
+    c = np.arange(k.shape[-1]) - (k.shape[-1] - 1) / 2
+    cx = (k.sum(axis=-2) * c).sum(axis=-1) / k.sum(axis=(-2, -1))  # [V, T]
+    return float(np.mean(np.abs(cx[1] - cx[0])))
+
+
+class RangeEstimate(NamedTuple):
+    """What `analyze_scale_range` found (all scales signed, layer-scale units).
+
+    s_min, s_max: the range to use; p_lo, p_hi: the raw 5th and 90th percentiles (None when too
+    few pixels were confident); confident_fraction: share of pixels used; factor:
+    the search resolution's downsampling factor; fallback: True when the base range
+    was kept.
+    """
+
+    s_min: float
+    s_max: float
+    p_lo: float | None
+    p_hi: float | None
+    confident_fraction: float
+    factor: int
+    fallback: bool
+
+
+def _search_factor(bank: KernelBank, max_factor: int = 2) -> int:
+    base = kernel_base_disparity(bank)
+    g = bank.grid
+    f = max_factor
+    while f > 1:
+        if (g.tile_h % f == 0 and g.tile_w % f == 0 and base / f >= _MIN_DISPARITY_PX):
+            return f
+        f //= 2
+    return 1
+
+
+def _downsample_views(views: np.ndarray, f: int) -> np.ndarray:
+    if f == 1:
+        return views
+    v, h, w, c = views.shape
+    return views.reshape(v, h // f, f, w // f, f, c).mean(axis=(2, 4))
+
+
+def analyze_scale_range(views, bank: KernelBank, *,
+                        default: tuple[float, float] | None = None) -> RangeEstimate:
+    """The defocus range of a DP pair from the kernel-symmetry search (module docstring).
+
+    Args:
+      views: [2, H, W, C] left/right views.
+      bank: calibrated kernels covering H x W (re-centred or not: a common shift of
+        a tile's pair leaves the symmetry identity unchanged).
+      default: range returned when too few pixels are confident (default: MpiConfig's
+        scale_min, scale_max).
+
+    Returns:
+      RangeEstimate.
+    """
+    views = np.asarray(views, np.float32)
+    if views.ndim != 4 or views.shape[0] != 2:
+        raise ValueError(f"views must be [2, H, W, C]; got {views.shape}")
+    f = _search_factor(bank)
+    small_bank = downsample_bank(bank, f)
+    small = _downsample_views(views, f)
+    window = max(3, baselines.STEREO_WINDOW // f) | 1  # odd
+    cands = np.asarray(SEARCH_SCALES, np.float32)
+    res = baselines.dp_stereo_defocus(small, small_bank, cands, window=window)
+    d = res.defocus
+    interior = (d > cands[0] + 1e-4) & (d < cands[-1] - 1e-4)
+    textured = res.texture > np.percentile(res.texture, _TEXTURE_QUANTILE)
+    conf = (res.confidence > _CONFIDENCE_MIN) & textured & interior
+    frac = float(conf.mean())
+    if frac < MIN_CONFIDENT_FRACTION:
+        if default is None:
+            mc = MpiConfig()
+            default = (mc.scale_min, mc.scale_max)
+        return RangeEstimate(float(default[0]), float(default[1]), None, None, frac, f, True)
+    p_lo, p_hi = (float(v) for v in np.percentile(d[conf], _PERCENTILES))
+    lo = max(SCALE_LIMITS[0], p_lo - _NEAR_MARGIN * (p_hi - p_lo))
+    hi = min(SCALE_LIMITS[1], p_hi)
+    if hi - lo < _MIN_WIDTH:
+        centre = min(max(0.5 * (lo + hi), SCALE_LIMITS[0] + _MIN_WIDTH / 2),
+                     SCALE_LIMITS[1] - _MIN_WIDTH / 2)
+        lo, hi = centre - _MIN_WIDTH / 2, centre + _MIN_WIDTH / 2
+    # Two decimals: readable configs; the rounding is far below one layer's spacing.
+    lo, hi = math.floor(lo * 100) / 100, math.ceil(hi * 100) / 100
+    return RangeEstimate(lo, hi, p_lo, p_hi, frac, f, False)
+
+
+def estimate_scale_range(views, bank: KernelBank) -> tuple[float, float]:
+    """(s_min, s_max) for the MPI layers of this DP pair (see `analyze_scale_range`)."""
+    est = analyze_scale_range(views, bank)
+    return est.s_min, est.s_max
+
+
+def auto_config(views, bank: KernelBank, base: Config | None = None) -> Config:
+    """`base` (default Config()) with the layer range estimated from the pair and the
+    fixed auto weights."""
+    base = Config() if base is None else base
+    est = analyze_scale_range(views, bank, default=(base.mpi.scale_min, base.mpi.scale_max))
+    return auto_config_from_estimate(est, base)
+
+
+def auto_config_from_estimate(est: RangeEstimate, base: Config | None = None) -> Config:
+    """`base` with an estimated range (see `analyze_scale_range`) and the auto weights."""
+    base = Config() if base is None else base
+    return base.replace(**{"mpi.scale_min": est.s_min, "mpi.scale_max": est.s_max,
+                           "loss.alpha_tv": AUTO_ALPHA_TV, "loss.entropy": AUTO_ENTROPY})

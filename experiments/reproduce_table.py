@@ -1,0 +1,498 @@
+"""Reproduces the Pixel 4 table of Xin et al. (ICCV 2021) with dpjax and baselines.
+
+  python experiments/reproduce_table.py --output_dir=out/pixel4_auto
+  python experiments/reproduce_table.py --preset=paper --methods=dpjax,wiener \
+      --output_dir=out/pixel4_paper
+  python experiments/reproduce_table.py --scenes=001 --crop=1x2 --level_iters=20,5,2  # quick
+
+For each method and scene it writes OUTPUT_DIR/<method>/<scene>/ in the standard
+layout (all_in_focus.{tif,png}, defocus_map.{tif,png} when the method estimates
+defocus, result.json with config, timings, metrics), then OUTPUT_DIR/table.md and
+OUTPUT_DIR/table.csv: one row per method and scene plus each method's mean, with the
+paper's columns (defocus AIWE(1), AIWE(2), 1 - |rho_s|; all-in-focus PSNR, SSIM, MAE)
+and the wall time per scene. A complete scene folder is reused, not recomputed,
+unless --overwrite.
+
+Methods:
+  dpjax      the MPI solver (dpjax.pipeline.solve_scene) with the chosen preset.
+  input      the mean of the two views, no deblurring; no defocus map.
+  wiener     joint Wiener deconvolution of both views with the calibrated kernels at
+             dpjax's defocus map and layer scales (from OUTPUT_DIR/dpjax/<scene>/,
+             so dpjax runs first); it estimates no defocus of its own.
+  dp_stereo  calibrated kernel-symmetry search (Punnappurath et al., ICCP 2020) over
+             25 scales spanning the preset's range; its all-in-focus image is the
+             Wiener deconvolution at its own defocus map (a fully classical pipeline).
+  dpanet     not available yet: there is no trained DPANet checkpoint.
+
+Presets: `auto` (default) estimates each scene's layer range from the DP pair
+(dpjax.presets.auto_config) with one set of prior weights; `paper` uses the paper's
+per-scene ranges and weights (dpjax.presets.paper_config). Both share the solver
+schedule given by --pyramid_levels / --level_iters / --num_iters.
+
+Wall time per scene: the method's own time (for dpjax with the auto preset this
+includes the range estimation); loading the scene and scoring are excluded.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io as _stdio
+import json
+import math
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+import dpjax
+from dpjax import baselines, io, outputs, pipeline, presets
+from dpjax import config as config_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "pixel4"
+
+METHODS = ("dpjax", "input", "wiener", "dp_stereo", "dpanet")
+DEFAULT_METHODS = ("dpjax", "input", "wiener", "dp_stereo")
+# Methods that read another method's output run after it.
+_ORDER = {"dpjax": 0, "input": 1, "dp_stereo": 2, "wiener": 3, "dpanet": 4}
+DEFAULT_LEVEL_ITERS = (200, 40, 8)
+STEREO_CANDIDATES = 25
+
+COLUMNS = (  # (key in metrics, CSV header, Markdown header, format)
+    ("aiwe1", "aiwe1", "AIWE(1) ↓", "{:.4f}"),
+    ("aiwe2", "aiwe2", "AIWE(2) ↓", "{:.4f}"),
+    ("spearman", "one_minus_abs_rho_s", "1−\\|ρs\\| ↓", "{:.4f}"),
+    ("psnr", "psnr", "PSNR ↑", "{:.2f}"),
+    ("ssim", "ssim", "SSIM ↑", "{:.3f}"),
+    ("mae", "mae", "MAE ↓", "{:.4f}"),
+)
+
+
+class DpanetUnavailable(ValueError):
+    """--methods asked for DPANet, which has no trained checkpoint yet."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Options:
+    """Everything a run needs (the absl flags, or a test's arguments)."""
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    calib_dir: Path | None = None  # default data_dir/calibration
+    scenes: tuple[str, ...] | None = None  # default: every scene in data_dir
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    preset: str = "auto"
+    num_iters: int | None = None
+    pyramid_levels: int = 3
+    level_iters: tuple[int, ...] | None = None
+    crop: str = "full"
+    recenter_kernels: bool = True
+    output_dir: Path = Path("out/pixel4")
+    overwrite: bool = False
+    quiet: bool = False
+
+
+# ----------------------------------------------------------------------------------------
+# Inputs
+
+
+def discover_scenes(data_dir: Path) -> tuple[str, ...]:
+    """Scene ids NNN with an NNN_left.png in data_dir, sorted."""
+    ids = sorted(m.group(1) for p in Path(data_dir).glob("*_left.png")
+                 if (m := re.fullmatch(r"(\w+)_left\.png", p.name)))
+    if not ids:
+        raise io.MissingFileError(f"no scenes (NNN_left.png) found in {data_dir}")
+    return tuple(ids)
+
+
+def parse_crop(crop: str, grid: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """'full' -> None; 'RxC' -> (row0, col0, R, C), the central R x C block of tiles."""
+    if crop == "full":
+        return None
+    m = re.fullmatch(r"(\d+)x(\d+)", crop)
+    if not m:
+        raise ValueError(f"--crop must be 'full' or 'RxC' (kernel tiles), got {crop!r}")
+    r, c = int(m.group(1)), int(m.group(2))
+    if not (1 <= r <= grid[0] and 1 <= c <= grid[1]):
+        raise ValueError(f"--crop={crop} does not fit the {grid[0]}x{grid[1]} kernel grid")
+    return (grid[0] - r) // 2, (grid[1] - c) // 2, r, c
+
+
+def check_inputs(opts: Options, scenes: tuple[str, ...]) -> None:
+    """Fail before any solve when a scene, its ground truth or the calibration is missing."""
+    calib_dir = Path(opts.calib_dir or Path(opts.data_dir) / "calibration")
+    for name in (io.KERNELS_LEFT, io.KERNELS_RIGHT):
+        if not (calib_dir / name).is_file():
+            raise io.MissingFileError(f"calibration file not found: {calib_dir / name} "
+                                      "(set --data_dir or --calib_dir)")
+    for sid in scenes:
+        for path in (Path(opts.data_dir) / f"{sid}_left.png",
+                     Path(opts.data_dir) / f"{sid}_right.png"):
+            if not path.is_file():
+                raise io.MissingFileError(f"scene {sid}: file not found: {path}")
+        for sub in ("gt_all_in_focus_im", "gt_defocus_map"):
+            path = Path(opts.data_dir) / sub / f"{sid}_gt.png"
+            if not path.is_file():
+                raise io.MissingFileError(
+                    f"scene {sid}: ground truth not found: {path} (the table scores every "
+                    "scene against its ground truth; drop the scene from --scenes)")
+
+
+def load_bank(opts: Options) -> tuple[dpjax.KernelBank, tuple[int, int, int, int] | None]:
+    """The (optionally re-centred, optionally cropped) kernel bank and the crop block."""
+    calib = io.load_calibration_kernels(opts.calib_dir or Path(opts.data_dir) / "calibration")
+    kernels = calib.kernels
+    if opts.recenter_kernels:
+        kernels = dpjax.recenter_kernel_pairs(kernels)
+    block = parse_crop(opts.crop, calib.grid)
+    rows, cols = calib.grid
+    if block is not None:
+        r0, c0, rows, cols = block
+        grid_k = kernels.reshape(2, calib.grid[0], calib.grid[1], *kernels.shape[-2:])
+        kernels = grid_k[:, r0:r0 + rows, c0:c0 + cols].reshape(2, rows * cols,
+                                                                 *kernels.shape[-2:])
+    bank = dpjax.KernelBank.create(kernels, rows=rows, cols=cols, tile_h=calib.tile_size)
+    return bank, block
+
+
+def load_scene(opts: Options, sid: str, bank: dpjax.KernelBank, block, tile: int):
+    """Views [2, H, W, 1] and ground truth of one scene, cropped to the bank's grid."""
+    scene = io.load_pixel4_scene(opts.data_dir, sid, require_gt=True)
+    views, gt_aif, gt_def = scene.views, scene.gt_all_in_focus, scene.gt_defocus
+    if block is not None:
+        r0, c0, rows, cols = block
+        ys = slice(r0 * tile, (r0 + rows) * tile)
+        xs = slice(c0 * tile, (c0 + cols) * tile)
+        views, gt_aif, gt_def = views[:, ys, xs], gt_aif[ys, xs], gt_def[ys, xs]
+        views = views / views.max()  # the pair is normalised to max 1, as uncropped
+    if views.shape[1:3] != bank.grid.image_shape:
+        raise ValueError(f"scene {sid}: views {views.shape[1:3]} do not match the kernel "
+                         f"grid {bank.grid.image_shape}")
+    if not np.any(gt_def > 0):
+        raise ValueError(f"scene {sid}: the ground-truth defocus map has no valid pixel "
+                         "in this crop")
+    return np.ascontiguousarray(views), gt_aif, gt_def
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration
+
+
+def base_config(opts: Options) -> dpjax.Config:
+    """The solver schedule shared by both presets."""
+    level_iters = opts.level_iters
+    if level_iters is None and opts.num_iters is None:
+        level_iters = DEFAULT_LEVEL_ITERS if opts.pyramid_levels == 3 else None
+    solver: dict[str, Any] = {"pyramid_levels": opts.pyramid_levels, "level_iters": level_iters}
+    if opts.num_iters is not None:
+        solver["num_iters"] = opts.num_iters
+    return dpjax.Config(solver=dpjax.SolverConfig(**solver))
+
+
+def scene_config(opts: Options, sid: str, views, bank, base) -> tuple[dpjax.Config, dict]:
+    """The preset's configuration for one scene and a JSON record of how it was chosen."""
+    t0 = time.perf_counter()
+    if opts.preset == "paper":
+        cfg = presets.paper_config(sid, base)
+        info: dict[str, Any] = {"name": "paper"}
+    elif opts.preset == "auto":
+        est = presets.analyze_scale_range(views, bank,
+                                          default=(base.mpi.scale_min, base.mpi.scale_max))
+        cfg = presets.auto_config_from_estimate(est, base)
+        info = {"name": "auto", "range_estimate": est._asdict()}
+    else:
+        raise ValueError(f"unknown preset {opts.preset!r}; use 'auto' or 'paper'")
+    info["estimate_s"] = time.perf_counter() - t0
+    info["scale_range"] = [cfg.mpi.scale_min, cfg.mpi.scale_max]
+    return cfg, info
+
+
+# ----------------------------------------------------------------------------------------
+# Methods
+
+
+def _metrics(aif, defocus, gt_aif, gt_def) -> dict[str, Any]:
+    m = pipeline.score(aif, defocus, gt_all_in_focus=gt_aif, gt_defocus=gt_def)
+    out = {k: None for k, *_ in COLUMNS}
+    out.update(m)
+    return out
+
+
+def _common(opts: Options, sid: str, method: str, preset_info: dict | None, *,
+            environment: bool = True) -> dict[str, Any]:
+    """result.json fields shared by every method (solve_scene adds the environment)."""
+    out = {"scene": sid, "method": method, "preset": preset_info, "crop": opts.crop,
+           "recenter_kernels": opts.recenter_kernels, "data_dir": str(opts.data_dir)}
+    if environment:
+        out.update(jax_version=jax.__version__, device=str(jax.devices()[0]))
+    return out
+
+
+def run_dpjax(opts, sid, views, bank, gt_aif, gt_def, cfg, preset_info, out_dir) -> None:
+    def progress(p: dpjax.Progress):
+        if not opts.quiet:
+            logging.info("  dpjax %s: level %d/%d step %d/%d loss %.5g (%.0fs)", sid,
+                         p.num_levels - p.level, p.num_levels, p.step, p.num_steps, p.loss,
+                         p.elapsed_s)
+
+    extra = _common(opts, sid, "dpjax", preset_info, environment=False)
+    pipeline.solve_scene(views, bank, cfg, out_dir, gt_all_in_focus=gt_aif, gt_defocus=gt_def,
+                         extra=extra, callback=progress)
+    # solve_scene scores only the estimate's keys; keep the table's keys uniform.
+    result = json.loads((out_dir / outputs.RESULT_JSON).read_text())
+    result["metrics"] = {**{k: None for k, *_ in COLUMNS}, **result["metrics"]}
+    result["wall_s"] = result["timings"]["wall_s"] + preset_info.get("estimate_s", 0.0)
+    result.pop("output_files")
+    _rewrite_result(out_dir, result)
+
+
+def _rewrite_result(out_dir: Path, result: dict) -> None:
+    """Rewrites result.json (the images are already complete)."""
+    files = [f for f in outputs.RESULT_FILES if (out_dir / f).is_file() or
+             f == outputs.RESULT_JSON]
+    outputs.write_json(out_dir / outputs.RESULT_JSON, {**result, "output_files": files})
+
+
+def run_input(opts, sid, views, gt_aif, gt_def, out_dir) -> None:
+    t0 = time.perf_counter()
+    aif = views.mean(axis=0)
+    wall = time.perf_counter() - t0
+    result = {**_common(opts, sid, "input", None), "timings": {"wall_s": wall}, "wall_s": wall,
+              "metrics": _metrics(aif, None, gt_aif, gt_def)}
+    outputs.write_result(out_dir, all_in_focus=aif, defocus=None, result=result)
+
+
+def _dpjax_layers(opts: Options, sid: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """dpjax's defocus map and layer scales for this scene (it must have run)."""
+    d = Path(opts.output_dir) / "dpjax" / sid
+    if not outputs.is_complete(d):
+        raise FileNotFoundError(
+            f"wiener deconvolves at dpjax's defocus map, but {d} holds no complete dpjax "
+            "result; include dpjax in --methods (it runs first)")
+    import tifffile
+
+    result = json.loads((d / outputs.RESULT_JSON).read_text())
+    cfg = config_lib.from_dict(result["config"])
+    return tifffile.imread(d / "defocus_map.tif"), cfg.mpi.scales(), result
+
+
+def run_wiener(opts, sid, views, bank, gt_aif, gt_def, out_dir) -> None:
+    defocus, scales, dp_result = _dpjax_layers(opts, sid)
+    t0 = time.perf_counter()
+    aif = baselines.wiener_deconvolve(views, bank, defocus, scales)
+    wall = time.perf_counter() - t0
+    result = {**_common(opts, sid, "wiener", dp_result.get("preset")),
+              "defocus_source": str(Path(opts.output_dir) / "dpjax" / sid / "defocus_map.tif"),
+              "scales": scales, "nsr": baselines.WIENER_NSR,
+              "timings": {"wall_s": wall}, "wall_s": wall,
+              "metrics": _metrics(aif, None, gt_aif, gt_def)}
+    outputs.write_result(out_dir, all_in_focus=aif, defocus=None, result=result)
+
+
+def run_dp_stereo(opts, sid, views, bank, gt_aif, gt_def, cfg, preset_info, out_dir) -> None:
+    t0 = time.perf_counter()
+    cands = np.linspace(cfg.mpi.scale_min, cfg.mpi.scale_max, STEREO_CANDIDATES)
+    est = baselines.dp_stereo_defocus(views, bank, cands)
+    t_stereo = time.perf_counter() - t0
+    aif = baselines.wiener_deconvolve(views, bank, est.defocus, cfg.mpi.scales())
+    wall = time.perf_counter() - t0 + preset_info.get("estimate_s", 0.0)
+    result = {**_common(opts, sid, "dp_stereo", preset_info), "candidates": cands,
+              "window": baselines.STEREO_WINDOW, "wiener_scales": cfg.mpi.scales(),
+              "nsr": baselines.WIENER_NSR,
+              "timings": {"stereo_s": t_stereo, "wiener_s": wall - t_stereo, "wall_s": wall},
+              "wall_s": wall, "metrics": _metrics(aif, est.defocus, gt_aif, gt_def)}
+    outputs.write_result(out_dir, all_in_focus=aif, defocus=est.defocus, result=result)
+
+
+# ----------------------------------------------------------------------------------------
+# Table
+
+
+def _fmt(fmt: str, v) -> str:
+    return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
+
+
+def collect_rows(opts: Options, methods, scenes) -> list[dict[str, Any]]:
+    """One row per (method, scene) with a complete result, then each method's mean."""
+    rows = []
+    for method in methods:
+        per = []
+        for sid in scenes:
+            d = Path(opts.output_dir) / method / sid
+            if not outputs.is_complete(d):
+                logging.warning("no complete result in %s; left out of the table", d)
+                continue
+            r = json.loads((d / outputs.RESULT_JSON).read_text())
+            m = r.get("metrics", {})
+            row = {"method": method, "preset": opts.preset, "scene": sid,
+                   **{k: m.get(k) for k, *_ in COLUMNS},
+                   "wall_s": r.get("wall_s", r.get("timings", {}).get("wall_s"))}
+            per.append(row)
+        rows += per
+        if per:
+            mean = {"method": method, "preset": opts.preset, "scene": "mean"}
+            for key in [k for k, *_ in COLUMNS] + ["wall_s"]:
+                vals = [r[key] for r in per if r[key] is not None]
+                mean[key] = float(np.mean(vals)) if len(vals) == len(per) else None
+            rows.append(mean)
+    return rows
+
+
+def write_tables(opts: Options, rows: list[dict[str, Any]], header: str) -> None:
+    out = Path(opts.output_dir)
+    buf = _stdio.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["method", "preset", "scene"] + [c for _, c, *_ in COLUMNS] + ["wall_s"])
+    for r in rows:
+        writer.writerow([r["method"], r["preset"], r["scene"]]
+                        + [_fmt("{:.6g}", r[k]) for k, *_ in COLUMNS]
+                        + [_fmt("{:.1f}", r["wall_s"])])
+    outputs.atomic_write_bytes(out / "table.csv", buf.getvalue().encode())
+
+    lines = [header, "",
+             "| method | scene | " + " | ".join(h for _, _, h, _ in COLUMNS) + " | wall s |",
+             "|---|---|" + "---:|" * (len(COLUMNS) + 1)]
+    for r in rows:
+        name = f"**{r['method']}**" if r["scene"] == "mean" else r["method"]
+        scene = "**mean**" if r["scene"] == "mean" else r["scene"]
+        cells = [_fmt(f, r[k]) for k, _, _, f in COLUMNS] + [_fmt("{:.0f}", r["wall_s"])]
+        lines.append(f"| {name} | {scene} | " + " | ".join(cells) + " |")
+    outputs.atomic_write_bytes(out / "table.md", ("\n".join(lines) + "\n").encode())
+
+
+# ----------------------------------------------------------------------------------------
+# Driver
+
+
+def run(opts: Options) -> list[dict[str, Any]]:
+    """Runs every method on every scene (skipping complete ones) and writes the tables.
+
+    Returns:
+      The table rows.
+    """
+    unknown = [m for m in opts.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    if "dpanet" in opts.methods:
+        raise DpanetUnavailable(
+            "--methods=dpanet: DPANet has no trained checkpoint yet (dpjax.dpanet holds the "
+            "network only), so it cannot be evaluated; drop it from --methods")
+    if opts.preset not in ("auto", "paper"):
+        raise ValueError(f"unknown preset {opts.preset!r}; use 'auto' or 'paper'")
+    methods = sorted(dict.fromkeys(opts.methods), key=_ORDER.__getitem__)
+    scenes = tuple(opts.scenes) if opts.scenes else discover_scenes(opts.data_dir)
+    if opts.preset == "paper":
+        for sid in scenes:
+            presets.paper_config(sid)  # unknown scene ids fail before any work
+    check_inputs(opts, scenes)
+    if "wiener" in methods and "dpjax" not in methods:
+        for sid in scenes:  # fail before any work, not after the first scenes
+            _dpjax_layers(opts, sid)
+    base = base_config(opts)
+    bank, block = load_bank(opts)
+    tile = bank.grid.tile_h
+    out = Path(opts.output_dir)
+    logging.info("methods %s, scenes %s, preset %s, crop %s, schedule %s", methods, scenes,
+                 opts.preset, opts.crop, base.solver.level_iters or base.solver.num_iters)
+
+    for sid in scenes:
+        todo = [m for m in methods if opts.overwrite or not outputs.is_complete(out / m / sid)]
+        for m in set(methods) - set(todo):
+            logging.info("%s/%s: complete result found, kept (--overwrite to redo)", m, sid)
+        if not todo:
+            continue
+        views, gt_aif, gt_def = load_scene(opts, sid, bank, block, tile)
+        cfg = preset_info = None
+        if any(m in ("dpjax", "dp_stereo") for m in todo):
+            cfg, preset_info = scene_config(opts, sid, views, bank, base)
+            logging.info("scene %s: %s preset, scales [%.2f, %.2f] (%.1fs)", sid, opts.preset,
+                         cfg.mpi.scale_min, cfg.mpi.scale_max, preset_info["estimate_s"])
+        for m in todo:
+            t0 = time.perf_counter()
+            d = out / m / sid
+            if m == "dpjax":
+                run_dpjax(opts, sid, views, bank, gt_aif, gt_def, cfg, preset_info, d)
+            elif m == "input":
+                run_input(opts, sid, views, gt_aif, gt_def, d)
+            elif m == "wiener":
+                run_wiener(opts, sid, views, bank, gt_aif, gt_def, d)
+            elif m == "dp_stereo":
+                run_dp_stereo(opts, sid, views, bank, gt_aif, gt_def, cfg, preset_info, d)
+            r = json.loads((d / outputs.RESULT_JSON).read_text())["metrics"]
+            logging.info("%s/%s done in %.0fs: %s", m, sid, time.perf_counter() - t0,
+                         "  ".join(f"{k} {v:.4g}" for k, v in r.items()
+                                   if isinstance(v, float)))
+
+    rows = collect_rows(opts, methods, scenes)
+    sched = (f"pyramid_levels={base.solver.pyramid_levels}, level_iters="
+             f"{','.join(map(str, base.solver.level_iters))}" if base.solver.level_iters
+             else f"pyramid_levels={base.solver.pyramid_levels}, num_iters="
+                  f"{base.solver.num_iters}, coarse_iters={base.solver.coarse_iters}")
+    header = (f"Pixel 4 table: preset {opts.preset}, crop {opts.crop}, {sched}, "
+              f"recenter_kernels={opts.recenter_kernels}; {platform.node()} "
+              f"({jax.devices()[0].platform}). Defocus metrics on the 8-bit ground truth "
+              "in [0, 1] units; image metrics after ±6 px alignment and affine intensity fit.")
+    write_tables(opts, rows, header)
+    logging.info("wrote %s and %s", out / "table.md", out / "table.csv")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------
+# Flags (defined only here)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data_dir", str(DEFAULT_DATA_DIR), "Pixel 4 dataset folder.")
+flags.DEFINE_string("calib_dir", None, "Calibration folder (default DATA_DIR/calibration).")
+flags.DEFINE_list("scenes", None, "Scene ids (default: every NNN_left.png in data_dir).")
+flags.DEFINE_list("methods", list(DEFAULT_METHODS), f"Methods among {', '.join(METHODS)}.")
+flags.DEFINE_enum("preset", "auto", ["auto", "paper"],
+                  "auto: layer range from the DP pair, one weight set; paper: per-scene "
+                  "values of the paper's code.")
+flags.DEFINE_integer("num_iters", None, "Iterations at the finest level (used when "
+                     "--level_iters is not given).")
+flags.DEFINE_integer("pyramid_levels", 3, "Coarse-to-fine levels (1 = single scale).")
+flags.DEFINE_list("level_iters", None, "Per-level budgets, coarsest first (default "
+                  f"{','.join(map(str, DEFAULT_LEVEL_ITERS))} with 3 levels and no "
+                  "--num_iters).")
+flags.DEFINE_string("crop", "full", "'full' or RxC: the central R x C block of kernel tiles.")
+flags.DEFINE_bool("recenter_kernels", True, "Re-centre each tile's kernel pair (data README).")
+flags.DEFINE_string("output_dir", "out/pixel4", "Where results and tables are written.")
+flags.DEFINE_bool("overwrite", False, "Recompute scenes that already have a complete result.")
+flags.DEFINE_bool("quiet", False, "Only log warnings.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.quiet:
+        logging.set_verbosity(logging.WARNING)
+    try:
+        level_iters = (tuple(int(v) for v in FLAGS.level_iters)
+                       if FLAGS.level_iters else None)
+    except ValueError as e:
+        raise app.UsageError(f"--level_iters must be integers: {FLAGS.level_iters}") from e
+    opts = Options(
+        data_dir=Path(FLAGS.data_dir),
+        calib_dir=Path(FLAGS.calib_dir) if FLAGS.calib_dir else None,
+        scenes=tuple(s.zfill(3) if s.isdigit() else s for s in FLAGS.scenes) if FLAGS.scenes else None,
+        methods=tuple(FLAGS.methods), preset=FLAGS.preset, num_iters=FLAGS.num_iters,
+        pyramid_levels=FLAGS.pyramid_levels, level_iters=level_iters, crop=FLAGS.crop,
+        recenter_kernels=FLAGS.recenter_kernels, output_dir=Path(FLAGS.output_dir),
+        overwrite=FLAGS.overwrite, quiet=FLAGS.quiet)
+    try:
+        run(opts)
+    except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, no traceback
+        logging.error("%s", e)
+        print(f"reproduce_table: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))
