@@ -4,7 +4,7 @@ Public API (see README.md):
 - kernels: KernelBank, TileGrid, parametric_bank, parametric_dp_kernels, rescale_kernels,
   recenter_kernel_pairs
 - configuration: Config, MpiConfig, SolverConfig, LossWeights
-- solving: fit, FitResult, Progress
+- solving: fit, fit_batch, FitResult, Progress
 - synthetic data: make_scene, SyntheticScene
 """
 
@@ -13,7 +13,7 @@ from dpjax.kernels import (KernelBank, TileGrid, parametric_bank, parametric_dp_
                            recenter_kernel_pairs, rescale_kernels)
 from dpjax.losses import LossTerms, LossWeights
 from dpjax.mpi import MpiParams
-from dpjax.solver import FitResult, Progress, fit
+from dpjax.solver import FitResult, Progress, fit, fit_batch
 from dpjax.synthetic import SyntheticScene, make_scene
 
 __version__ = "0.1.0"
@@ -21,5 +21,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Config", "MpiConfig", "SolverConfig", "LossWeights", "LossTerms", "KernelBank", "TileGrid",
     "parametric_bank", "parametric_dp_kernels", "recenter_kernel_pairs", "rescale_kernels",
-    "MpiParams", "FitResult", "Progress", "fit", "SyntheticScene", "make_scene",
+    "MpiParams", "FitResult", "Progress", "fit", "fit_batch", "SyntheticScene", "make_scene",
 ]

@@ -67,21 +67,25 @@ class LayerKernels:
     kernels: jax.Array
     spectra: jax.Array
     inverse_power: jax.Array
-    geom: conv.ConvGeometry = dataclasses.field(metadata=dict(static=True))
+    geom: conv.ConvGeometry = dataclasses.field(metadata={"static": True})
 
 
 # Bias-correction constant C of the data term (METHOD.md, term 1).
 BIAS_FREQ_CONSTANT = 5e-3
 
 
-def prepare_layer_kernels(bank: KernelBank, scales: jax.Array,
-                          geom: conv.ConvGeometry) -> LayerKernels:
+def prepare_layer_kernels(bank: KernelBank, scales: jax.Array, geom: conv.ConvGeometry, *,
+                          power_radius: int | None = None) -> LayerKernels:
     """Rescales the kernel bank to the layer scales and computes spectra once.
 
     Args:
       bank: reference kernels [V, T, K0, K0].
       scales: [L] signed layer scales, back to front.
       geom: geometry whose radius holds the largest rescaled kernel.
+      power_radius: half-width of the centred K x K window whose DFT gives
+        `inverse_power` (default geom.radius). The mean over that DFT grid depends on
+        its size, not only on the kernel: a batch of scenes padded to a common, larger
+        radius passes each scene's own radius so that its data term is unchanged.
 
     Returns:
       LayerKernels.
@@ -89,7 +93,13 @@ def prepare_layer_kernels(bank: KernelBank, scales: jax.Array,
     size = 2 * geom.radius + 1
     k = rescale_kernels(bank.kernels, scales, size)  # [L, V, T, K, K]
     k = jnp.swapaxes(k, 0, 1)  # [V, L, T, K, K]
-    power = jnp.sum(jnp.abs(jnp.fft.fft2(k)) ** 2, axis=0)  # [L, T, K, K]
+    kp = k  # kernels are centred: a smaller radius is a centre crop (zeros outside)
+    if power_radius is not None and power_radius != geom.radius:
+        if not 0 <= power_radius < geom.radius:
+            raise ValueError(f"power_radius {power_radius} must be in [0, {geom.radius}]")
+        lo = geom.radius - power_radius
+        kp = k[..., lo:size - lo, lo:size - lo]
+    power = jnp.sum(jnp.abs(jnp.fft.fft2(kp)) ** 2, axis=0)  # [L, T, K, K]
     inverse_power = jnp.mean(BIAS_FREQ_CONSTANT / (power + BIAS_FREQ_CONSTANT), axis=(-2, -1))
     if geom.method == "fft":
         spectra = conv.kernel_spectra(k, geom)

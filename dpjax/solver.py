@@ -1,7 +1,8 @@
 """Jointly fits the MPI to both dual-pixel views: defocus map and all-in-focus image.
 
-`fit` is the entry point. Each pyramid level has one compiled region that runs a
-chunk of optimiser steps on device (`lax.scan`) and returns to the host only to
+`fit` is the entry point; `fit_batch` solves same-size captures together. Each
+pyramid level has one compiled region that runs a chunk of optimiser steps on device
+(`lax.scan`; vmapped over the scenes of a batch) and returns to the host only to
 report progress. Observations and kernel spectra are arguments of that region,
 never closure constants. A non-finite loss or gradient stops the updates inside the
 chunk and is raised on the host as FloatingPointError.
@@ -12,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +30,10 @@ class Progress(NamedTuple):
     """What the host learns after each chunk.
 
     `params` are the current MPI logits at this level's resolution (device arrays,
-    valid only during the callback: their buffers are donated to the next chunk). `elapsed_s` is the
-    solver's own wall time: time spent inside callbacks is excluded.
+    valid only during the callback: their buffers are donated to the next chunk; None
+    in `fit_batch`'s reports). `elapsed_s` is the solver's own wall time: time spent
+    inside callbacks is excluded. In a batch, `step` and `loss` are the scene's own
+    (a scene stopped by its rel_tol rule keeps its last ones).
     """
 
     level: int  # 0 = finest
@@ -44,7 +48,7 @@ class Progress(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class FitResult:
-    """Output of `fit` (host numpy arrays).
+    """Output of `fit`, and per scene of `fit_batch` (host numpy arrays).
 
     Attributes:
       all_in_focus: [H, W, C] estimated sharp image, same scale as the input
@@ -56,7 +60,8 @@ class FitResult:
       loss_history: [N] total loss at every step, all levels in order.
       level_iterations: steps run at each level, coarsest first.
       terms: final loss terms at full resolution (floats).
-      timings: seconds for kernel preparation, compilation + solving per level, total.
+      timings: seconds for kernel preparation, compilation + solving per level, total
+        (in a batch: the whole batch's, shared by its scenes).
     """
 
     all_in_focus: np.ndarray
@@ -83,7 +88,7 @@ class _StepConfig(NamedTuple):
     chunk_size: int
 
     @classmethod
-    def of(cls, cfg: SolverConfig, refine: bool = False) -> "_StepConfig":
+    def of(cls, cfg: SolverConfig, refine: bool = False) -> _StepConfig:
         lr = cfg.refine_lr if (refine and cfg.refine_lr is not None) else (cfg.lr_start,
                                                                            cfg.lr_end)
         return cls(cfg.optimizer, float(lr[0]), float(lr[1]), cfg.chunk_size)
@@ -115,29 +120,32 @@ def _total_loss(params, observation, lk, weights):
     return losses.loss_terms(params, observation, lk, weights).total
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "weights"), donate_argnums=(0, 1))
-def _run_chunk(params: mpi.MpiParams, opt_state, step0: jax.Array, num_steps: jax.Array,
-               observation: jax.Array, lk: mpi.LayerKernels, *, cfg: _StepConfig,
-               weights: losses.LossWeights):
-    """Runs cfg.chunk_size optimiser steps (fewer once step0 + i reaches num_steps).
+def _chunk(params: mpi.MpiParams, opt_state, step0: jax.Array, num_steps: jax.Array,
+           stop_at: jax.Array, observation: jax.Array, lk: mpi.LayerKernels, *,
+           cfg: _StepConfig, weights: losses.LossWeights):
+    """Runs cfg.chunk_size optimiser steps of one scene (fewer once step0 + i reaches stop_at).
+
+    Un-jitted: `_run_chunk` compiles it for one scene, `_run_chunk_batch` vmaps it over
+    the scenes of a batch.
 
     Args:
       params: MPI logits (donated).
       opt_state: optimiser state (donated).
       step0: int32 scalar, steps already done at this level.
-      num_steps: int32 scalar, the level's budget.
+      num_steps: int32 scalar, the level's budget (it sets the learning-rate schedule).
+      stop_at: int32 scalar <= num_steps, the step at which this scene stops: the
+        budget, or in a batch the step at which its stopping rule fired.
       observation: [V, C, H, W].
       lk: prepared layer kernels.
 
     Returns:
       (params, opt_state, losses [chunk], bad_step) where bad_step is the first step
-      whose loss or gradient was non-finite, or -1.
+      whose loss or gradient was non-finite, or -1. Skipped steps have NaN losses.
     """
     opt = _make_optimizer(cfg, num_steps)
     value_fn = functools.partial(_total_loss, observation=observation, lk=lk, weights=weights)
 
     def step(carry, i):
-        params, state, bad_step = carry
         n = step0 + i
 
         def do_step(operand):
@@ -151,9 +159,11 @@ def _run_chunk(params: mpi.MpiParams, opt_state, step0: jax.Array, num_steps: ja
                                                 value_fn=value_fn)
             new_params = optax.apply_updates(params, updates)
             ok = jnp.isfinite(value) & _all_finite(grad) & _all_finite(new_params)
-            # Keep the last good iterate when something is non-finite; the host raises.
-            keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
-                lambda a, b: jnp.where(ok, a, b), new, old)
+
+            def keep(new, old):
+                # The last good iterate when something is non-finite; the host raises.
+                return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+
             params = keep(new_params, params)
             state = keep(new_state, state)
             bad_step = jnp.where(ok, bad_step, n)
@@ -162,8 +172,14 @@ def _run_chunk(params: mpi.MpiParams, opt_state, step0: jax.Array, num_steps: ja
         def skip(operand):
             return operand, jnp.float32(jnp.nan)
 
-        active = (n < num_steps) & (bad_step < 0)
-        return jax.lax.cond(active, do_step, skip, (params, state, bad_step))
+        def live(operand):
+            # Per scene: under vmap this predicate is batched and the cond becomes a
+            # select (every scene computes the step; stopped ones discard it).
+            return jax.lax.cond((n < stop_at) & (operand[2] < 0), do_step, skip, operand)
+
+        # Shared by all scenes of a batch, so it stays a branch under vmap: the unused
+        # steps of a level's last, partial chunk cost nothing.
+        return jax.lax.cond(n < num_steps, live, skip, carry)
 
     carry0 = (params, opt_state, jnp.int32(-1))
     (params, opt_state, bad_step), values = jax.lax.scan(
@@ -171,10 +187,36 @@ def _run_chunk(params: mpi.MpiParams, opt_state, step0: jax.Array, num_steps: ja
     return params, opt_state, values, bad_step
 
 
-@functools.partial(jax.jit, static_argnames=("geom",))
-def _prepare(kernels: jax.Array, scales: jax.Array, geom: conv.ConvGeometry):
+def _chunk_batch(params: mpi.MpiParams, opt_state, step0: jax.Array, num_steps: jax.Array,
+                 stop_at: jax.Array, observation: jax.Array, lk: mpi.LayerKernels, *,
+                 cfg: _StepConfig, weights: losses.LossWeights):
+    """`_chunk` vmapped over the scenes of a batch.
+
+    Args:
+      params, opt_state: as `_chunk`'s with a leading scene axis B on every leaf.
+      step0, num_steps: int32 scalars shared by the batch.
+      stop_at: [B] int32.
+      observation: [B, V, C, H, W].
+      lk: layer kernels with a leading B axis on every array (one static geometry).
+
+    Returns:
+      (params, opt_state, losses [B, chunk], bad_step [B]).
+    """
+    body = functools.partial(_chunk, cfg=cfg, weights=weights)
+    return jax.vmap(body, in_axes=(0, 0, None, None, 0, 0, 0))(
+        params, opt_state, step0, num_steps, stop_at, observation, lk)
+
+
+_STATIC = ("cfg", "weights")
+_run_chunk = jax.jit(_chunk, static_argnames=_STATIC, donate_argnums=(0, 1))
+_run_chunk_batch = jax.jit(_chunk_batch, static_argnames=_STATIC, donate_argnums=(0, 1))
+
+
+@functools.partial(jax.jit, static_argnames=("geom", "power_radius"))
+def _prepare(kernels: jax.Array, scales: jax.Array, geom: conv.ConvGeometry,
+             power_radius: int):
     bank = KernelBank(kernels=kernels, grid=geom.grid)
-    return mpi.prepare_layer_kernels(bank, scales, geom)
+    return mpi.prepare_layer_kernels(bank, scales, geom, power_radius=power_radius)
 
 
 @functools.partial(jax.jit, static_argnames=("weights",))
@@ -203,13 +245,27 @@ def upsample_params(params: mpi.MpiParams, shape: tuple[int, int]) -> mpi.MpiPar
 
 
 def _level_problem(planar: jax.Array, bank: KernelBank, scales: jax.Array, max_abs: float,
-                   factor: int, scfg: SolverConfig):
-    """Observation and prepared layer kernels of the pyramid level with this factor."""
+                   factor: int, scfg: SolverConfig, pad_abs: float | None = None):
+    """Observation and prepared layer kernels of the pyramid level with this factor.
+
+    Args:
+      planar: [V, C, H, W] full-resolution views.
+      scales: [L] layer scales; max_abs = max |scales|.
+      pad_abs: size the convolution for kernels up to this |scale| instead (a batch's
+        common geometry). Zero-padded kernels and a wider edge padding give the same
+        blur, and the data term's bias factor keeps this scene's own kernel window
+        (`power_radius`), so only float rounding changes.
+
+    Returns:
+      (observation [V, C, H/f, W/f], LayerKernels).
+    """
     lvl_bank = downsample_bank(bank, factor)
     lvl_obs = downsample_image(planar, factor)
-    radius = rescaled_radius(lvl_bank.kernel_size, max_abs)
+    own = rescaled_radius(lvl_bank.kernel_size, max_abs)
+    radius = own if pad_abs is None else rescaled_radius(lvl_bank.kernel_size,
+                                                          max(pad_abs, max_abs))
     geom = conv.ConvGeometry.create(lvl_bank.grid, radius, scfg.conv_method, scfg.round_fft)
-    lk = _prepare(lvl_bank.kernels, scales, geom)
+    lk = _prepare(lvl_bank.kernels, scales, geom, own)
     jax.block_until_ready(lk.kernels)
     return lvl_obs, lk
 
@@ -238,7 +294,46 @@ def validate_observation(observation, bank: KernelBank) -> np.ndarray:
     return obs
 
 
-def fit(observation, bank: KernelBank, config: Config = Config(), *,
+_DEFAULT_CONFIG = Config()
+
+
+class BatchFloatingPointError(FloatingPointError):
+    """A scene of `fit_batch` diverged; `scenes` holds the indices of those that did."""
+
+    def __init__(self, message: str, scenes: tuple[int, ...]):
+        super().__init__(message)
+        self.scenes = scenes
+
+
+class _Scene(NamedTuple):
+    """One validated capture, as the level loop needs it."""
+
+    planar: jax.Array  # [V, C, H, W]
+    bank: KernelBank
+    scales: jax.Array  # [L]
+    max_abs: float  # max |scales|
+    config: Config
+
+
+def _scene(observation, bank: KernelBank, config: Config) -> _Scene:
+    obs = validate_observation(observation, bank)
+    scales = config.mpi.scales()
+    return _Scene(planar=jnp.asarray(np.transpose(obs, (0, 3, 1, 2))), bank=bank,
+                  scales=jnp.asarray(scales), max_abs=float(np.max(np.abs(scales))),
+                  config=config)
+
+
+def batch_key(config: Config):
+    """What scenes solved together by `fit_batch` must share (hashable).
+
+    The layer count, the loss weights (static arguments of the compiled chunk) and
+    the whole solver configuration (schedule, budgets, stopping rule, seed). The
+    layer range and the post-processing may differ per scene.
+    """
+    return (config.mpi.num_layers, config.loss, config.solver)
+
+
+def fit(observation, bank: KernelBank, config: Config = _DEFAULT_CONFIG, *,
         callback: Callable[[Progress], None] | None = None,
         init: mpi.MpiParams | None = None) -> FitResult:
     """Estimates the defocus map and the all-in-focus image of one DP capture.
@@ -259,41 +354,142 @@ def fit(observation, bank: KernelBank, config: Config = Config(), *,
       FloatingPointError: when the loss or a gradient becomes non-finite.
     """
     t_start = time.perf_counter()
-    obs = validate_observation(observation, bank)
+    scene = _scene(observation, bank, config)
+    report = None if callback is None else (lambda progress: callback(progress[0]))
+    return _solve([scene], batched=False, report=report, init=init, t_start=t_start)[0]
+
+
+def fit_batch(observations, banks: KernelBank | Sequence[KernelBank],
+              configs: Config | Sequence[Config], *,
+              callback: Callable[[tuple[Progress, ...]], bool | None] | None = None
+              ) -> list[FitResult]:
+    """Solves B same-size captures together: one compiled chunk vmapped over the scenes.
+
+    Each scene gets what `fit` would give it (up to float rounding): its own
+    parameters, optimiser state, observation and layer kernels (its own layer range),
+    the same iteration budgets, and its own stopping rule (rel_tol): a scene whose
+    rule fires stops updating while the others go on, and a level ends when every
+    scene has stopped or the budget is spent. The convolution geometry is static, so
+    all scenes use the one sized for the largest |scale| of the batch.
+
+    Every scene costs compute until its level ends, and the batch needs about B times
+    a single solve's memory. On CPU it is slower than B `fit` calls (README, "Batch
+    solving"); it can only pay where one scene leaves an accelerator underused. It
+    compiles once per level for all layer ranges whose largest |scale| gives the same
+    kernel radius.
+
+    Args:
+      observations: [B, 2, H, W, C] array, or a sequence of B [2, H, W, C] views.
+      banks: one KernelBank for every scene, or B banks sharing the tile grid and the
+        kernel size.
+      configs: one Config, or B configs with equal `batch_key` (they may differ in
+        the layer range and the post-processing).
+      callback: called on the host after every chunk with one Progress per scene
+        (`params` is None: the stacked logits are donated to the next chunk);
+        returning True stops every scene there, keeping the results.
+
+    Returns:
+      B FitResults in the order of the observations.
+
+    Raises:
+      ValueError: on malformed input or configs that cannot share a batch.
+      BatchFloatingPointError (a FloatingPointError): when a scene's loss or gradient
+        becomes non-finite; its `scenes` names the diverged scene indices. Solve the
+        scenes one by one to keep the others' results.
+    """
+    t_start = time.perf_counter()
+    obs_list = list(observations)
+    n = len(obs_list)
+    if n == 0:
+        raise ValueError("fit_batch needs at least one observation")
+    bank_list = [banks] * n if isinstance(banks, KernelBank) else list(banks)
+    cfg_list = [configs] * n if isinstance(configs, Config) else list(configs)
+    if len(bank_list) != n or len(cfg_list) != n:
+        raise ValueError(f"{n} observations need 1 or {n} banks and configs; got "
+                         f"{len(bank_list)} banks and {len(cfg_list)} configs")
+    for i, (b, c) in enumerate(zip(bank_list, cfg_list)):
+        if b.grid != bank_list[0].grid or b.kernel_size != bank_list[0].kernel_size:
+            raise ValueError(f"scene {i}: kernel bank grid or kernel size differs from scene "
+                             f"0's; fit_batch needs one tile geometry")
+        if batch_key(c) != batch_key(cfg_list[0]):
+            raise ValueError(f"scene {i}: config differs from scene 0's in the layer count, "
+                             f"loss weights or solver settings; solve such scenes apart")
+    scenes = []
+    for i, (o, b, c) in enumerate(zip(obs_list, bank_list, cfg_list)):
+        try:
+            scenes.append(_scene(o, b, c))
+        except ValueError as e:
+            raise ValueError(f"scene {i}: {e}") from e
+        if scenes[-1].planar.shape != scenes[0].planar.shape:
+            raise ValueError(f"scene {i}: views {np.shape(o)} differ from scene 0's in shape")
+    return _solve(scenes, batched=True, report=callback, init=None, t_start=t_start)
+
+
+def _initial_params(observation: jax.Array, num_layers: int,
+                    scfg: SolverConfig) -> mpi.MpiParams:
+    """The coarsest level's logits for one scene [V, C, H, W], with optional noise."""
+    params = mpi.init_params(observation, num_layers)
+    if scfg.init_noise > 0:
+        k1, k2 = jax.random.split(jax.random.PRNGKey(scfg.seed))
+        params = mpi.MpiParams(
+            params.color_logits + scfg.init_noise * jax.random.normal(
+                k1, params.color_logits.shape),
+            params.alpha_logits + scfg.init_noise * jax.random.normal(
+                k2, params.alpha_logits.shape))
+    return params
+
+
+def _stack(trees):
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _take(tree, i: int):
+    return jax.tree_util.tree_map(lambda x: x[i], tree)
+
+
+def _problems(scenes: Sequence[_Scene], factor: int, batched: bool):
+    """The level's observation and layer kernels: one scene's, or stacked [B, ...]."""
+    if not batched:
+        s = scenes[0]
+        return _level_problem(s.planar, s.bank, s.scales, s.max_abs, factor, s.config.solver)
+    pad_abs = max(s.max_abs for s in scenes)
+    obs, lks = zip(*(_level_problem(s.planar, s.bank, s.scales, s.max_abs, factor,
+                                    s.config.solver, pad_abs) for s in scenes))
+    return jnp.stack(obs), _stack(lks)
+
+
+def _solve(scenes: Sequence[_Scene], *, batched: bool,
+           report: Callable[[tuple[Progress, ...]], bool | None] | None,
+           init: mpi.MpiParams | None, t_start: float) -> list[FitResult]:
+    """The coarse-to-fine level loop shared by `fit` (one scene, unbatched arrays) and
+    `fit_batch` (arrays with a leading scene axis B)."""
+    num = len(scenes)
+    config = scenes[0].config  # the batch_key fields are shared
     scfg = config.solver
-    scales = jnp.asarray(config.mpi.scales())
-    max_abs = float(np.max(np.abs(config.mpi.scales())))
-    planar = jnp.asarray(np.transpose(obs, (0, 3, 1, 2)))  # [V, C, H, W]
     levels = scfg.pyramid_levels
-    history: list[np.ndarray] = []
-    level_iters: list[int] = []
+    history: list[list[np.ndarray]] = [[] for _ in scenes]
+    level_iters: list[list[int]] = [[] for _ in scenes]
     timings: dict[str, float] = {}
     params = init
-    key = jax.random.PRNGKey(scfg.seed)
     solved_before = init is not None
     callback_s = 0.0  # time spent in the callback, excluded from reported timings
     stopped = False  # the callback asked to stop
+    run_chunk = _run_chunk_batch if batched else _run_chunk
 
     for level in reversed(range(levels)):  # coarsest first
         if stopped:
             break
         factor = 2**level
         t0 = time.perf_counter()
-        lvl_obs, lk = _level_problem(planar, bank, scales, max_abs, factor, scfg)
+        lvl_obs, lk = _problems(scenes, factor, batched)
         timings[f"prepare_level{level}_s"] = time.perf_counter() - t0
 
         if params is None:
-            params = mpi.init_params(lvl_obs, config.mpi.num_layers)
-            if scfg.init_noise > 0:
-                k1, k2 = jax.random.split(key)
-                params = mpi.MpiParams(
-                    params.color_logits + scfg.init_noise * jax.random.normal(
-                        k1, params.color_logits.shape),
-                    params.alpha_logits + scfg.init_noise * jax.random.normal(
-                        k2, params.alpha_logits.shape))
+            params = (_stack([_initial_params(o, config.mpi.num_layers, scfg) for o in lvl_obs])
+                      if batched else _initial_params(lvl_obs, config.mpi.num_layers, scfg))
         elif params.color_logits.shape[-2:] != lvl_obs.shape[-2:]:
             params = upsample_params(params, lvl_obs.shape[-2:])
-        if params.color_logits.shape[1] != lvl_obs.shape[1]:
+        if params.color_logits.shape[-3] != lvl_obs.shape[-3]:
             raise ValueError("init has a different channel count from the observation")
         params = jax.tree_util.tree_map(lambda x: jnp.array(x, jnp.float32), params)
 
@@ -301,64 +497,108 @@ def fit(observation, bank: KernelBank, config: Config = Config(), *,
         step_cfg = _StepConfig.of(scfg, refine=solved_before)
         t0 = time.perf_counter()
         done = 0
+        stop = np.full(num, budget)  # per scene: the step at which it stops at this level
         if budget > 0:
             solved_before = True
+            opt_init = _make_optimizer(step_cfg, budget).init
             # Fresh buffers: some optimiser states alias the parameters, which donation forbids.
             opt_state = jax.tree_util.tree_map(
-                jnp.copy, _make_optimizer(step_cfg, budget).init(params))
-            prev_mean = None
+                jnp.copy, (jax.vmap(opt_init) if batched else opt_init)(params))
+            prev_mean: list[float | None] = [None] * num
+            last_loss = np.full(num, np.nan)
             while done < budget:
-                params, opt_state, values, bad = _run_chunk(
-                    params, opt_state, jnp.int32(done), jnp.int32(budget), lvl_obs, lk,
+                stop_at = jnp.asarray(stop, jnp.int32) if batched else jnp.int32(stop[0])
+                params, opt_state, values, bad = run_chunk(
+                    params, opt_state, jnp.int32(done), jnp.int32(budget), stop_at, lvl_obs, lk,
                     cfg=step_cfg, weights=config.loss)
-                values = np.asarray(values)
-                bad = int(bad)
+                values = np.asarray(values).reshape(num, -1)  # [B, chunk]
+                bad = np.asarray(bad).reshape(num)
                 ran = min(scfg.chunk_size, budget - done)
-                if bad >= 0:
-                    raise FloatingPointError(
-                        f"non-finite loss or gradient at iteration {bad} of pyramid level "
-                        f"{level} (factor {factor}); last finite losses: "
-                        f"{values[np.isfinite(values)][-3:].tolist()}. Check the input "
-                        f"for extreme values or lower the learning rate.")
-                history.append(values[:ran])
+                if np.any(bad >= 0):
+                    raise _divergence(bad, values, level, factor, batched)
+                ran_each = np.clip(stop - done, 0, ran)  # steps each scene took in this chunk
+                for i in range(num):
+                    if ran_each[i]:
+                        history[i].append(values[i, :ran_each[i]])
+                        last_loss[i] = values[i, ran_each[i] - 1]
                 done += ran
-                if callback is not None:
+                if report is not None:
                     t_cb = time.perf_counter()
-                    stop = callback(Progress(level=level, num_levels=levels, step=done, num_steps=budget,
-                                      loss=float(values[ran - 1]),
-                                      elapsed_s=t_cb - t_start - callback_s, params=params,
-                                      scales=np.asarray(scales)))
+                    elapsed = t_cb - t_start - callback_s
+                    stop_now = report(tuple(
+                        Progress(level=level, num_levels=levels, step=int(min(done, stop[i])),
+                                 num_steps=budget, loss=float(last_loss[i]), elapsed_s=elapsed,
+                                 params=None if batched else params,
+                                 scales=np.asarray(scenes[i].scales))
+                        for i in range(num)))
                     callback_s += time.perf_counter() - t_cb
-                    if stop is True:
+                    if stop_now is True:
                         stopped = True
                         break
-                cur_mean = float(np.mean(values[:ran]))
-                if scfg.rel_tol > 0 and prev_mean is not None:
-                    if (prev_mean - cur_mean) < scfg.rel_tol * abs(prev_mean):
+                if scfg.rel_tol > 0:
+                    for i in np.flatnonzero(ran_each):
+                        cur_mean = float(np.mean(values[i, :ran_each[i]]))
+                        prev = prev_mean[i]
+                        if prev is not None and (prev - cur_mean) < scfg.rel_tol * abs(prev):
+                            stop[i] = done
+                        prev_mean[i] = cur_mean
+                    if np.all(stop <= done):
                         break
-                prev_mean = cur_mean
-        level_iters.append(done)
+        for i in range(num):
+            level_iters[i].append(int(min(done, stop[i])))
         timings[f"solve_level{level}_s"] = time.perf_counter() - t0
 
-    if params.color_logits.shape[-2:] != planar.shape[-2:]:
+    full_shape = scenes[0].planar.shape[-2:]
+    if params.color_logits.shape[-2:] != full_shape:
         # Stopped early at a coarse level: continue the result at full resolution.
-        params = upsample_params(params, planar.shape[-2:])
-        lvl_obs, lk = _level_problem(planar, bank, scales, max_abs, 1, scfg)
-    terms = _final_terms(params, lvl_obs, lk, config.loss)
+        params = upsample_params(params, full_shape)
+        lvl_obs, lk = _problems(scenes, 1, batched)
+    outs = []
+    for i, s in enumerate(scenes):
+        p, o, k = (_take(params, i), lvl_obs[i], _take(lk, i)) if batched else (params, lvl_obs,
+                                                                                 lk)
+        outs.append(_outputs(p, o, k, s, f"scene {i}: " if batched else ""))
+    timings["total_s"] = time.perf_counter() - t_start - callback_s
+    return [FitResult(
+        all_in_focus=aif, all_in_focus_raw=raw, defocus=dmap, params=p,
+        scales=np.asarray(s.scales),
+        loss_history=np.concatenate(h) if h else np.zeros((0,), np.float32),
+        level_iterations=tuple(it), terms=terms, timings=dict(timings))
+        for (p, aif, raw, dmap, terms), s, h, it in zip(outs, scenes, history, level_iters)]
+
+
+def _divergence(bad: np.ndarray, values: np.ndarray, level: int, factor: int,
+                batched: bool) -> FloatingPointError:
+    """The error for non-finite steps: bad [B] first bad step or -1, values [B, chunk]."""
+    which = tuple(int(i) for i in np.flatnonzero(bad >= 0))
+    i = which[0]
+    finite = values[i][np.isfinite(values[i])]
+    msg = (f"non-finite loss or gradient at iteration {bad[i]} of pyramid level {level} "
+           f"(factor {factor}); last finite losses: {finite[-3:].tolist()}. Check the input "
+           f"for extreme values or lower the learning rate.")
+    if not batched:
+        return FloatingPointError(msg)
+    names = ", ".join(str(j) for j in which)
+    return BatchFloatingPointError(
+        f"scene{'s' if len(which) > 1 else ''} {names} of the batch diverged; scene {i}: {msg}",
+        which)
+
+
+def _outputs(params: mpi.MpiParams, observation: jax.Array, lk: mpi.LayerKernels,
+             scene: _Scene, prefix: str):
+    """(params, all-in-focus [H, W, C], raw [H, W, C], defocus [H, W], terms) of one scene
+    at full resolution (observation [V, C, H, W])."""
+    cfg = scene.config
+    terms = _final_terms(params, observation, lk, cfg.loss)
     color = mpi.colors(params)
     trans = mpi.transmittance(mpi.alphas(params))
     raw = jnp.transpose(mpi.all_in_focus(color, trans), (1, 2, 0))
     aif = raw
-    if config.post.bilateral:
-        aif = postprocess.bilateral_filter(raw, sigma_spatial=config.post.sigma_spatial,
-                                           sigma_value=config.post.sigma_value)
+    if cfg.post.bilateral:
+        aif = postprocess.bilateral_filter(raw, sigma_spatial=cfg.post.sigma_spatial,
+                                           sigma_value=cfg.post.sigma_value)
     aif, raw = np.asarray(aif), np.asarray(raw)
-    dmap = np.asarray(mpi.defocus_map(trans, scales))
+    dmap = np.asarray(mpi.defocus_map(trans, scene.scales))
     if not (np.all(np.isfinite(aif)) and np.all(np.isfinite(dmap))):
-        raise FloatingPointError("the solve produced non-finite outputs")
-    timings["total_s"] = time.perf_counter() - t_start - callback_s
-    return FitResult(
-        all_in_focus=aif, all_in_focus_raw=raw, defocus=dmap, params=params, scales=np.asarray(scales),
-        loss_history=np.concatenate(history) if history else np.zeros((0,), np.float32),
-        level_iterations=tuple(level_iters),
-        terms={k: float(v) for k, v in terms._asdict().items()}, timings=timings)
+        raise FloatingPointError(f"{prefix}the solve produced non-finite outputs")
+    return params, aif, raw, dmap, {k: float(v) for k, v in terms._asdict().items()}
