@@ -4,6 +4,7 @@
   python run_solver.py --input_dir=IN --output_dir=OUT [--calib_dir=CAL] [--preset=auto]
       [--num_iters=N] [--scenes=a,b] [--overwrite] [--batch_size=B] [--memory_budget_gb=G]
       [--coordinator_address=HOST:PORT --num_processes=N --process_id=K]
+  python run_solver.py --input_dir=IN --output_dir=OUT --method=dpanet [--dpanet_checkpoint=C]
 
 The demo renders a synthetic scene with known ground truth (textured layers with
 occlusions, 256x320 px, 2x2 kernel tiles) through the parametric kernels stored in
@@ -16,6 +17,15 @@ pairs) and writes OUT/<scene>/ in the standard layout, OUT/summary.json and an
 OUT/index.html gallery. Complete scenes are skipped unless --overwrite; a bad scene
 is one line in the log and the summary, never the end of the batch; the exit status
 is 1 when any scene failed, 2 when the batch could not start.
+
+--method=dpanet deblurs each pair with a trained DPANet instead of the MPI solver
+(README.md, "DPANet (learned baseline)"): the checkpoint is --dpanet_checkpoint (a
+ckpt_<step>.npz or a training output folder; default experiments/checkpoints/dpanet_w8/),
+inference runs in overlapping tiles (--dpanet_tile, --dpanet_overlap) and each scene
+gets all_in_focus.{tif,png} and result.json, no defocus map. The views are loaded as
+for the solver (with --calib_dir, Pixel frames get the same vignetting correction and
+central crop, so the two methods' outputs align) but are not cropped to a kernel
+grid. The solver flags (presets, schedule, kernel model) do not apply.
 """
 
 from __future__ import annotations
@@ -69,7 +79,9 @@ _BATCH_FLAGS = (
     "pyramid_levels", "level_iters", "num_layers", "black_level", "allow_8bit",
     "recenter_kernels", "grid", "tile_size", "kernel_radius", "kernel_ramp", "kernel_smooth",
     "kernel_size", "coordinator_address", "num_processes", "process_id", "distributed",
-    "distributed_timeout_s", "thumb_size")
+    "distributed_timeout_s", "thumb_size", "method", "dpanet_checkpoint", "dpanet_tile",
+    "dpanet_overlap")
+DEFAULT_DPANET_CHECKPOINT = ROOT / "experiments" / "checkpoints" / "dpanet_w8"
 
 
 def _define_flags() -> None:
@@ -92,8 +104,18 @@ def _define_flags() -> None:
                   "Pixel 4 settings), none (the base configuration).")
     d.DEFINE_list("scenes", None, "Only these scene names (comma-separated).")
     d.DEFINE_bool("overwrite", False, "Re-solve scenes whose outputs are complete.")
-    d.DEFINE_integer("batch_size", 1, "Group up to this many same-size scenes on one device, "
-                     "back to back (they share compiled code). Not vmap: see README.")
+    d.DEFINE_enum("method", "mpi", ["mpi", "dpanet"], "mpi: the dpjax MPI solver (defocus "
+                  "map and all-in-focus image); dpanet: a trained DPANet (all-in-focus only).")
+    d.DEFINE_string("dpanet_checkpoint", None, "--method=dpanet: a ckpt_<step>.npz or a "
+                    "training output folder (latest checkpoint); default "
+                    "experiments/checkpoints/dpanet_w8/.")
+    d.DEFINE_integer("dpanet_tile", 256, "--method=dpanet: tile side in px (a multiple of "
+                     "16); memory grows with its square.")
+    d.DEFINE_integer("dpanet_overlap", 32, "--method=dpanet: least tile overlap in px (a "
+                     "multiple of 16, below the tile side).")
+    d.DEFINE_integer("batch_size", 1, "Solve up to this many same-size scenes together on "
+                     "one device: one compiled solve vmapped over them (dpjax.fit_batch; "
+                     "README, 'Batch solving').")
     d.DEFINE_float("memory_budget_gb", None, "Refuse scenes whose estimated peak memory "
                    "exceeds this (default: the device's memory; on CPU the host RAM divided "
                    "by the number of local devices).")
@@ -205,6 +227,10 @@ class BatchOptions:
     kernel_size: int | None = None
     thumb_size: int = 256
     quiet: bool = False
+    method: str = "mpi"  # or "dpanet"
+    dpanet_checkpoint: Path | None = None  # default DEFAULT_DPANET_CHECKPOINT
+    dpanet_tile: int = 256
+    dpanet_overlap: int = 32
 
 
 class SetupError(Exception):
@@ -362,6 +388,8 @@ class Context:
     budget: float | None
     display: Display
     process_index: int = 0
+    dpanet: Any = None  # --method=dpanet: DpanetModel
+
 
 
 def load_views(ctx: Context, pair: io.ScenePair) -> tuple[np.ndarray, dict[str, Any]]:
@@ -386,6 +414,8 @@ def load_views(ctx: Context, pair: io.ScenePair) -> tuple[np.ndarray, dict[str, 
                 io.CalibratedKernels(src.kernels, src.grid, src.tile_size), h, w)
         except ValueError as e:
             raise SceneFailure("calibration", f"{pair.left}: {e}") from e
+        info["crop"] = None
+    elif opts.method == "dpanet":  # no kernel grid to fit: the whole frame
         info["crop"] = None
     else:
         factor = 2 ** (ctx.base.solver.pyramid_levels - 1)
@@ -511,21 +541,122 @@ def skipped_record(name: str, out_dir: Path) -> dict[str, Any]:
     return rec
 
 
-def solve_one(ctx: Context, name: str, pair: io.ScenePair, device, group: int) -> dict[str, Any]:
-    """Loads, configures, checks and solves one scene; never raises for a bad scene."""
-    import jax
+@dataclasses.dataclass
+class PreparedScene:
+    """A scene loaded, configured and checked, ready to solve alone or in a batch.
 
-    opts = ctx.opts
-    out_dir = Path(opts.output_dir) / name
+    `rec` and `timings` are the scene's summary record and timings, filled in as it goes.
+    """
+
+    name: str
+    views: np.ndarray  # [2, H, W, C]
+    info: dict[str, Any]  # preprocessing
+    bank: Any  # dpjax.KernelBank
+    cfg: Any  # dpjax.Config
+    gt_aif: np.ndarray | None
+    gt_def: np.ndarray | None
+    extra: dict[str, Any]  # result.json fields
+    memory: Any  # dpjax.batch.MemoryEstimate
+    rec: dict[str, Any]
+    timings: dict[str, float]
+    t_start: float
+
+
+def _scene_record(ctx: Context, name: str, pair: io.ScenePair, device,
+                  group: int) -> dict[str, Any]:
     rec: dict[str, Any] = {"scene": name, "format": pair.format,
                            "inputs": [str(p) if p else None for p in (pair.left, pair.right)],
                            "process": ctx.process_index, "device": str(device)}
-    if opts.batch_size > 1:
+    if ctx.opts.batch_size > 1:
         rec["group"] = group
-    timings: dict[str, float] = {}
-    t_start = time.perf_counter()
-    eta = batch.SceneEta(tuple(ctx.base.solver.budget(lv)
-                               for lv in reversed(range(ctx.base.solver.pyramid_levels))))
+    return rec
+
+
+def _scene_eta(ctx: Context) -> batch.SceneEta:
+    solver = ctx.base.solver
+    return batch.SceneEta(tuple(solver.budget(lv) for lv in reversed(range(solver.pyramid_levels))))
+
+
+def _record_failure(rec: dict[str, Any], e: Exception) -> None:
+    kind = _failure_kind(e)
+    rec.update(status="failed", error=kind, reason=f"{kind}: {e}")
+    if kind == "error":
+        rec["traceback"] = traceback.format_exc(limit=6)
+
+
+def prepare_scene(ctx: Context, name: str, pair: io.ScenePair, device, rec: dict[str, Any],
+                  timings: dict[str, float], t_start: float) -> PreparedScene:
+    """Loads the views, makes the kernel bank and configuration, checks the memory
+    estimate and reads the ground truth; raises for a bad scene."""
+    import jax
+
+    t0 = time.perf_counter()
+    views, info = load_views(ctx, pair)
+    timings["load_s"] = time.perf_counter() - t0
+    rec["shape"] = list(views.shape)
+    with jax.default_device(device):
+        bank = make_bank(ctx, views, info)
+        cfg, preset_info = scene_config(ctx, name, views, bank)
+    timings["preset_s"] = preset_info["seconds"]
+    rec["scale_range"] = preset_info["scale_range"]
+    est = batch.estimate_solve_memory(
+        height=views.shape[1], width=views.shape[2], channels=views.shape[3],
+        num_layers=cfg.mpi.num_layers, grid=bank.grid, kernel_size=bank.kernel_size,
+        max_abs_scale=float(np.max(np.abs(cfg.mpi.scales()))),
+        conv_method=cfg.solver.conv_method, round_fft=cfg.solver.round_fft)
+    rec["memory_estimate_gb"] = round(est.gb, 3)
+    refusal = batch.memory_refusal(est, ctx.budget)
+    if refusal is not None:
+        raise SceneFailure("memory", refusal)
+    gt_aif, gt_def = load_ground_truth(ctx, name, views.shape[1:3], info)
+    extra = {"scene": name, "format": pair.format, "inputs": rec["inputs"],
+             "preprocessing": info, "kernels": ctx.source.info, "preset": preset_info,
+             "memory_estimate_gb": rec["memory_estimate_gb"],
+             "assigned_device": str(device), "process": ctx.process_index}
+    return PreparedScene(name=name, views=views, info=info, bank=bank, cfg=cfg, gt_aif=gt_aif,
+                         gt_def=gt_def, extra=extra, memory=est, rec=rec, timings=timings,
+                         t_start=t_start)
+
+
+def _record_done(ctx: Context, prep: PreparedScene, res, result: dict[str, Any]) -> None:
+    """Thumbnails of a solved and written scene, and its summary record."""
+    out_dir = Path(ctx.opts.output_dir) / prep.name
+    size = ctx.opts.thumb_size
+    t0 = time.perf_counter()
+    _write_thumb(out_dir / batch.THUMBS["input"], outputs.to_display(prep.views.mean(axis=0)),
+                 size)
+    _write_thumb(out_dir / batch.THUMBS["all_in_focus"], outputs.to_display(res.all_in_focus),
+                 size)
+    _write_thumb(out_dir / batch.THUMBS["defocus"], outputs.defocus_png(res.defocus), size)
+    prep.timings["thumbnails_s"] = time.perf_counter() - t0
+    rec = prep.rec
+    rec.update(status="done", iterations=result["iterations"],
+               final_loss=result["final_loss"], solver_timings=result["timings"])
+    for key in ("metrics", "input_metrics", "batch"):
+        if key in result:
+            rec[key] = result[key]
+    if prep.info.get("warnings"):
+        rec["warnings"] = prep.info["warnings"]
+        for w in prep.info["warnings"]:
+            ctx.display.log(logging.WARNING, "%s: %s", prep.name, w)
+
+
+def _close_record(prep_or_rec, timings: dict[str, float], t_start: float) -> dict[str, Any]:
+    rec = prep_or_rec.rec if isinstance(prep_or_rec, PreparedScene) else prep_or_rec
+    if "batch_solve_s" in timings:  # its own steps and its share of the batch (for the ETA)
+        timings["total_s"] = sum(v for k, v in timings.items() if k != "batch_solve_s")
+    else:
+        timings["total_s"] = time.perf_counter() - t_start
+    rec["timings"] = timings
+    return rec
+
+
+def _solve_alone(ctx: Context, prep: PreparedScene, device,
+                 extra: dict[str, Any] | None = None) -> None:
+    """Solves a prepared scene with dpjax.fit and writes it; raises for a bad scene."""
+    import jax
+
+    eta = _scene_eta(ctx)
     seen_devices: set[str] = set()
 
     def progress(p: dpjax.Progress):
@@ -533,55 +664,249 @@ def solve_one(ctx: Context, name: str, pair: io.ScenePair, device, group: int) -
                    elapsed_s=p.elapsed_s)
         if p.params is not None and not seen_devices:
             seen_devices.update(str(d) for d in p.params.color_logits.devices())
-        ctx.display.scene(name, eta)
+        ctx.display.scene(prep.name, eta)
 
+    out_dir = Path(ctx.opts.output_dir) / prep.name
+    with jax.default_device(device):
+        t0 = time.perf_counter()
+        res, result = pipeline.solve_scene(
+            prep.views, prep.bank, prep.cfg, out_dir, gt_all_in_focus=prep.gt_aif,
+            gt_defocus=prep.gt_def, extra={**prep.extra, **(extra or {})}, callback=progress)
+        prep.timings["solve_s"] = time.perf_counter() - t0
+    _record_done(ctx, prep, res, result)
+    if seen_devices:
+        prep.rec["device"] = ",".join(sorted(seen_devices))
+
+
+def solve_one(ctx: Context, name: str, pair: io.ScenePair, device, group: int) -> dict[str, Any]:
+    """Loads, configures, checks and solves one scene; never raises for a bad scene."""
+    if ctx.opts.method == "dpanet":
+        return deblur_one(ctx, name, pair, device, group)
+    rec = _scene_record(ctx, name, pair, device, group)
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    try:
+        _solve_alone(ctx, prepare_scene(ctx, name, pair, device, rec, timings, t_start), device)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - a bad scene must not end the batch
+        _record_failure(rec, e)
+    return _close_record(rec, timings, t_start)
+
+
+def _split_batches(ctx: Context, preps: Sequence[PreparedScene]) -> list[list[PreparedScene]]:
+    """Prepared scenes in batches that dpjax.fit_batch can solve together.
+
+    Same shapes, kernel geometry and `dpjax.solver.batch_key` (the paper preset's
+    per-scene loss weights split a group), and a summed memory estimate (one overhead,
+    every scene's arrays) within the budget. Order is kept within each batch.
+    """
+    by_key: dict[Any, list[PreparedScene]] = {}
+    for p in preps:
+        key = (p.views.shape, p.bank.grid, p.bank.kernel_size, dpjax.solver.batch_key(p.cfg))
+        by_key.setdefault(key, []).append(p)
+    batches: list[list[PreparedScene]] = []
+    for same in by_key.values():
+        current: list[PreparedScene] = []
+        need = 0.0
+        for p in same:
+            overhead = p.memory.parts.get("overhead", 0.0)
+            arrays = p.memory.total - overhead
+            if current and ctx.budget is not None and need + arrays > ctx.budget:
+                batches.append(current)
+                current = []
+            if not current:
+                need = overhead  # each scene alone fits (prepare_scene checked it)
+            current.append(p)
+            need += arrays
+        batches.append(current)
+    return batches
+
+
+def _solve_batch(ctx: Context, preps: list[PreparedScene], device) -> None:
+    """Solves prepared scenes with dpjax.fit_batch and writes each one as solve_one would
+    (result.json gains "batch"); when the batched solve fails (a scene diverges, out of
+    memory), solves them one by one so that only a bad scene fails."""
+    import jax
+
+    names = [p.name for p in preps]
+    etas = [_scene_eta(ctx) for _ in preps]
+
+    def progress(reports: tuple[dpjax.Progress, ...]):
+        for p, prep, eta in zip(reports, preps, etas):
+            eta.update(level=p.level, step=p.step, num_steps=p.num_steps, loss=p.loss,
+                       elapsed_s=p.elapsed_s)
+            ctx.display.scene(prep.name, eta)
+
+    t0 = time.perf_counter()
+    try:
+        with jax.default_device(device):
+            results = dpjax.fit_batch([p.views for p in preps], [p.bank for p in preps],
+                                      [p.cfg for p in preps], callback=progress)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - fall back to scene by scene
+        ctx.display.log(logging.WARNING, "batch %s failed (%s: %s): solving its scenes one "
+                        "by one", ",".join(names), type(e).__name__, e)
+        for prep in preps:
+            try:
+                _solve_alone(ctx, prep, device, extra={"batch_fallback": f"{e}"})
+            except KeyboardInterrupt:
+                raise
+            except Exception as e1:  # noqa: BLE001 - a bad scene must not end the batch
+                _record_failure(prep.rec, e1)
+        return
+    solve_s = time.perf_counter() - t0
+    for i, (prep, res) in enumerate(zip(preps, results)):
+        prep.timings["solve_s"] = solve_s / len(preps)  # this scene's share
+        prep.timings["batch_solve_s"] = solve_s
+        info = {"size": len(preps), "index": i, "scenes": names}
+        try:
+            result = pipeline.write_scene(
+                res, prep.views, prep.cfg, Path(ctx.opts.output_dir) / prep.name,
+                wall_s=solve_s, gt_all_in_focus=prep.gt_aif, gt_defocus=prep.gt_def,
+                extra={**prep.extra, "batch": info})
+            _record_done(ctx, prep, res, result)
+            prep.rec["device"] = result["device"]
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - a bad scene must not end the batch
+            _record_failure(prep.rec, e)
+
+
+def solve_group(ctx: Context, names: Sequence[str], pairs: dict[str, io.ScenePair], device,
+                group: int) -> list[dict[str, Any]]:
+    """--batch_size > 1: solves a group of same-size scenes together (dpjax.fit_batch).
+
+    Each scene is loaded, configured and checked alone, so a bad one fails alone; the
+    others are solved in batches (`_split_batches`), a scene left alone with dpjax.fit.
+    Never raises for a bad scene; returns the records in the order of `names`.
+    """
+    recs: dict[str, dict[str, Any]] = {}
+    ready: list[PreparedScene] = []
+    for name in names:
+        rec = _scene_record(ctx, name, pairs[name], device, group)
+        recs[name] = rec
+        timings: dict[str, float] = {}
+        t_start = time.perf_counter()
+        try:
+            ready.append(prepare_scene(ctx, name, pairs[name], device, rec, timings, t_start))
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - a bad scene must not end the batch
+            _record_failure(rec, e)
+            _close_record(rec, timings, t_start)
+    for preps in _split_batches(ctx, ready):
+        if len(preps) == 1:
+            try:
+                _solve_alone(ctx, preps[0], device)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # noqa: BLE001 - a bad scene must not end the batch
+                _record_failure(preps[0].rec, e)
+        else:
+            _solve_batch(ctx, preps, device)
+        for p in preps:
+            _close_record(p, p.timings, p.t_start)
+    return [recs[n] for n in names]
+
+
+@dataclasses.dataclass(frozen=True)
+class DpanetModel:
+    """A loaded DPANet checkpoint (--method=dpanet)."""
+
+    params: Any
+    config: Any  # dpjax.dpanet.DpanetConfig
+    checkpoint: Path  # the .npz
+    step: int
+
+
+def load_dpanet(opts: BatchOptions) -> DpanetModel:
+    """The DPANet of --dpanet_checkpoint; SetupError with a clear message otherwise."""
+    from dpjax import dpanet
+
+    path = Path(opts.dpanet_checkpoint or DEFAULT_DPANET_CHECKPOINT)
+    if opts.dpanet_checkpoint is None and not path.exists():
+        raise SetupError(
+            f"--method=dpanet needs a trained checkpoint and the default {path} does not "
+            "exist: train one (README, 'DPANet (learned baseline)': experiments/"
+            "train_dpanet.py --output_dir=DIR) and pass --dpanet_checkpoint=DIR")
+    try:
+        dpanet.inference.check_tiling(opts.dpanet_tile, opts.dpanet_overlap)
+        npz = dpanet.resolve_checkpoint(path)
+        params, config = dpanet.load_model(npz)
+        step = int(dpanet.checkpoint_meta(npz)["step"])
+    except ValueError as e:  # CheckpointError included
+        raise SetupError(f"--method=dpanet: {e}") from e
+    return DpanetModel(params, config, npz, step)
+
+
+def _other_method(out_dir: Path, method: str) -> str | None:
+    """The method of a complete result in out_dir when it is not `method` (MPI: "mpi")."""
+    if not outputs.is_complete(out_dir):
+        return None
+    try:
+        found = json.loads((out_dir / outputs.RESULT_JSON).read_text()).get("method", "mpi")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None if found == method else str(found)
+
+
+def deblur_one(ctx: Context, name: str, pair: io.ScenePair, device, group: int) -> dict[str, Any]:
+    """--method=dpanet: loads and deblurs one scene; never raises for a bad scene."""
+    import jax
+
+    from dpjax import dpanet
+
+    opts, model = ctx.opts, ctx.dpanet
+    out_dir = Path(opts.output_dir) / name
+    rec: dict[str, Any] = {"scene": name, "format": pair.format, "method": "dpanet",
+                           "inputs": [str(p) if p else None for p in (pair.left, pair.right)],
+                           "process": ctx.process_index, "device": str(device)}
+    if opts.batch_size > 1:
+        rec["group"] = group
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
     try:
         t0 = time.perf_counter()
         views, info = load_views(ctx, pair)
         timings["load_s"] = time.perf_counter() - t0
         rec["shape"] = list(views.shape)
+        if views.shape[-1] != model.config.channels:
+            raise SceneFailure("input", f"{pair.left}: {views.shape[-1]}-channel views, the "
+                               f"DPANet checkpoint takes {model.config.channels}")
+        gt_aif, _ = load_ground_truth(ctx, name, views.shape[1:3], info)
+        t0 = time.perf_counter()
         with jax.default_device(device):
-            bank = make_bank(ctx, views, info)
-            cfg, preset_info = scene_config(ctx, name, views, bank)
-            timings["preset_s"] = preset_info["seconds"]
-            rec["scale_range"] = preset_info["scale_range"]
-            est = batch.estimate_solve_memory(
-                height=views.shape[1], width=views.shape[2], channels=views.shape[3],
-                num_layers=cfg.mpi.num_layers, grid=bank.grid, kernel_size=bank.kernel_size,
-                max_abs_scale=float(np.max(np.abs(cfg.mpi.scales()))),
-                conv_method=cfg.solver.conv_method, round_fft=cfg.solver.round_fft)
-            rec["memory_estimate_gb"] = round(est.gb, 3)
-            refusal = batch.memory_refusal(est, ctx.budget)
-            if refusal is not None:
-                raise SceneFailure("memory", refusal)
-            gt_aif, gt_def = load_ground_truth(ctx, name, views.shape[1:3], info)
-            extra = {"scene": name, "format": pair.format, "inputs": rec["inputs"],
-                     "preprocessing": info, "kernels": ctx.source.info, "preset": preset_info,
-                     "memory_estimate_gb": rec["memory_estimate_gb"],
-                     "assigned_device": str(device), "process": ctx.process_index}
-            t0 = time.perf_counter()
-            res, result = pipeline.solve_scene(views, bank, cfg, out_dir, gt_all_in_focus=gt_aif,
-                                               gt_defocus=gt_def, extra=extra, callback=progress)
-            timings["solve_s"] = time.perf_counter() - t0
+            params = jax.device_put(model.params, device)
+            aif = dpanet.deblur_tiled(params, model.config, views, tile=opts.dpanet_tile,
+                                      overlap=opts.dpanet_overlap)
+        timings["deblur_s"] = time.perf_counter() - t0
+        result: dict[str, Any] = {
+            "scene": name, "method": "dpanet", "format": pair.format, "inputs": rec["inputs"],
+            "preprocessing": info,
+            "dpanet": {"checkpoint": str(model.checkpoint), "step": model.step,
+                       "model_config": model.config.to_dict(), "tile": opts.dpanet_tile,
+                       "overlap": opts.dpanet_overlap},
+            "timings": {"wall_s": timings["deblur_s"]}, "jax_version": jax.__version__,
+            "device": str(device), "process": ctx.process_index}
+        if gt_aif is not None:
+            m = pipeline.score(aif, None, gt_all_in_focus=gt_aif)
+            inp = pipeline.score(views.mean(axis=0), None, gt_all_in_focus=gt_aif)
+            result["metrics"] = {k: m[k] for k in ("psnr", "ssim", "mae")}
+            result["input_metrics"] = {k: inp[k] for k in ("psnr", "ssim", "mae")}
+            rec["metrics"], rec["input_metrics"] = result["metrics"], result["input_metrics"]
+        outputs.write_result(out_dir, all_in_focus=aif, defocus=None, result=result)
         t0 = time.perf_counter()
         _write_thumb(out_dir / batch.THUMBS["input"], outputs.to_display(views.mean(axis=0)),
                      opts.thumb_size)
-        _write_thumb(out_dir / batch.THUMBS["all_in_focus"], outputs.to_display(res.all_in_focus),
-                     opts.thumb_size)
-        _write_thumb(out_dir / batch.THUMBS["defocus"], outputs.defocus_png(res.defocus),
+        _write_thumb(out_dir / batch.THUMBS["all_in_focus"], outputs.to_display(aif),
                      opts.thumb_size)
         timings["thumbnails_s"] = time.perf_counter() - t0
-        rec.update(status="done", iterations=result["iterations"],
-                   final_loss=result["final_loss"], solver_timings=result["timings"])
-        if seen_devices:
-            rec["device"] = ",".join(sorted(seen_devices))
-        for key in ("metrics", "input_metrics"):
-            if key in result:
-                rec[key] = result[key]
-        if info.get("warnings"):
-            rec["warnings"] = info["warnings"]
-            for w in info["warnings"]:
-                ctx.display.log(logging.WARNING, "%s: %s", name, w)
+        rec["status"] = "done"
+        for w in info.get("warnings", []):
+            rec.setdefault("warnings", []).append(w)
+            ctx.display.log(logging.WARNING, "%s: %s", name, w)
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 - a bad scene must not end the batch
@@ -732,6 +1057,9 @@ def run_batch(opts: BatchOptions, *, devices: Sequence[Any] | None = None,
         source = kernel_source(opts, factor)
         if opts.batch_size < 1:
             raise SetupError("--batch_size must be >= 1")
+        if opts.method not in ("mpi", "dpanet"):
+            raise SetupError(f"--method must be mpi or dpanet, got {opts.method!r}")
+        model = load_dpanet(opts) if opts.method == "dpanet" else None
     except (SetupError, io.InputError) as e:
         logging.error("batch cannot start: %s", e)
         return 2
@@ -757,12 +1085,12 @@ def run_batch(opts: BatchOptions, *, devices: Sequence[Any] | None = None,
     budget = memory_budget_bytes(opts, devices)
     display = Display(opts.quiet, total=len(share), workers=len(devices))
     ctx = Context(opts=opts, source=source, base=base, presets=presets, budget=budget,
-                  display=display, process_index=process_index)
+                  display=display, process_index=process_index, dpanet=model)
     logging.info("process %d/%d: %d of %d scenes on %d device(s): %s", process_index + 1,
                  process_count, len(share), len(names), len(devices),
                  ", ".join(str(d) for d in devices))
 
-    meta = {"input_dir": str(opts.input_dir), "output_dir": str(out_root),
+    meta = {"input_dir": str(opts.input_dir), "output_dir": str(out_root), "method": opts.method,
             "kernels": source.info, "preset": opts.preset,
             "base_config": dpjax.config.to_dict(base), "process_count": process_count,
             "devices_per_process": len(devices), "batch_size": opts.batch_size,
@@ -795,6 +1123,10 @@ def run_batch(opts: BatchOptions, *, devices: Sequence[Any] | None = None,
             finish({"scene": name, "status": "failed", "error": "input",
                     "reason": f"input: scene {name!r} (from --scenes) not found in "
                               f"{opts.input_dir}"})
+        elif not opts.overwrite and (other := _other_method(out_root / name, opts.method)):
+            finish({"scene": name, "status": "failed", "error": "output",
+                    "reason": f"output: {out_root / name} holds a complete --method={other} "
+                              "result; use another --output_dir (or --overwrite)"})
         elif not opts.overwrite and outputs.is_complete(out_root / name):
             ensure_thumbnails(out_root / name, opts.thumb_size)
             finish(skipped_record(name, out_root / name))
@@ -803,14 +1135,19 @@ def run_batch(opts: BatchOptions, *, devices: Sequence[Any] | None = None,
 
     keys = ({n: _probe_key(pairs[n]) for n in todo} if opts.batch_size > 1 else {})
     groups = batch.group_by_shape(todo, keys, opts.batch_size)
-    per_device: dict[int, list[tuple[int, str]]] = {i: [] for i in range(len(devices))}
+    per_device: dict[int, list[tuple[int, list[str]]]] = {i: [] for i in range(len(devices))}
     slots = list(range(len(devices)))  # by position: a list may repeat a device
     for gi, (group, slot) in enumerate(batch.assign_round_robin(groups, slots)):
-        per_device[slot].extend((gi, n) for n in group)
+        per_device[slot].append((gi, group))
 
     def worker(dev_index: int) -> None:
-        for gi, name in per_device[dev_index]:
-            finish(solve_one(ctx, name, pairs[name], devices[dev_index], gi))
+        for gi, group in per_device[dev_index]:
+            if len(group) > 1 and opts.method == "mpi":  # solved together (dpjax.fit_batch)
+                for rec in solve_group(ctx, group, pairs, devices[dev_index], gi):
+                    finish(rec)
+                continue
+            for name in group:
+                finish(solve_one(ctx, name, pairs[name], devices[dev_index], gi))
 
     state = "complete"
     try:
@@ -931,7 +1268,10 @@ def batch_options_from_flags() -> BatchOptions:
         allow_8bit=FLAGS.allow_8bit, recenter_kernels=FLAGS.recenter_kernels, grid=grid,
         tile_size=FLAGS.tile_size, kernel_radius=FLAGS.kernel_radius,
         kernel_ramp=FLAGS.kernel_ramp, kernel_smooth=FLAGS.kernel_smooth,
-        kernel_size=FLAGS.kernel_size, thumb_size=FLAGS.thumb_size, quiet=FLAGS.quiet)
+        kernel_size=FLAGS.kernel_size, thumb_size=FLAGS.thumb_size, quiet=FLAGS.quiet,
+        method=FLAGS.method,
+        dpanet_checkpoint=Path(FLAGS.dpanet_checkpoint) if FLAGS.dpanet_checkpoint else None,
+        dpanet_tile=FLAGS.dpanet_tile, dpanet_overlap=FLAGS.dpanet_overlap)
 
 
 def main(argv):

@@ -7,16 +7,18 @@ entry point writes the same output layout and the same result.json keys.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dpjax import config as config_lib
-from dpjax import metrics, outputs
+from dpjax import metrics, mpi, outputs
 from dpjax.kernels import KernelBank
-from dpjax.solver import FitResult, Progress, fit
+from dpjax.solver import FitResult, Progress, downsample_image, fit
 
 
 def score(all_in_focus: np.ndarray, defocus: np.ndarray | None, *,
@@ -53,6 +55,43 @@ def score(all_in_focus: np.ndarray, defocus: np.ndarray | None, *,
     return out
 
 
+def init_from_all_in_focus(all_in_focus, num_layers: int,
+                           pyramid_levels: int = 1) -> mpi.MpiParams:
+    """Initial MPI logits whose every layer shows a given all-in-focus estimate.
+
+    A warm start for `fit(init=...)` from another method's sharp image (e.g. DPANet's,
+    `dpjax.dpanet.deblur_tiled`; this module never imports dpjax.dpanet). The image is
+    area-downsampled by 2^(pyramid_levels - 1) to the coarsest level's resolution, as
+    `fit` downsamples the observation, and goes through `mpi.init_params` as if it were
+    both views: every layer's colour is the image clipped to [1e-3, 1 - 1e-3] (logit:
+    the inverse of `mpi.colors`' sigmoid), and alpha_l = 1 / (l + 1) gives every layer
+    transmittance 1/L. So at the start the composite all-in-focus image equals the
+    given one up to that clipping, and the defocus map is flat (the mean layer scale):
+    the solver starts from sharp colours and still has to find the layers.
+
+    Note that `fit` treats any `init` as a warm start: its first level runs with
+    SolverConfig.refine_lr, not lr_start / lr_end.
+
+    Args:
+      all_in_focus: [H, W, C] estimate in the views' intensity scale.
+      num_layers: L of the solve's MpiConfig.
+      pyramid_levels: the solve's SolverConfig.pyramid_levels (H and W must be
+        divisible by 2^(pyramid_levels - 1), as for the solve itself).
+
+    Returns:
+      MpiParams: color_logits [L, C, H', W'], alpha_logits [L - 1, H', W'] at the
+      coarsest level's H' x W'.
+    """
+    image = np.asarray(all_in_focus, np.float32)
+    if image.ndim != 3:
+        raise ValueError(f"all_in_focus must be [H, W, C], got {image.shape}")
+    if not np.all(np.isfinite(image)):
+        raise ValueError("all_in_focus contains NaN or Inf values")
+    planar = jnp.asarray(np.transpose(image, (2, 0, 1)))  # [C, H, W]
+    coarse = downsample_image(planar, 2 ** (pyramid_levels - 1))  # [C, H', W']
+    return mpi.init_params(coarse[None], num_layers)
+
+
 def _solve_device(res: FitResult) -> str:
     """The device the solve ran on (that of its final parameters), not jax.devices()[0]:
     a batch run places scenes on other local devices with jax.default_device."""
@@ -65,8 +104,8 @@ def _solve_device(res: FitResult) -> str:
 def solve_scene(views: np.ndarray, bank: KernelBank, cfg: config_lib.Config, out_dir, *,
                 gt_all_in_focus=None, gt_defocus=None, defocus_confidence=None,
                 extra: dict[str, Any] | None = None,
-                callback: Callable[[Progress], None] | None = None
-                ) -> tuple[FitResult, dict[str, Any]]:
+                callback: Callable[[Progress], None] | None = None,
+                init: mpi.MpiParams | None = None) -> tuple[FitResult, dict[str, Any]]:
     """Solves one scene and writes the standard output layout to `out_dir`.
 
     Args:
@@ -77,17 +116,42 @@ def solve_scene(views: np.ndarray, bank: KernelBank, cfg: config_lib.Config, out
       gt_all_in_focus, gt_defocus, defocus_confidence: optional ground truth.
       extra: more JSON-able fields for result.json (scene id, paths...).
       callback: solver progress callback.
+      init: optional initial MPI logits at the coarsest level (`fit`), e.g. from
+        `init_from_all_in_focus`.
 
     Returns:
       (FitResult, the result dict written to result.json).
     """
     t0 = time.perf_counter()
-    res = fit(views, bank, cfg, callback=callback)
+    res = fit(views, bank, cfg, callback=callback, init=init)
+    result = write_scene(res, views, cfg, out_dir, wall_s=time.perf_counter() - t0,
+                         gt_all_in_focus=gt_all_in_focus, gt_defocus=gt_defocus,
+                         defocus_confidence=defocus_confidence, extra=extra)
+    return res, result
+
+
+def write_scene(res: FitResult, views: np.ndarray, cfg: config_lib.Config, out_dir, *,
+                wall_s: float, gt_all_in_focus=None, gt_defocus=None, defocus_confidence=None,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Scores a solved scene and writes the standard output layout to `out_dir`.
+
+    `solve_scene`'s second half, also used after a batched solve (`fit_batch`).
+
+    Args:
+      res: the scene's FitResult.
+      views: [2, H, W, C] the views it was solved from.
+      cfg: its resolved configuration (written into result.json).
+      wall_s: the solve's wall time (timings.wall_s).
+      gt_all_in_focus, gt_defocus, defocus_confidence, extra: as for `solve_scene`.
+
+    Returns:
+      the result dict written to result.json.
+    """
     mean_input = np.mean(views, axis=0)
     result: dict[str, Any] = {
         **(extra or {}),
         "config": config_lib.to_dict(cfg),
-        "timings": {**res.timings, "wall_s": time.perf_counter() - t0},
+        "timings": {**res.timings, "wall_s": wall_s},
         "iterations": list(res.level_iterations),
         "loss_terms": res.terms,
         "final_loss": float(res.loss_history[-1]) if res.loss_history.size else None,
@@ -102,4 +166,4 @@ def solve_scene(views: np.ndarray, bank: KernelBank, cfg: config_lib.Config, out
             result["input_metrics"] = {k: inp[k] for k in ("psnr", "ssim", "mae")}
     outputs.write_result(Path(out_dir), all_in_focus=res.all_in_focus, defocus=res.defocus,
                          result=result)
-    return res, result
+    return result

@@ -4,6 +4,8 @@
   python experiments/reproduce_table.py --preset=paper --methods=dpjax,wiener \
       --output_dir=out/pixel4_paper
   python experiments/reproduce_table.py --scenes=001 --crop=1x2 --level_iters=20,5,2  # quick
+  python experiments/reproduce_table.py --methods=input,dpanet \
+      --dpanet_checkpoint=dpanet_runs/w8 --output_dir=out/pixel4_auto
 
 For each method and scene it writes OUTPUT_DIR/<method>/<scene>/ in the standard
 layout (all_in_focus.{tif,png}, defocus_map.{tif,png} when the method estimates
@@ -22,7 +24,20 @@ Methods:
   dp_stereo  calibrated kernel-symmetry search (Punnappurath et al., ICCP 2020) over
              25 scales spanning the preset's range; its all-in-focus image is the
              Wiener deconvolution at its own defocus map (a fully classical pipeline).
-  dpanet     not available yet: there is no trained DPANet checkpoint.
+  dpanet     the learned DPANet baseline (dpjax.dpanet) from --dpanet_checkpoint (a
+             ckpt_<step>.npz or a training output folder, whose latest checkpoint is
+             used; default experiments/checkpoints/dpanet_w8/). It deblurs the views in
+             overlapping tiles (--dpanet_tile, --dpanet_overlap; dpanet.deblur_tiled)
+             and writes the all-in-focus image only: no defocus map, so its defocus
+             columns stay empty. DPANet was trained on scenes 001, 005, 008 (the
+             checkpoint folder's run_config.json says which): their rows are not
+             held-out results, and the log and result.json say so.
+
+With --dpanet_init the dpjax method starts the MPI from DPANet's all-in-focus image
+(dpjax.pipeline.init_from_all_in_focus: every layer's colour is that image, alphas as
+usual) instead of the mean of the views; the DPANet pass is part of its wall time.
+Keep such runs in their own --output_dir: a dpjax result solved with the other
+setting is refused rather than reused or overwritten (unless --overwrite).
 
 Presets: `auto` (default) estimates each scene's layer range from the DP pair
 (dpjax.presets.auto_config) with one set of prior weights; `paper` uses the paper's
@@ -30,7 +45,8 @@ per-scene ranges and weights (dpjax.presets.paper_config). Both share the solver
 schedule given by --pyramid_levels / --level_iters / --num_iters.
 
 Wall time per scene: the method's own time (for dpjax with the auto preset this
-includes the range estimation); loading the scene and scoring are excluded.
+includes the range estimation); loading the scene and scoring are excluded. JAX
+compilation is included, so a method's first scene is the slowest.
 """
 
 from __future__ import annotations
@@ -52,17 +68,18 @@ import numpy as np
 from absl import app, flags, logging
 
 import dpjax
-from dpjax import baselines, io, outputs, pipeline, presets
+from dpjax import baselines, dpanet, io, outputs, pipeline, presets
 from dpjax import config as config_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "pixel4"
+DEFAULT_DPANET_CHECKPOINT = ROOT / "experiments" / "checkpoints" / "dpanet_w8"
 
 METHODS = ("dpjax", "input", "wiener", "dp_stereo", "dpanet")
 DEFAULT_METHODS = ("dpjax", "input", "wiener", "dp_stereo")
 # Methods that read another method's output run after it.
 _ORDER = {"dpjax": 0, "input": 1, "dp_stereo": 2, "wiener": 3, "dpanet": 4}
-DEFAULT_LEVEL_ITERS = (200, 40, 8)
+DEFAULT_LEVEL_ITERS = config_lib.FAST_LEVEL_ITERS
 STEREO_CANDIDATES = 25
 
 COLUMNS = (  # (key in metrics, CSV header, Markdown header, format)
@@ -73,10 +90,6 @@ COLUMNS = (  # (key in metrics, CSV header, Markdown header, format)
     ("ssim", "ssim", "SSIM ↑", "{:.3f}"),
     ("mae", "mae", "MAE ↓", "{:.4f}"),
 )
-
-
-class DpanetUnavailable(ValueError):
-    """--methods asked for DPANet, which has no trained checkpoint yet."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -96,6 +109,10 @@ class Options:
     output_dir: Path = Path("out/pixel4")
     overwrite: bool = False
     quiet: bool = False
+    dpanet_checkpoint: Path | None = None  # default DEFAULT_DPANET_CHECKPOINT
+    dpanet_init: bool = False
+    dpanet_tile: int = dpanet.DEFAULT_TILE
+    dpanet_overlap: int = dpanet.DEFAULT_OVERLAP
 
 
 # ----------------------------------------------------------------------------------------
@@ -214,6 +231,91 @@ def scene_config(opts: Options, sid: str, views, bank, base) -> tuple[dpjax.Conf
 
 
 # ----------------------------------------------------------------------------------------
+# DPANet
+
+
+@dataclasses.dataclass(frozen=True)
+class DpanetModel:
+    """A loaded checkpoint and what result.json records about it."""
+
+    params: Any
+    config: dpanet.DpanetConfig
+    checkpoint: Path  # the .npz
+    step: int
+    train_scenes: tuple[str, ...] | None  # from the run's run_config.json, if present
+
+    def trained_on(self) -> str:
+        if self.train_scenes is None:
+            return "unknown scenes (no run_config.json beside the checkpoint)"
+        if not self.train_scenes:
+            return "synthetic data only"
+        return "scenes " + ", ".join(self.train_scenes)
+
+    def info(self, opts: Options, sid: str) -> dict[str, Any]:
+        return {"checkpoint": str(self.checkpoint), "step": self.step,
+                "model_config": self.config.to_dict(), "tile": opts.dpanet_tile,
+                "overlap": opts.dpanet_overlap, "train_scenes": self.train_scenes,
+                "trained_on_scene": (None if self.train_scenes is None
+                                     else sid in self.train_scenes)}
+
+
+def load_dpanet(opts: Options) -> DpanetModel:
+    """The DPANet of --dpanet_checkpoint, or a clear error saying how to get one."""
+    try:
+        dpanet.inference.check_tiling(opts.dpanet_tile, opts.dpanet_overlap)
+    except ValueError as e:
+        raise ValueError(f"--dpanet_tile/--dpanet_overlap: {e}") from e
+    path = Path(opts.dpanet_checkpoint or DEFAULT_DPANET_CHECKPOINT)
+    if opts.dpanet_checkpoint is None and not path.exists():
+        raise FileNotFoundError(
+            f"DPANet needs a trained checkpoint and the default {path} does not exist. "
+            "Train one (README, 'DPANet (learned baseline)'), e.g. python "
+            "experiments/train_dpanet.py --output_dir=dpanet_runs/w8 --width=8, then pass "
+            "--dpanet_checkpoint=dpanet_runs/w8 (a training folder or a ckpt_<step>.npz) "
+            "or copy its latest ckpt_<step>.npz/.json and run_config.json there")
+    try:
+        npz = dpanet.resolve_checkpoint(path)
+        params, config = dpanet.load_model(npz)
+        step = int(dpanet.checkpoint_meta(npz)["step"])
+    except dpanet.CheckpointError as e:
+        raise type(e)(f"--dpanet_checkpoint: {e}") from e
+    if config.channels != 1:
+        raise ValueError(f"--dpanet_checkpoint: {npz} takes {config.channels}-channel views; "
+                         "the Pixel 4 views have 1 channel")
+    train_scenes = None
+    run_config = npz.parent / "run_config.json"
+    if run_config.is_file():
+        try:
+            scenes = json.loads(run_config.read_text())["data"]["train_scenes"]
+            train_scenes = tuple(str(x) for x in scenes)
+        except (ValueError, KeyError, TypeError):
+            logging.warning("%s: no data.train_scenes; training scenes unknown", run_config)
+    return DpanetModel(params, config, npz, step, train_scenes)
+
+
+def dpanet_all_in_focus(opts: Options, model: DpanetModel, views: np.ndarray) -> np.ndarray:
+    """[H, W, 1] DPANet estimate in the views' scale (tiled, on the default device)."""
+    return dpanet.deblur_tiled(model.params, model.config, views, tile=opts.dpanet_tile,
+                               overlap=opts.dpanet_overlap)
+
+
+def check_dpanet_init(opts: Options, scenes: tuple[str, ...]) -> None:
+    """Refuse to reuse a complete dpjax result solved with the other --dpanet_init."""
+    if opts.overwrite:
+        return
+    for sid in scenes:
+        d = Path(opts.output_dir) / "dpjax" / sid
+        if not outputs.is_complete(d):
+            continue
+        was = bool(json.loads((d / outputs.RESULT_JSON).read_text()).get("dpanet_init"))
+        if was != opts.dpanet_init:
+            raise ValueError(
+                f"{d} holds a dpjax result solved {'with' if was else 'without'} "
+                f"--dpanet_init, this run is {'with' if opts.dpanet_init else 'without'} it; "
+                "use another --output_dir (or --overwrite to replace it)")
+
+
+# ----------------------------------------------------------------------------------------
 # Methods
 
 
@@ -234,7 +336,8 @@ def _common(opts: Options, sid: str, method: str, preset_info: dict | None, *,
     return out
 
 
-def run_dpjax(opts, sid, views, bank, gt_aif, gt_def, cfg, preset_info, out_dir) -> None:
+def run_dpjax(opts, sid, views, bank, gt_aif, gt_def, cfg, preset_info, out_dir,
+              model: DpanetModel | None = None) -> None:
     def progress(p: dpjax.Progress):
         if not opts.quiet:
             logging.info("  dpjax %s: level %d/%d step %d/%d loss %.5g (%.0fs)", sid,
@@ -242,12 +345,21 @@ def run_dpjax(opts, sid, views, bank, gt_aif, gt_def, cfg, preset_info, out_dir)
                          p.elapsed_s)
 
     extra = _common(opts, sid, "dpjax", preset_info, environment=False)
+    init, init_s = None, 0.0
+    if opts.dpanet_init:
+        t0 = time.perf_counter()
+        aif = dpanet_all_in_focus(opts, model, views)
+        init = pipeline.init_from_all_in_focus(aif, cfg.mpi.num_layers,
+                                               cfg.solver.pyramid_levels)
+        init_s = time.perf_counter() - t0
+        extra["dpanet_init"] = {**model.info(opts, sid), "seconds": init_s}
     pipeline.solve_scene(views, bank, cfg, out_dir, gt_all_in_focus=gt_aif, gt_defocus=gt_def,
-                         extra=extra, callback=progress)
+                         extra=extra, callback=progress, init=init)
     # solve_scene scores only the estimate's keys; keep the table's keys uniform.
     result = json.loads((out_dir / outputs.RESULT_JSON).read_text())
     result["metrics"] = {**{k: None for k, *_ in COLUMNS}, **result["metrics"]}
-    result["wall_s"] = result["timings"]["wall_s"] + preset_info.get("estimate_s", 0.0)
+    result["wall_s"] = (result["timings"]["wall_s"] + preset_info.get("estimate_s", 0.0)
+                        + init_s)
     result.pop("output_files")
     _rewrite_result(out_dir, result)
 
@@ -264,6 +376,16 @@ def run_input(opts, sid, views, gt_aif, gt_def, out_dir) -> None:
     aif = views.mean(axis=0)
     wall = time.perf_counter() - t0
     result = {**_common(opts, sid, "input", None), "timings": {"wall_s": wall}, "wall_s": wall,
+              "metrics": _metrics(aif, None, gt_aif, gt_def)}
+    outputs.write_result(out_dir, all_in_focus=aif, defocus=None, result=result)
+
+
+def run_dpanet(opts, sid, views, gt_aif, gt_def, model: DpanetModel, out_dir) -> None:
+    t0 = time.perf_counter()
+    aif = dpanet_all_in_focus(opts, model, views)
+    wall = time.perf_counter() - t0
+    result = {**_common(opts, sid, "dpanet", None), "dpanet": model.info(opts, sid),
+              "timings": {"wall_s": wall}, "wall_s": wall,
               "metrics": _metrics(aif, None, gt_aif, gt_def)}
     outputs.write_result(out_dir, all_in_focus=aif, defocus=None, result=result)
 
@@ -379,10 +501,6 @@ def run(opts: Options) -> list[dict[str, Any]]:
     unknown = [m for m in opts.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    if "dpanet" in opts.methods:
-        raise DpanetUnavailable(
-            "--methods=dpanet: DPANet has no trained checkpoint yet (dpjax.dpanet holds the "
-            "network only), so it cannot be evaluated; drop it from --methods")
     if opts.preset not in ("auto", "paper"):
         raise ValueError(f"unknown preset {opts.preset!r}; use 'auto' or 'paper'")
     methods = sorted(dict.fromkeys(opts.methods), key=_ORDER.__getitem__)
@@ -394,6 +512,16 @@ def run(opts: Options) -> list[dict[str, Any]]:
     if "wiener" in methods and "dpjax" not in methods:
         for sid in scenes:  # fail before any work, not after the first scenes
             _dpjax_layers(opts, sid)
+    if "dpjax" in methods:
+        check_dpanet_init(opts, scenes)
+    model = None
+    if "dpanet" in methods or (opts.dpanet_init and "dpjax" in methods):
+        model = load_dpanet(opts)
+        logging.info("DPANet %s (step %d, width %d), trained on %s", model.checkpoint,
+                     model.step, model.config.width, model.trained_on())
+        for sid in sorted(set(scenes) & set(model.train_scenes or ())):
+            logging.warning("scene %s was used to train DPANet: its dpanet%s results are not "
+                            "held-out results", sid, " and dpjax" if opts.dpanet_init else "")
     base = base_config(opts)
     bank, block = load_bank(opts)
     tile = bank.grid.tile_h
@@ -417,7 +545,9 @@ def run(opts: Options) -> list[dict[str, Any]]:
             t0 = time.perf_counter()
             d = out / m / sid
             if m == "dpjax":
-                run_dpjax(opts, sid, views, bank, gt_aif, gt_def, cfg, preset_info, d)
+                run_dpjax(opts, sid, views, bank, gt_aif, gt_def, cfg, preset_info, d, model)
+            elif m == "dpanet":
+                run_dpanet(opts, sid, views, gt_aif, gt_def, model, d)
             elif m == "input":
                 run_input(opts, sid, views, gt_aif, gt_def, d)
             elif m == "wiener":
@@ -438,33 +568,51 @@ def run(opts: Options) -> list[dict[str, Any]]:
               f"recenter_kernels={opts.recenter_kernels}; {platform.node()} "
               f"({jax.devices()[0].platform}). Defocus metrics on the 8-bit ground truth "
               "in [0, 1] units; image metrics after ±6 px alignment and affine intensity fit.")
+    if model is not None:
+        header += (f" DPANet: {model.checkpoint} (step {model.step}, width "
+                   f"{model.config.width}), trained on {model.trained_on()}"
+                   f"{'; dpjax initialised from it (--dpanet_init)' if opts.dpanet_init else ''}.")
     write_tables(opts, rows, header)
     logging.info("wrote %s and %s", out / "table.md", out / "table.csv")
     return rows
 
 
 # ----------------------------------------------------------------------------------------
-# Flags (defined only here)
+# Flags (defined only here, and only when run as a program: experiments/dpanet_init.py
+# imports this module for its scene loading and defines its own flags)
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", str(DEFAULT_DATA_DIR), "Pixel 4 dataset folder.")
-flags.DEFINE_string("calib_dir", None, "Calibration folder (default DATA_DIR/calibration).")
-flags.DEFINE_list("scenes", None, "Scene ids (default: every NNN_left.png in data_dir).")
-flags.DEFINE_list("methods", list(DEFAULT_METHODS), f"Methods among {', '.join(METHODS)}.")
-flags.DEFINE_enum("preset", "auto", ["auto", "paper"],
+
+
+def define_flags() -> None:
+    d = flags
+    d.DEFINE_string("data_dir", str(DEFAULT_DATA_DIR), "Pixel 4 dataset folder.")
+    d.DEFINE_string("calib_dir", None, "Calibration folder (default DATA_DIR/calibration).")
+    d.DEFINE_list("scenes", None, "Scene ids (default: every NNN_left.png in data_dir).")
+    d.DEFINE_list("methods", list(DEFAULT_METHODS), f"Methods among {', '.join(METHODS)}.")
+    d.DEFINE_enum("preset", "auto", ["auto", "paper"],
                   "auto: layer range from the DP pair, one weight set; paper: per-scene "
                   "values of the paper's code.")
-flags.DEFINE_integer("num_iters", None, "Iterations at the finest level (used when "
+    d.DEFINE_integer("num_iters", None, "Iterations at the finest level (used when "
                      "--level_iters is not given).")
-flags.DEFINE_integer("pyramid_levels", 3, "Coarse-to-fine levels (1 = single scale).")
-flags.DEFINE_list("level_iters", None, "Per-level budgets, coarsest first (default "
+    d.DEFINE_integer("pyramid_levels", 3, "Coarse-to-fine levels (1 = single scale).")
+    d.DEFINE_list("level_iters", None, "Per-level budgets, coarsest first (default "
                   f"{','.join(map(str, DEFAULT_LEVEL_ITERS))} with 3 levels and no "
                   "--num_iters).")
-flags.DEFINE_string("crop", "full", "'full' or RxC: the central R x C block of kernel tiles.")
-flags.DEFINE_bool("recenter_kernels", True, "Re-centre each tile's kernel pair (data README).")
-flags.DEFINE_string("output_dir", "out/pixel4", "Where results and tables are written.")
-flags.DEFINE_bool("overwrite", False, "Recompute scenes that already have a complete result.")
-flags.DEFINE_bool("quiet", False, "Only log warnings.")
+    d.DEFINE_string("crop", "full", "'full' or RxC: the central R x C block of kernel tiles.")
+    d.DEFINE_bool("recenter_kernels", True, "Re-centre each tile's kernel pair (data README).")
+    d.DEFINE_string("output_dir", "out/pixel4", "Where results and tables are written.")
+    d.DEFINE_bool("overwrite", False, "Recompute scenes that already have a complete result.")
+    d.DEFINE_bool("quiet", False, "Only log warnings.")
+    d.DEFINE_string("dpanet_checkpoint", None, "DPANet checkpoint for --methods=dpanet and "
+                    "--dpanet_init: a ckpt_<step>.npz or a training output folder (its latest "
+                    "checkpoint); default experiments/checkpoints/dpanet_w8/.")
+    d.DEFINE_bool("dpanet_init", False, "Initialise the dpjax MPI from DPANet's all-in-focus "
+                  "image (every layer's colour) instead of the mean of the views.")
+    d.DEFINE_integer("dpanet_tile", dpanet.DEFAULT_TILE, "DPANet inference tile side in px "
+                     "(a multiple of 16); memory grows with its square.")
+    d.DEFINE_integer("dpanet_overlap", dpanet.DEFAULT_OVERLAP, "Least overlap of DPANet tiles "
+                     "in px (a multiple of 16, below the tile side).")
 
 
 def main(argv):
@@ -484,7 +632,10 @@ def main(argv):
         methods=tuple(FLAGS.methods), preset=FLAGS.preset, num_iters=FLAGS.num_iters,
         pyramid_levels=FLAGS.pyramid_levels, level_iters=level_iters, crop=FLAGS.crop,
         recenter_kernels=FLAGS.recenter_kernels, output_dir=Path(FLAGS.output_dir),
-        overwrite=FLAGS.overwrite, quiet=FLAGS.quiet)
+        overwrite=FLAGS.overwrite, quiet=FLAGS.quiet,
+        dpanet_checkpoint=Path(FLAGS.dpanet_checkpoint) if FLAGS.dpanet_checkpoint else None,
+        dpanet_init=FLAGS.dpanet_init, dpanet_tile=FLAGS.dpanet_tile,
+        dpanet_overlap=FLAGS.dpanet_overlap)
     try:
         run(opts)
     except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, no traceback
@@ -495,4 +646,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     sys.exit(app.run(main))

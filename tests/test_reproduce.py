@@ -221,8 +221,9 @@ def test_script_rejects_dpanet_unknown_methods_and_bad_crop(tmp_path, pixel4_dir
     base = rt.Options(data_dir=pixel4_dir, output_dir=tmp_path / "out", scenes=("011",))
     import dataclasses
 
-    with pytest.raises(rt.DpanetUnavailable, match="no trained checkpoint"):
-        rt.run(dataclasses.replace(base, methods=("dpjax", "dpanet")))
+    with pytest.raises(FileNotFoundError, match="DPANet checkpoint not found"):
+        rt.run(dataclasses.replace(base, methods=("dpjax", "dpanet"),
+                                   dpanet_checkpoint=tmp_path / "no_such_run"))
     with pytest.raises(ValueError, match="unknown methods"):
         rt.run(dataclasses.replace(base, methods=("magic",)))
     with pytest.raises(ValueError, match="--crop"):

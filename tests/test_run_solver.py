@@ -219,6 +219,65 @@ def test_bad_input_fails_one_scene_and_keeps_good_outputs(case, tmp_path, calib_
     assert len(lines) == 1 and expected in lines[0]
 
 
+def test_batch_size_solves_same_size_scenes_together(tmp_path, calib_dir):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _write_tiff_pair(inp, "a", _texture(0))
+    _write_tiff_pair(inp, "b", _texture(1))
+    _case_nan(inp)  # "x": same size, so probed into the group of a and b; fails to load
+    code = run_solver.run_batch(_opts(inp, out, calib_dir=calib_dir, batch_size=3))
+    assert code == 1
+    recs = _by_scene(_summary(out))
+    assert recs["x"]["status"] == "failed" and recs["x"]["error"] == "input"
+    assert "NaN or Inf" in recs["x"]["reason"]
+    assert not (out / "x").exists()
+    assert recs["a"]["group"] == recs["b"]["group"] == recs["x"]["group"]
+    for i, name in enumerate(("a", "b")):
+        rec = recs[name]
+        assert rec["status"] == "done" and rec["iterations"] == [5], rec
+        assert rec["batch"] == {"size": 2, "index": i, "scenes": ["a", "b"]}
+        assert rec["timings"]["solve_s"] > 0 and rec["timings"]["batch_solve_s"] > 0
+        assert outputs.is_complete(out / name)
+        for thumb in batch.THUMBS.values():
+            assert (out / name / thumb).is_file()
+        result = json.loads((out / name / "result.json").read_text())
+        assert result["batch"] == rec["batch"]
+        assert result["scene"] == name and result["iterations"] == [5]
+        assert {"config", "loss_terms", "final_loss", "preprocessing", "kernels",
+                "timings", "device"} <= set(result)
+        assert tifffile.imread(out / name / outputs.DEFOCUS_TIFF).shape == (SIZE, SIZE)
+
+
+def test_batch_that_diverges_is_solved_scene_by_scene(tmp_path, calib_dir, monkeypatch,
+                                                      caplog):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _write_tiff_pair(inp, "a", _texture(0))
+    _write_tiff_pair(inp, "b", _texture(1))
+    real_fit = run_solver.pipeline.fit
+    diverging = {}
+
+    def fit_batch(views, banks, configs, callback=None):
+        diverging["views"] = views[1]
+        raise dpjax.solver.BatchFloatingPointError("scene 1 of the batch diverged", (1,))
+
+    def fit(views, *args, **kwargs):  # scene b also diverges alone
+        if views is diverging["views"]:
+            raise FloatingPointError("non-finite loss or gradient at iteration 3")
+        return real_fit(views, *args, **kwargs)
+
+    monkeypatch.setattr(run_solver.dpjax, "fit_batch", fit_batch)
+    monkeypatch.setattr(run_solver.pipeline, "fit", fit)
+    code = run_solver.run_batch(_opts(inp, out, calib_dir=calib_dir, batch_size=2,
+                                      quiet=False))
+    assert code == 1
+    recs = _by_scene(_summary(out))
+    assert recs["a"]["status"] == "done" and "batch" not in recs["a"]
+    assert recs["b"]["status"] == "failed" and recs["b"]["error"] == "solver diverged"
+    assert outputs.is_complete(out / "a") and not (out / "b").exists()
+    result = json.loads((out / "a" / "result.json").read_text())
+    assert "scene 1 of the batch diverged" in result["batch_fallback"]
+    assert any("solving its scenes one by one" in r.getMessage() for r in caplog.records)
+
+
 def test_parametric_model_image_smaller_than_grid(tmp_path):
     inp, out = tmp_path / "in", tmp_path / "out"
     _write_tiff_pair(inp, "tiny", _texture(0, 16, 16))
