@@ -68,8 +68,6 @@ def _load_dpjax() -> None:
 ROOT = Path(__file__).resolve().parent
 DEMO_CALIB = ROOT / "calib_data" / "parametric_2x2"
 
-# Batch default schedule: the fast coarse-to-fine schedule (--num_iters sets the last).
-FAST_LEVEL_ITERS = (200, 40, 8)
 SUMMARY_JSON = "summary.json"
 INDEX_HTML = "index.html"
 
@@ -263,8 +261,10 @@ def base_config(opts: BatchOptions) -> dpjax.Config:
     levels = opts.pyramid_levels
     solver: dict[str, Any] = {"pyramid_levels": levels}
     level_iters = opts.level_iters
-    if level_iters is None and levels == len(FAST_LEVEL_ITERS):
-        level_iters = FAST_LEVEL_ITERS
+    # Default: the fast coarse-to-fine schedule (--num_iters sets its last level).
+    fast = dpjax.config.FAST_LEVEL_ITERS
+    if level_iters is None and levels == len(fast):
+        level_iters = fast
     if level_iters is not None:
         level_iters = tuple(level_iters)
         if opts.num_iters is not None:

@@ -69,8 +69,9 @@ def init_from_all_in_focus(all_in_focus, num_layers: int,
     given one up to that clipping, and the defocus map is flat (the mean layer scale):
     the solver starts from sharp colours and still has to find the layers.
 
-    Note that `fit` treats any `init` as a warm start: its first level runs with
-    SolverConfig.refine_lr, not lr_start / lr_end.
+    Pass it with `fit(..., init=..., init_is_solution=False)` (as `solve_scene` does):
+    the alphas are the usual initial ones, so the first level runs the normal
+    learning-rate schedule, not SolverConfig.refine_lr.
 
     Args:
       all_in_focus: [H, W, C] estimate in the views' intensity scale.
@@ -116,14 +117,15 @@ def solve_scene(views: np.ndarray, bank: KernelBank, cfg: config_lib.Config, out
       gt_all_in_focus, gt_defocus, defocus_confidence: optional ground truth.
       extra: more JSON-able fields for result.json (scene id, paths...).
       callback: solver progress callback.
-      init: optional initial MPI logits at the coarsest level (`fit`), e.g. from
-        `init_from_all_in_focus`.
+      init: optional initial MPI logits at the coarsest level from
+        `init_from_all_in_focus` (a starting image, not a solution: the first level
+        runs the normal schedule).
 
     Returns:
       (FitResult, the result dict written to result.json).
     """
     t0 = time.perf_counter()
-    res = fit(views, bank, cfg, callback=callback, init=init)
+    res = fit(views, bank, cfg, callback=callback, init=init, init_is_solution=False)
     result = write_scene(res, views, cfg, out_dir, wall_s=time.perf_counter() - t0,
                          gt_all_in_focus=gt_all_in_focus, gt_defocus=gt_defocus,
                          defocus_confidence=defocus_confidence, extra=extra)

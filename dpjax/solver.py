@@ -335,7 +335,7 @@ def batch_key(config: Config):
 
 def fit(observation, bank: KernelBank, config: Config = _DEFAULT_CONFIG, *,
         callback: Callable[[Progress], None] | None = None,
-        init: mpi.MpiParams | None = None) -> FitResult:
+        init: mpi.MpiParams | None = None, init_is_solution: bool = True) -> FitResult:
     """Estimates the defocus map and the all-in-focus image of one DP capture.
 
     Args:
@@ -345,6 +345,10 @@ def fit(observation, bank: KernelBank, config: Config = _DEFAULT_CONFIG, *,
       callback: called on the host after every chunk with a Progress; returning
         True stops the solve there (e.g. a wall-time budget), keeping the result.
       init: optional initial MPI logits at the coarsest level's resolution.
+      init_is_solution: True (default) when `init` is an earlier solve's result, so
+        its first level already refines (SolverConfig.refine_lr); False when it is
+        only a better starting image (e.g. a network's all-in-focus estimate with the
+        usual initial alphas), so the first level runs the normal schedule.
 
     Returns:
       FitResult.
@@ -356,7 +360,8 @@ def fit(observation, bank: KernelBank, config: Config = _DEFAULT_CONFIG, *,
     t_start = time.perf_counter()
     scene = _scene(observation, bank, config)
     report = None if callback is None else (lambda progress: callback(progress[0]))
-    return _solve([scene], batched=False, report=report, init=init, t_start=t_start)[0]
+    return _solve([scene], batched=False, report=report, init=init, t_start=t_start,
+                  refine_first=init is not None and init_is_solution)[0]
 
 
 def fit_batch(observations, banks: KernelBank | Sequence[KernelBank],
@@ -460,7 +465,8 @@ def _problems(scenes: Sequence[_Scene], factor: int, batched: bool):
 
 def _solve(scenes: Sequence[_Scene], *, batched: bool,
            report: Callable[[tuple[Progress, ...]], bool | None] | None,
-           init: mpi.MpiParams | None, t_start: float) -> list[FitResult]:
+           init: mpi.MpiParams | None, t_start: float,
+           refine_first: bool = False) -> list[FitResult]:
     """The coarse-to-fine level loop shared by `fit` (one scene, unbatched arrays) and
     `fit_batch` (arrays with a leading scene axis B)."""
     num = len(scenes)
@@ -471,7 +477,7 @@ def _solve(scenes: Sequence[_Scene], *, batched: bool,
     level_iters: list[list[int]] = [[] for _ in scenes]
     timings: dict[str, float] = {}
     params = init
-    solved_before = init is not None
+    solved_before = refine_first
     callback_s = 0.0  # time spent in the callback, excluded from reported timings
     stopped = False  # the callback asked to stop
     run_chunk = _run_chunk_batch if batched else _run_chunk
