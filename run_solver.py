@@ -120,7 +120,8 @@ def _define_flags() -> None:
     d.DEFINE_integer("pyramid_levels", 3, "Coarse-to-fine levels (tiles must divide by "
                      "2^(levels-1)).")
     d.DEFINE_list("level_iters", None, "Iterations per pyramid level, coarsest first "
-                  "(default 200,40,8 for 3 levels; --num_iters sets the last).")
+                  "(default dpjax.config.FAST_LEVEL_ITERS, 200,80,20, for 3 levels; --num_iters "
+                  "sets the last).")
     d.DEFINE_integer("num_layers", None, "MPI layers (default: dpjax.Config's, 12).")
     d.DEFINE_float("black_level", None, "Black level of the raw views (default: Pixel 1024, "
                    "PNG/TIFF 0; required for PGM).")

@@ -43,6 +43,8 @@ flags.DEFINE_float("paper_budget_s", 600.0, "Wall-time cap for the paper schedul
 flags.DEFINE_integer("paper_iters", 10_000, "The paper schedule's iteration count.")
 flags.DEFINE_integer("eval_every", 50, "Paper run: evaluate the metrics every N iterations.")
 flags.DEFINE_integer("fast_eval_every", 20, "Fast run: evaluate the metrics every N iterations.")
+flags.DEFINE_string("paper_json", "", "Reuse the paper run of an earlier output JSON of this "
+                    "script (same scene, crop and paper settings) instead of running it again.")
 flags.DEFINE_enum("fast_preset", "auto", ["auto", "paper"],
                   "Layer range and weights of the fast run (see the module docstring).")
 flags.DEFINE_string("output", "", "Also write the JSON here.")
@@ -152,6 +154,17 @@ def main(argv):
                   FLAGS.paper_budget_s),
         "fast": (config_lib.fast_solver(), FLAGS.fast_eval_every, None),
     }
+    if FLAGS.paper_json:
+        earlier = json.loads(Path(FLAGS.paper_json).read_text())
+        paper = earlier["runs"]["paper"]
+        expected = config_lib.to_dict(base.replace(solver=schedules["paper"][0]).replace(
+            **{"solver.chunk_size": FLAGS.eval_every}))["solver"]
+        if (earlier["scene"], earlier["crop"]) != (FLAGS.scene, FLAGS.crop) or \
+                paper["schedule"] != expected:
+            raise app.UsageError(f"{FLAGS.paper_json} holds a paper run of scene "
+                                 f"{earlier['scene']} crop {earlier['crop']} with other settings")
+        runs["paper"] = {**paper, "reused_from": FLAGS.paper_json}
+        del schedules["paper"]
     for name, (solver_cfg, every, budget) in schedules.items():
         cfg = base.replace(solver=solver_cfg).replace(**{"solver.chunk_size": every})
         estimate_s = 0.0
