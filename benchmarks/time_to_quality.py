@@ -157,8 +157,9 @@ def main(argv):
     if FLAGS.paper_json:
         earlier = json.loads(Path(FLAGS.paper_json).read_text())
         paper = earlier["runs"]["paper"]
-        expected = config_lib.to_dict(base.replace(solver=schedules["paper"][0]).replace(
-            **{"solver.chunk_size": FLAGS.eval_every}))["solver"]
+        expected = json.loads(json.dumps(config_lib.to_dict(base.replace(
+            solver=schedules["paper"][0]).replace(
+            **{"solver.chunk_size": FLAGS.eval_every}))["solver"]))
         if (earlier["scene"], earlier["crop"]) != (FLAGS.scene, FLAGS.crop) or \
                 paper["schedule"] != expected:
             raise app.UsageError(f"{FLAGS.paper_json} holds a paper run of scene "

@@ -11,7 +11,7 @@ dpjax solver runs once per budget in --budgets and start:
   (dpjax.pipeline.init_from_all_in_focus), alphas as in the paper.
 A budget is the iteration count of the coarsest pyramid level; the finer levels run
 --fine_iters (coarsest first), so with the defaults a budget b is the schedule
-(b, 40, 8). The preset (auto: layer range from the DP pair; paper: the paper's values)
+(b, 80, 20). The preset (auto: layer range from the DP pair; paper: the paper's values)
 is chosen once for the scene and shared by every run.
 
 Both starts run the same learning-rate schedule (the DPANet start is passed with
@@ -51,8 +51,9 @@ flags.DEFINE_string("crop", "2x2", "'full' or RxC: the central R x C block of ke
 flags.DEFINE_enum("preset", "auto", ["auto", "paper"], "Layer range and prior weights.")
 flags.DEFINE_integer("pyramid_levels", 3, "Coarse-to-fine levels.")
 flags.DEFINE_list("budgets", ["25", "50", "100", "200"], "Coarsest-level iteration budgets.")
-flags.DEFINE_list("fine_iters", ["40", "8"], "Iterations of the finer levels, coarsest "
-                  "first (pyramid_levels - 1 values).")
+flags.DEFINE_list("fine_iters", [str(n) for n in config_lib.FAST_LEVEL_ITERS[1:]],
+                  "Iterations of the finer levels, coarsest first (pyramid_levels - 1 "
+                  "values; default: the fast schedule's).")
 flags.DEFINE_bool("recenter_kernels", True, "Re-centre each tile's kernel pair.")
 flags.DEFINE_string("dpanet_checkpoint", None, "A ckpt_<step>.npz or a training output "
                     "folder (default experiments/checkpoints/dpanet_w8/).")
