@@ -9,8 +9,14 @@ Public API (see README.md):
 """
 
 from dpjax.config import Config, MpiConfig, SolverConfig
-from dpjax.kernels import (KernelBank, TileGrid, parametric_bank, parametric_dp_kernels,
-                           recenter_kernel_pairs, rescale_kernels)
+from dpjax.kernels import (
+                           KernelBank,
+                           TileGrid,
+                           parametric_bank,
+                           parametric_dp_kernels,
+                           recenter_kernel_pairs,
+                           rescale_kernels,
+)
 from dpjax.losses import LossTerms, LossWeights
 from dpjax.mpi import MpiParams
 from dpjax.solver import FitResult, Progress, fit, fit_batch
@@ -19,7 +25,22 @@ from dpjax.synthetic import SyntheticScene, make_scene
 __version__ = "0.1.0"
 
 __all__ = [
-    "Config", "MpiConfig", "SolverConfig", "LossWeights", "LossTerms", "KernelBank", "TileGrid",
-    "parametric_bank", "parametric_dp_kernels", "recenter_kernel_pairs", "rescale_kernels",
-    "MpiParams", "FitResult", "Progress", "fit", "fit_batch", "SyntheticScene", "make_scene",
+                           "Config",
+                           "FitResult",
+                           "KernelBank",
+                           "LossTerms",
+                           "LossWeights",
+                           "MpiConfig",
+                           "MpiParams",
+                           "Progress",
+                           "SolverConfig",
+                           "SyntheticScene",
+                           "TileGrid",
+                           "fit",
+                           "fit_batch",
+                           "make_scene",
+                           "parametric_bank",
+                           "parametric_dp_kernels",
+                           "recenter_kernel_pairs",
+                           "rescale_kernels",
 ]

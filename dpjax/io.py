@@ -51,10 +51,25 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
-    "InputError", "MissingFileError", "Pixel4Preprocess", "Pixel4Scene", "CalibratedKernels",
-    "ScenePair", "box_filter", "load_pixel_pair", "load_pixel4_scene", "load_calibration_kernels",
-    "save_calibration_kernels", "check_kernels_match_image", "load_pgm_pair", "load_png_pair",
-    "load_tiff_pair", "load_pair", "discover_pairs", "read_image", "validate_pair",
+    "CalibratedKernels",
+    "InputError",
+    "MissingFileError",
+    "Pixel4Preprocess",
+    "Pixel4Scene",
+    "ScenePair",
+    "box_filter",
+    "check_kernels_match_image",
+    "discover_pairs",
+    "load_calibration_kernels",
+    "load_pair",
+    "load_pgm_pair",
+    "load_pixel4_scene",
+    "load_pixel_pair",
+    "load_png_pair",
+    "load_tiff_pair",
+    "read_image",
+    "save_calibration_kernels",
+    "validate_pair",
 ]
 
 KERNELS_LEFT = "blur_kernels_left.npy"
@@ -540,7 +555,7 @@ def load_pixel4_scene(data_dir, scene_id: int | str, *,
     for path in paths:
         if not path.is_file():
             raise MissingFileError(f"Pixel 4 scene {sid}: file not found: {path}")
-    whites = dict(white_left=paths[2], white_right=paths[3]) if vignetting else {}
+    whites = {"white_left": paths[2], "white_right": paths[3]} if vignetting else {}
     views = load_pixel_pair(paths[0], paths[1], preprocess=preprocess, **whites)
 
     def _gt(sub: str) -> np.ndarray | None:
@@ -610,8 +625,8 @@ def load_calibration_kernels(calib_dir, *, grid: tuple[int, int] | None = None,
     if meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())
-            meta = dict(grid=tuple(int(v) for v in meta["grid"]),
-                        tile_size=int(meta["tile_size"]))
+            meta = {"grid": tuple(int(v) for v in meta["grid"]),
+                        "tile_size": int(meta["tile_size"])}
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{meta_path}: unreadable kernel metadata ({e})") from e
     for key, value in (("grid", None if grid is None else tuple(grid)), ("tile_size", tile_size)):
@@ -645,7 +660,7 @@ def save_calibration_kernels(calib_dir, calib: CalibratedKernels) -> None:
     kernels = _validate_kernels(np.asarray(calib.kernels), tuple(calib.grid), "save")
     for v, fname in enumerate((KERNELS_LEFT, KERNELS_RIGHT)):
         atomic_write(calib_dir / fname, lambda fh, k=kernels[v]: np.save(fh, k))
-    write_json(calib_dir / KERNELS_META, dict(grid=list(calib.grid), tile_size=calib.tile_size))
+    write_json(calib_dir / KERNELS_META, {"grid": list(calib.grid), "tile_size": calib.tile_size})
 
 
 def check_kernels_match_image(calib: CalibratedKernels, height: int, width: int) -> None:
@@ -715,7 +730,7 @@ def load_pair(pair: ScenePair, *, black_level: float | None = None, expect_16bit
         return load_pixel_pair(pair.left, pair.right, white_left=white_left,
                                white_right=white_right, preprocess=pixel_preprocess,
                                expect_16bit=expect_16bit, min_hw=min_hw)
-    kw = dict(expect_16bit=expect_16bit, min_hw=min_hw)
+    kw = {"expect_16bit": expect_16bit, "min_hw": min_hw}
     if pair.format == "pgm":
         if black_level is None:
             raise ValueError(f"{pair.name}: PGM input needs an explicit black_level")

@@ -47,7 +47,7 @@ class TileGrid:
     def image_shape(self) -> tuple[int, int]:
         return (self.rows * self.tile_h, self.cols * self.tile_w)
 
-    def downsampled(self, factor: int) -> "TileGrid":
+    def downsampled(self, factor: int) -> TileGrid:
         if self.tile_h % factor or self.tile_w % factor:
             raise ValueError(
                     f"tile size {self.tile_h}x{self.tile_w} is not divisible by the pyramid "
@@ -67,7 +67,7 @@ class KernelBank:
     """
 
     kernels: jax.Array
-    grid: TileGrid = dataclasses.field(metadata=dict(static=True))
+    grid: TileGrid = dataclasses.field(metadata={"static": True})
 
     @property
     def kernel_size(self) -> int:
@@ -102,7 +102,7 @@ def rescaled_radius(kernel_size: int, max_abs_scale: float) -> int:
     is needed when its unit box intersects the scaled support.
     """
     r = (kernel_size - 1) // 2
-    return max(0, int(math.ceil(max_abs_scale * (r + 0.5) - 0.5 - 1e-9)))
+    return max(0, math.ceil(max_abs_scale * (r + 0.5) - 0.5 - 1e-9))
 
 
 def _area_resample_matrix(scale: jax.Array, in_size: int, out_size: int) -> jax.Array:
@@ -227,7 +227,7 @@ def parametric_dp_kernels(*, radius: float, size: int | None = None, ramp: float
     if ramp < 0:
         raise ValueError("ramp must be non-negative")
     if size is None:
-        size = 2 * int(math.ceil(radius + 3 * smooth_sigma)) + 3
+        size = 2 * math.ceil(radius + 3 * smooth_sigma) + 3
     if size % 2 == 0:
         raise ValueError("kernel size must be odd")
     half = (size - 1) / 2
@@ -246,7 +246,7 @@ def parametric_dp_kernels(*, radius: float, size: int | None = None, ramp: float
 
 def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     """Separable Gaussian blur with zero padding (same size)."""
-    r = int(math.ceil(3 * sigma))
+    r = math.ceil(3 * sigma)
     t = np.arange(-r, r + 1)
     g = np.exp(-0.5 * (t / sigma) ** 2)
     g /= g.sum()

@@ -30,9 +30,20 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
-    "atomic_write", "atomic_write_bytes", "write_tiff", "write_png", "encode_png", "write_json",
-    "to_json_compatible", "to_display", "colormap", "defocus_png", "write_result", "is_complete",
-    "RESULT_JSON", "RESULT_FILES",
+    "RESULT_FILES",
+    "RESULT_JSON",
+    "atomic_write",
+    "atomic_write_bytes",
+    "colormap",
+    "defocus_png",
+    "encode_png",
+    "is_complete",
+    "to_display",
+    "to_json_compatible",
+    "write_json",
+    "write_png",
+    "write_result",
+    "write_tiff",
 ]
 
 RESULT_JSON = "result.json"
@@ -246,7 +257,7 @@ def defocus_png(defocus, vmin: float | None = None, vmax: float | None = None) -
         vmin = float(finite.min()) if finite.size else 0.0
     if vmax is None:
         vmax = float(finite.max()) if finite.size else 1.0
-    h, w = d.shape
+    h, _w = d.shape
     image = colormap(d, vmin, vmax)
 
     font = ImageFont.load_default(size=max(10, min(h // 30, 28)))

@@ -8,6 +8,7 @@ occlusion-aware MPI model of `dpjax.mpi`, plus a shot/read noise model.
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import jax
@@ -114,7 +115,7 @@ def random_layers(rng: np.random.Generator, *, height: int, width: int, num_laye
     lo, hi = scale_range
     # Evenly spread scales with jitter so layers are distinguishable.
     edges = np.linspace(hi, lo, num_layers + 1)
-    scales = np.array([rng.uniform(min(a, b), max(a, b)) for a, b in zip(edges[:-1], edges[1:])],
+    scales = np.array([rng.uniform(min(a, b), max(a, b)) for a, b in itertools.pairwise(edges)],
                       np.float32)
     colors = np.stack([natural_texture(rng, height, width, channels, slope=slope)
                        for _ in range(num_layers)])

@@ -13,7 +13,7 @@ from dpjax.dpanet import ops, train
 
 
 def _naive_correlation(f1, f2, d):
-    n, h, w, c = f1.shape
+    n, h, w, _c = f1.shape
     out = np.zeros((n, h, w, (2 * d + 1) ** 2))
     for b in range(n):
         for y in range(h):

@@ -171,7 +171,7 @@ def _synthetic_pixel_dir(tmp_path: Path, *, gt=True, whites=True) -> Path:
     _write_grey16(tmp_path / "007_right.png", _raw16(rng, (h, w), 900, 9000))
     if whites:
         (tmp_path / "calibration").mkdir()
-        yy, xx = np.mgrid[:h, :w]
+        _yy, xx = np.mgrid[:h, :w]
         falloff = 1 - 0.3 * xx / w  # the right view darker to the right
         _write_grey16(tmp_path / "calibration" / "white_sheet_left.png", np.full((h, w), 6000))
         _write_grey16(tmp_path / "calibration" / "white_sheet_right.png",
@@ -194,8 +194,8 @@ def test_synthetic_pixel_scene_and_vignetting_gain(tmp_path):
     assert scene.scene_id == "007" and scene.views.shape == (2, 24, 32, 1)
     assert scene.gt_all_in_focus.shape == (24, 32) and scene.gt_defocus.shape == (24, 32)
     # Right view multiplied by box(white_L / white_R) before crop and joint max.
-    pre = lambda a: np.clip(a.astype(np.float64) - 1024, 0, None) / (2**14 - 1)  # noqa: E731
-    read = lambda p: np.asarray(Image.open(p)).astype(np.float64)  # noqa: E731
+    pre = lambda a: np.clip(a.astype(np.float64) - 1024, 0, None) / (2**14 - 1)
+    read = lambda p: np.asarray(Image.open(p)).astype(np.float64)
     left, right = pre(read(d / "007_left.png")), pre(read(d / "007_right.png"))
     gain = dio.box_filter(pre(read(d / "calibration/white_sheet_left.png"))
                           / pre(read(d / "calibration/white_sheet_right.png")), 5)

@@ -1,6 +1,6 @@
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dpjax import conv, mpi
 from dpjax.kernels import KernelBank, TileGrid
