@@ -12,10 +12,10 @@ import platform
 import resource
 import time
 
-from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 from dpjax import conv, kernels, losses, mpi
 
@@ -34,6 +34,24 @@ flags.DEFINE_string("output", "", "Also write the JSON here.")
 
 def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _xla_memory_gib(fn, *args) -> dict[str, float] | None:
+    """XLA's own accounting of the compiled step (arguments, outputs, temporaries), GiB.
+
+    Unlike the process's peak RSS it does not depend on other jobs or the allocator;
+    None where the backend does not report it.
+    """
+    try:
+        stats = fn.lower(*args).compile().memory_analysis()
+    except (NotImplementedError, RuntimeError):
+        return None
+    if stats is None:
+        return None
+    names = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+             "generated_code_size_in_bytes")
+    return {n.removesuffix("_size_in_bytes"): getattr(stats, n) / 2**30 for n in names
+            if hasattr(stats, n)}
 
 
 def main(argv):
@@ -69,6 +87,7 @@ def main(argv):
     for method in FLAGS.methods:
         geom = conv.ConvGeometry.create(grid, radius, method)
         lk = jax.jit(mpi.prepare_layer_kernels, static_argnames="geom")(bank, scales, geom)
+        memory = _xla_memory_gib(step, params, obs, lk)
         t0 = time.perf_counter()
         jax.block_until_ready(step(params, obs, lk))
         compile_and_first = time.perf_counter() - t0
@@ -81,7 +100,8 @@ def main(argv):
                           "ms_all": [1e3 * t for t in times],
                           "first_call_s": compile_and_first,
                           "fft_shape": list(geom.fft_shape),
-                          "peak_rss_gib_so_far": _peak_rss_gib()}
+                          "peak_rss_gib_so_far": _peak_rss_gib(),
+                          "xla_memory_gib": memory}
     if "fft" in result and "direct" in result:
         result["direct_over_fft"] = result["direct"]["ms_per_step"] / result["fft"]["ms_per_step"]
     result["peak_rss_gib"] = _peak_rss_gib()

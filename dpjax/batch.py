@@ -36,7 +36,9 @@ the peak resident memory of nine single-level 5-step CPU solves on jax 0.10.2
 (ru_maxrss minus the resident size after `import dpjax`, which is ~0.22 GB and not
 included), from 64x64 px / 4 layers to a full 1008x1344 Pixel 4 frame with the
 61-px calibrated kernels (7.8 GB); MEMORY_MEASUREMENTS lists them. The fit is within
-6% on every problem except the smallest (64x64 px, +19%). On GPU the
+6% on every problem except the smallest (64x64 px, +19%). They predate the split
+inverse FFT of `conv.apply_spectra`, which lowered a full-frame step's peak resident
+memory by ~6% (7.2 -> 6.7 GiB, BENCHMARKS.md): the estimate now errs high. On GPU the
 same buffers live in device memory, but XLA's fusion and buffer reuse differ:
 treat the estimate as a guide (+-30%), not a bound.
 """

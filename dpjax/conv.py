@@ -59,7 +59,7 @@ class ConvGeometry:
 
     @classmethod
     def create(cls, grid: TileGrid, radius: int, method: ConvMethod = "fft",
-               round_fft: bool = True) -> "ConvGeometry":
+               round_fft: bool = True) -> ConvGeometry:
         if method not in ("fft", "direct"):
             raise ValueError(f"unknown convolution method {method!r}; use 'fft' or 'direct'")
         n_h, n_w = grid.tile_h + 2 * radius, grid.tile_w + 2 * radius
@@ -135,8 +135,12 @@ def apply_spectra(x_spec: jax.Array, k_spec: jax.Array, geom: ConvGeometry) -> j
       [..., H, W] blurred image.
     """
     r, g = geom.radius, geom.grid
-    y = jnp.fft.irfft2(x_spec * k_spec, s=geom.fft_shape, axes=(-2, -1))
-    y = y[..., 2 * r:2 * r + g.tile_h, 2 * r:2 * r + g.tile_w]  # valid part
+    fh, fw = geom.fft_shape
+    # irfft2 split into its two 1-D passes with the valid rows cropped in between:
+    # the second pass then transforms tile_h rows instead of Fh, and neither the full
+    # Fh x Fw real tiles nor their gradients are ever materialised.
+    z = jnp.fft.ifft(x_spec * k_spec, n=fh, axis=-2)[..., 2 * r:2 * r + g.tile_h, :]
+    y = jnp.fft.irfft(z, n=fw, axis=-1)[..., 2 * r:2 * r + g.tile_w]  # valid part
     return stitch_tiles(y, g)
 
 
