@@ -91,6 +91,10 @@ def _define_flags() -> None:
     d.DEFINE_integer("seed", 0, "Seed of the demo scene.")
     d.DEFINE_bool("quiet", False, "No progress bars: only warnings, failures and the final "
                   "summary (for log files).")
+    d.DEFINE_string("compilation_cache_dir", None, "Persistent JAX compilation cache "
+                    "folder (created if missing): later runs with the same shapes reuse the "
+                    "compiled solver instead of compiling it again. Default: none "
+                    "(JAX_COMPILATION_CACHE_DIR in the environment also works).")
     # Batch mode.
     d.DEFINE_string("input_dir", None, "Folder of DP pairs to solve (batch mode; without it "
                     "the demo runs).")
@@ -1280,6 +1284,13 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.quiet:
         logging.set_verbosity(logging.WARNING)
+    if FLAGS.compilation_cache_dir:
+        _load_dpjax()
+        try:
+            folder = batch.use_compilation_cache(FLAGS.compilation_cache_dir)
+        except ValueError as e:
+            raise app.UsageError(f"--compilation_cache_dir: {e}") from e
+        logging.info("persistent compilation cache: %s", folder)
     if FLAGS.input_dir is None:
         given = [f"--{n}" for n in _BATCH_FLAGS if FLAGS[n].present]
         if given:

@@ -68,7 +68,7 @@ import numpy as np
 from absl import app, flags, logging
 
 import dpjax
-from dpjax import baselines, dpanet, io, outputs, pipeline, presets
+from dpjax import baselines, batch, dpanet, io, outputs, pipeline, presets
 from dpjax import config as config_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -604,6 +604,10 @@ def define_flags() -> None:
     d.DEFINE_string("output_dir", "out/pixel4", "Where results and tables are written.")
     d.DEFINE_bool("overwrite", False, "Recompute scenes that already have a complete result.")
     d.DEFINE_bool("quiet", False, "Only log warnings.")
+    d.DEFINE_string("compilation_cache_dir", None, "Persistent JAX compilation cache "
+                    "folder (created if missing): later runs with the same shapes reuse the "
+                    "compiled solver instead of compiling it again. Default: none "
+                    "(JAX_COMPILATION_CACHE_DIR in the environment also works).")
     d.DEFINE_string("dpanet_checkpoint", None, "DPANet checkpoint for --methods=dpanet and "
                     "--dpanet_init: a ckpt_<step>.npz or a training output folder (its latest "
                     "checkpoint); default experiments/checkpoints/dpanet_w8/.")
@@ -620,6 +624,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.quiet:
         logging.set_verbosity(logging.WARNING)
+    if FLAGS.compilation_cache_dir:
+        try:
+            batch.use_compilation_cache(FLAGS.compilation_cache_dir)
+        except ValueError as e:
+            raise app.UsageError(f"--compilation_cache_dir: {e}") from e
     try:
         level_iters = (tuple(int(v) for v in FLAGS.level_iters)
                        if FLAGS.level_iters else None)

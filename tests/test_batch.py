@@ -154,3 +154,21 @@ def test_thumbnail_shrinks_with_area_filter():
     assert batch.thumbnail(img[:10, :10], 60).shape == (10, 10, 3)
     with pytest.raises(ValueError):
         batch.thumbnail(img.astype(np.float32))
+
+
+def test_use_compilation_cache_sets_jax_and_rejects_bad_paths(tmp_path):
+    import jax
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        folder = batch.use_compilation_cache(tmp_path / "cache" / "jax")
+        assert folder.is_dir() and jax.config.jax_compilation_cache_dir == str(folder)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="is not a folder"):
+        batch.use_compilation_cache(a_file)
+    with pytest.raises(ValueError, match="cannot create"):
+        batch.use_compilation_cache(a_file / "below")
+    assert jax.config.jax_compilation_cache_dir == before

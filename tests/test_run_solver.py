@@ -346,6 +346,17 @@ def test_cli_batch_flags_need_input_dir(tmp_path):
     assert proc.returncode != 0 and "--calib_dir need(s) --input_dir" in proc.stderr
 
 
+def test_cli_bad_compilation_cache_dir_is_a_usage_error(tmp_path):
+    (tmp_path / "taken").write_text("not a folder")
+    proc = subprocess.run([sys.executable, str(ROOT / "run_solver.py"),
+                           "--compilation_cache_dir=taken"],
+                          check=False, capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode != 0 and "--compilation_cache_dir" in proc.stderr
+    assert "is not a folder" in proc.stderr
+    assert not (tmp_path / "dpjax_out").exists()  # refused before anything ran
+
+
 def test_base_config_schedules():
     opts = _opts(Path("."), Path("."), pyramid_levels=3, num_iters=None)
     assert run_solver.base_config(opts).solver.level_iters == dpjax.config.FAST_LEVEL_ITERS
