@@ -124,7 +124,7 @@ def _define_flags() -> None:
     d.DEFINE_integer("pyramid_levels", 3, "Coarse-to-fine levels (tiles must divide by "
                      "2^(levels-1)).")
     d.DEFINE_list("level_iters", None, "Iterations per pyramid level, coarsest first "
-                  "(default dpjax.config.FAST_LEVEL_ITERS, 200,80,20, for 3 levels; --num_iters "
+                  "(default dpjax.config.FAST_LEVEL_ITERS, 200,120,20, for 3 levels; --num_iters "
                   "sets the last).")
     d.DEFINE_integer("num_layers", None, "MPI layers (default: dpjax.Config's, 12).")
     d.DEFINE_float("black_level", None, "Black level of the raw views (default: Pixel 1024, "

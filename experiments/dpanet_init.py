@@ -11,7 +11,7 @@ dpjax solver runs once per budget in --budgets and start:
   (dpjax.pipeline.init_from_all_in_focus), alphas as in the paper.
 A budget is the iteration count of the coarsest pyramid level; the finer levels run
 --fine_iters (coarsest first), so with the defaults a budget b is the schedule
-(b, 80, 20). The preset (auto: layer range from the DP pair; paper: the paper's values)
+(b, 120, 20). The preset (auto: layer range from the DP pair; paper: the paper's values)
 is chosen once for the scene and shared by every run.
 
 Both starts run the same learning-rate schedule (the DPANet start is passed with

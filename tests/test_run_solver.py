@@ -361,7 +361,7 @@ def test_base_config_schedules():
     opts = _opts(Path("."), Path("."), pyramid_levels=3, num_iters=None)
     assert run_solver.base_config(opts).solver.level_iters == dpjax.config.FAST_LEVEL_ITERS
     opts = _opts(Path("."), Path("."), pyramid_levels=3, num_iters=30)
-    assert run_solver.base_config(opts).solver.level_iters == (200, 80, 30)
+    assert run_solver.base_config(opts).solver.level_iters == dpjax.config.FAST_LEVEL_ITERS[:-1] + (30,)
     cfg = run_solver.base_config(_opts(Path("."), Path(".")))
     assert cfg.solver.pyramid_levels == 1 and cfg.solver.num_iters == 5
     assert cfg.mpi.num_layers == 4
