@@ -38,8 +38,9 @@ lost all-in-focus PSNR on scenes 008 and 013 during development).
 Measured on the central 3x4 tiles of the six shared Pixel 4 scenes
 (experiments/results/pixel4.md): the estimated ranges differ from the paper's
 hand-set ones by up to 0.47 (scene 005, far end); on the means the auto preset is
-ahead of the paper preset on AIWE(2), 1 - |rho_s| and PSNR (27.23 vs 27.19 dB), level
-on SSIM, and behind on AIWE(1) (0.0864 vs 0.0846) and MAE (0.0280 vs 0.0276).
+ahead of the paper preset on AIWE(2), 1 - |rho_s| and PSNR (27.28 vs 27.25 dB) and
+behind on AIWE(1) (0.0861 vs 0.0837), SSIM (0.750 vs 0.751) and MAE (0.0278 vs
+0.0273).
 """
 
 from __future__ import annotations
