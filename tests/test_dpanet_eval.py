@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -277,18 +276,8 @@ def test_fit_accepts_the_warm_start(tiny_bank):
 # ----------------------------------------------------------------------------- reproduce_table
 
 
-def _script_module():
-    name = "reproduce_table"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-def test_reproduce_table_input_and_dpanet(tmp_path, pixel4_dir, ckpt_dir):
-    rt = _script_module()
+def test_reproduce_table_input_and_dpanet(tmp_path, pixel4_dir, ckpt_dir, reproduce_table):
+    rt = reproduce_table
     out = tmp_path / "out"
     opts = rt.Options(data_dir=pixel4_dir, scenes=("011",), methods=("input", "dpanet"),
                       crop="1x1", output_dir=out, quiet=True, dpanet_checkpoint=ckpt_dir,
@@ -314,8 +303,8 @@ def test_reproduce_table_input_and_dpanet(tmp_path, pixel4_dir, ckpt_dir):
     assert "DPANet:" in (out / "table.md").read_text()
 
 
-def test_reproduce_table_dpanet_errors(tmp_path, pixel4_dir, monkeypatch):
-    rt = _script_module()
+def test_reproduce_table_dpanet_errors(tmp_path, pixel4_dir, monkeypatch, reproduce_table):
+    rt = reproduce_table
     base = rt.Options(data_dir=pixel4_dir, scenes=("011",), methods=("dpanet",), crop="1x1",
                       output_dir=tmp_path / "out")
     monkeypatch.setattr(rt, "DEFAULT_DPANET_CHECKPOINT", tmp_path / "absent")

@@ -1,7 +1,6 @@
 """Presets, classical baselines and experiments/reproduce_table.py end to end."""
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,17 +14,6 @@ from dpjax import baselines, io, metrics, presets, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "reproduce_table.py"
-
-
-def _script_module():
-    """experiments/reproduce_table.py imported once (its absl flags are global)."""
-    name = "reproduce_table"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 @pytest.fixture(scope="module")
@@ -199,8 +187,8 @@ def _tiny_dataset(tmp_path, pixel4_dir, *, calibration=True, gt=True, sid="011")
     return d
 
 
-def test_script_missing_calibration_is_clear(tmp_path, pixel4_dir):
-    rt = _script_module()
+def test_script_missing_calibration_is_clear(tmp_path, pixel4_dir, reproduce_table):
+    rt = reproduce_table
     data = _tiny_dataset(tmp_path, pixel4_dir, calibration=False)
     opts = rt.Options(data_dir=data, output_dir=tmp_path / "out", crop="1x1")
     with pytest.raises(io.MissingFileError, match="calibration file not found"):
@@ -208,16 +196,16 @@ def test_script_missing_calibration_is_clear(tmp_path, pixel4_dir):
     assert not (tmp_path / "out").exists()  # failed before any work
 
 
-def test_script_missing_ground_truth_is_clear(tmp_path, pixel4_dir):
-    rt = _script_module()
+def test_script_missing_ground_truth_is_clear(tmp_path, pixel4_dir, reproduce_table):
+    rt = reproduce_table
     data = _tiny_dataset(tmp_path, pixel4_dir, gt=False)
     opts = rt.Options(data_dir=data, output_dir=tmp_path / "out", crop="1x1")
     with pytest.raises(io.MissingFileError, match="011: ground truth not found"):
         rt.run(opts)
 
 
-def test_script_rejects_dpanet_unknown_methods_and_bad_crop(tmp_path, pixel4_dir):
-    rt = _script_module()
+def test_script_rejects_dpanet_unknown_methods_and_bad_crop(tmp_path, pixel4_dir, reproduce_table):
+    rt = reproduce_table
     base = rt.Options(data_dir=pixel4_dir, output_dir=tmp_path / "out", scenes=("011",))
     import dataclasses
 
@@ -235,8 +223,8 @@ def test_script_rejects_dpanet_unknown_methods_and_bad_crop(tmp_path, pixel4_dir
         rt.run(dataclasses.replace(base, preset="paper", scenes=("099",)))
 
 
-def test_script_wiener_needs_dpjax(tmp_path, pixel4_dir):
-    rt = _script_module()
+def test_script_wiener_needs_dpjax(tmp_path, pixel4_dir, reproduce_table):
+    rt = reproduce_table
     opts = rt.Options(data_dir=pixel4_dir, output_dir=tmp_path / "out", scenes=("011",),
                       methods=("wiener",), crop="1x1")
     with pytest.raises(FileNotFoundError, match="include dpjax"):
