@@ -67,6 +67,10 @@ def _load_dpjax() -> None:
 
 ROOT = Path(__file__).resolve().parent
 DEMO_CALIB = ROOT / "calib_data" / "parametric_2x2"
+# dpjax.dpanet.DEFAULT_TILE / DEFAULT_OVERLAP, spelled out because the flags are defined
+# before dpjax may be imported (tests/test_dpanet_eval.py checks they agree).
+DPANET_TILE = 256
+DPANET_OVERLAP = 32
 
 SUMMARY_JSON = "summary.json"
 INDEX_HTML = "index.html"
@@ -111,10 +115,10 @@ def _define_flags() -> None:
     d.DEFINE_string("dpanet_checkpoint", None, "--method=dpanet: a ckpt_<step>.npz or a "
                     "training output folder (latest checkpoint); default "
                     "experiments/checkpoints/dpanet_w8/.")
-    d.DEFINE_integer("dpanet_tile", 256, "--method=dpanet: tile side in px (a multiple of "
-                     "16); memory grows with its square.")
-    d.DEFINE_integer("dpanet_overlap", 32, "--method=dpanet: least tile overlap in px (a "
-                     "multiple of 16, below the tile side).")
+    d.DEFINE_integer("dpanet_tile", DPANET_TILE, "--method=dpanet: tile side in px (a "
+                     "multiple of 16); memory grows with its square.")
+    d.DEFINE_integer("dpanet_overlap", DPANET_OVERLAP, "--method=dpanet: least tile overlap "
+                     "in px (a multiple of 16, below the tile side).")
     d.DEFINE_integer("batch_size", 1, "Solve up to this many same-size scenes together on "
                      "one device: one compiled solve vmapped over them (dpjax.fit_batch; "
                      "README, 'Batch solving').")
@@ -232,8 +236,8 @@ class BatchOptions:
     quiet: bool = False
     method: str = "mpi"  # or "dpanet"
     dpanet_checkpoint: Path | None = None  # default DEFAULT_DPANET_CHECKPOINT
-    dpanet_tile: int = 256
-    dpanet_overlap: int = 32
+    dpanet_tile: int = DPANET_TILE
+    dpanet_overlap: int = DPANET_OVERLAP
 
 
 class SetupError(Exception):
@@ -838,12 +842,10 @@ def load_dpanet(opts: BatchOptions) -> DpanetModel:
             "train_dpanet.py --output_dir=DIR) and pass --dpanet_checkpoint=DIR")
     try:
         dpanet.inference.check_tiling(opts.dpanet_tile, opts.dpanet_overlap)
-        npz = dpanet.resolve_checkpoint(path)
-        params, config = dpanet.load_model(npz)
-        step = int(dpanet.checkpoint_meta(npz)["step"])
+        ckpt = dpanet.load_checkpoint(path)
     except ValueError as e:  # CheckpointError included
         raise SetupError(f"--method=dpanet: {e}") from e
-    return DpanetModel(params, config, npz, step)
+    return DpanetModel(ckpt.params, ckpt.config, ckpt.npz, ckpt.step)
 
 
 def _other_method(out_dir: Path, method: str) -> str | None:

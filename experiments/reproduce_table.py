@@ -274,23 +274,21 @@ def load_dpanet(opts: Options) -> DpanetModel:
             "--dpanet_checkpoint=dpanet_runs/w8 (a training folder or a ckpt_<step>.npz) "
             "or copy its latest ckpt_<step>.npz/.json and run_config.json there")
     try:
-        npz = dpanet.resolve_checkpoint(path)
-        params, config = dpanet.load_model(npz)
-        step = int(dpanet.checkpoint_meta(npz)["step"])
+        ckpt = dpanet.load_checkpoint(path)
     except dpanet.CheckpointError as e:
         raise type(e)(f"--dpanet_checkpoint: {e}") from e
-    if config.channels != 1:
-        raise ValueError(f"--dpanet_checkpoint: {npz} takes {config.channels}-channel views; "
-                         "the Pixel 4 views have 1 channel")
+    if ckpt.config.channels != 1:
+        raise ValueError(f"--dpanet_checkpoint: {ckpt.npz} takes {ckpt.config.channels}-"
+                         "channel views; the Pixel 4 views have 1 channel")
     train_scenes = None
-    run_config = npz.parent / "run_config.json"
+    run_config = ckpt.npz.parent / "run_config.json"
     if run_config.is_file():
         try:
             scenes = json.loads(run_config.read_text())["data"]["train_scenes"]
             train_scenes = tuple(str(x) for x in scenes)
         except (ValueError, KeyError, TypeError):
             logging.warning("%s: no data.train_scenes; training scenes unknown", run_config)
-    return DpanetModel(params, config, npz, step, train_scenes)
+    return DpanetModel(ckpt.params, ckpt.config, ckpt.npz, ckpt.step, train_scenes)
 
 
 def dpanet_all_in_focus(opts: Options, model: DpanetModel, views: np.ndarray) -> np.ndarray:
@@ -637,7 +635,8 @@ def main(argv):
     opts = Options(
         data_dir=Path(FLAGS.data_dir),
         calib_dir=Path(FLAGS.calib_dir) if FLAGS.calib_dir else None,
-        scenes=tuple(s.zfill(3) if s.isdigit() else s for s in FLAGS.scenes) if FLAGS.scenes else None,
+        scenes=(tuple(s.zfill(3) if s.isdigit() else s for s in FLAGS.scenes)
+                if FLAGS.scenes else None),
         methods=tuple(FLAGS.methods), preset=FLAGS.preset, num_iters=FLAGS.num_iters,
         pyramid_levels=FLAGS.pyramid_levels, level_iters=level_iters, crop=FLAGS.crop,
         recenter_kernels=FLAGS.recenter_kernels, output_dir=Path(FLAGS.output_dir),

@@ -108,6 +108,26 @@ def test_load_model_round_trip(ckpt_dir, params):
     assert dpanet.checkpoint_meta(latest)["step"] == 5
 
 
+def test_load_checkpoint_returns_everything_in_one_pass(ckpt_dir, params):
+    ckpt = dpanet.load_checkpoint(ckpt_dir)
+    assert ckpt.npz == ckpt_dir / "ckpt_000000005.npz"
+    assert ckpt.step == 5 and ckpt.meta["step"] == 5
+    assert ckpt.config == CONFIG
+    _assert_trees_equal(ckpt.params, params)
+    older = dpanet.load_checkpoint(ckpt_dir / "ckpt_000000002.json")
+    assert older.step == 2 and older.npz.name == "ckpt_000000002.npz"
+
+
+def test_run_solver_dpanet_tile_defaults_match_the_library():
+    # run_solver defines its flags before importing dpjax (jax.distributed must start
+    # first), so it spells the defaults out; they must stay the library's.
+    defaults = {f.name: f.default for f in dataclasses.fields(run_solver.BatchOptions)}
+    assert defaults["dpanet_tile"] == dpanet.DEFAULT_TILE
+    assert defaults["dpanet_overlap"] == dpanet.DEFAULT_OVERLAP
+    assert (run_solver.DPANET_TILE, run_solver.DPANET_OVERLAP) == (dpanet.DEFAULT_TILE,
+                                                                  dpanet.DEFAULT_OVERLAP)
+
+
 def test_load_model_errors_name_the_problem(tmp_path, ckpt_dir, params):
     good = ckpt_dir / "ckpt_000000005.npz"
     with pytest.raises(dpanet.MissingCheckpointError, match="not found") as info:

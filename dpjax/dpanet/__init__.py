@@ -9,8 +9,9 @@ Public API:
 - DpanetConfig, init, apply, num_params, config_of
 - deblur: one [2, H, W, C] capture in one network pass -> [H, W, C]
 - pad_to_multiple, crop: the padding `deblur` uses
-- load_model, resolve_checkpoint, checkpoint_meta, CheckpointError,
-  MissingCheckpointError: trained checkpoints (a ckpt_<step>.npz or a training folder)
+- load_checkpoint (params, config, file, step, sidecar in one pass), load_model,
+  resolve_checkpoint, checkpoint_meta, CheckpointError, MissingCheckpointError:
+  trained checkpoints (a ckpt_<step>.npz or a training folder)
 - deblur_tiled: one capture of any size in overlapping tiles (bounded memory), in the
   input's intensity scale
 """
@@ -19,9 +20,11 @@ from dpjax.dpanet.inference import (
     DEFAULT_OVERLAP,
     DEFAULT_TILE,
     CheckpointError,
+    LoadedCheckpoint,
     MissingCheckpointError,
     checkpoint_meta,
     deblur_tiled,
+    load_checkpoint,
     load_model,
     resolve_checkpoint,
 )
@@ -41,6 +44,7 @@ __all__ = [
     "DEFAULT_TILE",
     "CheckpointError",
     "DpanetConfig",
+    "LoadedCheckpoint",
     "MissingCheckpointError",
     "apply",
     "checkpoint_meta",
@@ -49,6 +53,7 @@ __all__ = [
     "deblur",
     "deblur_tiled",
     "init",
+    "load_checkpoint",
     "load_model",
     "num_params",
     "pad_to_multiple",

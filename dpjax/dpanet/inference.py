@@ -52,6 +52,7 @@ import functools
 import json
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -64,10 +65,12 @@ __all__ = [
     "DEFAULT_OVERLAP",
     "DEFAULT_TILE",
     "CheckpointError",
+    "LoadedCheckpoint",
     "MissingCheckpointError",
     "check_tiling",
     "checkpoint_meta",
     "deblur_tiled",
+    "load_checkpoint",
     "load_model",
     "resolve_checkpoint",
     "tile_starts",
@@ -145,14 +148,26 @@ def checkpoint_meta(npz: str | Path) -> dict:
     return meta
 
 
-def load_model(path: str | Path) -> tuple[Params, DpanetConfig]:
-    """Parameters and configuration of a trained DPANet (see the module docstring).
+class LoadedCheckpoint(NamedTuple):
+    """A trained DPANet read by `load_checkpoint`.
+
+    params: device arrays shaped as `init(key, config)`; config: the model config;
+    npz: the resolved checkpoint file; step: its training step; meta: its checked
+    JSON sidecar (format, step, model and training config).
+    """
+
+    params: Params
+    config: DpanetConfig
+    npz: Path
+    step: int
+    meta: dict
+
+
+def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
+    """Resolves, checks and reads a trained DPANet in one pass (sidecar read once).
 
     Args:
       path: as for `resolve_checkpoint`.
-
-    Returns:
-      (params, config): device arrays shaped as `init(key, config)`, and the config.
 
     Raises:
       MissingCheckpointError, CheckpointError.
@@ -180,7 +195,13 @@ def load_model(path: str | Path) -> tuple[Params, DpanetConfig]:
     bad = [n for n, a in arrays.items() if not np.all(np.isfinite(a))]
     if bad:
         raise CheckpointError(f"{npz}: non-finite values in {bad[:3]}")
-    return params, config
+    return LoadedCheckpoint(params, config, npz, int(meta["step"]), meta)
+
+
+def load_model(path: str | Path) -> tuple[Params, DpanetConfig]:
+    """(params, config) of a trained DPANet: `load_checkpoint` without the metadata."""
+    ckpt = load_checkpoint(path)
+    return ckpt.params, ckpt.config
 
 
 # ----------------------------------------------------------------------------- tiling
