@@ -80,7 +80,7 @@ PAPER_SCENES: dict[str, dict] = {
 }
 
 # The auto preset's prior weights, the same for every scene: the paper's majority
-# choice (13 of 17 scenes use alpha TV 7.5e4; 8 of 17 entropy 20, the lower value).
+# choice (13 of 17 scenes use alpha TV 7.5e4; 9 of 17 entropy 20).
 AUTO_ALPHA_TV = 7.5e4
 AUTO_ENTROPY = 20.0
 
