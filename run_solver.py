@@ -77,7 +77,7 @@ INDEX_HTML = "index.html"
 
 # Flags that only make sense with --input_dir.
 _BATCH_FLAGS = (
-    "calib_dir", "preset", "scenes", "overwrite", "batch_size", "memory_budget_gb",
+    "calib_dir", "preset", "range_probe", "scenes", "overwrite", "batch_size", "memory_budget_gb",
     "pyramid_levels", "level_iters", "num_layers", "black_level", "allow_8bit",
     "recenter_kernels", "grid", "tile_size", "kernel_radius", "kernel_ramp", "kernel_smooth",
     "kernel_size", "coordinator_address", "num_processes", "process_id", "distributed",
@@ -108,6 +108,9 @@ def _define_flags() -> None:
     d.DEFINE_enum("preset", "auto", ["auto", "paper", "none"], "Per-scene configuration: "
                   "auto (layer range estimated from each pair), paper (Xin et al.'s per-scene "
                   "Pixel 4 settings), none (the base configuration).")
+    d.DEFINE_bool("range_probe", False, "--preset=auto: refine each scene's searched layer "
+                  "range with a short coarse-level solve (dpjax.presets.probe_scale_range; "
+                  "about +20% solve time).")
     d.DEFINE_list("scenes", None, "Only these scene names (comma-separated).")
     d.DEFINE_bool("overwrite", False, "Re-solve scenes whose outputs are complete.")
     d.DEFINE_enum("method", "mpi", ["mpi", "dpanet"], "mpi: the dpjax MPI solver (defocus "
@@ -215,6 +218,7 @@ class BatchOptions:
     output_dir: Path
     calib_dir: Path | None = None
     preset: str = "auto"
+    range_probe: bool = False
     num_iters: int | None = None
     level_iters: tuple[int, ...] | None = None
     pyramid_levels: int = 3
@@ -503,7 +507,9 @@ def scene_config(ctx: Context, name: str, views: np.ndarray,
         except ValueError as e:
             raise SceneFailure("config", str(e)) from e
     else:
-        cfg = ctx.presets.auto_config(views, bank, ctx.base)
+        est = ctx.presets.estimate_auto_range(views, bank, ctx.base, probe=ctx.opts.range_probe)
+        cfg = ctx.presets.auto_config_from_estimate(est, ctx.base)
+        info["range_estimate"] = est._asdict()
     info["scale_range"] = [cfg.mpi.scale_min, cfg.mpi.scale_max]
     info["seconds"] = time.perf_counter() - t0
     return cfg, info
@@ -1268,6 +1274,7 @@ def batch_options_from_flags() -> BatchOptions:
     return BatchOptions(
         input_dir=Path(FLAGS.input_dir), output_dir=Path(FLAGS.output_dir),
         calib_dir=Path(FLAGS.calib_dir) if FLAGS.calib_dir else None, preset=FLAGS.preset,
+        range_probe=FLAGS.range_probe,
         num_iters=FLAGS.num_iters, level_iters=level_iters, pyramid_levels=FLAGS.pyramid_levels,
         num_layers=FLAGS.num_layers, scenes=tuple(FLAGS.scenes) if FLAGS.scenes else None,
         overwrite=FLAGS.overwrite, batch_size=FLAGS.batch_size,

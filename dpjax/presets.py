@@ -46,18 +46,31 @@ behind on AIWE(1) (0.0861 vs 0.0837), SSIM (0.750 vs 0.751) and MAE (0.0278 vs
 from __future__ import annotations
 
 import math
+import time
 from typing import NamedTuple
 
 import numpy as np
 
-from dpjax import baselines
+from dpjax import baselines, solver
 from dpjax.config import Config, MpiConfig
 from dpjax.kernels import KernelBank, downsample_bank
 
 __all__ = [
-    "AUTO_ALPHA_TV", "AUTO_ENTROPY", "PAPER_SCENES", "SCALE_LIMITS", "SEARCH_SCALES",
-    "RangeEstimate", "analyze_scale_range", "auto_config", "auto_config_from_estimate",
-    "estimate_scale_range", "kernel_base_disparity", "paper_config",
+    "AUTO_ALPHA_TV",
+    "AUTO_ENTROPY",
+    "PAPER_SCENES",
+    "PROBE_ITERS",
+    "SCALE_LIMITS",
+    "SEARCH_SCALES",
+    "RangeEstimate",
+    "analyze_scale_range",
+    "auto_config",
+    "auto_config_from_estimate",
+    "estimate_auto_range",
+    "estimate_scale_range",
+    "kernel_base_disparity",
+    "paper_config",
+    "probe_scale_range",
 ]
 
 
@@ -96,6 +109,12 @@ _NEAR_MARGIN = 0.1  # fraction of the percentile width added below the near end
 _MIN_WIDTH = 0.5
 _MIN_DISPARITY_PX = 2.0  # base disparity kept at the search resolution
 MIN_CONFIDENT_FRACTION = 0.01
+
+# Probe rule constants (see the module docstring).
+PROBE_ITERS = 200
+PROBE_FACTOR = 4  # the fast schedule's coarsest level
+_PROBE_WIDEN = 0.25  # fraction of the search range's width added at both ends
+_PROBE_PERCENTILES = (1.0, 99.0)
 
 
 def _scene_key(scene_id) -> str:
@@ -142,10 +161,11 @@ def kernel_base_disparity(bank: KernelBank) -> float:
 class RangeEstimate(NamedTuple):
     """What `analyze_scale_range` found (all scales signed, layer-scale units).
 
-    s_min, s_max: the range to use; p_lo, p_hi: the raw 5th and 90th percentiles (None when too
-    few pixels were confident); confident_fraction: share of pixels used; factor:
-    the search resolution's downsampling factor; fallback: True when the base range
-    was kept.
+    s_min, s_max: the range to use; p_lo, p_hi: the search's raw 5th and 90th
+    percentiles (None when too few pixels were confident); confident_fraction: share
+    of pixels used; factor: the search resolution's downsampling factor; fallback:
+    True when the search kept the base range. The probe_* fields describe the
+    coarse-level solve that refines the search's range (`probe_scale_range`).
     """
 
     s_min: float
@@ -155,6 +175,15 @@ class RangeEstimate(NamedTuple):
     confident_fraction: float
     factor: int
     fallback: bool
+    # Set by `probe_scale_range` (None / 0 when the search range was kept):
+    search_range: tuple[float, float] | None = None  # the symmetry search's range
+    probe_range: tuple[float, float] | None = None  # the layer range the probe solved
+    probe_p_lo: float | None = None  # its defocus map's 1st and 99th percentiles
+    probe_p_hi: float | None = None
+    probe_factor: int = 0  # the probe's downsampling factor
+    probe_iters: int = 0
+    probe_s: float = 0.0  # the probe's wall time (compilation included)
+    probe_note: str | None = None  # why no probe ran, when it did not
 
 
 def _search_factor(bank: KernelBank, max_factor: int = 2) -> int:
@@ -209,15 +238,19 @@ def analyze_scale_range(views, bank: KernelBank, *,
             default = (mc.scale_min, mc.scale_max)
         return RangeEstimate(float(default[0]), float(default[1]), None, None, frac, f, True)
     p_lo, p_hi = (float(v) for v in np.percentile(d[conf], _PERCENTILES))
-    lo = max(SCALE_LIMITS[0], p_lo - _NEAR_MARGIN * (p_hi - p_lo))
-    hi = min(SCALE_LIMITS[1], p_hi)
+    lo, hi = _finish_range(p_lo - _NEAR_MARGIN * (p_hi - p_lo), p_hi)
+    return RangeEstimate(lo, hi, p_lo, p_hi, frac, f, False)
+
+
+def _finish_range(lo: float, hi: float) -> tuple[float, float]:
+    """Clamped to SCALE_LIMITS, at least _MIN_WIDTH wide (grown about its centre),
+    rounded outwards to two decimals (readable configs; far below a layer spacing)."""
+    lo, hi = max(SCALE_LIMITS[0], lo), min(SCALE_LIMITS[1], hi)
     if hi - lo < _MIN_WIDTH:
         centre = min(max(0.5 * (lo + hi), SCALE_LIMITS[0] + _MIN_WIDTH / 2),
                      SCALE_LIMITS[1] - _MIN_WIDTH / 2)
         lo, hi = centre - _MIN_WIDTH / 2, centre + _MIN_WIDTH / 2
-    # Two decimals: readable configs; the rounding is far below one layer's spacing.
-    lo, hi = math.floor(lo * 100) / 100, math.ceil(hi * 100) / 100
-    return RangeEstimate(lo, hi, p_lo, p_hi, frac, f, False)
+    return math.floor(lo * 100) / 100, math.ceil(hi * 100) / 100
 
 
 def estimate_scale_range(views, bank: KernelBank) -> tuple[float, float]:
@@ -226,16 +259,84 @@ def estimate_scale_range(views, bank: KernelBank) -> tuple[float, float]:
     return est.s_min, est.s_max
 
 
-def auto_config(views, bank: KernelBank, base: Config | None = None) -> Config:
-    """`base` (default Config()) with the layer range estimated from the pair and the
-    fixed auto weights."""
+def _probe_factor(bank: KernelBank) -> int:
+    f = PROBE_FACTOR
+    while f > 1 and (bank.grid.tile_h % f or bank.grid.tile_w % f):
+        f //= 2
+    return f
+
+
+def probe_scale_range(views, bank: KernelBank, est: RangeEstimate,
+                      base: Config | None = None, *,
+                      num_iters: int = PROBE_ITERS) -> RangeEstimate:
+    """Refines a search estimate with a short coarse-level solve (module docstring).
+
+    Args:
+      views: [2, H, W, C] left/right views.
+      bank: calibrated kernels covering H x W.
+      est: the symmetry search's estimate (`analyze_scale_range`).
+      base: configuration whose layer count and solver settings the probe uses, with
+        the auto weights (default Config()).
+      num_iters: Adam iterations of the probe.
+
+    Returns:
+      `est` with the probe's range as (s_min, s_max) and the probe_* fields filled;
+      `est` unchanged but for search_range and probe_note when no probe can run (tiles
+      not divisible by 2) or the probe diverges.
+    """
+    base = Config() if base is None else base
+    est = est._replace(search_range=(est.s_min, est.s_max))
+    f = _probe_factor(bank)
+    if f == 1:
+        return est._replace(probe_note="tiles not divisible by 2: no coarse probe")
+    views = np.asarray(views, np.float32)
+    width = est.s_max - est.s_min
+    lo = max(SCALE_LIMITS[0], est.s_min - _PROBE_WIDEN * width)
+    hi = min(SCALE_LIMITS[1], est.s_max + _PROBE_WIDEN * width)
+    cfg = auto_config_from_estimate(est, base).replace(**{
+        "mpi.scale_min": lo, "mpi.scale_max": hi, "solver.pyramid_levels": 1,
+        "solver.level_iters": None, "solver.num_iters": int(num_iters),
+        "solver.rel_tol": 0.0, "post.bilateral": False})
+    t0 = time.perf_counter()
+    try:
+        res = solver.fit(_downsample_views(views, f), downsample_bank(bank, f), cfg)
+    except FloatingPointError as e:
+        return est._replace(probe_note=f"probe diverged ({e}): search range kept")
+    p_lo, p_hi = (float(v) for v in np.percentile(res.defocus, _PROBE_PERCENTILES))
+    # Half a final layer spacing beyond the percentiles puts them on the end layers.
+    pad = (p_hi - p_lo) / (2 * cfg.mpi.num_layers - 3)
+    s_min, s_max = _finish_range(p_lo - pad, p_hi + pad)
+    return est._replace(s_min=s_min, s_max=s_max, probe_range=(lo, hi), probe_p_lo=p_lo,
+                        probe_p_hi=p_hi, probe_factor=f, probe_iters=int(num_iters),
+                        probe_s=time.perf_counter() - t0)
+
+
+def estimate_auto_range(views, bank: KernelBank, base: Config | None = None, *,
+                        probe: bool = False) -> RangeEstimate:
+    """The auto preset's layer range: the symmetry search, refined by the coarse probe.
+
+    Args:
+      views: [2, H, W, C] left/right views.
+      bank: calibrated kernels covering H x W.
+      base: the configuration to solve with (its range is the search's fallback; its
+        layer count and solver settings are the probe's); default Config().
+      probe: refine the search's range with the coarse-level probe solve (opt-in:
+        about +20% solve time; module docstring).
+    """
     base = Config() if base is None else base
     est = analyze_scale_range(views, bank, default=(base.mpi.scale_min, base.mpi.scale_max))
-    return auto_config_from_estimate(est, base)
+    return probe_scale_range(views, bank, est, base) if probe else est
+
+
+def auto_config(views, bank: KernelBank, base: Config | None = None, *,
+                probe: bool = False) -> Config:
+    """`base` (default Config()) with the layer range estimated from the pair
+    (`estimate_auto_range`) and the fixed auto weights."""
+    return auto_config_from_estimate(estimate_auto_range(views, bank, base, probe=probe), base)
 
 
 def auto_config_from_estimate(est: RangeEstimate, base: Config | None = None) -> Config:
-    """`base` with an estimated range (see `analyze_scale_range`) and the auto weights."""
+    """`base` with an estimated range (see `estimate_auto_range`) and the auto weights."""
     base = Config() if base is None else base
     return base.replace(**{"mpi.scale_min": est.s_min, "mpi.scale_max": est.s_max,
                            "loss.alpha_tv": AUTO_ALPHA_TV, "loss.entropy": AUTO_ENTROPY})

@@ -101,6 +101,7 @@ class Options:
     scenes: tuple[str, ...] | None = None  # default: every scene in data_dir
     methods: tuple[str, ...] = DEFAULT_METHODS
     preset: str = "auto"
+    range_probe: bool = False
     num_iters: int | None = None
     pyramid_levels: int = 3
     level_iters: tuple[int, ...] | None = None
@@ -212,15 +213,20 @@ def base_config(opts: Options) -> dpjax.Config:
     return dpjax.Config(solver=dpjax.SolverConfig(**solver))
 
 
-def scene_config(opts: Options, sid: str, views, bank, base) -> tuple[dpjax.Config, dict]:
-    """The preset's configuration for one scene and a JSON record of how it was chosen."""
+def scene_config(opts: Options, sid: str, views, bank, base, *,
+                 probe: bool = True) -> tuple[dpjax.Config, dict]:
+    """The preset's configuration for one scene and a JSON record of how it was chosen.
+
+    probe: for the auto preset, refine the searched range with the coarse-level probe
+    solve (--range_probe, dpjax's runs only: dp_stereo is a classical baseline and
+    keeps the symmetry search's range).
+    """
     t0 = time.perf_counter()
     if opts.preset == "paper":
         cfg = presets.paper_config(sid, base)
         info: dict[str, Any] = {"name": "paper"}
     elif opts.preset == "auto":
-        est = presets.analyze_scale_range(views, bank,
-                                          default=(base.mpi.scale_min, base.mpi.scale_max))
+        est = presets.estimate_auto_range(views, bank, base, probe=probe)
         cfg = presets.auto_config_from_estimate(est, base)
         info = {"name": "auto", "range_estimate": est._asdict()}
     else:
@@ -534,16 +540,20 @@ def run(opts: Options) -> list[dict[str, Any]]:
         if not todo:
             continue
         views, gt_aif, gt_def = load_scene(opts, sid, bank, block, tile)
-        cfg = preset_info = None
-        if any(m in ("dpjax", "dp_stereo") for m in todo):
-            cfg, preset_info = scene_config(opts, sid, views, bank, base)
-            logging.info("scene %s: %s preset, scales [%.2f, %.2f] (%.1fs)", sid, opts.preset,
-                         cfg.mpi.scale_min, cfg.mpi.scale_max, preset_info["estimate_s"])
+        configs = {}
+        for m in ("dpjax", "dp_stereo"):
+            if m in todo:
+                configs[m] = scene_config(opts, sid, views, bank, base,
+                                          probe=opts.range_probe and m == "dpjax")
+                cfg, preset_info = configs[m]
+                logging.info("scene %s: %s preset for %s, scales [%.2f, %.2f] (%.1fs)", sid,
+                             opts.preset, m, cfg.mpi.scale_min, cfg.mpi.scale_max,
+                             preset_info["estimate_s"])
         for m in todo:
             t0 = time.perf_counter()
             d = out / m / sid
             if m == "dpjax":
-                run_dpjax(opts, sid, views, bank, gt_aif, gt_def, cfg, preset_info, d, model)
+                run_dpjax(opts, sid, views, bank, gt_aif, gt_def, *configs[m], d, model)
             elif m == "dpanet":
                 run_dpanet(opts, sid, views, gt_aif, gt_def, model, d)
             elif m == "input":
@@ -551,7 +561,7 @@ def run(opts: Options) -> list[dict[str, Any]]:
             elif m == "wiener":
                 run_wiener(opts, sid, views, bank, gt_aif, gt_def, d)
             elif m == "dp_stereo":
-                run_dp_stereo(opts, sid, views, bank, gt_aif, gt_def, cfg, preset_info, d)
+                run_dp_stereo(opts, sid, views, bank, gt_aif, gt_def, *configs[m], d)
             r = json.loads((d / outputs.RESULT_JSON).read_text())["metrics"]
             logging.info("%s/%s done in %.0fs: %s", m, sid, time.perf_counter() - t0,
                          "  ".join(f"{k} {v:.4g}" for k, v in r.items()
@@ -591,6 +601,9 @@ def define_flags() -> None:
     d.DEFINE_enum("preset", "auto", ["auto", "paper"],
                   "auto: layer range from the DP pair, one weight set; paper: per-scene "
                   "values of the paper's code.")
+    d.DEFINE_bool("range_probe", False, "auto preset: refine each scene's searched layer "
+                  "range with a short coarse-level solve (dpjax.presets.probe_scale_range; "
+                  "about +20% dpjax time; not used by dp_stereo).")
     d.DEFINE_integer("num_iters", None, "Iterations at the finest level (used when "
                      "--level_iters is not given).")
     d.DEFINE_integer("pyramid_levels", 3, "Coarse-to-fine levels (1 = single scale).")
@@ -637,7 +650,8 @@ def main(argv):
         calib_dir=Path(FLAGS.calib_dir) if FLAGS.calib_dir else None,
         scenes=(tuple(s.zfill(3) if s.isdigit() else s for s in FLAGS.scenes)
                 if FLAGS.scenes else None),
-        methods=tuple(FLAGS.methods), preset=FLAGS.preset, num_iters=FLAGS.num_iters,
+        methods=tuple(FLAGS.methods), preset=FLAGS.preset, range_probe=FLAGS.range_probe,
+        num_iters=FLAGS.num_iters,
         pyramid_levels=FLAGS.pyramid_levels, level_iters=level_iters, crop=FLAGS.crop,
         recenter_kernels=FLAGS.recenter_kernels, output_dir=Path(FLAGS.output_dir),
         overwrite=FLAGS.overwrite, quiet=FLAGS.quiet,

@@ -95,6 +95,53 @@ def test_auto_config_uses_fixed_weights(bank):
     assert cfg.mpi.scale_min < 0.8 < cfg.mpi.scale_max
 
 
+def test_probe_refines_the_search_range(bank):
+    # Two layers drawn in (0.4, 1.2): back 1.055, front 0.508 (seed 0). The probe
+    # solves over the searched range widened by a quarter at both ends and keeps its
+    # map's 1st-99th percentiles plus half a layer spacing. Measured: search 0.41-1.07,
+    # probe percentiles 0.53-0.91, range 0.46-0.97: the probe's map is compressed
+    # towards the middle on this tiny scene (32x40 px at the probe's 1/4 resolution),
+    # so the back layer falls outside (README, "Presets").
+    scene = dpjax.make_scene(np.random.default_rng(0), bank, num_layers=2,
+                             scale_range=(0.4, 1.2))
+    back, front = scene.scales
+    base = dpjax.Config().replace(**{"mpi.num_layers": 8})
+    search = presets.analyze_scale_range(scene.views, bank)
+    est = presets.probe_scale_range(scene.views, bank, search, base)
+    assert est.search_range == (search.s_min, search.s_max)
+    width = search.s_max - search.s_min
+    assert est.probe_range == pytest.approx((search.s_min - width / 4,
+                                             search.s_max + width / 4))
+    assert (est.probe_factor, est.probe_iters, est.probe_note) == (4, presets.PROBE_ITERS,
+                                                                   None)
+    assert est.probe_s > 0
+    assert est.probe_range[0] <= est.probe_p_lo < est.probe_p_hi <= est.probe_range[1]
+    assert est.s_min < est.probe_p_lo and est.probe_p_hi < est.s_max
+    assert est.s_min < front < est.s_max < back
+    assert abs(est.probe_p_lo - front) < 0.05 and abs(est.probe_p_hi - 0.91) < 0.05
+    cfg = presets.auto_config(scene.views, bank, base, probe=True)
+    assert (cfg.mpi.scale_min, cfg.mpi.scale_max) == (est.s_min, est.s_max)
+    json.dumps(est._asdict())  # recorded in result.json
+
+
+def test_probe_is_skipped_on_odd_tiles():
+    odd = dpjax.parametric_bank(rows=1, cols=1, tile_h=63, tile_w=81, radius=6.0)
+    scene = dpjax.make_scene(np.random.default_rng(0), odd, num_layers=1,
+                             scale_range=(0.8, 0.8))
+    search = presets.analyze_scale_range(scene.views, odd)
+    est = presets.probe_scale_range(scene.views, odd, search)
+    assert (est.s_min, est.s_max) == (search.s_min, search.s_max)
+    assert est.probe_range is None and "not divisible" in est.probe_note
+
+
+def test_auto_config_without_probe_keeps_the_search_range(bank):
+    scene = dpjax.make_scene(np.random.default_rng(1), bank, num_layers=1,
+                             scale_range=(0.8, 0.8))
+    search = presets.analyze_scale_range(scene.views, bank)
+    cfg = presets.auto_config(scene.views, bank)  # the default: no probe
+    assert (cfg.mpi.scale_min, cfg.mpi.scale_max) == (search.s_min, search.s_max)
+
+
 def test_estimate_scale_range_falls_back_on_flat_input(bank):
     views = np.full((2,) + bank.grid.image_shape + (1,), 0.5, np.float32)
     est = presets.analyze_scale_range(views, bank, default=(0.1, 1.6))
