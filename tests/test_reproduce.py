@@ -331,6 +331,23 @@ def test_reproduce_table_end_to_end(tmp_path, pixel4_dir):
     assert (out / "dpjax" / "011" / "result.json").stat().st_mtime_ns == stamp
 
 
+def test_range_probe_serves_dpjax_only(tmp_path, pixel4_dir, reproduce_table):
+    rt = reproduce_table
+    out = tmp_path / "out"
+    rt.run(rt.Options(data_dir=pixel4_dir, output_dir=out, scenes=("011",), crop="1x1",
+                      methods=("dpjax", "dp_stereo"), level_iters=(4, 2, 2),
+                      range_probe=True, quiet=True))
+    dp = json.loads((out / "dpjax" / "011" / "result.json").read_text())["preset"]
+    st = json.loads((out / "dp_stereo" / "011" / "result.json").read_text())
+    probe, search = dp["range_estimate"], st["preset"]["range_estimate"]
+    assert probe["probe_iters"] == presets.PROBE_ITERS and probe["probe_range"] is not None
+    assert probe["search_range"] == [search["s_min"], search["s_max"]]
+    assert search["probe_range"] is None  # the classical baseline never sees the solver
+    assert dp["scale_range"] == [probe["s_min"], probe["s_max"]]
+    assert st["candidates"][0] == pytest.approx(search["s_min"])
+    assert st["candidates"][-1] == pytest.approx(search["s_max"])
+
+
 def test_cli_error_message_for_missing_ground_truth(tmp_path, pixel4_dir):
     data = _tiny_dataset(tmp_path, pixel4_dir, gt=False)
     proc = subprocess.run([sys.executable, str(SCRIPT), f"--data_dir={data}", "--crop=1x1",

@@ -331,6 +331,23 @@ def test_missing_presets_module_falls_back(monkeypatch, caplog):
     assert cfg == base and "unavailable" in info["note"]
 
 
+@pytest.mark.parametrize("probe", [False, True])
+def test_auto_preset_records_its_range_estimate(probe):
+    bank = dpjax.parametric_bank(rows=2, cols=2, tile_h=32, tile_w=40, radius=6.0)
+    scene = dpjax.make_scene(np.random.default_rng(0), bank, num_layers=2,
+                             scale_range=(0.3, 1.2))
+    base = run_solver.base_config(_opts(Path("."), Path("."), num_iters=20))
+    ctx = types.SimpleNamespace(opts=types.SimpleNamespace(preset="auto", range_probe=probe),
+                                presets=run_solver.load_presets(), base=base)
+    cfg, info = run_solver.scene_config(ctx, "a", scene.views, bank)
+    est = info["range_estimate"]
+    assert info["scale_range"] == [est["s_min"], est["s_max"]]
+    assert [cfg.mpi.scale_min, cfg.mpi.scale_max] == info["scale_range"]
+    assert (est["probe_range"] is not None) == probe
+    assert est["probe_iters"] == (dpjax.presets.PROBE_ITERS if probe else 0)
+    json.dumps(info)
+
+
 def test_detect_cluster():
     assert run_solver.detect_cluster({}) is None
     assert run_solver.detect_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None
