@@ -541,10 +541,12 @@ def run(opts: Options) -> list[dict[str, Any]]:
             continue
         views, gt_aif, gt_def = load_scene(opts, sid, bank, block, tile)
         configs = {}
-        for m in ("dpjax", "dp_stereo"):
-            if m in todo:
-                configs[m] = scene_config(opts, sid, views, bank, base,
-                                          probe=opts.range_probe and m == "dpjax")
+        need = [m for m in ("dpjax", "dp_stereo") if m in todo]
+        if need:  # dp_stereo (and dpjax without --range_probe) use the searched range
+            searched = scene_config(opts, sid, views, bank, base, probe=False)
+            for m in need:
+                configs[m] = (scene_config(opts, sid, views, bank, base, probe=True)
+                              if m == "dpjax" and opts.range_probe else searched)
                 cfg, preset_info = configs[m]
                 logging.info("scene %s: %s preset for %s, scales [%.2f, %.2f] (%.1fs)", sid,
                              opts.preset, m, cfg.mpi.scale_min, cfg.mpi.scale_max,
