@@ -101,7 +101,7 @@ def test_probe_refines_the_search_range(bank):
     # map's 1st-99th percentiles plus half a layer spacing. Measured: search 0.41-1.07,
     # probe percentiles 0.53-0.91, range 0.46-0.97: the probe's map is compressed
     # towards the middle on this tiny scene (32x40 px at the probe's 1/4 resolution),
-    # so the back layer falls outside (README, "Presets").
+    # so the back layer falls outside (dpjax/presets.py docstring).
     scene = dpjax.make_scene(np.random.default_rng(0), bank, num_layers=2,
                              scale_range=(0.4, 1.2))
     back, front = scene.scales
