@@ -77,8 +77,8 @@ INDEX_HTML = "index.html"
 
 # Flags that only make sense with --input_dir.
 _BATCH_FLAGS = (
-    "calib_dir", "preset", "range_probe", "scenes", "overwrite", "batch_size", "memory_budget_gb",
-    "pyramid_levels", "level_iters", "num_layers", "black_level", "allow_8bit",
+    "calib_dir", "preset", "range_probe", "scenes", "overwrite", "batch_size",
+    "memory_budget_gb", "pyramid_levels", "level_iters", "num_layers", "black_level", "allow_8bit",
     "recenter_kernels", "grid", "tile_size", "kernel_radius", "kernel_ramp", "kernel_smooth",
     "kernel_size", "coordinator_address", "num_processes", "process_id", "distributed",
     "distributed_timeout_s", "thumb_size", "method", "dpanet_checkpoint", "dpanet_tile",

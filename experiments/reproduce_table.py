@@ -214,7 +214,7 @@ def base_config(opts: Options) -> dpjax.Config:
 
 
 def scene_config(opts: Options, sid: str, views, bank, base, *,
-                 probe: bool = True) -> tuple[dpjax.Config, dict]:
+                 probe: bool = False) -> tuple[dpjax.Config, dict]:
     """The preset's configuration for one scene and a JSON record of how it was chosen.
 
     probe: for the auto preset, refine the searched range with the coarse-level probe
@@ -540,17 +540,18 @@ def run(opts: Options) -> list[dict[str, Any]]:
         if not todo:
             continue
         views, gt_aif, gt_def = load_scene(opts, sid, bank, block, tile)
-        configs = {}
-        need = [m for m in ("dpjax", "dp_stereo") if m in todo]
-        if need:  # dp_stereo (and dpjax without --range_probe) use the searched range
-            searched = scene_config(opts, sid, views, bank, base, probe=False)
-            for m in need:
-                configs[m] = (scene_config(opts, sid, views, bank, base, probe=True)
-                              if m == "dpjax" and opts.range_probe else searched)
-                cfg, preset_info = configs[m]
-                logging.info("scene %s: %s preset for %s, scales [%.2f, %.2f] (%.1fs)", sid,
-                             opts.preset, m, cfg.mpi.scale_min, cfg.mpi.scale_max,
-                             preset_info["estimate_s"])
+        configs: dict[str, tuple[dpjax.Config, dict]] = {}
+        searched = None  # dp_stereo, and dpjax without --range_probe, share one search
+        for m in (m for m in ("dpjax", "dp_stereo") if m in todo):
+            if m == "dpjax" and opts.range_probe:
+                configs[m] = scene_config(opts, sid, views, bank, base, probe=True)
+            else:
+                searched = searched or scene_config(opts, sid, views, bank, base)
+                configs[m] = searched
+            cfg, preset_info = configs[m]
+            logging.info("scene %s: %s preset for %s, scales [%.2f, %.2f] (%.1fs)", sid,
+                         opts.preset, m, cfg.mpi.scale_min, cfg.mpi.scale_max,
+                         preset_info["estimate_s"])
         for m in todo:
             t0 = time.perf_counter()
             d = out / m / sid
