@@ -401,7 +401,7 @@ class Context:
     budget: float | None
     display: Display
     process_index: int = 0
-    dpanet: Any = None  # --method=dpanet: DpanetModel
+    dpanet: Any = None  # --method=dpanet: dpjax.dpanet.LoadedCheckpoint
 
 
 
@@ -826,17 +826,7 @@ def solve_group(ctx: Context, names: Sequence[str], pairs: dict[str, io.ScenePai
     return [recs[n] for n in names]
 
 
-@dataclasses.dataclass(frozen=True)
-class DpanetModel:
-    """A loaded DPANet checkpoint (--method=dpanet)."""
-
-    params: Any
-    config: Any  # dpjax.dpanet.DpanetConfig
-    checkpoint: Path  # the .npz
-    step: int
-
-
-def load_dpanet(opts: BatchOptions) -> DpanetModel:
+def load_dpanet(opts: BatchOptions) -> dpanet.LoadedCheckpoint:  # noqa: F821 - lazy import
     """The DPANet of --dpanet_checkpoint; SetupError with a clear message otherwise."""
     from dpjax import dpanet
 
@@ -848,10 +838,9 @@ def load_dpanet(opts: BatchOptions) -> DpanetModel:
             "train_dpanet.py --output_dir=DIR) and pass --dpanet_checkpoint=DIR")
     try:
         dpanet.inference.check_tiling(opts.dpanet_tile, opts.dpanet_overlap)
-        ckpt = dpanet.load_checkpoint(path)
+        return dpanet.load_checkpoint(path)
     except ValueError as e:  # CheckpointError included
         raise SetupError(f"--method=dpanet: {e}") from e
-    return DpanetModel(ckpt.params, ckpt.config, ckpt.npz, ckpt.step)
 
 
 def _other_method(out_dir: Path, method: str) -> str | None:
@@ -898,7 +887,7 @@ def deblur_one(ctx: Context, name: str, pair: io.ScenePair, device, group: int) 
         result: dict[str, Any] = {
             "scene": name, "method": "dpanet", "format": pair.format, "inputs": rec["inputs"],
             "preprocessing": info,
-            "dpanet": {"checkpoint": str(model.checkpoint), "step": model.step,
+            "dpanet": {"checkpoint": str(model.npz), "step": model.step,
                        "model_config": model.config.to_dict(), "tile": opts.dpanet_tile,
                        "overlap": opts.dpanet_overlap},
             "timings": {"wall_s": timings["deblur_s"]}, "jax_version": jax.__version__,
