@@ -77,7 +77,7 @@ INDEX_HTML = "index.html"
 
 # Flags that only make sense with --input_dir.
 _BATCH_FLAGS = (
-    "calib_dir", "preset", "range_probe", "scenes", "overwrite", "batch_size",
+    "calib_dir", "preset", "range_probe", "search_init", "scenes", "overwrite", "batch_size",
     "memory_budget_gb", "pyramid_levels", "level_iters", "num_layers", "black_level", "allow_8bit",
     "recenter_kernels", "grid", "tile_size", "kernel_radius", "kernel_ramp", "kernel_smooth",
     "kernel_size", "coordinator_address", "num_processes", "process_id", "distributed",
@@ -111,6 +111,10 @@ def _define_flags() -> None:
     d.DEFINE_bool("range_probe", False, "--preset=auto: refine each scene's searched layer "
                   "range with a short coarse-level solve (dpjax.presets.probe_scale_range; "
                   "about +20% solve time).")
+    d.DEFINE_bool("search_init", False, "Start each layer's weights near the calibrated "
+                  "kernel-symmetry search's defocus map (dpjax.pipeline.init_from_defocus; "
+                  "with --preset=auto the range estimate's own search) instead of the paper's "
+                  "uniform start. Needs --batch_size=1.")
     d.DEFINE_list("scenes", None, "Only these scene names (comma-separated).")
     d.DEFINE_bool("overwrite", False, "Re-solve scenes whose outputs are complete.")
     d.DEFINE_enum("method", "mpi", ["mpi", "dpanet"], "mpi: the dpjax MPI solver (defocus "
@@ -219,6 +223,7 @@ class BatchOptions:
     calib_dir: Path | None = None
     preset: str = "auto"
     range_probe: bool = False
+    search_init: bool = False
     num_iters: int | None = None
     level_iters: tuple[int, ...] | None = None
     pyramid_levels: int = 3
@@ -491,9 +496,13 @@ def load_ground_truth(ctx: Context, name: str, shape: tuple[int, int],
     return out[0], out[1]
 
 
-def scene_config(ctx: Context, name: str, views: np.ndarray,
-                 bank: dpjax.KernelBank) -> tuple[dpjax.Config, dict[str, Any]]:
-    """The preset's configuration for one scene, and how it was chosen."""
+def scene_config(ctx: Context, name: str, views: np.ndarray, bank: dpjax.KernelBank,
+                 search=None) -> tuple[dpjax.Config, dict[str, Any]]:
+    """The preset's configuration for one scene, and how it was chosen.
+
+    search: the scene's dpjax.presets.SearchMap when already run (--search_init), reused
+    by the auto preset's range estimate.
+    """
     t0 = time.perf_counter()
     preset = ctx.opts.preset
     info: dict[str, Any] = {"name": preset}
@@ -507,7 +516,8 @@ def scene_config(ctx: Context, name: str, views: np.ndarray,
         except ValueError as e:
             raise SceneFailure("config", str(e)) from e
     else:
-        est = ctx.presets.estimate_auto_range(views, bank, ctx.base, probe=ctx.opts.range_probe)
+        est = ctx.presets.estimate_auto_range(views, bank, ctx.base, probe=ctx.opts.range_probe,
+                                              search=search)
         cfg = ctx.presets.auto_config_from_estimate(est, ctx.base)
         info["range_estimate"] = est._asdict()
     info["scale_range"] = [cfg.mpi.scale_min, cfg.mpi.scale_max]
@@ -575,6 +585,7 @@ class PreparedScene:
     rec: dict[str, Any]
     timings: dict[str, float]
     t_start: float
+    init: Any = None  # dpjax.mpi.MpiParams (--search_init) or None
 
 
 def _scene_record(ctx: Context, name: str, pair: io.ScenePair, device,
@@ -609,10 +620,30 @@ def prepare_scene(ctx: Context, name: str, pair: io.ScenePair, device, rec: dict
     views, info = load_views(ctx, pair)
     timings["load_s"] = time.perf_counter() - t0
     rec["shape"] = list(views.shape)
+    search_s, search = 0.0, None
     with jax.default_device(device):
         bank = make_bank(ctx, views, info)
-        cfg, preset_info = scene_config(ctx, name, views, bank)
+        if ctx.opts.search_init:
+            if ctx.presets is None:
+                raise SceneFailure("config", "--search_init needs dpjax.presets")
+            t0 = time.perf_counter()
+            search = ctx.presets.search_defocus(views, bank)
+            search_s = time.perf_counter() - t0
+        cfg, preset_info = scene_config(ctx, name, views, bank, search)
     timings["preset_s"] = preset_info["seconds"]
+    init, search_info = None, None
+    if search is not None:
+        t0 = time.perf_counter()
+        init = pipeline.init_from_defocus(views.mean(axis=0), search.defocus, search.confident,
+                                          cfg.mpi.scales(), cfg.solver.pyramid_levels,
+                                          factor=search.factor)
+        timings["search_init_s"] = search_s + time.perf_counter() - t0
+        search_info = {"confident_fraction": float(search.confident.mean()),
+                       "factor": search.factor, "search_s": search_s,
+                       "spread_layers": pipeline.INIT_SPREAD_LAYERS,
+                       "weight": pipeline.INIT_WEIGHT,
+                       "fill_sigma_px": pipeline.INIT_FILL_SIGMA_PX,
+                       "seconds": timings["search_init_s"]}
     rec["scale_range"] = preset_info["scale_range"]
     est = batch.estimate_solve_memory(
         height=views.shape[1], width=views.shape[2], channels=views.shape[3],
@@ -628,9 +659,11 @@ def prepare_scene(ctx: Context, name: str, pair: io.ScenePair, device, rec: dict
              "preprocessing": info, "kernels": ctx.source.info, "preset": preset_info,
              "memory_estimate_gb": rec["memory_estimate_gb"],
              "assigned_device": str(device), "process": ctx.process_index}
+    if search_info is not None:
+        extra["search_init"] = search_info
     return PreparedScene(name=name, views=views, info=info, bank=bank, cfg=cfg, gt_aif=gt_aif,
                          gt_def=gt_def, extra=extra, memory=est, rec=rec, timings=timings,
-                         t_start=t_start)
+                         t_start=t_start, init=init)
 
 
 def _record_done(ctx: Context, prep: PreparedScene, res, result: dict[str, Any]) -> None:
@@ -686,7 +719,8 @@ def _solve_alone(ctx: Context, prep: PreparedScene, device,
         t0 = time.perf_counter()
         res, result = pipeline.solve_scene(
             prep.views, prep.bank, prep.cfg, out_dir, gt_all_in_focus=prep.gt_aif,
-            gt_defocus=prep.gt_def, extra={**prep.extra, **(extra or {})}, callback=progress)
+            gt_defocus=prep.gt_def, extra={**prep.extra, **(extra or {})}, callback=progress,
+            init=prep.init)
         prep.timings["solve_s"] = time.perf_counter() - t0
     _record_done(ctx, prep, res, result)
     if seen_devices:
@@ -1059,6 +1093,9 @@ def run_batch(opts: BatchOptions, *, devices: Sequence[Any] | None = None,
         source = kernel_source(opts, factor)
         if opts.batch_size < 1:
             raise SetupError("--batch_size must be >= 1")
+        if opts.search_init and (opts.batch_size > 1 or opts.method != "mpi"):
+            raise SetupError("--search_init needs --method=mpi and --batch_size=1 (the "
+                             "batched solve, dpjax.fit_batch, takes no initialisation)")
         if opts.method not in ("mpi", "dpanet"):
             raise SetupError(f"--method must be mpi or dpanet, got {opts.method!r}")
         model = load_dpanet(opts) if opts.method == "dpanet" else None
@@ -1083,7 +1120,7 @@ def run_batch(opts: BatchOptions, *, devices: Sequence[Any] | None = None,
                      "ramp %.3g, smoothing %.3g px, %d px kernels); set --kernel_radius etc. "
                      "to match your camera", opts.kernel_radius, opts.kernel_ramp,
                      opts.kernel_smooth, source.kernel_size)
-    presets = load_presets() if opts.preset != "none" else None
+    presets = load_presets() if opts.preset != "none" or opts.search_init else None
     budget = memory_budget_bytes(opts, devices)
     display = Display(opts.quiet, total=len(share), workers=len(devices))
     ctx = Context(opts=opts, source=source, base=base, presets=presets, budget=budget,
@@ -1263,7 +1300,7 @@ def batch_options_from_flags() -> BatchOptions:
     return BatchOptions(
         input_dir=Path(FLAGS.input_dir), output_dir=Path(FLAGS.output_dir),
         calib_dir=Path(FLAGS.calib_dir) if FLAGS.calib_dir else None, preset=FLAGS.preset,
-        range_probe=FLAGS.range_probe,
+        range_probe=FLAGS.range_probe, search_init=FLAGS.search_init,
         num_iters=FLAGS.num_iters, level_iters=level_iters, pyramid_levels=FLAGS.pyramid_levels,
         num_layers=FLAGS.num_layers, scenes=tuple(FLAGS.scenes) if FLAGS.scenes else None,
         overwrite=FLAGS.overwrite, batch_size=FLAGS.batch_size,

@@ -6,6 +6,7 @@ entry point writes the same output layout and the same result.json keys.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpjax import config as config_lib
-from dpjax import metrics, mpi, outputs
+from dpjax import io, metrics, mpi, outputs
 from dpjax.kernels import KernelBank
 from dpjax.solver import FitResult, Progress, downsample_image, fit
 
@@ -91,6 +92,96 @@ def init_from_all_in_focus(all_in_focus, num_layers: int,
     planar = jnp.asarray(np.transpose(image, (2, 0, 1)))  # [C, H, W]
     coarse = downsample_image(planar, 2 ** (pyramid_levels - 1))  # [C, H', W']
     return mpi.init_params(coarse[None], num_layers)
+
+
+# Search-map initialisation defaults (`init_from_defocus`).
+INIT_SPREAD_LAYERS = 1.5  # Gaussian width over the layers, in layer spacings
+INIT_WEIGHT = 0.5  # share of the Gaussian; the rest is the uniform 1/L start
+INIT_FILL_SIGMA_PX = 16.0  # smoothing of the map, in full-resolution pixels
+
+
+def _smooth(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Three box passes (~Gaussian of std `sigma` px), 'reflect' edges: [h, w] float64."""
+    size = max(1, round(math.sqrt(4.0 * sigma * sigma + 1.0))) | 1  # 3 (b^2 - 1) / 12 = sigma^2
+    for _ in range(3):
+        x = io.box_filter(x, size)
+    return x
+
+
+def init_from_defocus(all_in_focus, defocus, confident, scales, pyramid_levels: int = 1, *,
+                      factor: int = 1, spread_layers: float = INIT_SPREAD_LAYERS,
+                      weight: float = INIT_WEIGHT,
+                      fill_sigma_px: float = INIT_FILL_SIGMA_PX) -> mpi.MpiParams:
+    """Initial MPI logits whose layer weights start near a rough defocus map.
+
+    The paper's start gives every layer transmittance 1/L, so each pixel starts at the
+    middle of the layer range, and regions with little texture move from there slowly.
+    This start leans each pixel's transmittances towards a first estimate instead
+    (e.g. the kernel-symmetry search, `dpjax.presets.search_defocus`):
+
+    1. the map is replaced by a confidence-weighted Gaussian average of the confident
+       values (std `fill_sigma_px` full-resolution pixels): unconfident pixels are
+       filled from their neighbourhood and the search's pixel noise is smoothed out,
+       since the start only needs the coarse layout; where no confident pixel is
+       near, the median of the confident values;
+    2. the map is area-resampled to the coarsest pyramid level and clipped to the
+       layer range;
+    3. T_l = weight * G_l + (1 - weight) / L, G a Gaussian over the layer scales centred
+       on the map (std `spread_layers` layer spacings, normalised over the layers);
+       alpha_l = T_l / sum_{m <= l} T_m (back to front) gives exactly these T_l;
+    4. every layer's colour is `all_in_focus` (as `init_from_all_in_focus`).
+
+    With no confident pixel it returns `init_from_all_in_focus`'s uniform start. Pass
+    it with `fit(..., init=..., init_is_solution=False)` (as `solve_scene` does).
+
+    Args:
+      all_in_focus: [H, W, C] colour start (e.g. the mean of the views).
+      defocus: [H / factor, W / factor] signed scales.
+      confident: [H / factor, W / factor] bool, the pixels to trust.
+      scales: [L] layer scales, back to front (MpiConfig.scales()).
+      pyramid_levels: the solve's SolverConfig.pyramid_levels.
+      factor: the map's downsampling factor relative to H x W.
+
+    Returns:
+      MpiParams at the coarsest level: color_logits [L, C, H', W'], alpha_logits
+      [L - 1, H', W'].
+    """
+    base = init_from_all_in_focus(all_in_focus, len(scales), pyramid_levels)
+    d = np.asarray(defocus, np.float64)
+    conf = np.asarray(confident, bool)
+    h, w = np.shape(all_in_focus)[:2]
+    if d.shape != conf.shape or d.shape != (h // factor, w // factor) or h % factor or w % factor:
+        raise ValueError(f"defocus {d.shape} and confident {conf.shape} must be the image "
+                         f"{(h, w)} divided by factor {factor}")
+    if not np.all(np.isfinite(d[conf])):
+        raise ValueError("defocus contains NaN or Inf values at confident pixels")
+    if not 0.0 <= weight <= 1.0 or spread_layers <= 0 or fill_sigma_px <= 0:
+        raise ValueError("need 0 <= weight <= 1, spread_layers > 0 and fill_sigma_px > 0")
+    s = np.asarray(scales, np.float64)
+    if s.ndim != 1 or len(s) < 2:
+        raise ValueError(f"scales must be [L >= 2], got shape {s.shape}")
+    if not np.any(conf):
+        return base
+    c = conf.astype(np.float64)
+    dc = np.where(conf, d, 0.0)
+    sigma = fill_sigma_px / factor
+    num, den = _smooth(dc * c, sigma), _smooth(c, sigma)
+    near = den > 1e-3
+    filled = np.where(near, num / np.where(near, den, 1.0), np.median(d[conf]))
+    coarse = 2 ** (pyramid_levels - 1)
+    full = np.repeat(np.repeat(filled, factor, axis=0), factor, axis=1)
+    hc, wc = h // coarse, w // coarse
+    m = full.reshape(hc, coarse, wc, coarse).mean(axis=(1, 3))
+    m = np.clip(m, s.min(), s.max())
+    spacing = (s.max() - s.min()) / (len(s) - 1)
+    z = (m[None] - s[:, None, None]) / (spread_layers * max(spacing, 1e-6))
+    g = np.exp(-0.5 * z * z)  # the map lies within the range: its nearest layer is > 0
+    g /= g.sum(axis=0, keepdims=True)
+    trans = weight * g + (1.0 - weight) / len(s)  # [L, H', W'], sums to 1
+    alpha = np.clip(trans / np.cumsum(trans, axis=0), 1e-4, 1.0 - 1e-4)[1:]
+    logits = np.log(alpha) - np.log1p(-alpha)
+    return mpi.MpiParams(color_logits=base.color_logits,
+                         alpha_logits=jnp.asarray(logits, jnp.float32))
 
 
 def _solve_device(res: FitResult) -> str:

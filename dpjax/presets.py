@@ -35,6 +35,11 @@ the far end takes the 90th percentile without a margin (an earlier rule, the 95t
 percentile plus a 10% margin, put the far end above the paper's hand-set values and
 lost all-in-focus PSNR on scenes 008 and 013 during development).
 
+`search_defocus` returns the search's per-pixel map (steps 1-3) for callers that also
+want it as a starting point: `dpjax.pipeline.init_from_defocus` (opt-in
+`--search_init` in run_solver.py and reproduce_table.py) starts the MPI's layer
+weights near it; `analyze_scale_range(..., search=...)` then reuses it.
+
 `probe_scale_range` (opt-in: `estimate_auto_range(..., probe=True)`, `--range_probe`
 in run_solver.py and reproduce_table.py) refines the searched range with a short
 solve of the scene itself, the coarse-level solve the issue suggested:
@@ -86,6 +91,7 @@ __all__ = [
     "SCALE_LIMITS",
     "SEARCH_SCALES",
     "RangeEstimate",
+    "SearchMap",
     "analyze_scale_range",
     "auto_config",
     "auto_config_from_estimate",
@@ -94,6 +100,7 @@ __all__ = [
     "kernel_base_disparity",
     "paper_config",
     "probe_scale_range",
+    "search_defocus",
 ]
 
 
@@ -227,19 +234,29 @@ def _downsample_views(views: np.ndarray, f: int) -> np.ndarray:
     return views.reshape(v, h // f, f, w // f, f, c).mean(axis=(2, 4))
 
 
-def analyze_scale_range(views, bank: KernelBank, *,
-                        default: tuple[float, float] | None = None) -> RangeEstimate:
-    """The defocus range of a DP pair from the kernel-symmetry search (module docstring).
+class SearchMap(NamedTuple):
+    """The kernel-symmetry search's per-pixel result (`search_defocus`).
+
+    defocus: [h, w] float32 signed scale per pixel at the search resolution;
+    confident: [h, w] bool, the pixels the range rule uses (module docstring, step 3);
+    factor: h = H / factor, w = W / factor.
+    """
+
+    defocus: np.ndarray
+    confident: np.ndarray
+    factor: int
+
+
+def search_defocus(views, bank: KernelBank) -> SearchMap:
+    """The calibrated kernel-symmetry search over SEARCH_SCALES (module docstring, 1-3).
 
     Args:
       views: [2, H, W, C] left/right views.
       bank: calibrated kernels covering H x W (re-centred or not: a common shift of
         a tile's pair leaves the symmetry identity unchanged).
-      default: range returned when too few pixels are confident (default: MpiConfig's
-        scale_min, scale_max).
 
     Returns:
-      RangeEstimate.
+      SearchMap at half resolution where the base disparity allows, else full.
     """
     views = np.asarray(views, np.float32)
     if views.ndim != 4 or views.shape[0] != 2:
@@ -250,10 +267,30 @@ def analyze_scale_range(views, bank: KernelBank, *,
     window = max(3, baselines.STEREO_WINDOW // f) | 1  # odd
     cands = np.asarray(SEARCH_SCALES, np.float32)
     res = baselines.dp_stereo_defocus(small, small_bank, cands, window=window)
-    d = res.defocus
+    d = np.asarray(res.defocus, np.float32)
     interior = (d > cands[0] + 1e-4) & (d < cands[-1] - 1e-4)
     textured = res.texture > np.percentile(res.texture, _TEXTURE_QUANTILE)
     conf = (res.confidence > _CONFIDENCE_MIN) & textured & interior
+    return SearchMap(d, conf, f)
+
+
+def analyze_scale_range(views, bank: KernelBank, *,
+                        default: tuple[float, float] | None = None,
+                        search: SearchMap | None = None) -> RangeEstimate:
+    """The defocus range of a DP pair from the kernel-symmetry search (module docstring).
+
+    Args:
+      views: [2, H, W, C] left/right views.
+      bank: calibrated kernels covering H x W.
+      default: range returned when too few pixels are confident (default: MpiConfig's
+        scale_min, scale_max).
+      search: `search_defocus(views, bank)` when the caller already has it.
+
+    Returns:
+      RangeEstimate.
+    """
+    search = search_defocus(views, bank) if search is None else search
+    d, conf, f = search
     frac = float(conf.mean())
     if frac < MIN_CONFIDENT_FRACTION:
         if default is None:
@@ -335,7 +372,7 @@ def probe_scale_range(views, bank: KernelBank, est: RangeEstimate,
 
 
 def estimate_auto_range(views, bank: KernelBank, base: Config | None = None, *,
-                        probe: bool = False) -> RangeEstimate:
+                        probe: bool = False, search: SearchMap | None = None) -> RangeEstimate:
     """The auto preset's layer range: the symmetry search, refined by the coarse probe.
 
     Args:
@@ -345,9 +382,11 @@ def estimate_auto_range(views, bank: KernelBank, base: Config | None = None, *,
         layer count and solver settings are the probe's); default Config().
       probe: refine the search's range with the coarse-level probe solve (opt-in:
         about +20% solve time; module docstring).
+      search: `search_defocus(views, bank)` when the caller already has it.
     """
     base = Config() if base is None else base
-    est = analyze_scale_range(views, bank, default=(base.mpi.scale_min, base.mpi.scale_max))
+    est = analyze_scale_range(views, bank, default=(base.mpi.scale_min, base.mpi.scale_max),
+                              search=search)
     return probe_scale_range(views, bank, est, base) if probe else est
 
 

@@ -39,6 +39,13 @@ usual) instead of the mean of the views; the DPANet pass is part of its wall tim
 Keep such runs in their own --output_dir: a dpjax result solved with the other
 setting is refused rather than reused or overwritten (unless --overwrite).
 
+With --search_init the dpjax method starts each layer's weights near the calibrated
+kernel-symmetry search's defocus map (dpjax.pipeline.init_from_defocus; the same search
+the auto preset's range estimate runs, done once per scene) instead of the paper's
+uniform start, which puts every pixel at the middle of the layer range. Colours start
+as usual (or from DPANet with --dpanet_init). The same reuse rule as --dpanet_init
+applies.
+
 Presets: `auto` (default) estimates each scene's layer range from the DP pair
 (dpjax.presets.auto_config) with one set of prior weights; `paper` uses the paper's
 per-scene ranges and weights (dpjax.presets.paper_config). Both share the solver
@@ -102,6 +109,7 @@ class Options:
     methods: tuple[str, ...] = DEFAULT_METHODS
     preset: str = "auto"
     range_probe: bool = False
+    search_init: bool = False
     num_iters: int | None = None
     pyramid_levels: int = 3
     level_iters: tuple[int, ...] | None = None
@@ -213,22 +221,29 @@ def base_config(opts: Options) -> dpjax.Config:
     return dpjax.Config(solver=dpjax.SolverConfig(**solver))
 
 
-def scene_config(opts: Options, sid: str, views, bank, base, *,
-                 probe: bool = False) -> tuple[dpjax.Config, dict]:
+def scene_config(opts: Options, sid: str, views, bank, base, *, probe: bool = False,
+                 search: tuple[presets.SearchMap, float] | None = None,
+                 ) -> tuple[dpjax.Config, dict]:
     """The preset's configuration for one scene and a JSON record of how it was chosen.
 
     probe: for the auto preset, refine the searched range with the coarse-level probe
     solve (--range_probe, dpjax's runs only: dp_stereo is a classical baseline and
     keeps the symmetry search's range).
+    search: (the scene's symmetry search, its seconds) when already run
+    (--search_init): the auto preset's range estimate reuses it and its estimate_s
+    includes those seconds.
     """
     t0 = time.perf_counter()
     if opts.preset == "paper":
         cfg = presets.paper_config(sid, base)
         info: dict[str, Any] = {"name": "paper"}
     elif opts.preset == "auto":
-        est = presets.estimate_auto_range(views, bank, base, probe=probe)
+        est = presets.estimate_auto_range(views, bank, base, probe=probe,
+                                          search=search[0] if search else None)
         cfg = presets.auto_config_from_estimate(est, base)
         info = {"name": "auto", "range_estimate": est._asdict()}
+        if search:
+            t0 -= search[1]
     else:
         raise ValueError(f"unknown preset {opts.preset!r}; use 'auto' or 'paper'")
     info["estimate_s"] = time.perf_counter() - t0
@@ -303,20 +318,23 @@ def dpanet_all_in_focus(opts: Options, model: DpanetModel, views: np.ndarray) ->
                                overlap=opts.dpanet_overlap)
 
 
-def check_dpanet_init(opts: Options, scenes: tuple[str, ...]) -> None:
-    """Refuse to reuse a complete dpjax result solved with the other --dpanet_init."""
+def check_init_flags(opts: Options, scenes: tuple[str, ...]) -> None:
+    """Refuse to reuse a complete dpjax result solved with another --dpanet_init or
+    --search_init (result.json records both)."""
     if opts.overwrite:
         return
     for sid in scenes:
         d = Path(opts.output_dir) / "dpjax" / sid
         if not outputs.is_complete(d):
             continue
-        was = bool(json.loads((d / outputs.RESULT_JSON).read_text()).get("dpanet_init"))
-        if was != opts.dpanet_init:
-            raise ValueError(
-                f"{d} holds a dpjax result solved {'with' if was else 'without'} "
-                f"--dpanet_init, this run is {'with' if opts.dpanet_init else 'without'} it; "
-                "use another --output_dir (or --overwrite to replace it)")
+        result = json.loads((d / outputs.RESULT_JSON).read_text())
+        for flag, now in (("dpanet_init", opts.dpanet_init), ("search_init", opts.search_init)):
+            was = bool(result.get(flag))
+            if was != now:
+                raise ValueError(
+                    f"{d} holds a dpjax result solved {'with' if was else 'without'} "
+                    f"--{flag}, this run is {'with' if now else 'without'} it; "
+                    "use another --output_dir (or --overwrite to replace it)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -341,7 +359,9 @@ def _common(opts: Options, sid: str, method: str, preset_info: dict | None, *,
 
 
 def run_dpjax(opts, sid, views, bank, gt_aif, gt_def, cfg, preset_info, out_dir,
-              model: DpanetModel | None = None) -> None:
+              model: DpanetModel | None = None,
+              search: tuple[presets.SearchMap, float] | None = None) -> None:
+    """search: (the symmetry search, its seconds) for --search_init."""
     def progress(p: dpjax.Progress):
         if not opts.quiet:
             logging.info("  dpjax %s: level %d/%d step %d/%d loss %.5g (%.0fs)", sid,
@@ -349,7 +369,7 @@ def run_dpjax(opts, sid, views, bank, gt_aif, gt_def, cfg, preset_info, out_dir,
                          p.elapsed_s)
 
     extra = _common(opts, sid, "dpjax", preset_info, environment=False)
-    init, init_s = None, 0.0
+    init, init_s, aif = None, 0.0, None
     if opts.dpanet_init:
         t0 = time.perf_counter()
         aif = dpanet_all_in_focus(opts, model, views)
@@ -357,6 +377,24 @@ def run_dpjax(opts, sid, views, bank, gt_aif, gt_def, cfg, preset_info, out_dir,
                                                cfg.solver.pyramid_levels)
         init_s = time.perf_counter() - t0
         extra["dpanet_init"] = {**model.info(opts, sid), "seconds": init_s}
+    if opts.search_init:
+        sm, search_s = search
+        t0 = time.perf_counter()
+        init = pipeline.init_from_defocus(views.mean(axis=0) if aif is None else aif,
+                                          sm.defocus, sm.confident, cfg.mpi.scales(),
+                                          cfg.solver.pyramid_levels, factor=sm.factor)
+        seconds = time.perf_counter() - t0
+        # The search's time counts here unless the auto preset's estimate (whose time
+        # is already in its estimate_s) used it.
+        if preset_info.get("name") != "auto":
+            seconds += search_s
+        init_s += seconds
+        extra["search_init"] = {"confident_fraction": float(sm.confident.mean()),
+                                "factor": sm.factor, "search_s": search_s,
+                                "spread_layers": pipeline.INIT_SPREAD_LAYERS,
+                                "weight": pipeline.INIT_WEIGHT,
+                                "fill_sigma_px": pipeline.INIT_FILL_SIGMA_PX,
+                                "seconds": seconds}
     pipeline.solve_scene(views, bank, cfg, out_dir, gt_all_in_focus=gt_aif, gt_defocus=gt_def,
                          extra=extra, callback=progress, init=init)
     # solve_scene scores only the estimate's keys; keep the table's keys uniform.
@@ -517,7 +555,7 @@ def run(opts: Options) -> list[dict[str, Any]]:
         for sid in scenes:  # fail before any work, not after the first scenes
             _dpjax_layers(opts, sid)
     if "dpjax" in methods:
-        check_dpanet_init(opts, scenes)
+        check_init_flags(opts, scenes)
     model = None
     if "dpanet" in methods or (opts.dpanet_init and "dpjax" in methods):
         model = load_dpanet(opts)
@@ -541,12 +579,18 @@ def run(opts: Options) -> list[dict[str, Any]]:
             continue
         views, gt_aif, gt_def = load_scene(opts, sid, bank, block, tile)
         configs: dict[str, tuple[dpjax.Config, dict]] = {}
+        search = None  # --search_init: one symmetry search, also the auto range's
+        if opts.search_init and "dpjax" in todo:
+            t0 = time.perf_counter()
+            search = (presets.search_defocus(views, bank), time.perf_counter() - t0)
         searched = None  # dp_stereo, and dpjax without --range_probe, share one search
         for m in (m for m in ("dpjax", "dp_stereo") if m in todo):
             if m == "dpjax" and opts.range_probe:
-                configs[m] = scene_config(opts, sid, views, bank, base, probe=True)
+                configs[m] = scene_config(opts, sid, views, bank, base, probe=True,
+                                          search=search)
             else:
-                searched = searched or scene_config(opts, sid, views, bank, base)
+                searched = searched or scene_config(opts, sid, views, bank, base,
+                                                    search=search)
                 configs[m] = searched
             cfg, preset_info = configs[m]
             logging.info("scene %s: %s preset for %s, scales [%.2f, %.2f] (%.1fs)", sid,
@@ -556,7 +600,8 @@ def run(opts: Options) -> list[dict[str, Any]]:
             t0 = time.perf_counter()
             d = out / m / sid
             if m == "dpjax":
-                run_dpjax(opts, sid, views, bank, gt_aif, gt_def, *configs[m], d, model)
+                run_dpjax(opts, sid, views, bank, gt_aif, gt_def, *configs[m], d, model,
+                          search)
             elif m == "dpanet":
                 run_dpanet(opts, sid, views, gt_aif, gt_def, model, d)
             elif m == "input":
@@ -607,6 +652,9 @@ def define_flags() -> None:
     d.DEFINE_bool("range_probe", False, "auto preset: refine each scene's searched layer "
                   "range with a short coarse-level solve (dpjax.presets.probe_scale_range; "
                   "about +20% dpjax time; not used by dp_stereo).")
+    d.DEFINE_bool("search_init", False, "dpjax: start each layer's weights near the kernel-"
+                  "symmetry search's defocus map (dpjax.pipeline.init_from_defocus) instead "
+                  "of the paper's uniform start; the search is the auto preset's own.")
     d.DEFINE_integer("num_iters", None, "Iterations at the finest level (used when "
                      "--level_iters is not given).")
     d.DEFINE_integer("pyramid_levels", 3, "Coarse-to-fine levels (1 = single scale).")
@@ -654,6 +702,7 @@ def main(argv):
         scenes=(tuple(s.zfill(3) if s.isdigit() else s for s in FLAGS.scenes)
                 if FLAGS.scenes else None),
         methods=tuple(FLAGS.methods), preset=FLAGS.preset, range_probe=FLAGS.range_probe,
+        search_init=FLAGS.search_init,
         num_iters=FLAGS.num_iters,
         pyramid_levels=FLAGS.pyramid_levels, level_iters=level_iters, crop=FLAGS.crop,
         recenter_kernels=FLAGS.recenter_kernels, output_dir=Path(FLAGS.output_dir),

@@ -1,6 +1,7 @@
 """Presets, classical baselines and experiments/reproduce_table.py end to end."""
 
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -8,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 
 import dpjax
-from dpjax import baselines, io, metrics, presets, synthetic
+from dpjax import baselines, io, metrics, pipeline, presets, synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "reproduce_table.py"
@@ -346,6 +348,27 @@ def test_range_probe_serves_dpjax_only(tmp_path, pixel4_dir, reproduce_table):
     assert dp["scale_range"] == [probe["s_min"], probe["s_max"]]
     assert st["candidates"][0] == pytest.approx(search["s_min"])
     assert st["candidates"][-1] == pytest.approx(search["s_max"])
+
+
+def test_search_init_is_recorded_and_not_mixed(tmp_path, pixel4_dir, reproduce_table):
+    rt = reproduce_table
+    out = tmp_path / "out"
+    opts = rt.Options(data_dir=pixel4_dir, output_dir=out, scenes=("011",), crop="1x1",
+                      methods=("dpjax", "dp_stereo"), level_iters=(4, 2, 2),
+                      search_init=True, quiet=True)
+    rt.run(opts)
+    dp = json.loads((out / "dpjax" / "011" / "result.json").read_text())
+    st = json.loads((out / "dp_stereo" / "011" / "result.json").read_text())
+    si = dp["search_init"]
+    assert si["weight"] == pipeline.INIT_WEIGHT and si["factor"] in (1, 2)
+    assert 0 < si["confident_fraction"] <= 1 and si["search_s"] > 0
+    # One search serves the range of both methods and the init.
+    assert dp["preset"]["range_estimate"] == st["preset"]["range_estimate"]
+    assert dp["preset"]["estimate_s"] >= si["search_s"]
+    assert np.all(np.isfinite(tifffile.imread(out / "dpjax" / "011" / "defocus_map.tif")))
+    # A run without the flag refuses to reuse (or overwrite) that result.
+    with pytest.raises(ValueError, match="solved with --search_init"):
+        rt.run(dataclasses.replace(opts, search_init=False, methods=("dpjax",)))
 
 
 def test_cli_error_message_for_missing_ground_truth(tmp_path, pixel4_dir):

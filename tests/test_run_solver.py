@@ -7,6 +7,7 @@ The multi-process test runs two `python run_solver.py` processes on 127.0.0.1.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -20,7 +21,7 @@ import pytest
 import tifffile
 
 import dpjax
-from dpjax import batch, io, outputs
+from dpjax import batch, io, outputs, pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -346,6 +347,33 @@ def test_auto_preset_records_its_range_estimate(probe):
     assert (est["probe_range"] is not None) == probe
     assert est["probe_iters"] == (dpjax.presets.PROBE_ITERS if probe else 0)
     json.dumps(info)
+
+
+def test_search_init_reaches_the_solve_and_result(tmp_path, calib_dir, monkeypatch):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _write_tiff_pair(inp, "a", _texture(0))
+    seen = []
+    solve = pipeline.solve_scene
+
+    def spy(*args, init=None, **kw):
+        seen.append(init)
+        return solve(*args, init=init, **kw)
+
+    monkeypatch.setattr(pipeline, "solve_scene", spy)  # the module run_solver calls
+    opts = _opts(inp, out, calib_dir=calib_dir, preset="auto", search_init=True)
+    assert run_solver.run_batch(opts) == 0
+    assert len(seen) == 1 and seen[0] is not None
+    assert seen[0].alpha_logits.shape == (3, SIZE, SIZE)  # 4 layers, one level
+    trans = np.asarray(dpjax.mpi.transmittance(dpjax.mpi.alphas(seen[0])))
+    assert trans.std(axis=0).max() > 0.01  # not the uniform 1/L start
+    result = json.loads((out / "a" / "result.json").read_text())
+    si = result["search_init"]
+    assert si["weight"] == pipeline.INIT_WEIGHT and si["seconds"] >= si["search_s"] > 0
+    assert "range_estimate" in result["preset"]
+    # Not with the batched solve (it takes no initialisation): refused before any work.
+    out2 = tmp_path / "out2"
+    assert run_solver.run_batch(dataclasses.replace(opts, output_dir=out2, batch_size=2)) == 2
+    assert not out2.exists()
 
 
 def test_detect_cluster():
