@@ -634,16 +634,9 @@ def prepare_scene(ctx: Context, name: str, pair: io.ScenePair, device, rec: dict
     init, search_info = None, None
     if search is not None:
         t0 = time.perf_counter()
-        init = pipeline.init_from_defocus(views.mean(axis=0), search.defocus, search.confident,
-                                          cfg.mpi.scales(), cfg.solver.pyramid_levels,
-                                          factor=search.factor)
+        init, search_info = pipeline.init_from_search(views.mean(axis=0), search, cfg)
         timings["search_init_s"] = search_s + time.perf_counter() - t0
-        search_info = {"confident_fraction": float(search.confident.mean()),
-                       "factor": search.factor, "search_s": search_s,
-                       "spread_layers": pipeline.INIT_SPREAD_LAYERS,
-                       "weight": pipeline.INIT_WEIGHT,
-                       "fill_sigma_px": pipeline.INIT_FILL_SIGMA_PX,
-                       "seconds": timings["search_init_s"]}
+        search_info.update(search_s=search_s, seconds=timings["search_init_s"])
     rec["scale_range"] = preset_info["scale_range"]
     est = batch.estimate_solve_memory(
         height=views.shape[1], width=views.shape[2], channels=views.shape[3],

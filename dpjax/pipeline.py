@@ -184,6 +184,22 @@ def init_from_defocus(all_in_focus, defocus, confident, scales, pyramid_levels: 
                          alpha_logits=jnp.asarray(logits, jnp.float32))
 
 
+def init_from_search(all_in_focus, search, cfg: config_lib.Config,
+                     ) -> tuple[mpi.MpiParams, dict[str, Any]]:
+    """`init_from_defocus` from a `dpjax.presets.SearchMap` for a solve with `cfg`.
+
+    Returns:
+      (the initial MpiParams, the record result.json keeps under "search_init").
+    """
+    init = init_from_defocus(all_in_focus, search.defocus, search.confident,
+                             cfg.mpi.scales(), cfg.solver.pyramid_levels,
+                             factor=search.factor)
+    record = {"confident_fraction": float(np.mean(search.confident)),
+              "factor": int(search.factor), "spread_layers": INIT_SPREAD_LAYERS,
+              "weight": INIT_WEIGHT, "fill_sigma_px": INIT_FILL_SIGMA_PX}
+    return init, record
+
+
 def _solve_device(res: FitResult) -> str:
     """The device the solve ran on (that of its final parameters), not jax.devices()[0]:
     a batch run places scenes on other local devices with jax.default_device."""

@@ -380,21 +380,15 @@ def run_dpjax(opts, sid, views, bank, gt_aif, gt_def, cfg, preset_info, out_dir,
     if opts.search_init:
         sm, search_s = search
         t0 = time.perf_counter()
-        init = pipeline.init_from_defocus(views.mean(axis=0) if aif is None else aif,
-                                          sm.defocus, sm.confident, cfg.mpi.scales(),
-                                          cfg.solver.pyramid_levels, factor=sm.factor)
+        init, record = pipeline.init_from_search(views.mean(axis=0) if aif is None else aif,
+                                                 sm, cfg)
         seconds = time.perf_counter() - t0
         # The search's time counts here unless the auto preset's estimate (whose time
         # is already in its estimate_s) used it.
         if preset_info.get("name") != "auto":
             seconds += search_s
         init_s += seconds
-        extra["search_init"] = {"confident_fraction": float(sm.confident.mean()),
-                                "factor": sm.factor, "search_s": search_s,
-                                "spread_layers": pipeline.INIT_SPREAD_LAYERS,
-                                "weight": pipeline.INIT_WEIGHT,
-                                "fill_sigma_px": pipeline.INIT_FILL_SIGMA_PX,
-                                "seconds": seconds}
+        extra["search_init"] = {**record, "search_s": search_s, "seconds": seconds}
     pipeline.solve_scene(views, bank, cfg, out_dir, gt_all_in_focus=gt_aif, gt_defocus=gt_def,
                          extra=extra, callback=progress, init=init)
     # solve_scene scores only the estimate's keys; keep the table's keys uniform.
