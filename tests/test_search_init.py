@@ -100,9 +100,12 @@ def test_search_defocus_feeds_the_range_and_the_init():
     est = presets.analyze_scale_range(scene.views, bank, search=search)
     assert est == presets.analyze_scale_range(scene.views, bank)  # same search inside
     cfg = presets.auto_config_from_estimate(est)
+    # This scene is 128 x 160 px: the default smoothing (48 px, for 1008 x 1344 photos)
+    # would average its two layers together, so a 16 px one keeps its layout.
     init = pipeline.init_from_defocus(scene.views.mean(axis=0), search.defocus,
                                       search.confident, cfg.mpi.scales(),
-                                      cfg.solver.pyramid_levels, factor=search.factor)
+                                      cfg.solver.pyramid_levels, factor=search.factor,
+                                      fill_sigma_px=16.0)
     dmap = np.asarray(mpi.defocus_map(mpi.transmittance(mpi.alphas(init)),
                                       cfg.mpi.scales()))
     # The start already orders the two layers as the ground truth does.
