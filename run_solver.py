@@ -114,7 +114,7 @@ def _define_flags() -> None:
     d.DEFINE_bool("search_init", False, "Start each layer's weights near the calibrated "
                   "kernel-symmetry search's defocus map (dpjax.pipeline.init_from_defocus; "
                   "with --preset=auto the range estimate's own search) instead of the paper's "
-                  "uniform start. Needs --batch_size=1.")
+                  "uniform start. Needs --method=mpi.")
     d.DEFINE_list("scenes", None, "Only these scene names (comma-separated).")
     d.DEFINE_bool("overwrite", False, "Re-solve scenes whose outputs are complete.")
     d.DEFINE_enum("method", "mpi", ["mpi", "dpanet"], "mpi: the dpjax MPI solver (defocus "
@@ -784,7 +784,8 @@ def _solve_batch(ctx: Context, preps: list[PreparedScene], device) -> None:
     try:
         with jax.default_device(device):
             results = dpjax.fit_batch([p.views for p in preps], [p.bank for p in preps],
-                                      [p.cfg for p in preps], callback=progress)
+                                      [p.cfg for p in preps], callback=progress,
+                                      inits=[p.init for p in preps])
     except KeyboardInterrupt:
         raise
     except Exception as e:  # noqa: BLE001 - fall back to scene by scene
@@ -1086,9 +1087,9 @@ def run_batch(opts: BatchOptions, *, devices: Sequence[Any] | None = None,
         source = kernel_source(opts, factor)
         if opts.batch_size < 1:
             raise SetupError("--batch_size must be >= 1")
-        if opts.search_init and (opts.batch_size > 1 or opts.method != "mpi"):
-            raise SetupError("--search_init needs --method=mpi and --batch_size=1 (the "
-                             "batched solve, dpjax.fit_batch, takes no initialisation)")
+        if opts.search_init and opts.method != "mpi":
+            raise SetupError("--search_init needs --method=mpi (DPANet has no layers to "
+                             "initialise)")
         if opts.method not in ("mpi", "dpanet"):
             raise SetupError(f"--method must be mpi or dpanet, got {opts.method!r}")
         model = load_dpanet(opts) if opts.method == "dpanet" else None

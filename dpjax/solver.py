@@ -366,8 +366,8 @@ def fit(observation, bank: KernelBank, config: Config = _DEFAULT_CONFIG, *,
 
 def fit_batch(observations, banks: KernelBank | Sequence[KernelBank],
               configs: Config | Sequence[Config], *,
-              callback: Callable[[tuple[Progress, ...]], bool | None] | None = None
-              ) -> list[FitResult]:
+              callback: Callable[[tuple[Progress, ...]], bool | None] | None = None,
+              inits: Sequence[mpi.MpiParams | None] | None = None) -> list[FitResult]:
     """Solves B same-size captures together: one compiled chunk vmapped over the scenes.
 
     Each scene gets what `fit` would give it (up to float rounding): its own
@@ -392,6 +392,9 @@ def fit_batch(observations, banks: KernelBank | Sequence[KernelBank],
       callback: called on the host after every chunk with one Progress per scene
         (`params` is None: the stacked logits are donated to the next chunk);
         returning True stops every scene there, keeping the results.
+      inits: optional B initial MPI logits at the coarsest level's resolution (or None
+        for the usual start of that scene), as `fit(..., init=...,
+        init_is_solution=False)` takes them (e.g. `pipeline.init_from_defocus`).
 
     Returns:
       B FitResults in the order of the observations.
@@ -427,7 +430,33 @@ def fit_batch(observations, banks: KernelBank | Sequence[KernelBank],
             raise ValueError(f"scene {i}: {e}") from e
         if scenes[-1].planar.shape != scenes[0].planar.shape:
             raise ValueError(f"scene {i}: views {np.shape(o)} differ from scene 0's in shape")
-    return _solve(scenes, batched=True, report=callback, init=None, t_start=t_start)
+    if inits is not None:
+        inits = list(inits)
+        if len(inits) != n:
+            raise ValueError(f"{n} observations need {n} inits (None for the usual start); "
+                             f"got {len(inits)}")
+        if all(p is None for p in inits):
+            inits = None
+    return _solve(scenes, batched=True, report=callback, init=inits, t_start=t_start)
+
+
+def _batch_start(inits: Sequence[mpi.MpiParams | None], observations: jax.Array,
+                 num_layers: int, scfg: SolverConfig) -> mpi.MpiParams:
+    """The stacked coarsest-level logits of a batch [B, ...] from per-scene inits (None:
+    the usual start) and the level's observations [B, V, C, H, W]."""
+    out = []
+    for i, (p, o) in enumerate(zip(inits, observations)):
+        usual = _initial_params(o, num_layers, scfg)
+        if p is None:
+            out.append(usual)
+            continue
+        if (np.shape(p.color_logits) != usual.color_logits.shape
+                or np.shape(p.alpha_logits) != usual.alpha_logits.shape):
+            raise ValueError(f"scene {i}: init logits {np.shape(p.color_logits)} / "
+                             f"{np.shape(p.alpha_logits)} must be the coarsest level's "
+                             f"{usual.color_logits.shape} / {usual.alpha_logits.shape}")
+        out.append(p)
+    return _stack(out)
 
 
 def _initial_params(observation: jax.Array, num_layers: int,
@@ -465,10 +494,10 @@ def _problems(scenes: Sequence[_Scene], factor: int, batched: bool):
 
 def _solve(scenes: Sequence[_Scene], *, batched: bool,
            report: Callable[[tuple[Progress, ...]], bool | None] | None,
-           init: mpi.MpiParams | None, t_start: float,
+           init: mpi.MpiParams | Sequence[mpi.MpiParams | None] | None, t_start: float,
            refine_first: bool = False) -> list[FitResult]:
     """The coarse-to-fine level loop shared by `fit` (one scene, unbatched arrays) and
-    `fit_batch` (arrays with a leading scene axis B)."""
+    `fit_batch` (arrays with a leading scene axis B; `init` then one entry per scene)."""
     num = len(scenes)
     config = scenes[0].config  # the batch_key fields are shared
     scfg = config.solver
@@ -490,7 +519,9 @@ def _solve(scenes: Sequence[_Scene], *, batched: bool,
         lvl_obs, lk = _problems(scenes, factor, batched)
         timings[f"prepare_level{level}_s"] = time.perf_counter() - t0
 
-        if params is None:
+        if batched and isinstance(params, list):
+            params = _batch_start(params, lvl_obs, config.mpi.num_layers, scfg)
+        elif params is None:
             params = (_stack([_initial_params(o, config.mpi.num_layers, scfg) for o in lvl_obs])
                       if batched else _initial_params(lvl_obs, config.mpi.num_layers, scfg))
         elif params.color_logits.shape[-2:] != lvl_obs.shape[-2:]:

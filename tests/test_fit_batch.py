@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import dpjax
-from dpjax import losses, mpi, solver
+from dpjax import losses, mpi, pipeline, solver
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +107,35 @@ def test_stopping_rule_is_per_scene(bank, views):
         assert b.loss_history.shape == s.loss_history.shape
         assert _rel(b.loss_history, s.loss_history) < 1e-4
         assert _mean_rel(b.defocus, s.defocus) < 1e-4
+
+
+def test_inits_match_separate_fits_with_init(bank, views, solved):
+    # Scene 0 starts from a two-level defocus map (front left, back right), scene 1 from
+    # the usual uniform start: each as `fit` with that start.
+    cfg = _cfg()
+    d = np.where(np.arange(80) < 40, 0.3, 1.1)[None].repeat(64, axis=0)
+    init = pipeline.init_from_defocus(views[0].mean(axis=0), d, np.ones(d.shape, bool),
+                                      cfg.mpi.scales(), cfg.solver.pyramid_levels,
+                                      weight=1.0, fill_sigma_px=2.0)
+    batch = dpjax.fit_batch(views, bank, cfg, inits=[init, None])
+    singles = [dpjax.fit(views[0], bank, cfg, init=init, init_is_solution=False),
+               dpjax.fit(views[1], bank, cfg)]
+    for b, s in zip(batch, singles):
+        assert b.level_iterations == s.level_iterations == (8, 8)
+        assert _rel(b.loss_history, s.loss_history) < 1e-4
+        assert _mean_rel(b.defocus, s.defocus) < 1e-4
+    # The start mattered: scene 0 differs from its uniform-start solve in `solved`.
+    uniform = solved[1][0]
+    assert _mean_rel(batch[0].defocus, uniform.defocus) > 1e-2
+    assert np.mean(batch[0].defocus[:, 40:]) > np.mean(batch[0].defocus[:, :40])
+
+
+def test_inits_are_checked(bank, views):
+    with pytest.raises(ValueError, match="2 observations need 2 inits"):
+        dpjax.fit_batch(views, bank, _cfg(), inits=[None])
+    full = mpi.init_params(np.moveaxis(views[0], -1, 1), 4)  # full size, not the coarsest
+    with pytest.raises(ValueError, match="scene 1: init logits .* coarsest level"):
+        dpjax.fit_batch(views, bank, _cfg(), inits=[None, full])
 
 
 def test_divergence_names_the_scene(bank, views):

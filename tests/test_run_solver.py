@@ -253,10 +253,11 @@ def test_batch_that_diverges_is_solved_scene_by_scene(tmp_path, calib_dir, monke
     inp, out = tmp_path / "in", tmp_path / "out"
     _write_tiff_pair(inp, "a", _texture(0))
     _write_tiff_pair(inp, "b", _texture(1))
+    run_solver._load_dpjax()  # its modules are imported lazily, on the first run
     real_fit = run_solver.pipeline.fit
     diverging = {}
 
-    def fit_batch(views, banks, configs, callback=None):
+    def fit_batch(views, banks, configs, callback=None, inits=None):
         diverging["views"] = views[1]
         raise dpjax.solver.BatchFloatingPointError("scene 1 of the batch diverged", (1,))
 
@@ -370,10 +371,29 @@ def test_search_init_reaches_the_solve_and_result(tmp_path, calib_dir, monkeypat
     si = result["search_init"]
     assert si["weight"] == pipeline.INIT_WEIGHT and si["seconds"] >= si["search_s"] > 0
     assert "range_estimate" in result["preset"]
-    # Not with the batched solve (it takes no initialisation): refused before any work.
+    # The batched solve takes each scene's start too.
+    _write_tiff_pair(inp, "b", _texture(1))
+    starts = []
+    fit_batch = dpjax.fit_batch
+
+    def batch_spy(*args, inits=None, **kw):
+        starts.append(inits)
+        return fit_batch(*args, inits=inits, **kw)
+
+    monkeypatch.setattr(run_solver.dpjax, "fit_batch", batch_spy)
     out2 = tmp_path / "out2"
-    assert run_solver.run_batch(dataclasses.replace(opts, output_dir=out2, batch_size=2)) == 2
-    assert not out2.exists()
+    assert run_solver.run_batch(dataclasses.replace(opts, output_dir=out2, batch_size=2)) == 0
+    (inits,) = starts
+    assert len(inits) == 2 and all(i is not None for i in inits)
+    np.testing.assert_array_equal(inits[0].alpha_logits, seen[0].alpha_logits)
+    for name in ("a", "b"):
+        result = json.loads((out2 / name / "result.json").read_text())
+        assert result["batch"]["size"] == 2 and "search_init" in result
+    # Not with DPANet (no layers to start): refused before any work.
+    out3 = tmp_path / "out3"
+    assert run_solver.run_batch(dataclasses.replace(opts, output_dir=out3,
+                                                    method="dpanet")) == 2
+    assert not out3.exists()
 
 
 def test_detect_cluster():
