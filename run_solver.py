@@ -111,10 +111,11 @@ def _define_flags() -> None:
     d.DEFINE_bool("range_probe", False, "--preset=auto: refine each scene's searched layer "
                   "range with a short coarse-level solve (dpjax.presets.probe_scale_range; "
                   "about +20% solve time).")
-    d.DEFINE_bool("search_init", False, "Start each layer's weights near the calibrated "
+    d.DEFINE_bool("search_init", None, "Start each layer's weights near the calibrated "
                   "kernel-symmetry search's defocus map (dpjax.pipeline.init_from_defocus; "
                   "with --preset=auto the range estimate's own search) instead of the paper's "
-                  "uniform start. Needs --method=mpi.")
+                  "uniform start. Default: on with --preset=auto, off with paper and none "
+                  "(--nosearch_init / --search_init override). Needs --method=mpi.")
     d.DEFINE_list("scenes", None, "Only these scene names (comma-separated).")
     d.DEFINE_bool("overwrite", False, "Re-solve scenes whose outputs are complete.")
     d.DEFINE_enum("method", "mpi", ["mpi", "dpanet"], "mpi: the dpjax MPI solver (defocus "
@@ -223,7 +224,7 @@ class BatchOptions:
     calib_dir: Path | None = None
     preset: str = "auto"
     range_probe: bool = False
-    search_init: bool = False
+    search_init: bool | None = None  # None: the preset's choice (presets.uses_search_init)
     num_iters: int | None = None
     level_iters: tuple[int, ...] | None = None
     pyramid_levels: int = 3
@@ -1090,6 +1091,10 @@ def run_batch(opts: BatchOptions, *, devices: Sequence[Any] | None = None,
         if opts.search_init and opts.method != "mpi":
             raise SetupError("--search_init needs --method=mpi (DPANet has no layers to "
                              "initialise)")
+        if opts.search_init is None:  # the preset's choice
+            from dpjax.presets import uses_search_init
+            opts = dataclasses.replace(opts, search_init=opts.method == "mpi"
+                                       and uses_search_init(opts.preset))
         if opts.method not in ("mpi", "dpanet"):
             raise SetupError(f"--method must be mpi or dpanet, got {opts.method!r}")
         model = load_dpanet(opts) if opts.method == "dpanet" else None
@@ -1124,7 +1129,7 @@ def run_batch(opts: BatchOptions, *, devices: Sequence[Any] | None = None,
                  ", ".join(str(d) for d in devices))
 
     meta = {"input_dir": str(opts.input_dir), "output_dir": str(out_root), "method": opts.method,
-            "kernels": source.info, "preset": opts.preset,
+            "kernels": source.info, "preset": opts.preset, "search_init": opts.search_init,
             "base_config": dpjax.config.to_dict(base), "process_count": process_count,
             "devices_per_process": len(devices), "batch_size": opts.batch_size,
             "memory_budget_gb": None if budget is None else round(budget / 1e9, 3),

@@ -36,9 +36,10 @@ percentile plus a 10% margin, put the far end above the paper's hand-set values 
 lost all-in-focus PSNR on scenes 008 and 013 during development).
 
 `search_defocus` returns the search's per-pixel map (steps 1-3) for callers that also
-want it as a starting point: `dpjax.pipeline.init_from_defocus` (opt-in
-`--search_init` in run_solver.py and reproduce_table.py) starts the MPI's layer
-weights near it; `analyze_scale_range(..., search=...)` then reuses it.
+want it as a starting point: `dpjax.pipeline.init_from_defocus` starts the MPI's layer
+weights near it (`--search_init` in run_solver.py and reproduce_table.py, on by default
+with the auto preset: `uses_search_init`); `analyze_scale_range(..., search=...)` then
+reuses it.
 
 `probe_scale_range` (opt-in: `estimate_auto_range(..., probe=True)`, `--range_probe`
 in run_solver.py and reproduce_table.py) refines the searched range with a short
@@ -152,6 +153,18 @@ def _scene_key(scene_id) -> str:
         return f"{int(scene_id):03d}"
     s = str(scene_id)
     return s.zfill(3) if s.isdigit() else s
+
+
+def uses_search_init(preset: str, search_init: bool | None = None) -> bool:
+    """Whether a solve with `preset` starts from the search map (`--search_init`).
+
+    An explicit True or False wins. None (the flag not given) is the preset's choice:
+    on for `auto`, which estimates everything from the pair (on the six Pixel 4 scenes
+    the search start improved the mean of every column at full resolution,
+    experiments/results/pixel4.md), off for `paper` and `none` (the paper's uniform
+    start, so that `paper` stays the paper's method).
+    """
+    return preset == "auto" if search_init is None else bool(search_init)
 
 
 def paper_config(scene_id, base: Config | None = None) -> Config:

@@ -39,16 +39,18 @@ usual) instead of the mean of the views; the DPANet pass is part of its wall tim
 Keep such runs in their own --output_dir: a dpjax result solved with the other
 setting is refused rather than reused or overwritten (unless --overwrite).
 
-With --search_init the dpjax method starts each layer's weights near the calibrated
-kernel-symmetry search's defocus map (dpjax.pipeline.init_from_defocus; the same search
-the auto preset's range estimate runs, done once per scene) instead of the paper's
-uniform start, which puts every pixel at the middle of the layer range. Colours start
-as usual (or from DPANet with --dpanet_init). The same reuse rule as --dpanet_init
-applies.
+With --search_init (the default with --preset=auto; --nosearch_init turns it off) the
+dpjax method starts each layer's weights near the calibrated kernel-symmetry search's
+defocus map (dpjax.pipeline.init_from_defocus; the same search the auto preset's range
+estimate runs, done once per scene) instead of the paper's uniform start, which puts
+every pixel at the middle of the layer range; --preset=paper keeps the paper's start
+unless --search_init is given. Colours start as usual (or from DPANet with
+--dpanet_init). The same reuse rule as --dpanet_init applies.
 
 Presets: `auto` (default) estimates each scene's layer range from the DP pair
-(dpjax.presets.auto_config) with one set of prior weights; `paper` uses the paper's
-per-scene ranges and weights (dpjax.presets.paper_config). Both share the solver
+(dpjax.presets.auto_config) with one set of prior weights, and starts from the search
+map (--search_init above); `paper` uses the paper's per-scene ranges and weights
+(dpjax.presets.paper_config) and the paper's uniform start. Both share the solver
 schedule given by --pyramid_levels / --level_iters / --num_iters.
 
 Wall time per scene: the method's own time (for dpjax with the auto preset this
@@ -109,7 +111,7 @@ class Options:
     methods: tuple[str, ...] = DEFAULT_METHODS
     preset: str = "auto"
     range_probe: bool = False
-    search_init: bool = False
+    search_init: bool | None = None  # None: the preset's choice (presets.uses_search_init)
     num_iters: int | None = None
     pyramid_levels: int = 3
     level_iters: tuple[int, ...] | None = None
@@ -540,6 +542,8 @@ def run(opts: Options) -> list[dict[str, Any]]:
     if opts.preset not in ("auto", "paper"):
         raise ValueError(f"unknown preset {opts.preset!r}; use 'auto' or 'paper'")
     methods = sorted(dict.fromkeys(opts.methods), key=_ORDER.__getitem__)
+    opts = dataclasses.replace(opts, search_init=presets.uses_search_init(opts.preset,
+                                                                          opts.search_init))
     scenes = tuple(opts.scenes) if opts.scenes else discover_scenes(opts.data_dir)
     if opts.preset == "paper":
         for sid in scenes:
@@ -615,7 +619,8 @@ def run(opts: Options) -> list[dict[str, Any]]:
              else f"pyramid_levels={base.solver.pyramid_levels}, num_iters="
                   f"{base.solver.num_iters}, coarse_iters={base.solver.coarse_iters}")
     header = (f"Pixel 4 table: preset {opts.preset}, crop {opts.crop}, {sched}, "
-              f"recenter_kernels={opts.recenter_kernels}; {platform.node()} "
+              f"recenter_kernels={opts.recenter_kernels}, search_init={opts.search_init}; "
+              f"{platform.node()} "
               f"({jax.devices()[0].platform}). Defocus metrics on the 8-bit ground truth "
               "in [0, 1] units; image metrics after ±6 px alignment and affine intensity fit.")
     if model is not None:
@@ -646,9 +651,10 @@ def define_flags() -> None:
     d.DEFINE_bool("range_probe", False, "auto preset: refine each scene's searched layer "
                   "range with a short coarse-level solve (dpjax.presets.probe_scale_range; "
                   "about +20% dpjax time; not used by dp_stereo).")
-    d.DEFINE_bool("search_init", False, "dpjax: start each layer's weights near the kernel-"
+    d.DEFINE_bool("search_init", None, "dpjax: start each layer's weights near the kernel-"
                   "symmetry search's defocus map (dpjax.pipeline.init_from_defocus) instead "
-                  "of the paper's uniform start; the search is the auto preset's own.")
+                  "of the paper's uniform start. Default: on with --preset=auto (whose "
+                  "range estimate runs the same search), off with --preset=paper.")
     d.DEFINE_integer("num_iters", None, "Iterations at the finest level (used when "
                      "--level_iters is not given).")
     d.DEFINE_integer("pyramid_levels", 3, "Coarse-to-fine levels (1 = single scale).")

@@ -354,8 +354,8 @@ def test_search_init_is_recorded_and_not_mixed(tmp_path, pixel4_dir, reproduce_t
     rt = reproduce_table
     out = tmp_path / "out"
     opts = rt.Options(data_dir=pixel4_dir, output_dir=out, scenes=("011",), crop="1x1",
-                      methods=("dpjax", "dp_stereo"), level_iters=(4, 2, 2),
-                      search_init=True, quiet=True)
+                      methods=("dpjax", "dp_stereo"), level_iters=(4, 2, 2), quiet=True)
+    assert opts.preset == "auto" and opts.search_init is None  # on: the auto preset's default
     rt.run(opts)
     dp = json.loads((out / "dpjax" / "011" / "result.json").read_text())
     st = json.loads((out / "dp_stereo" / "011" / "result.json").read_text())

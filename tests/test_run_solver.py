@@ -361,8 +361,9 @@ def test_search_init_reaches_the_solve_and_result(tmp_path, calib_dir, monkeypat
         return solve(*args, init=init, **kw)
 
     monkeypatch.setattr(pipeline, "solve_scene", spy)  # the module run_solver calls
-    opts = _opts(inp, out, calib_dir=calib_dir, preset="auto", search_init=True)
+    opts = _opts(inp, out, calib_dir=calib_dir, preset="auto")  # on by default with auto
     assert run_solver.run_batch(opts) == 0
+    assert _summary(out)["search_init"] is True
     assert len(seen) == 1 and seen[0] is not None
     assert seen[0].alpha_logits.shape == (3, SIZE, SIZE)  # 4 layers, one level
     trans = np.asarray(dpjax.mpi.transmittance(dpjax.mpi.alphas(seen[0])))
@@ -389,10 +390,17 @@ def test_search_init_reaches_the_solve_and_result(tmp_path, calib_dir, monkeypat
     for name in ("a", "b"):
         result = json.loads((out2 / name / "result.json").read_text())
         assert result["batch"]["size"] == 2 and "search_init" in result
+    # --nosearch_init, or another preset, keeps the paper's uniform start.
+    for i, over in enumerate(({"search_init": False}, {"preset": "none"})):
+        seen.clear()
+        out4 = tmp_path / f"uniform{i}"
+        assert run_solver.run_batch(dataclasses.replace(opts, output_dir=out4, **over)) == 0
+        assert len(seen) == 2 and seen == [None, None]
+        assert "search_init" not in json.loads((out4 / "a" / "result.json").read_text())
     # Not with DPANet (no layers to start): refused before any work.
     out3 = tmp_path / "out3"
-    assert run_solver.run_batch(dataclasses.replace(opts, output_dir=out3,
-                                                    method="dpanet")) == 2
+    assert run_solver.run_batch(dataclasses.replace(opts, output_dir=out3, method="dpanet",
+                                                    search_init=True)) == 2
     assert not out3.exists()
 
 

@@ -121,3 +121,10 @@ def test_pixel_noise_of_the_map_is_smoothed_out():
                                       weight=1.0, spread_layers=0.3)
     dmap = np.asarray(mpi.defocus_map(mpi.transmittance(mpi.alphas(init)), SCALES))
     np.testing.assert_allclose(dmap[4:-4, 4:-4], 0.7, atol=0.03)  # the checkerboard's mean
+
+
+def test_auto_preset_uses_it_by_default():
+    assert presets.uses_search_init("auto")
+    assert not presets.uses_search_init("paper") and not presets.uses_search_init("none")
+    assert not presets.uses_search_init("auto", False)  # --nosearch_init
+    assert presets.uses_search_init("paper", True)
