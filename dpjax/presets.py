@@ -159,8 +159,9 @@ def uses_search_init(preset: str, search_init: bool | None = None) -> bool:
     """Whether a solve with `preset` starts from the search map (`--search_init`).
 
     An explicit True or False wins. None (the flag not given) is the preset's choice:
-    on for `auto`, which estimates everything from the pair (on the six Pixel 4 scenes
-    the search start improved the mean of every column at full resolution,
+    on for `auto`, which estimates everything from the pair (on the six Pixel 4 scenes,
+    at both the 3x4 crop and full resolution, the search start improved five of six
+    mean columns, all but 1 - |rho_s|, and the image of every scene:
     experiments/results/pixel4.md), off for `paper` and `none` (the paper's uniform
     start, so that `paper` stays the paper's method).
     """
