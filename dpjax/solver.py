@@ -446,15 +446,15 @@ def _batch_start(inits: Sequence[mpi.MpiParams | None], observations: jax.Array,
     the usual start) and the level's observations [B, V, C, H, W]."""
     out = []
     for i, (p, o) in enumerate(zip(inits, observations)):
-        usual = _initial_params(o, num_layers, scfg)
         if p is None:
-            out.append(usual)
+            out.append(_initial_params(o, num_layers, scfg))
             continue
-        if (np.shape(p.color_logits) != usual.color_logits.shape
-                or np.shape(p.alpha_logits) != usual.alpha_logits.shape):
+        color = (num_layers, *o.shape[1:])  # mpi.init_params: [L, C, H, W], [L - 1, H, W]
+        alpha = (num_layers - 1, *o.shape[2:])
+        if np.shape(p.color_logits) != color or np.shape(p.alpha_logits) != alpha:
             raise ValueError(f"scene {i}: init logits {np.shape(p.color_logits)} / "
                              f"{np.shape(p.alpha_logits)} must be the coarsest level's "
-                             f"{usual.color_logits.shape} / {usual.alpha_logits.shape}")
+                             f"{color} / {alpha}")
         out.append(p)
     return _stack(out)
 
