@@ -96,7 +96,7 @@ def init_from_all_in_focus(all_in_focus, num_layers: int,
 
 # Search-map initialisation defaults (`init_from_defocus`).
 INIT_SPREAD_LAYERS = 1.5  # Gaussian width over the layers, in layer spacings
-INIT_WEIGHT = 0.5  # share of the Gaussian; the rest is the uniform 1/L start
+INIT_WEIGHT = 0.5  # share of the Gaussian where the search is sure; the rest is 1/L
 # Smoothing of the map, in full-resolution pixels. The start needs only the coarse layout:
 # on the six Pixel 4 scenes' 3x4 crops 48 px kept the AIWE gains of 16 px and lost less
 # rank order (mean 1-|rho_s| 0.474 vs 0.489), the search's medium-scale errors being
@@ -127,11 +127,15 @@ def init_from_defocus(all_in_focus, defocus, confident, scales, pyramid_levels: 
        values (std `fill_sigma_px` full-resolution pixels): unconfident pixels are
        filled from their neighbourhood and the search's pixel noise is smoothed out,
        since the start only needs the coarse layout; where no confident pixel is
-       near, the median of the confident values;
+       near, the median of the confident values (which step 3 then barely uses);
     2. the map is area-resampled to the coarsest pyramid level and clipped to the
        layer range;
-    3. T_l = weight * G_l + (1 - weight) / L, G a Gaussian over the layer scales centred
-       on the map (std `spread_layers` layer spacings, normalised over the layers);
+    3. T_l = w G_l + (1 - w) / L, G a Gaussian over the layer scales centred on the
+       map (std `spread_layers` layer spacings, normalised over the layers), and
+       w = weight * (the same Gaussian average of the confident mask), resampled as
+       the map: the start leans on the map by `weight` where the search was sure
+       around a pixel and stays near the uniform 1/L where it found little (flat or
+       ambiguous regions, whose filled value is a guess from further away);
        alpha_l = T_l / sum_{m <= l} T_m (back to front) gives exactly these T_l;
     4. every layer's colour is `all_in_focus` (as `init_from_all_in_focus`).
 
@@ -173,15 +177,19 @@ def init_from_defocus(all_in_focus, defocus, confident, scales, pyramid_levels: 
     near = den > 1e-3
     filled = np.where(near, num / np.where(near, den, 1.0), np.median(d[conf]))
     coarse = 2 ** (pyramid_levels - 1)
-    full = np.repeat(np.repeat(filled, factor, axis=0), factor, axis=1)
     hc, wc = h // coarse, w // coarse
-    m = full.reshape(hc, coarse, wc, coarse).mean(axis=(1, 3))
-    m = np.clip(m, s.min(), s.max())
+
+    def to_coarse(x):  # [h / factor, w / factor] -> [H', W'], area resampling
+        full = np.repeat(np.repeat(x, factor, axis=0), factor, axis=1)
+        return full.reshape(hc, coarse, wc, coarse).mean(axis=(1, 3))
+
+    m = np.clip(to_coarse(filled), s.min(), s.max())
+    lean = weight * np.clip(to_coarse(den), 0.0, 1.0)  # [H', W'], w of step 3
     spacing = (s.max() - s.min()) / (len(s) - 1)
     z = (m[None] - s[:, None, None]) / (spread_layers * max(spacing, 1e-6))
     g = np.exp(-0.5 * z * z)  # the map lies within the range: its nearest layer is > 0
     g /= g.sum(axis=0, keepdims=True)
-    trans = weight * g + (1.0 - weight) / len(s)  # [L, H', W'], sums to 1
+    trans = lean[None] * g + (1.0 - lean[None]) / len(s)  # [L, H', W'], sums to 1
     alpha = np.clip(trans / np.cumsum(trans, axis=0), 1e-4, 1.0 - 1e-4)[1:]
     logits = np.log(alpha) - np.log1p(-alpha)
     return mpi.MpiParams(color_logits=base.color_logits,
@@ -200,7 +208,8 @@ def init_from_search(all_in_focus, search, cfg: config_lib.Config,
                              factor=search.factor)
     record = {"confident_fraction": float(np.mean(search.confident)),
               "factor": int(search.factor), "spread_layers": INIT_SPREAD_LAYERS,
-              "weight": INIT_WEIGHT, "fill_sigma_px": INIT_FILL_SIGMA_PX}
+              "weight": INIT_WEIGHT, "fill_sigma_px": INIT_FILL_SIGMA_PX,
+              "weight_by_confidence": True}
     return init, record
 
 
