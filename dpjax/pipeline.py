@@ -207,10 +207,15 @@ def init_from_search(all_in_focus, search, cfg: config_lib.Config,
                              cfg.mpi.scales(), cfg.solver.pyramid_levels,
                              factor=search.factor)
     record = {"confident_fraction": float(np.mean(search.confident)),
-              "factor": int(search.factor), "spread_layers": INIT_SPREAD_LAYERS,
-              "weight": INIT_WEIGHT, "fill_sigma_px": INIT_FILL_SIGMA_PX,
-              "weight_by_confidence": True}
+              "factor": int(search.factor), **search_init_settings()}
     return init, record
+
+
+def search_init_settings() -> dict[str, Any]:
+    """The settings `init_from_search` uses and records (result.json "search_init"), so
+    that a caller can tell a result solved with another version of the start."""
+    return {"spread_layers": INIT_SPREAD_LAYERS, "weight": INIT_WEIGHT,
+            "fill_sigma_px": INIT_FILL_SIGMA_PX, "weight_by_confidence": True}
 
 
 def _solve_device(res: FitResult) -> str:

@@ -45,7 +45,9 @@ defocus map (dpjax.pipeline.init_from_defocus; the same search the auto preset's
 estimate runs, done once per scene) instead of the paper's uniform start, which puts
 every pixel at the middle of the layer range; --preset=paper keeps the paper's start
 unless --search_init is given. Colours start as usual (or from DPANet with
---dpanet_init). The same reuse rule as --dpanet_init applies.
+--dpanet_init). The same reuse rule as --dpanet_init applies, and a result whose start
+used other settings (an earlier version of the start: result.json's "search_init") is
+refused too.
 
 Presets: `auto` (default) estimates each scene's layer range from the DP pair
 (dpjax.presets.auto_config) with one set of prior weights, and starts from the search
@@ -322,7 +324,8 @@ def dpanet_all_in_focus(opts: Options, model: DpanetModel, views: np.ndarray) ->
 
 def check_init_flags(opts: Options, scenes: tuple[str, ...]) -> None:
     """Refuse to reuse a complete dpjax result solved with another --dpanet_init or
-    --search_init (result.json records both)."""
+    --search_init, or with another version of the search start (result.json records
+    them: pipeline.search_init_settings)."""
     if opts.overwrite:
         return
     for sid in scenes:
@@ -337,6 +340,15 @@ def check_init_flags(opts: Options, scenes: tuple[str, ...]) -> None:
                     f"{d} holds a dpjax result solved {'with' if was else 'without'} "
                     f"--{flag}, this run is {'with' if now else 'without'} it; "
                     "use another --output_dir (or --overwrite to replace it)")
+        if opts.search_init:
+            record = result.get("search_init") or {}
+            want = pipeline.search_init_settings()
+            other = sorted(k for k in want if record.get(k) != want[k])
+            if other:
+                raise ValueError(
+                    f"{d} holds a dpjax result whose search start used other settings "
+                    f"({', '.join(f'{k}={record.get(k)}' for k in other)}) than this "
+                    "version's; use another --output_dir (or --overwrite to replace it)")
 
 
 # ----------------------------------------------------------------------------------------

@@ -369,6 +369,15 @@ def test_search_init_is_recorded_and_not_mixed(tmp_path, pixel4_dir, reproduce_t
     # A run without the flag refuses to reuse (or overwrite) that result.
     with pytest.raises(ValueError, match="solved with --search_init"):
         rt.run(dataclasses.replace(opts, search_init=False, methods=("dpjax",)))
+    # Nor a result of an earlier version of the start (before its lean was weighted by
+    # the search's confidence); the result is left as it was.
+    assert si["weight_by_confidence"] is True
+    path = out / "dpjax" / "011" / "result.json"
+    older = {**dp, "search_init": {k: v for k, v in si.items() if k != "weight_by_confidence"}}
+    path.write_text(json.dumps(older))
+    with pytest.raises(ValueError, match=r"other settings \(weight_by_confidence=None\)"):
+        rt.run(dataclasses.replace(opts, methods=("dpjax",)))
+    assert json.loads(path.read_text()) == older
 
 
 def test_cli_error_message_for_missing_ground_truth(tmp_path, pixel4_dir):

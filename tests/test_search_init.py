@@ -67,7 +67,7 @@ def test_the_start_leans_on_the_map_only_where_the_search_was_sure():
     d = np.full((32, 64), 9.0, np.float32)  # unconfident garbage must not leak in
     conf = np.zeros_like(d, bool)
     d[:, :24], conf[:, :24] = 0.4, True  # the search is sure of the left part only
-    kw = dict(fill_sigma_px=2.0, weight=1.0, spread_layers=0.3)
+    kw = {"fill_sigma_px": 2.0, "weight": 1.0, "spread_layers": 0.3}
     t = _trans(pipeline.init_from_defocus(_image(32, 64), d, conf, SCALES, 1, **kw))
     sure = _trans(pipeline.init_from_defocus(_image(32, 64), np.full_like(d, 0.4),
                                              np.ones_like(conf), SCALES, 1, **kw))
