@@ -77,7 +77,8 @@ INDEX_HTML = "index.html"
 
 # Flags that only make sense with --input_dir.
 _BATCH_FLAGS = (
-    "calib_dir", "preset", "range_probe", "search_init", "scenes", "overwrite", "batch_size",
+    "calib_dir", "preset", "range_probe", "search_init", "defocus_estimator", "scenes",
+    "overwrite", "batch_size",
     "memory_budget_gb", "pyramid_levels", "level_iters", "num_layers", "black_level", "allow_8bit",
     "recenter_kernels", "grid", "tile_size", "kernel_radius", "kernel_ramp", "kernel_smooth",
     "kernel_size", "coordinator_address", "num_processes", "process_id", "distributed",
@@ -116,6 +117,10 @@ def _define_flags() -> None:
                   "with --preset=auto the range estimate's own search) instead of the paper's "
                   "uniform start. Default: on with --preset=auto, off with paper and none "
                   "(--nosearch_init / --search_init override). Needs --method=mpi.")
+    d.DEFINE_enum("defocus_estimator", None, ["mean", "peak"], "How the defocus map is "
+                  "read off the solved layers: mean (the paper's sum of transmittance x "
+                  "scale) or peak (the mean over each pixel's heaviest layer and its "
+                  "neighbours; dpjax.mpi.defocus_peak). Default: dpjax.PostConfig's.")
     d.DEFINE_list("scenes", None, "Only these scene names (comma-separated).")
     d.DEFINE_bool("overwrite", False, "Re-solve scenes whose outputs are complete.")
     d.DEFINE_enum("method", "mpi", ["mpi", "dpanet"], "mpi: the dpjax MPI solver (defocus "
@@ -225,6 +230,7 @@ class BatchOptions:
     preset: str = "auto"
     range_probe: bool = False
     search_init: bool | None = None  # None: the preset's choice (presets.uses_search_init)
+    defocus_estimator: str | None = None  # None: PostConfig's default
     num_iters: int | None = None
     level_iters: tuple[int, ...] | None = None
     pyramid_levels: int = 3
@@ -295,6 +301,8 @@ def base_config(opts: BatchOptions) -> dpjax.Config:
         cfg = dpjax.Config(solver=dpjax.SolverConfig(**solver))
         if opts.num_layers is not None:
             cfg = cfg.replace(**{"mpi.num_layers": opts.num_layers})
+        if opts.defocus_estimator is not None:
+            cfg = cfg.replace(**{"post.defocus": opts.defocus_estimator})
     except ValueError as e:
         raise SetupError(f"invalid solver settings: {e}") from e
     return cfg
@@ -1300,7 +1308,7 @@ def batch_options_from_flags() -> BatchOptions:
         input_dir=Path(FLAGS.input_dir), output_dir=Path(FLAGS.output_dir),
         calib_dir=Path(FLAGS.calib_dir) if FLAGS.calib_dir else None, preset=FLAGS.preset,
         range_probe=FLAGS.range_probe, search_init=FLAGS.search_init,
-        num_iters=FLAGS.num_iters, level_iters=level_iters, pyramid_levels=FLAGS.pyramid_levels,
+        defocus_estimator=FLAGS.defocus_estimator, num_iters=FLAGS.num_iters, level_iters=level_iters, pyramid_levels=FLAGS.pyramid_levels,
         num_layers=FLAGS.num_layers, scenes=tuple(FLAGS.scenes) if FLAGS.scenes else None,
         overwrite=FLAGS.overwrite, batch_size=FLAGS.batch_size,
         memory_budget_gb=FLAGS.memory_budget_gb, black_level=FLAGS.black_level,

@@ -3,7 +3,7 @@
 Public API (see README.md):
 - kernels: KernelBank, TileGrid, parametric_bank, parametric_dp_kernels, rescale_kernels,
   recenter_kernel_pairs
-- configuration: Config, MpiConfig, SolverConfig, LossWeights
+- configuration: Config, MpiConfig, SolverConfig, LossWeights, PostConfig
 - solving: fit, fit_batch, FitResult, Progress
 - synthetic data: make_scene, SyntheticScene
 """
@@ -19,6 +19,7 @@ from dpjax.kernels import (
 )
 from dpjax.losses import LossTerms, LossWeights
 from dpjax.mpi import MpiParams
+from dpjax.postprocess import PostConfig
 from dpjax.solver import FitResult, Progress, fit, fit_batch
 from dpjax.synthetic import SyntheticScene, make_scene
 
@@ -32,6 +33,7 @@ __all__ = [
                            "LossWeights",
                            "MpiConfig",
                            "MpiParams",
+                           "PostConfig",
                            "Progress",
                            "SolverConfig",
                            "SyntheticScene",

@@ -7,7 +7,7 @@ planar inside the solver: colours [L, C, H, W], alphas [L, H, W], observed views
 Equations (METHOD.md, "Scene representation" and "Rendering the two views"):
   visibility   V_l = prod_{j>l} (1 - a_j)
   transmittance T_l = a_l V_l
-  all-in-focus A = sum_l T_l c_l,   defocus D = sum_l T_l s_l
+  all-in-focus A = sum_l T_l c_l,   defocus D = sum_l T_l s_l (or `defocus_peak`)
   view v:  B_v = sum_l (k_vl * a_l c_l) prod_{j>l} (1 - k_vj * a_j)
            blurred transmittance T~_vl = (k_vl * a_l) prod_{j>l} (1 - k_vj * a_j)
 """
@@ -151,6 +151,36 @@ def all_in_focus(color: jax.Array, trans: jax.Array) -> jax.Array:
 def defocus_map(trans: jax.Array, scales: jax.Array) -> jax.Array:
     """D = sum_l T_l s_l: [L, H, W], [L] -> [H, W]."""
     return jnp.tensordot(scales, trans, axes=1)
+
+
+def defocus_peak(trans: jax.Array, scales: jax.Array) -> jax.Array:
+    """The transmittance-weighted mean over each pixel's heaviest layer and its two
+    neighbours: [L, H, W], [L] -> [H, W].
+
+    D = sum_{|l - k| <= 1} T_l s_l / sum_{|l - k| <= 1} T_l, k = argmax_l T_l. Where
+    the transmittances are concentrated it equals `defocus_map`. Where they are spread
+    (a short solve leaves weakly textured regions so, the entropy prior having had
+    few steps to sharpen them), the full mean is pulled towards the middle of the
+    layer range by the spread, while the peak stays where the data put it; the
+    neighbours keep the map continuous between layers. The denominator is at least
+    max_l T_l >= 1/L, so the result is finite.
+    """
+    k = jnp.argmax(trans, axis=0)  # [H, W]
+    near = jnp.abs(jnp.arange(trans.shape[0])[:, None, None] - k[None]) <= 1
+    w = jnp.where(near, trans, 0.0)
+    return jnp.tensordot(scales, w, axes=1) / jnp.sum(w, axis=0)
+
+
+DEFOCUS_ESTIMATORS = {"mean": defocus_map, "peak": defocus_peak}
+
+
+def estimate_defocus(trans: jax.Array, scales: jax.Array, estimator: str = "mean"
+                     ) -> jax.Array:
+    """The defocus map by `estimator` (DEFOCUS_ESTIMATORS): [L, H, W], [L] -> [H, W]."""
+    if estimator not in DEFOCUS_ESTIMATORS:
+        raise ValueError(f"unknown defocus estimator {estimator!r}; choose one of "
+                         f"{sorted(DEFOCUS_ESTIMATORS)}")
+    return DEFOCUS_ESTIMATORS[estimator](trans, scales)
 
 
 def blur_layers(signals: jax.Array, lk: LayerKernels) -> jax.Array:

@@ -16,11 +16,25 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PostConfig:
-    """Bilateral filtering of the all-in-focus image (on by default, as in the paper)."""
+    """How the outputs are read off the solved MPI.
+
+    Attributes:
+      bilateral, sigma_spatial, sigma_value: bilateral filtering of the all-in-focus
+        image (on by default, as in the paper).
+      defocus: the defocus map's estimator (`dpjax.mpi.DEFOCUS_ESTIMATORS`): "mean",
+        the paper's sum_l T_l s_l, or "peak", the mean over each pixel's heaviest
+        layer and its neighbours (`dpjax.mpi.defocus_peak`).
+    """
 
     bilateral: bool = True
     sigma_spatial: float = 3.0
     sigma_value: float = 0.05
+    defocus: str = "mean"
+
+    def __post_init__(self):
+        if self.defocus not in ("mean", "peak"):
+            raise ValueError(f"unknown defocus estimator {self.defocus!r}; choose 'mean' "
+                             "or 'peak'")
 
 
 @functools.partial(jax.jit, static_argnames=("sigma_spatial", "sigma_value"))

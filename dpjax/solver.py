@@ -635,7 +635,7 @@ def _outputs(params: mpi.MpiParams, observation: jax.Array, lk: mpi.LayerKernels
         aif = postprocess.bilateral_filter(raw, sigma_spatial=cfg.post.sigma_spatial,
                                            sigma_value=cfg.post.sigma_value)
     aif, raw = np.asarray(aif), np.asarray(raw)
-    dmap = np.asarray(mpi.defocus_map(trans, scene.scales))
+    dmap = np.asarray(mpi.estimate_defocus(trans, scene.scales, cfg.post.defocus))
     if not (np.all(np.isfinite(aif)) and np.all(np.isfinite(dmap))):
         raise FloatingPointError(f"{prefix}the solve produced non-finite outputs")
     return params, aif, raw, dmap, {k: float(v) for k, v in terms._asdict().items()}

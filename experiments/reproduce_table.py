@@ -113,6 +113,7 @@ class Options:
     methods: tuple[str, ...] = DEFAULT_METHODS
     preset: str = "auto"
     range_probe: bool = False
+    defocus_estimator: str | None = None  # None: PostConfig's default
     search_init: bool | None = None  # None: the preset's choice (presets.uses_search_init)
     num_iters: int | None = None
     pyramid_levels: int = 3
@@ -222,7 +223,10 @@ def base_config(opts: Options) -> dpjax.Config:
     solver: dict[str, Any] = {"pyramid_levels": opts.pyramid_levels, "level_iters": level_iters}
     if opts.num_iters is not None:
         solver["num_iters"] = opts.num_iters
-    return dpjax.Config(solver=dpjax.SolverConfig(**solver))
+    cfg = dpjax.Config(solver=dpjax.SolverConfig(**solver))
+    if opts.defocus_estimator is not None:
+        cfg = cfg.replace(**{"post.defocus": opts.defocus_estimator})
+    return cfg
 
 
 def scene_config(opts: Options, sid: str, views, bank, base, *, probe: bool = False,
@@ -324,8 +328,8 @@ def dpanet_all_in_focus(opts: Options, model: DpanetModel, views: np.ndarray) ->
 
 def check_init_flags(opts: Options, scenes: tuple[str, ...]) -> None:
     """Refuse to reuse a complete dpjax result solved with another --dpanet_init or
-    --search_init, or with another version of the search start (result.json records
-    them: pipeline.search_init_settings)."""
+    --search_init, another version of the search start (pipeline.search_init_settings)
+    or another --defocus_estimator (result.json records them all)."""
     if opts.overwrite:
         return
     for sid in scenes:
@@ -340,6 +344,13 @@ def check_init_flags(opts: Options, scenes: tuple[str, ...]) -> None:
                     f"{d} holds a dpjax result solved {'with' if was else 'without'} "
                     f"--{flag}, this run is {'with' if now else 'without'} it; "
                     "use another --output_dir (or --overwrite to replace it)")
+        was = ((result.get("config") or {}).get("post") or {}).get("defocus", "mean")
+        now = base_config(opts).post.defocus
+        if was != now:
+            raise ValueError(
+                f"{d} holds a dpjax result whose defocus map was read with the {was!r} "
+                f"estimator, this run uses {now!r} (--defocus_estimator); use another "
+                "--output_dir (or --overwrite to replace it)")
         if opts.search_init:
             record = result.get("search_init") or {}
             want = pipeline.search_init_settings()
@@ -631,7 +642,8 @@ def run(opts: Options) -> list[dict[str, Any]]:
              else f"pyramid_levels={base.solver.pyramid_levels}, num_iters="
                   f"{base.solver.num_iters}, coarse_iters={base.solver.coarse_iters}")
     header = (f"Pixel 4 table: preset {opts.preset}, crop {opts.crop}, {sched}, "
-              f"recenter_kernels={opts.recenter_kernels}, search_init={opts.search_init}; "
+              f"recenter_kernels={opts.recenter_kernels}, search_init={opts.search_init}, "
+              f"defocus={base.post.defocus}; "
               f"{platform.node()} "
               f"({jax.devices()[0].platform}). Defocus metrics on the 8-bit ground truth "
               "in [0, 1] units; image metrics after ±6 px alignment and affine intensity fit.")
@@ -660,6 +672,9 @@ def define_flags() -> None:
     d.DEFINE_enum("preset", "auto", ["auto", "paper"],
                   "auto: layer range from the DP pair, one weight set; paper: per-scene "
                   "values of the paper's code.")
+    d.DEFINE_enum("defocus_estimator", None, ["mean", "peak"], "dpjax: how the defocus map "
+                  "is read off the solved layers, mean (the paper's) or peak "
+                  "(dpjax.mpi.defocus_peak). Default: dpjax.PostConfig's.")
     d.DEFINE_bool("range_probe", False, "auto preset: refine each scene's searched layer "
                   "range with a short coarse-level solve (dpjax.presets.probe_scale_range; "
                   "about +20% dpjax time; not used by dp_stereo).")
@@ -714,6 +729,7 @@ def main(argv):
         scenes=(tuple(s.zfill(3) if s.isdigit() else s for s in FLAGS.scenes)
                 if FLAGS.scenes else None),
         methods=tuple(FLAGS.methods), preset=FLAGS.preset, range_probe=FLAGS.range_probe,
+        defocus_estimator=FLAGS.defocus_estimator,
         search_init=FLAGS.search_init,
         num_iters=FLAGS.num_iters,
         pyramid_levels=FLAGS.pyramid_levels, level_iters=level_iters, crop=FLAGS.crop,

@@ -369,6 +369,11 @@ def test_search_init_is_recorded_and_not_mixed(tmp_path, pixel4_dir, reproduce_t
     # A run without the flag refuses to reuse (or overwrite) that result.
     with pytest.raises(ValueError, match="solved with --search_init"):
         rt.run(dataclasses.replace(opts, search_init=False, methods=("dpjax",)))
+    # Nor one whose map was read with another estimator.
+    assert dp["config"]["post"]["defocus"] == dpjax.PostConfig().defocus
+    other = "mean" if dpjax.PostConfig().defocus == "peak" else "peak"
+    with pytest.raises(ValueError, match=f"this run uses '{other}'"):
+        rt.run(dataclasses.replace(opts, defocus_estimator=other, methods=("dpjax",)))
     # Nor a result of an earlier version of the start (before its lean was weighted by
     # the search's confidence); the result is left as it was.
     assert si["weight_by_confidence"] is True

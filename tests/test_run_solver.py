@@ -438,6 +438,10 @@ def test_base_config_schedules():
     cfg = run_solver.base_config(_opts(Path("."), Path(".")))
     assert cfg.solver.pyramid_levels == 1 and cfg.solver.num_iters == 5
     assert cfg.mpi.num_layers == 4
+    assert cfg.post.defocus == dpjax.PostConfig().defocus  # --defocus_estimator unset
+    for estimator in ("mean", "peak"):
+        opts = _opts(Path("."), Path("."), defocus_estimator=estimator)
+        assert run_solver.base_config(opts).post.defocus == estimator
 
 
 def _free_port() -> int:
