@@ -117,10 +117,11 @@ def _define_flags() -> None:
                   "with --preset=auto the range estimate's own search) instead of the paper's "
                   "uniform start. Default: on with --preset=auto, off with paper and none "
                   "(--nosearch_init / --search_init override). Needs --method=mpi.")
-    d.DEFINE_enum("defocus_estimator", None, ["mean", "peak"], "How the defocus map is "
-                  "read off the solved layers: mean (the paper's sum of transmittance x "
-                  "scale) or peak (the mean over each pixel's heaviest layer and its "
-                  "neighbours; dpjax.mpi.defocus_peak). Default: dpjax.PostConfig's.")
+    d.DEFINE_enum("defocus_estimator", None, ["mean", "sharpened"], "How the defocus map "
+                  "is read off the solved layers: mean (the paper's sum of transmittance x "
+                  "scale) or sharpened (transmittances raised to the 8th power; "
+                  "dpjax.mpi.defocus_sharpened). Default: sharpened with --preset=auto, mean "
+                  "with paper and none.")
     d.DEFINE_list("scenes", None, "Only these scene names (comma-separated).")
     d.DEFINE_bool("overwrite", False, "Re-solve scenes whose outputs are complete.")
     d.DEFINE_enum("method", "mpi", ["mpi", "dpanet"], "mpi: the dpjax MPI solver (defocus "
@@ -230,7 +231,7 @@ class BatchOptions:
     preset: str = "auto"
     range_probe: bool = False
     search_init: bool | None = None  # None: the preset's choice (presets.uses_search_init)
-    defocus_estimator: str | None = None  # None: PostConfig's default
+    defocus_estimator: str | None = None  # None: the preset's (presets.defocus_estimator)
     num_iters: int | None = None
     level_iters: tuple[int, ...] | None = None
     pyramid_levels: int = 3
@@ -1091,6 +1092,9 @@ def run_batch(opts: BatchOptions, *, devices: Sequence[Any] | None = None,
         if not pairs:
             raise SetupError(f"no DP pairs found in {opts.input_dir} (expected NAME_left/"
                              "NAME_right .png/.pgm/.tif or NAME_L/NAME_R .png)")
+        if opts.defocus_estimator is None and opts.method == "mpi":  # the preset's choice
+            from dpjax.presets import defocus_estimator
+            opts = dataclasses.replace(opts, defocus_estimator=defocus_estimator(opts.preset))
         base = base_config(opts)
         factor = 2 ** (base.solver.pyramid_levels - 1)
         source = kernel_source(opts, factor)
@@ -1138,6 +1142,7 @@ def run_batch(opts: BatchOptions, *, devices: Sequence[Any] | None = None,
 
     meta = {"input_dir": str(opts.input_dir), "output_dir": str(out_root), "method": opts.method,
             "kernels": source.info, "preset": opts.preset, "search_init": opts.search_init,
+            "defocus_estimator": opts.defocus_estimator,
             "base_config": dpjax.config.to_dict(base), "process_count": process_count,
             "devices_per_process": len(devices), "batch_size": opts.batch_size,
             "memory_budget_gb": None if budget is None else round(budget / 1e9, 3),
@@ -1308,7 +1313,8 @@ def batch_options_from_flags() -> BatchOptions:
         input_dir=Path(FLAGS.input_dir), output_dir=Path(FLAGS.output_dir),
         calib_dir=Path(FLAGS.calib_dir) if FLAGS.calib_dir else None, preset=FLAGS.preset,
         range_probe=FLAGS.range_probe, search_init=FLAGS.search_init,
-        defocus_estimator=FLAGS.defocus_estimator, num_iters=FLAGS.num_iters, level_iters=level_iters, pyramid_levels=FLAGS.pyramid_levels,
+        defocus_estimator=FLAGS.defocus_estimator, num_iters=FLAGS.num_iters,
+        level_iters=level_iters, pyramid_levels=FLAGS.pyramid_levels,
         num_layers=FLAGS.num_layers, scenes=tuple(FLAGS.scenes) if FLAGS.scenes else None,
         overwrite=FLAGS.overwrite, batch_size=FLAGS.batch_size,
         memory_budget_gb=FLAGS.memory_budget_gb, black_level=FLAGS.black_level,

@@ -95,7 +95,7 @@ class Recorder:
         if post.bilateral:
             aif = postprocess.bilateral_filter(aif, sigma_spatial=post.sigma_spatial,
                                                sigma_value=post.sigma_value)
-        dmap = np.asarray(mpi.defocus_map(trans, jnp.asarray(p.scales)))
+        dmap = np.asarray(mpi.estimate_defocus(trans, jnp.asarray(p.scales), post.defocus))
         im = metrics.image_metrics(np.asarray(aif)[..., 0], self.gt_aif)
         dm = metrics.defocus_metrics(dmap, self.gt_defocus)
         self.records.append({"t": p.elapsed_s + self.offset_s, "level": p.level, "step": p.step,

@@ -7,7 +7,7 @@ planar inside the solver: colours [L, C, H, W], alphas [L, H, W], observed views
 Equations (METHOD.md, "Scene representation" and "Rendering the two views"):
   visibility   V_l = prod_{j>l} (1 - a_j)
   transmittance T_l = a_l V_l
-  all-in-focus A = sum_l T_l c_l,   defocus D = sum_l T_l s_l (or `defocus_peak`)
+  all-in-focus A = sum_l T_l c_l,   defocus D = sum_l T_l s_l (or `defocus_sharpened`)
   view v:  B_v = sum_l (k_vl * a_l c_l) prod_{j>l} (1 - k_vj * a_j)
            blurred transmittance T~_vl = (k_vl * a_l) prod_{j>l} (1 - k_vj * a_j)
 """
@@ -153,25 +153,28 @@ def defocus_map(trans: jax.Array, scales: jax.Array) -> jax.Array:
     return jnp.tensordot(scales, trans, axes=1)
 
 
-def defocus_peak(trans: jax.Array, scales: jax.Array) -> jax.Array:
-    """The transmittance-weighted mean over each pixel's heaviest layer and its two
-    neighbours: [L, H, W], [L] -> [H, W].
+SHARPEN_POWER = 8.0  # `defocus_sharpened`'s power (experiments/results/pixel4.md)
 
-    D = sum_{|l - k| <= 1} T_l s_l / sum_{|l - k| <= 1} T_l, k = argmax_l T_l. Where
-    the transmittances are concentrated it equals `defocus_map`. Where they are spread
-    (a short solve leaves weakly textured regions so, the entropy prior having had
-    few steps to sharpen them), the full mean is pulled towards the middle of the
-    layer range by the spread, while the peak stays where the data put it; the
-    neighbours keep the map continuous between layers. The denominator is at least
-    max_l T_l >= 1/L, so the result is finite.
+
+def defocus_sharpened(trans: jax.Array, scales: jax.Array, power: float = SHARPEN_POWER,
+                      ) -> jax.Array:
+    """D = sum_l T_l^p s_l / sum_l T_l^p: [L, H, W], [L] -> [H, W].
+
+    The transmittance-weighted mean (`defocus_map`, p = 1) with the weights raised to
+    a power, so that each pixel's heaviest layers dominate (p -> inf: the heaviest
+    layer's scale). Where the transmittances are concentrated the two agree. Where
+    they are spread (a short solve leaves weakly textured regions so: the entropy
+    prior has had few steps to sharpen them), the plain mean is pulled towards the
+    middle of the layer range by the spread, while the sharpened one stays near the
+    peak the data made. Computed relative to each pixel's largest weight, so the
+    result is finite for any power.
     """
-    k = jnp.argmax(trans, axis=0)  # [H, W]
-    near = jnp.abs(jnp.arange(trans.shape[0])[:, None, None] - k[None]) <= 1
-    w = jnp.where(near, trans, 0.0)
+    logt = jnp.log(jnp.maximum(trans, 0.0))  # -inf where a weight is exactly 0
+    w = jnp.exp(power * (logt - jnp.max(logt, axis=0, keepdims=True)))  # max weight 1
     return jnp.tensordot(scales, w, axes=1) / jnp.sum(w, axis=0)
 
 
-DEFOCUS_ESTIMATORS = {"mean": defocus_map, "peak": defocus_peak}
+DEFOCUS_ESTIMATORS = {"mean": defocus_map, "sharpened": defocus_sharpened}
 
 
 def estimate_defocus(trans: jax.Array, scales: jax.Array, estimator: str = "mean"

@@ -22,8 +22,9 @@ class PostConfig:
       bilateral, sigma_spatial, sigma_value: bilateral filtering of the all-in-focus
         image (on by default, as in the paper).
       defocus: the defocus map's estimator (`dpjax.mpi.DEFOCUS_ESTIMATORS`): "mean",
-        the paper's sum_l T_l s_l, or "peak", the mean over each pixel's heaviest
-        layer and its neighbours (`dpjax.mpi.defocus_peak`).
+        the paper's sum_l T_l s_l, or "sharpened", the same with the transmittances
+        raised to the 8th power (`dpjax.mpi.defocus_sharpened`), which keeps weakly
+        textured regions at their peak layer instead of the middle of the range.
     """
 
     bilateral: bool = True
@@ -32,9 +33,9 @@ class PostConfig:
     defocus: str = "mean"
 
     def __post_init__(self):
-        if self.defocus not in ("mean", "peak"):
+        if self.defocus not in ("mean", "sharpened"):
             raise ValueError(f"unknown defocus estimator {self.defocus!r}; choose 'mean' "
-                             "or 'peak'")
+                             "or 'sharpened'")
 
 
 @functools.partial(jax.jit, static_argnames=("sigma_spatial", "sigma_value"))

@@ -54,7 +54,8 @@ class FitResult:
       all_in_focus: [H, W, C] estimated sharp image, same scale as the input
         (bilateral-filtered when config.post.bilateral).
       all_in_focus_raw: [H, W, C] the MPI's composite before post-processing.
-      defocus: [H, W] signed defocus map (in layer-scale units).
+      defocus: [H, W] signed defocus map (in layer-scale units), read off the layers by
+        config.post.defocus (`dpjax.mpi.estimate_defocus`).
       params: final MPI logits at full resolution.
       scales: [L] layer scales.
       loss_history: [N] total loss at every step, all levels in order.

@@ -113,7 +113,7 @@ class Options:
     methods: tuple[str, ...] = DEFAULT_METHODS
     preset: str = "auto"
     range_probe: bool = False
-    defocus_estimator: str | None = None  # None: PostConfig's default
+    defocus_estimator: str | None = None  # None: the preset's (presets.defocus_estimator)
     search_init: bool | None = None  # None: the preset's choice (presets.uses_search_init)
     num_iters: int | None = None
     pyramid_levels: int = 3
@@ -566,7 +566,9 @@ def run(opts: Options) -> list[dict[str, Any]]:
         raise ValueError(f"unknown preset {opts.preset!r}; use 'auto' or 'paper'")
     methods = sorted(dict.fromkeys(opts.methods), key=_ORDER.__getitem__)
     opts = dataclasses.replace(opts, search_init=presets.uses_search_init(opts.preset,
-                                                                          opts.search_init))
+                                                                          opts.search_init),
+                               defocus_estimator=presets.defocus_estimator(
+                                   opts.preset, opts.defocus_estimator))
     scenes = tuple(opts.scenes) if opts.scenes else discover_scenes(opts.data_dir)
     if opts.preset == "paper":
         for sid in scenes:
@@ -672,9 +674,10 @@ def define_flags() -> None:
     d.DEFINE_enum("preset", "auto", ["auto", "paper"],
                   "auto: layer range from the DP pair, one weight set; paper: per-scene "
                   "values of the paper's code.")
-    d.DEFINE_enum("defocus_estimator", None, ["mean", "peak"], "dpjax: how the defocus map "
-                  "is read off the solved layers, mean (the paper's) or peak "
-                  "(dpjax.mpi.defocus_peak). Default: dpjax.PostConfig's.")
+    d.DEFINE_enum("defocus_estimator", None, ["mean", "sharpened"], "dpjax: how the "
+                  "defocus map is read off the solved layers, mean (the paper's) or "
+                  "sharpened (dpjax.mpi.defocus_sharpened). Default: sharpened with "
+                  "--preset=auto, mean with paper.")
     d.DEFINE_bool("range_probe", False, "auto preset: refine each scene's searched layer "
                   "range with a short coarse-level solve (dpjax.presets.probe_scale_range; "
                   "about +20% dpjax time; not used by dp_stereo).")

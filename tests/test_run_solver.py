@@ -372,6 +372,9 @@ def test_search_init_reaches_the_solve_and_result(tmp_path, calib_dir, monkeypat
     si = result["search_init"]
     assert si["weight"] == pipeline.INIT_WEIGHT and si["seconds"] >= si["search_s"] > 0
     assert "range_estimate" in result["preset"]
+    # The auto preset also reads the map with the sharpened estimator.
+    assert result["config"]["post"]["defocus"] == "sharpened"
+    assert _summary(out)["defocus_estimator"] == "sharpened"
     # The batched solve takes each scene's start too.
     _write_tiff_pair(inp, "b", _texture(1))
     starts = []
@@ -396,7 +399,11 @@ def test_search_init_reaches_the_solve_and_result(tmp_path, calib_dir, monkeypat
         out4 = tmp_path / f"uniform{i}"
         assert run_solver.run_batch(dataclasses.replace(opts, output_dir=out4, **over)) == 0
         assert len(seen) == 2 and seen == [None, None]
-        assert "search_init" not in json.loads((out4 / "a" / "result.json").read_text())
+        result = json.loads((out4 / "a" / "result.json").read_text())
+        assert "search_init" not in result
+        # The estimator follows the preset: the paper's mean with `none`.
+        want = "sharpened" if over.get("preset", "auto") == "auto" else "mean"
+        assert result["config"]["post"]["defocus"] == want
     # Not with DPANet (no layers to start): refused before any work.
     out3 = tmp_path / "out3"
     assert run_solver.run_batch(dataclasses.replace(opts, output_dir=out3, method="dpanet",
@@ -439,7 +446,7 @@ def test_base_config_schedules():
     assert cfg.solver.pyramid_levels == 1 and cfg.solver.num_iters == 5
     assert cfg.mpi.num_layers == 4
     assert cfg.post.defocus == dpjax.PostConfig().defocus  # --defocus_estimator unset
-    for estimator in ("mean", "peak"):
+    for estimator in ("mean", "sharpened"):
         opts = _opts(Path("."), Path("."), defocus_estimator=estimator)
         assert run_solver.base_config(opts).post.defocus == estimator
 

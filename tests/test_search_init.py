@@ -139,3 +139,12 @@ def test_auto_preset_uses_it_by_default():
     assert not presets.uses_search_init("paper") and not presets.uses_search_init("none")
     assert not presets.uses_search_init("auto", False)  # --nosearch_init
     assert presets.uses_search_init("paper", True)
+
+
+def test_auto_preset_reads_the_map_sharpened():
+    assert presets.defocus_estimator("auto") == "sharpened"
+    assert presets.defocus_estimator("paper") == "mean"
+    assert presets.defocus_estimator("none") == "mean"
+    assert presets.defocus_estimator("auto", "mean") == "mean"  # --defocus_estimator
+    assert presets.defocus_estimator("paper", "sharpened") == "sharpened"
+    assert dpjax.PostConfig().defocus == "mean"  # the library keeps the paper's
