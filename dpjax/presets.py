@@ -5,7 +5,9 @@
 - `auto_config`: one configuration for every capture. The layer range comes from the
   DP pair itself (`estimate_scale_range`), the prior weights are fixed (the paper's
   majority choice, alpha TV 7.5e4 and entropy 20). Hand-tuned per-scene numbers are
-  what a user cannot supply for a new photo, so this is the default.
+  what a user cannot supply for a new photo, so this is the default. run_solver.py and
+  reproduce_table.py also start its solves from the search map (`uses_search_init`)
+  and read its defocus maps sharpened (`defocus_estimator`).
 
 `estimate_scale_range` runs the calibrated kernel-symmetry search
 (`dpjax.baselines.dp_stereo_defocus`) over a wide grid of signed scales at reduced
