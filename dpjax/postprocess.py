@@ -13,6 +13,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from dpjax import mpi
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PostConfig:
@@ -33,9 +35,9 @@ class PostConfig:
     defocus: str = "mean"
 
     def __post_init__(self):
-        if self.defocus not in ("mean", "sharpened"):
-            raise ValueError(f"unknown defocus estimator {self.defocus!r}; choose 'mean' "
-                             "or 'sharpened'")
+        if self.defocus not in mpi.DEFOCUS_ESTIMATORS:
+            raise ValueError(f"unknown defocus estimator {self.defocus!r}; choose one of "
+                             f"{sorted(mpi.DEFOCUS_ESTIMATORS)}")
 
 
 @functools.partial(jax.jit, static_argnames=("sigma_spatial", "sigma_value"))

@@ -71,10 +71,10 @@ ahead of the paper preset on AIWE(2), 1 - |rho_s| and PSNR (27.28 vs 27.25 dB) a
 behind on AIWE(1) (0.0861 vs 0.0837), SSIM (0.750 vs 0.751) and MAE (0.0278 vs
 0.0273). At full resolution (1008x1344) it is ahead on PSNR (26.77 vs 26.69 dB), level
 on SSIM and behind on the defocus columns and MAE (AIWE(1) 0.1018 vs 0.0985), scene 005
-deciding the defocus means in both settings. These are with the paper's uniform start;
-with the search start the auto preset also uses by default (`uses_search_init`) it is
-ahead of the paper preset on every mean on the crops and on all but 1 - |rho_s| at
-full resolution.
+deciding the defocus means in both settings. These are with the paper's uniform start
+and the paper's plain-mean map; with the search start and the sharpened map the
+scripts add to the auto preset (`uses_search_init`, `defocus_estimator`) it is ahead of
+the paper preset on every mean at both sizes.
 """
 
 from __future__ import annotations

@@ -49,6 +49,10 @@ unless --search_init is given. Colours start as usual (or from DPANet with
 used other settings (an earlier version of the start: result.json's "search_init") is
 refused too.
 
+--defocus_estimator (default: `sharpened` with --preset=auto, the paper's `mean` with
+paper) chooses how dpjax reads its defocus map off the solved layers
+(dpjax.mpi.estimate_defocus); results read with another estimator are not reused.
+
 Presets: `auto` (default) estimates each scene's layer range from the DP pair
 (dpjax.presets.auto_config) with one set of prior weights, and starts from the search
 map (--search_init above); `paper` uses the paper's per-scene ranges and weights
