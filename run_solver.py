@@ -1092,21 +1092,21 @@ def run_batch(opts: BatchOptions, *, devices: Sequence[Any] | None = None,
         if not pairs:
             raise SetupError(f"no DP pairs found in {opts.input_dir} (expected NAME_left/"
                              "NAME_right .png/.pgm/.tif or NAME_L/NAME_R .png)")
-        if opts.defocus_estimator is None and opts.method == "mpi":  # the preset's choice
-            from dpjax.presets import defocus_estimator
-            opts = dataclasses.replace(opts, defocus_estimator=defocus_estimator(opts.preset))
+        if opts.search_init and opts.method != "mpi":
+            raise SetupError("--search_init needs --method=mpi (DPANet has no layers to "
+                             "initialise)")
+        if opts.method == "mpi":  # unset flags take the preset's choice
+            from dpjax.presets import defocus_estimator, uses_search_init
+            opts = dataclasses.replace(
+                opts, search_init=uses_search_init(opts.preset, opts.search_init),
+                defocus_estimator=defocus_estimator(opts.preset, opts.defocus_estimator))
+        else:
+            opts = dataclasses.replace(opts, search_init=False)
         base = base_config(opts)
         factor = 2 ** (base.solver.pyramid_levels - 1)
         source = kernel_source(opts, factor)
         if opts.batch_size < 1:
             raise SetupError("--batch_size must be >= 1")
-        if opts.search_init and opts.method != "mpi":
-            raise SetupError("--search_init needs --method=mpi (DPANet has no layers to "
-                             "initialise)")
-        if opts.search_init is None:  # the preset's choice
-            from dpjax.presets import uses_search_init
-            opts = dataclasses.replace(opts, search_init=opts.method == "mpi"
-                                       and uses_search_init(opts.preset))
         if opts.method not in ("mpi", "dpanet"):
             raise SetupError(f"--method must be mpi or dpanet, got {opts.method!r}")
         model = load_dpanet(opts) if opts.method == "dpanet" else None

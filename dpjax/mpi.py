@@ -177,13 +177,18 @@ def defocus_sharpened(trans: jax.Array, scales: jax.Array, power: float = SHARPE
 DEFOCUS_ESTIMATORS = {"mean": defocus_map, "sharpened": defocus_sharpened}
 
 
-def estimate_defocus(trans: jax.Array, scales: jax.Array, estimator: str = "mean"
-                     ) -> jax.Array:
-    """The defocus map by `estimator` (DEFOCUS_ESTIMATORS): [L, H, W], [L] -> [H, W]."""
+def defocus_estimator_fn(estimator: str):
+    """DEFOCUS_ESTIMATORS[estimator], or a ValueError naming the choices."""
     if estimator not in DEFOCUS_ESTIMATORS:
         raise ValueError(f"unknown defocus estimator {estimator!r}; choose one of "
                          f"{sorted(DEFOCUS_ESTIMATORS)}")
-    return DEFOCUS_ESTIMATORS[estimator](trans, scales)
+    return DEFOCUS_ESTIMATORS[estimator]
+
+
+def estimate_defocus(trans: jax.Array, scales: jax.Array, estimator: str = "mean"
+                     ) -> jax.Array:
+    """The defocus map by `estimator` (DEFOCUS_ESTIMATORS): [L, H, W], [L] -> [H, W]."""
+    return defocus_estimator_fn(estimator)(trans, scales)
 
 
 def blur_layers(signals: jax.Array, lk: LayerKernels) -> jax.Array:

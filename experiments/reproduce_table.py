@@ -336,6 +336,7 @@ def check_init_flags(opts: Options, scenes: tuple[str, ...]) -> None:
     or another --defocus_estimator (result.json records them all)."""
     if opts.overwrite:
         return
+    estimator = base_config(opts).post.defocus
     for sid in scenes:
         d = Path(opts.output_dir) / "dpjax" / sid
         if not outputs.is_complete(d):
@@ -349,11 +350,10 @@ def check_init_flags(opts: Options, scenes: tuple[str, ...]) -> None:
                     f"--{flag}, this run is {'with' if now else 'without'} it; "
                     "use another --output_dir (or --overwrite to replace it)")
         was = ((result.get("config") or {}).get("post") or {}).get("defocus", "mean")
-        now = base_config(opts).post.defocus
-        if was != now:
+        if was != estimator:
             raise ValueError(
                 f"{d} holds a dpjax result whose defocus map was read with the {was!r} "
-                f"estimator, this run uses {now!r} (--defocus_estimator); use another "
+                f"estimator, this run uses {estimator!r} (--defocus_estimator); use another "
                 "--output_dir (or --overwrite to replace it)")
         if opts.search_init:
             record = result.get("search_init") or {}
