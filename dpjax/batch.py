@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import math
+import urllib.parse
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -91,6 +92,9 @@ __all__ = [
 T = TypeVar("T")
 
 STATUSES = ("done", "skipped", "failed")
+# Records of scenes a run did not touch (kept from earlier runs): shown, never counted
+# in the run's exit status.
+KEPT_STATUSES = ("kept", "kept-failed")
 # Gallery thumbnails written into each scene's folder.
 THUMBS = {"input": "thumb_input.png", "all_in_focus": "thumb_all_in_focus.png",
           "defocus": "thumb_defocus_map.png"}
@@ -356,7 +360,7 @@ class BatchEta:
     solve_times: list[float] = dataclasses.field(default_factory=list)
 
     def record(self, status: str, seconds: float | None = None) -> None:
-        self.counts[status] += 1
+        self.counts[status] = self.counts.get(status, 0) + 1
         if status == "done" and seconds is not None:
             self.solve_times.append(seconds)
 
@@ -387,8 +391,9 @@ def format_batch_progress(eta: BatchEta, width: int = 20) -> str:
 
 
 def exit_status(records: Sequence[Mapping[str, Any]]) -> int:
-    """1 if any scene failed (or was not run), else 0."""
-    return int(any(r.get("status") != "done" and r.get("status") != "skipped"
+    """1 if any scene of the run failed (or was not run), else 0 (KEPT_STATUSES and
+    done/skipped count as fine)."""
+    return int(any(r.get("status") not in ("done", "skipped", *KEPT_STATUSES)
                    for r in records))
 
 
@@ -426,6 +431,11 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _url(relative_path: str) -> str:
+    """A relative file path as a URL path: every component percent-encoded."""
+    return "/".join(urllib.parse.quote(part, safe="") for part in relative_path.split("/"))
+
+
 def gallery_html(summary: Mapping[str, Any], existing: set[str] | None = None,
                  title: str = "dpjax batch results") -> str:
     """A self-contained HTML page: one row per scene with thumbnails, metrics, timings.
@@ -447,8 +457,9 @@ def gallery_html(summary: Mapping[str, Any], existing: set[str] | None = None,
                           ("defocus", "defocus_map.png")):
             rel = f"{name}/{THUMBS[key]}"
             if existing is None or rel in existing:
-                target = esc(f"{name}/{full}" if full else rel, quote=True)
-                cells.append(f'<td><a href="{target}"><img src="{esc(rel, quote=True)}" '
+                # URLs percent-encoded (names may hold '#', '?', '%'), then HTML-escaped.
+                target = esc(_url(f"{name}/{full}" if full else rel), quote=True)
+                cells.append(f'<td><a href="{target}"><img src="{esc(_url(rel), quote=True)}" '
                              f'alt="{esc(name)} {key}"></a></td>')
             else:
                 cells.append('<td class="none">&mdash;</td>')
@@ -475,6 +486,9 @@ def gallery_html(summary: Mapping[str, Any], existing: set[str] | None = None,
         rows.append("<tr>" + "".join(cells) + "</tr>")
     head = (f"{summary.get('num_scenes', len(rows))} scenes: done {c.get('done', 0)}, "
             f"skipped {c.get('skipped', 0)}, failed {c.get('failed', 0)}")
+    if c.get("kept") or c.get("kept-failed"):
+        head += (f"; kept from earlier runs {c.get('kept', 0)} (failed "
+                 f"{c.get('kept-failed', 0)})")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>
@@ -483,7 +497,8 @@ table {{ border-collapse: collapse; }}
 td, th {{ border: 1px solid #ccc; padding: 4px; vertical-align: top; }}
 img {{ max-width: 256px; max-height: 256px; display: block; }}
 .info {{ font-size: 0.85em; max-width: 28em; }}
-.done {{ color: #080; }} .skipped {{ color: #555; }} .failed, .not-run {{ color: #b00; }}
+.done {{ color: #080; }} .skipped, .kept {{ color: #555; }}
+.failed, .not-run, .kept-failed {{ color: #b00; }}
 .none {{ color: #aaa; text-align: center; }}
 </style></head><body>
 <h1>{esc(title)}</h1>

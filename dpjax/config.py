@@ -108,6 +108,42 @@ class SolverConfig:
 FAST_LEVEL_ITERS = (200, 120, 20)
 
 
+def schedule(*, pyramid_levels: int | None = None, level_iters=None,
+             num_iters: int | None = None) -> SolverConfig:
+    """The solver schedule of the apps and the runner: the one place its defaults live.
+
+    Every app flag means the same thing through this function:
+      - nothing given: the fast schedule (`fast_solver`, FAST_LEVEL_ITERS over 3 levels);
+      - `level_iters`: every level's budget, coarsest first (`pyramid_levels`, when also
+        given, must equal its length);
+      - `num_iters`: the finest level's budget; the coarser levels keep the fast
+        schedule's (or, for a level count other than 3 without `level_iters`,
+        SolverConfig's `coarse_iters`);
+      - `pyramid_levels` alone, other than 3: SolverConfig's single-level budgets
+        (`num_iters` 1000 at the finest level, `coarse_iters` 300 at the others).
+
+    Raises:
+      ValueError: `level_iters` and `num_iters` together (both set the finest level),
+        a length that disagrees with `pyramid_levels`, or invalid budgets.
+    """
+    if level_iters is not None and num_iters is not None:
+        raise ValueError("give either level_iters (every level) or num_iters (the finest "
+                         "level), not both")
+    if level_iters is not None:
+        level_iters = tuple(int(v) for v in level_iters)
+        if pyramid_levels is not None and pyramid_levels != len(level_iters):
+            raise ValueError(f"level_iters {','.join(map(str, level_iters))} has "
+                             f"{len(level_iters)} levels, pyramid_levels is {pyramid_levels}")
+        return SolverConfig(pyramid_levels=len(level_iters), level_iters=level_iters)
+    levels = len(FAST_LEVEL_ITERS) if pyramid_levels is None else int(pyramid_levels)
+    if levels == len(FAST_LEVEL_ITERS):
+        its = FAST_LEVEL_ITERS if num_iters is None else FAST_LEVEL_ITERS[:-1] + (num_iters,)
+        return SolverConfig(pyramid_levels=levels, level_iters=tuple(int(v) for v in its))
+    if num_iters is None:
+        return SolverConfig(pyramid_levels=levels)
+    return SolverConfig(pyramid_levels=levels, num_iters=int(num_iters))
+
+
 def fast_solver() -> SolverConfig:
     """dpjax's fast default: coarse-to-fine Adam over 3 levels (1/4, 1/2, full res).
 
@@ -133,6 +169,37 @@ def paper_solver(num_iters: int = 10_000) -> SolverConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class InitConfig:
+    """How the layer weights start (`dpjax.pipeline.init_from_search`).
+
+    Attributes:
+      search: start near the kernel-symmetry search's defocus map (the search the auto
+        preset's range estimate runs) instead of the paper's uniform start.
+      spread_layers: width of each pixel's Gaussian over the layers, in layer spacings.
+      weight: share of that Gaussian where the search is sure (the rest is 1/L).
+      fill_sigma_px: smoothing of the search map in full-resolution px, which also
+        fills the pixels the search was not sure of. The start needs only the coarse
+        layout: on the six Pixel 4 scenes' 3x4 crops 48 px kept the AIWE gains of 16 px
+        and lost less rank order (mean 1-|rho_s| 0.474 vs 0.489), the search's
+        medium-scale errors being what the short schedule keeps
+        (experiments/results/pixel4.md).
+      weight_by_confidence: scale the lean by the local fraction of confident search
+        pixels (so that the start stays uniform far from any).
+    """
+
+    search: bool = False
+    spread_layers: float = 1.5
+    weight: float = 0.5
+    fill_sigma_px: float = 48.0
+    weight_by_confidence: bool = True
+
+    def __post_init__(self):
+        if not 0.0 <= self.weight <= 1.0 or self.spread_layers <= 0 or self.fill_sigma_px <= 0:
+            raise ValueError("init needs 0 <= weight <= 1, spread_layers > 0 and "
+                             "fill_sigma_px > 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     """Everything a solve needs besides the data."""
 
@@ -140,6 +207,7 @@ class Config:
     loss: LossWeights = LossWeights()
     solver: SolverConfig = SolverConfig()
     post: PostConfig = PostConfig()
+    init: InitConfig = InitConfig()
 
     def replace(self, **sections: Any) -> Config:
         """Returns a copy with whole sections or dotted fields replaced.
@@ -171,4 +239,5 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 def from_dict(d: dict[str, Any]) -> Config:
     """Inverse of to_dict; unknown keys raise TypeError."""
     return Config(mpi=MpiConfig(**d.get("mpi", {})), loss=LossWeights(**d.get("loss", {})),
-                  solver=SolverConfig(**d.get("solver", {})), post=PostConfig(**d.get("post", {})))
+                  solver=SolverConfig(**d.get("solver", {})), post=PostConfig(**d.get("post", {})),
+                  init=InitConfig(**d.get("init", {})))

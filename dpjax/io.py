@@ -746,6 +746,23 @@ def load_pair(pair: ScenePair, *, black_level: float | None = None, expect_16bit
 # Discovery
 
 
+def check_scene_name(name: str) -> str:
+    """`name` when every '/'-separated part is a safe single path component.
+
+    Scene names become folders under the output folder, so a part may not be empty,
+    '.' or '..', start with '.' (hidden: the runner's own temporary folders do), hold a
+    backslash, a NUL or other control character. Raises InputError otherwise.
+    """
+    if not isinstance(name, str) or not name:
+        raise InputError("empty scene name")
+    for part in name.split("/"):
+        if part in ("", ".", "..") or part.startswith("."):
+            raise InputError(f"unsafe scene name {name!r}: part {part!r} is not allowed")
+        if "\\" in part or any(ord(ch) < 32 or ord(ch) == 127 for ch in part):
+            raise InputError(f"unsafe scene name {name!r}: backslash or control character")
+    return name
+
+
 _PAIR_RE = re.compile(r"^(?P<name>.+)_(?P<side>left|right|l|r)\.(?P<ext>png|pgm|tiff?)$",
                       re.IGNORECASE)
 

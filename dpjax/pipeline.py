@@ -36,24 +36,65 @@ def score(all_in_focus: np.ndarray, defocus: np.ndarray | None, *,
       max_shift: translation search radius of the image alignment.
 
     Returns:
-      dict with aiwe1, aiwe2, spearman, psnr, ssim, mae (those that apply).
+      dict with aiwe1, aiwe2, spearman, psnr, ssim, mae (those that apply). A ground
+      truth that cannot score anything (`degenerate_ground_truth`) gives no numbers
+      for its columns and a reason under "unavailable" ({"defocus": ..., "all_in_focus":
+      ...}) instead: an AIWE of 1e-16 against a constant map is not a result.
     """
     out: dict[str, Any] = {}
+    unavailable: dict[str, str] = {}
     if gt_defocus is not None and defocus is not None:
-        if defocus_confidence is None:
+        conf = (np.asarray(gt_defocus) > 0 if defocus_confidence is None
+                else np.asarray(defocus_confidence) > 0)
+        why = degenerate_ground_truth(gt_defocus, conf)
+        if why is not None:
+            unavailable["defocus"] = f"defocus ground truth {why}"
+        elif defocus_confidence is None:
             out.update(metrics.defocus_metrics(defocus, gt_defocus))
         else:
             out["aiwe1"] = metrics.aiwe1(defocus, gt_defocus, defocus_confidence)
             out["aiwe2"] = metrics.aiwe2(defocus, gt_defocus, defocus_confidence)
             out["spearman"] = metrics.spearman_loss(defocus, gt_defocus, defocus_confidence)
-    if gt_all_in_focus is not None:
+    if gt_all_in_focus is not None and (
+            why := degenerate_ground_truth(gt_all_in_focus)) is not None:
+        unavailable["all_in_focus"] = f"all-in-focus ground truth {why}"
+    elif gt_all_in_focus is not None:
         est = all_in_focus
         gt = np.asarray(gt_all_in_focus)
         if gt.ndim == 2 and est.ndim == 3 and est.shape[-1] == 1:
             est = est[..., 0]
         im = metrics.image_metrics(est, gt, max_shift=max_shift)
         out.update(psnr=im["psnr"], ssim=im["ssim"], mae=im["mae"], shift=im["shift"])
+    if unavailable:
+        out["unavailable"] = unavailable
     return out
+
+
+MIN_GT_PIXELS = 16  # fewer confident ground-truth pixels than this score nothing
+
+
+def degenerate_ground_truth(gt, confidence=None) -> str | None:
+    """Why a ground truth cannot score an estimate (None when it can).
+
+    Args:
+      gt: [H, W] or [H, W, C] ground truth.
+      confidence: optional [H, W] bool, the pixels that count.
+
+    Returns:
+      "has only N confident pixels", "is constant" or "is not finite", else None.
+    """
+    g = np.asarray(gt, np.float64)
+    if g.ndim == 3:
+        g = g.mean(axis=-1)
+    mask = np.ones(g.shape, bool) if confidence is None else np.asarray(confidence, bool)
+    vals = g[mask]
+    if vals.size < MIN_GT_PIXELS:
+        return f"has only {vals.size} confident pixels"
+    if not np.all(np.isfinite(vals)):
+        return "is not finite"
+    if float(vals.max() - vals.min()) <= 1e-9 * max(1.0, float(np.abs(vals).max())):
+        return "is constant"
+    return None
 
 
 def init_from_all_in_focus(all_in_focus, num_layers: int,
@@ -95,13 +136,8 @@ def init_from_all_in_focus(all_in_focus, num_layers: int,
 
 
 # Search-map initialisation defaults (`init_from_defocus`).
-INIT_SPREAD_LAYERS = 1.5  # Gaussian width over the layers, in layer spacings
-INIT_WEIGHT = 0.5  # share of the Gaussian where the search is sure; the rest is 1/L
-# Smoothing of the map, in full-resolution pixels. The start needs only the coarse layout:
-# on the six Pixel 4 scenes' 3x4 crops 48 px kept the AIWE gains of 16 px and lost less
-# rank order (mean 1-|rho_s| 0.474 vs 0.489), the search's medium-scale errors being
-# what the short schedule keeps (experiments/results/pixel4.md).
-INIT_FILL_SIGMA_PX = 48.0
+# The start's default settings live in config.InitConfig (the solve's `cfg.init`).
+_INIT = config_lib.InitConfig()
 
 
 def _smooth(x: np.ndarray, sigma: float) -> np.ndarray:
@@ -113,9 +149,10 @@ def _smooth(x: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def init_from_defocus(all_in_focus, defocus, confident, scales, pyramid_levels: int = 1, *,
-                      factor: int = 1, spread_layers: float = INIT_SPREAD_LAYERS,
-                      weight: float = INIT_WEIGHT,
-                      fill_sigma_px: float = INIT_FILL_SIGMA_PX) -> mpi.MpiParams:
+                      factor: int = 1, spread_layers: float = _INIT.spread_layers,
+                      weight: float = _INIT.weight, fill_sigma_px: float = _INIT.fill_sigma_px,
+                      weight_by_confidence: bool = _INIT.weight_by_confidence,
+                      ) -> mpi.MpiParams:
     """Initial MPI logits whose layer weights start near a rough defocus map.
 
     The paper's start gives every layer transmittance 1/L, so each pixel starts at the
@@ -184,7 +221,10 @@ def init_from_defocus(all_in_focus, defocus, confident, scales, pyramid_levels: 
         return full.reshape(hc, coarse, wc, coarse).mean(axis=(1, 3))
 
     m = np.clip(to_coarse(filled), s.min(), s.max())
-    lean = weight * np.clip(to_coarse(den), 0.0, 1.0)  # [H', W'], w of step 3
+    if weight_by_confidence:
+        lean = weight * np.clip(to_coarse(den), 0.0, 1.0)  # [H', W'], w of step 3
+    else:
+        lean = np.full((hc, wc), weight)
     spacing = (s.max() - s.min()) / (len(s) - 1)
     z = (m[None] - s[:, None, None]) / (spread_layers * max(spacing, 1e-6))
     g = np.exp(-0.5 * z * z)  # the map lies within the range: its nearest layer is > 0
@@ -203,19 +243,23 @@ def init_from_search(all_in_focus, search, cfg: config_lib.Config,
     Returns:
       (the initial MpiParams, the record result.json keeps under "search_init").
     """
+    ic = cfg.init
     init = init_from_defocus(all_in_focus, search.defocus, search.confident,
                              cfg.mpi.scales(), cfg.solver.pyramid_levels,
-                             factor=search.factor)
+                             factor=search.factor, spread_layers=ic.spread_layers,
+                             weight=ic.weight, fill_sigma_px=ic.fill_sigma_px,
+                             weight_by_confidence=ic.weight_by_confidence)
     record = {"confident_fraction": float(np.mean(search.confident)),
-              "factor": int(search.factor), **search_init_settings()}
+              "factor": int(search.factor), **search_init_settings(cfg)}
     return init, record
 
 
-def search_init_settings() -> dict[str, Any]:
-    """The settings `init_from_search` uses and records (result.json "search_init"), so
-    that a caller can tell a result solved with another version of the start."""
-    return {"spread_layers": INIT_SPREAD_LAYERS, "weight": INIT_WEIGHT,
-            "fill_sigma_px": INIT_FILL_SIGMA_PX, "weight_by_confidence": True}
+def search_init_settings(cfg: config_lib.Config | None = None) -> dict[str, Any]:
+    """The settings `init_from_search` uses with `cfg` (default Config()) and records
+    (result.json "search_init"); they are also part of the resolved config."""
+    ic = (cfg or config_lib.Config()).init
+    return {"spread_layers": ic.spread_layers, "weight": ic.weight,
+            "fill_sigma_px": ic.fill_sigma_px, "weight_by_confidence": ic.weight_by_confidence}
 
 
 def _solve_device(res: FitResult) -> str:
@@ -286,9 +330,14 @@ def write_scene(res: FitResult, views: np.ndarray, cfg: config_lib.Config, out_d
         "device": _solve_device(res),
     }
     if gt_all_in_focus is not None or gt_defocus is not None:
-        result["metrics"] = score(res.all_in_focus, res.defocus, gt_all_in_focus=gt_all_in_focus,
-                                  gt_defocus=gt_defocus, defocus_confidence=defocus_confidence)
-        if gt_all_in_focus is not None:
+        m = score(res.all_in_focus, res.defocus, gt_all_in_focus=gt_all_in_focus,
+                  gt_defocus=gt_defocus, defocus_confidence=defocus_confidence)
+        unavailable = m.pop("unavailable", None)
+        if unavailable:
+            result["metrics_unavailable"] = unavailable
+        if m:
+            result["metrics"] = m
+        if gt_all_in_focus is not None and "psnr" in m:
             inp = score(mean_input, None, gt_all_in_focus=gt_all_in_focus)
             result["input_metrics"] = {k: inp[k] for k in ("psnr", "ssim", "mae")}
     outputs.write_result(Path(out_dir), all_in_focus=res.all_in_focus, defocus=res.defocus,

@@ -90,6 +90,9 @@ from dpjax.config import Config, MpiConfig
 from dpjax.kernels import KernelBank, downsample_bank
 
 __all__ = [
+    "PRESETS",
+    "resolve",
+    "resolve_base",
     "AUTO_ALPHA_TV",
     "AUTO_ENTROPY",
     "PAPER_SCENES",
@@ -194,6 +197,65 @@ def uses_search_init(preset: str, search_init: bool | None = None) -> bool:
     start, so that `paper` stays the paper's method).
     """
     return preset == "auto" if search_init is None else bool(search_init)
+
+
+PRESETS = ("auto", "paper", "none")
+
+
+def resolve_base(preset: str, base: Config | None = None, *, search_init: bool | None = None,
+                 defocus_estimator_name: str | None = None) -> Config:
+    """`base` with the preset's scene-independent choices: the start (`init.search`,
+    `uses_search_init`) and the defocus estimator (`post.defocus`, `defocus_estimator`).
+
+    Explicit values win over the preset's choice. Raises ValueError for an unknown preset.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    base = Config() if base is None else base
+    return base.replace(**{"init.search": uses_search_init(preset, search_init),
+                           "post.defocus": defocus_estimator(preset, defocus_estimator_name)})
+
+
+def resolve(preset: str, scene_id, views, bank: KernelBank, base: Config, *,
+            probe: bool = False, search: SearchMap | None = None) -> tuple[Config, dict]:
+    """One scene's configuration under `preset`, and the record of how it was chosen.
+
+    The one place presets are applied (run_solver.py, reproduce_table.py and the runner
+    call it): `auto` estimates the layer range from the pair (`estimate_auto_range`,
+    refined by the probe solve when `probe`), `paper` looks the scene up in the paper's
+    table (`paper_config`), `none` keeps `base`.
+
+    Args:
+      preset: one of PRESETS.
+      scene_id: the scene's name (the paper preset's key).
+      views: [2, H, W, C] the scene's views; bank: kernels covering them.
+      base: from `resolve_base`.
+      probe: auto: refine the range with the coarse probe solve.
+      search: `search_defocus(views, bank)` when already run (reused by auto).
+
+    Returns:
+      (config, record): record has "name", "scale_range", "seconds" and, for auto,
+      "range_estimate" (and "range_probe").
+
+    Raises:
+      ValueError: an unknown preset, or a scene the paper preset does not know.
+    """
+    t0 = time.perf_counter()
+    info: dict = {"name": preset}
+    if preset == "none":
+        cfg = base
+    elif preset == "paper":
+        cfg = paper_config(scene_id, base)
+    elif preset == "auto":
+        est = estimate_auto_range(views, bank, base, probe=probe, search=search)
+        cfg = auto_config_from_estimate(est, base)
+        info["range_estimate"] = est._asdict()
+        info["range_probe"] = bool(probe)
+    else:
+        raise ValueError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    info["scale_range"] = [cfg.mpi.scale_min, cfg.mpi.scale_max]
+    info["seconds"] = time.perf_counter() - t0
+    return cfg, info
 
 
 def paper_config(scene_id, base: Config | None = None) -> Config:

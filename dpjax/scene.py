@@ -1,0 +1,432 @@
+"""One scene made ready to solve: views, kernel bank, configuration, start, ground truth.
+
+Host-side glue shared by the batch runner (`dpjax.runner`), run_solver.py and
+experiments/reproduce_table.py, so that every entry point loads, crops, configures and
+starts a scene the same way:
+
+  kernel_source(KernelOptions)        once per run: calibration folder or parametric model
+  prepare(name, pair, SceneOptions)   per scene: views -> bank -> preset -> start -> checks
+
+Axis glossary as in the README: V = 2 views, T tiles, K kernel side, H, W, C image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpjax import batch, io, pipeline, presets
+from dpjax import config as config_lib
+from dpjax.kernels import KernelBank, parametric_dp_kernels, recenter_kernel_pairs
+
+__all__ = [
+    "KernelOptions",
+    "KernelSource",
+    "PreparedScene",
+    "SceneFailure",
+    "SceneOptions",
+    "SetupError",
+    "crop_block",
+    "input_warnings",
+    "kernel_source",
+    "load_ground_truth",
+    "load_views",
+    "make_bank",
+    "prepare",
+]
+
+
+class SetupError(Exception):
+    """A run cannot start (unreadable calibration, bad settings, unusable output folder)."""
+
+
+class SceneFailure(Exception):
+    """A scene that cannot be solved; `kind` names the category in the summary."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KernelOptions:
+    """Where the blur kernels come from.
+
+    Attributes:
+      calib_dir: a calibration folder (blur_kernels_{left,right}.npy, optional
+        kernels_meta.json and Pixel white sheets); None: the parametric model below.
+      recenter: re-centre each calibrated tile's kernel pair (`recenter_kernel_pairs`).
+      grid, tile_size: parametric model's tile grid (rows, cols) and tile side in px
+        (None: tiles of about 256 px, chosen per image; `batch.auto_grid`).
+      radius, ramp, smooth, size: `dpjax.parametric_dp_kernels` arguments.
+    """
+
+    calib_dir: Path | None = None
+    recenter: bool = True
+    grid: tuple[int, int] | None = None
+    tile_size: int | None = None
+    radius: float = 8.0
+    ramp: float = 0.5
+    smooth: float = 0.7
+    size: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSource:
+    """Calibrated kernels ([2, T, K, K] numpy and their grid) or the parametric model."""
+
+    kernels: np.ndarray  # [2, T, K, K] (parametric: [2, 1, K, K], repeated per tile)
+    grid: tuple[int, int] | None  # None: chosen per image (parametric)
+    tile_size: int | None  # None: chosen per image (parametric)
+    info: dict[str, Any]
+    white_sheets: tuple[Path, Path] | None = None
+
+    @property
+    def kernel_size(self) -> int:
+        return int(self.kernels.shape[-1])
+
+    @property
+    def fixed_shape(self) -> tuple[int, int] | None:
+        if self.grid is None or self.tile_size is None:
+            return None
+        return self.grid[0] * self.tile_size, self.grid[1] * self.tile_size
+
+
+def crop_block(crop_tiles: tuple[int, int] | None, grid: tuple[int, int],
+               ) -> tuple[int, int, int, int] | None:
+    """(row0, col0, R, C) of the central R x C block of a grid's tiles; None keeps all.
+
+    Raises:
+      SetupError: a block larger than the grid or empty.
+    """
+    if crop_tiles is None:
+        return None
+    r, c = crop_tiles
+    if not (1 <= r <= grid[0] and 1 <= c <= grid[1]):
+        raise SetupError(f"a crop of {r}x{c} tiles does not fit the {grid[0]}x{grid[1]} "
+                         "kernel grid")
+    return (grid[0] - r) // 2, (grid[1] - c) // 2, r, c
+
+
+def kernel_source(opts: KernelOptions, pyramid_factor: int,
+                  crop_tiles: tuple[int, int] | None = None) -> KernelSource:
+    """Loads the calibration once (cropped to `crop_tiles`), or sets up the parametric model.
+
+    Raises:
+      SetupError: an unreadable calibration, bad model parameters, tiles that do not
+        divide by the pyramid factor.
+    """
+    if opts.calib_dir is not None:
+        try:
+            calib = io.load_calibration_kernels(opts.calib_dir)
+        except (ValueError, OSError) as e:
+            raise SetupError(f"calibration {opts.calib_dir}: {e}") from e
+        kernels = calib.kernels
+        if opts.recenter:
+            kernels = recenter_kernel_pairs(kernels)
+        whites = (Path(opts.calib_dir) / io.WHITE_LEFT, Path(opts.calib_dir) / io.WHITE_RIGHT)
+        have = [p.is_file() for p in whites]
+        grid = calib.grid
+        block = crop_block(crop_tiles, grid)
+        if block is not None:
+            r0, c0, rows, cols = block
+            k = kernels.reshape(2, grid[0], grid[1], *kernels.shape[-2:])
+            kernels = k[:, r0:r0 + rows, c0:c0 + cols].reshape(2, rows * cols,
+                                                               *kernels.shape[-2:])
+            grid = (rows, cols)
+        info = {"model": "calibrated", "calib_dir": str(opts.calib_dir),
+                "grid": list(grid), "tile_size": calib.tile_size,
+                "kernel_size": int(kernels.shape[-1]), "recentered": opts.recenter,
+                "vignetting_white_sheets": all(have)}
+        if any(have) and not all(have):
+            info["warning"] = ("the calibration has only one white sheet: Pixel pairs are "
+                               "not corrected for vignetting")
+        if block is not None:
+            info.update(crop_tiles=list(block), full_grid=list(calib.grid))
+        source = KernelSource(kernels=kernels, grid=grid, tile_size=calib.tile_size,
+                              white_sheets=whites if all(have) else None, info=info)
+    else:
+        if crop_tiles is not None:
+            raise SetupError("a crop of kernel tiles needs a calibration (--calib_dir)")
+        if opts.tile_size is not None and opts.grid is None:
+            raise SetupError("--tile_size needs --grid (RxC)")
+        try:
+            pair = parametric_dp_kernels(radius=opts.radius, ramp=opts.ramp,
+                                         smooth_sigma=opts.smooth, size=opts.size)
+        except ValueError as e:
+            raise SetupError(f"parametric kernel model: {e}") from e
+        source = KernelSource(
+            kernels=pair[:, None], grid=opts.grid, tile_size=opts.tile_size,
+            info={"model": "parametric", "radius": opts.radius, "ramp": opts.ramp,
+                  "smooth_sigma": opts.smooth, "kernel_size": int(pair.shape[-1]),
+                  "grid": None if opts.grid is None else list(opts.grid),
+                  "tile_size": opts.tile_size})
+    if source.tile_size is not None and source.tile_size % pyramid_factor:
+        raise SetupError(f"kernel tiles of {source.tile_size} px do not divide by the pyramid "
+                         f"factor {pyramid_factor}; use fewer --pyramid_levels")
+    return source
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SceneOptions:
+    """How each scene is loaded and configured (everything but the kernels' origin).
+
+    Attributes:
+      base: the configuration every scene starts from, with the preset's
+        scene-independent choices already made (`presets.resolve_base`).
+      preset: "auto", "paper" or "none" (`presets.resolve`).
+      range_probe: auto preset: refine the searched range with a coarse probe solve.
+      black_level: raw black level (None: the format's default).
+      allow_8bit: accept 8-bit views.
+      crop_tiles: solve only the central R x C block of kernel tiles (calibrated).
+      input_dir: where ground truth in the Pixel 4 layout is looked for
+        (input_dir/gt_all_in_focus_im/NAME_gt.png, .../gt_defocus_map/NAME_gt.png).
+      whole_frame: keep the whole frame (no kernel grid: DPANet).
+    """
+
+    base: config_lib.Config
+    preset: str = "auto"
+    range_probe: bool = False
+    black_level: float | None = None
+    allow_8bit: bool = False
+    crop_tiles: tuple[int, int] | None = None
+    input_dir: Path | None = None
+    whole_frame: bool = False
+
+
+def load_views(pair: io.ScenePair, source: KernelSource, opts: SceneOptions,
+               ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Views [2, H, W, C] cropped to the kernel grid, and what was done to them."""
+    fixed = source.fixed_shape
+    whites = {}
+    block = source.info.get("crop_tiles")
+    # Pixel: the calibration's central crop (the whole grid when a block is cut from it).
+    pre = io.Pixel4Preprocess(crop_hw=fixed if block is None else _full_grid_shape(source))
+    if pair.format == "pixel" and source.white_sheets is not None:
+        whites = {"white_left": source.white_sheets[0], "white_right": source.white_sheets[1]}
+    views = io.load_pair(pair, black_level=opts.black_level, expect_16bit=not opts.allow_8bit,
+                         pixel_preprocess=pre, **whites)
+    info: dict[str, Any] = {"loaded_shape": list(views.shape), "vignetting": bool(whites)}
+    if block is not None:
+        views, info = _crop_block_views(views, source, info, pair)
+    h, w = views.shape[1:3]
+    if fixed is not None:
+        if h < fixed[0] or w < fixed[1]:
+            raise io.InputError(f"{pair.left}: image {h}x{w} is smaller than the kernel grid "
+                                f"({source.grid[0]}x{source.grid[1]} tiles of "
+                                f"{source.tile_size} px = {fixed[0]}x{fixed[1]})")
+        try:
+            io.check_kernels_match_image(
+                io.CalibratedKernels(source.kernels, source.grid, source.tile_size), h, w)
+        except ValueError as e:
+            raise SceneFailure("calibration", f"{pair.left}: {e}") from e
+        info.setdefault("crop", None)
+    elif opts.whole_frame:  # no kernel grid to fit: the whole frame
+        info["crop"] = None
+    else:
+        factor = 2 ** (opts.base.solver.pyramid_levels - 1)
+        grid = source.grid or batch.auto_grid(h, w)
+        min_tile = -(-source.kernel_size // factor) * factor
+        try:
+            tg, (y0, x0) = batch.fit_tiles(h, w, grid, factor, min_tile)
+        except ValueError as e:
+            raise io.InputError(f"{pair.left}: {e}") from e
+        ch, cw = tg.image_shape
+        if (ch, cw) != (h, w):
+            views = views[:, y0:y0 + ch, x0:x0 + cw]
+            views = views / views.max() if views.max() > 0 else views
+        info["crop"] = [y0, x0, ch, cw]
+        info["tile_grid"] = [tg.rows, tg.cols, tg.tile_h, tg.tile_w]
+    return np.ascontiguousarray(views, np.float32), info
+
+
+def _crop_block_views(views: np.ndarray, source: KernelSource, info: dict[str, Any],
+                      pair: io.ScenePair) -> tuple[np.ndarray, dict[str, Any]]:
+    """The central block of tiles of a calibrated grid (KernelOptions' crop), re-normalised
+    to a maximum of 1 as a whole frame is."""
+    r0, c0, rows, cols = source.info["crop_tiles"]
+    tile = source.tile_size
+    fh, fw = _full_grid_shape(source)
+    full_rows, full_cols = fh // tile, fw // tile
+    h, w = views.shape[1:3]
+    if h < fh or w < fw:
+        raise io.InputError(f"{pair.left}: image {h}x{w} is smaller than the kernel grid "
+                            f"({full_rows}x{full_cols} tiles of {tile} px)")
+    y0, x0 = (h - fh) // 2 + r0 * tile, (w - fw) // 2 + c0 * tile
+    views = views[:, y0:y0 + rows * tile, x0:x0 + cols * tile]
+    views = views / views.max() if views.max() > 0 else views
+    info = {**info, "crop": [y0, x0, rows * tile, cols * tile]}
+    return views, info
+
+
+def _full_grid_shape(source: KernelSource) -> tuple[int, int]:
+    """The uncropped calibration grid's image shape (before `crop_tiles`)."""
+    full_rows, full_cols = source.info["full_grid"]
+    return full_rows * source.tile_size, full_cols * source.tile_size
+
+
+def make_bank(source: KernelSource, info: dict[str, Any]) -> KernelBank:
+    """The kernel bank covering a scene's views (call inside its device context)."""
+    if source.fixed_shape is not None:
+        rows, cols = source.grid
+        kernels = source.kernels
+        if kernels.shape[1] == 1:
+            kernels = np.repeat(kernels, rows * cols, axis=1)
+        return KernelBank.create(kernels, rows=rows, cols=cols, tile_h=source.tile_size)
+    rows, cols, th, tw = info["tile_grid"]
+    kernels = np.repeat(source.kernels[:, :1], rows * cols, axis=1)
+    return KernelBank.create(kernels, rows=rows, cols=cols, tile_h=th, tile_w=tw)
+
+
+def load_ground_truth(input_dir: Path | None, name: str, shape: tuple[int, int],
+                      info: dict[str, Any]) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Optional Pixel-4-layout ground truth (IN/gt_*/NAME_gt.png), cropped like the views.
+
+    Unreadable or mis-sized ground truth is ignored with a warning in info["warnings"].
+    """
+    out = []
+    for sub in ("gt_all_in_focus_im", "gt_defocus_map"):
+        path = Path(input_dir or ".") / sub / f"{name}_gt.png"
+        if input_dir is None or not path.is_file():
+            out.append(None)
+            continue
+        try:
+            arr, _ = io.read_image(path)
+        except io.InputError as e:
+            info.setdefault("warnings", []).append(f"ground truth ignored: {e}")
+            out.append(None)
+            continue
+        arr = arr.astype(np.float32)
+        crop = info.get("crop")
+        if crop is not None and arr.shape[:2] == tuple(info["loaded_shape"][1:3]):
+            y0, x0, ch, cw = crop
+            arr = arr[y0:y0 + ch, x0:x0 + cw]
+        if arr.shape[:2] != shape:
+            info.setdefault("warnings", []).append(
+                f"ground truth {path} is {arr.shape[0]}x{arr.shape[1]}, the views are "
+                f"{shape[0]}x{shape[1]}: not scored")
+            out.append(None)
+            continue
+        out.append(arr)
+    return out[0], out[1]
+
+
+# Input checks: a pair this flat or this clipped gives the solver nothing to work with.
+FLAT_STD = 1e-3  # std of the mean view, relative to its maximum
+SATURATED_FRACTION = 0.05  # pixels at the pair's maximum
+
+
+def input_warnings(views: np.ndarray) -> list[str]:
+    """Warnings for a flat (textureless) or saturated pair; empty when it looks usable.
+
+    Args:
+      views: [2, H, W, C] the loaded views (maximum 1 after normalisation).
+    """
+    v = np.asarray(views, np.float64)
+    top = float(v.max()) if v.size else 0.0
+    out = []
+    mean = v.mean(axis=0)
+    if top <= 0 or float(mean.std()) <= FLAT_STD * max(top, 1e-12):
+        out.append(f"the views are flat (std {float(mean.std()):.2g} of a maximum "
+                   f"{top:.3g}): nothing to estimate defocus from, results are meaningless")
+    elif top > 0:
+        sat = float(np.mean(v >= top * (1 - 1e-6)))
+        if sat > SATURATED_FRACTION:
+            out.append(f"{100 * sat:.1f}% of the pixels are at the maximum (saturated): "
+                       "the blur model does not hold there")
+    return out
+
+
+@dataclasses.dataclass
+class PreparedScene:
+    """A scene loaded, configured and checked, ready to solve alone or in a batch.
+
+    Attributes:
+      views: [2, H, W, C] float32.
+      info: preprocessing record (result.json "preprocessing").
+      bank: kernel bank covering H x W.
+      cfg: the scene's resolved configuration.
+      preset: how it was chosen (result.json "preset").
+      init: initial MpiParams (search start) or None.
+      init_info: the start's record (result.json "search_init") or None.
+      gt_aif, gt_def: optional ground truth [H, W] / [H, W, C].
+      memory: `batch.estimate_solve_memory` of the solve.
+      timings: load_s, preset_s, search_init_s.
+    """
+
+    name: str
+    views: np.ndarray
+    info: dict[str, Any]
+    bank: Any
+    cfg: config_lib.Config
+    preset: dict[str, Any]
+    init: Any
+    init_info: dict[str, Any] | None
+    gt_aif: np.ndarray | None
+    gt_def: np.ndarray | None
+    memory: Any
+    timings: dict[str, float]
+
+
+def prepare(name: str, pair: io.ScenePair, source: KernelSource, opts: SceneOptions, *,
+            budget_bytes: float | None = None) -> PreparedScene:
+    """Loads the views, makes the kernel bank, resolves the preset and the start, checks
+    the memory estimate and reads the ground truth. Call inside the scene's device
+    context (`jax.default_device`).
+
+    Raises:
+      io.InputError, SceneFailure, ValueError: a scene that cannot be solved.
+    """
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    views, info = load_views(pair, source, opts)
+    timings["load_s"] = time.perf_counter() - t0
+    warnings = input_warnings(views)
+    if warnings:
+        info.setdefault("warnings", []).extend(warnings)
+    bank = make_bank(source, info)
+    cfg, preset_info, init, init_info = configure(name, views, bank, opts, timings)
+    est = batch.estimate_solve_memory(
+        height=views.shape[1], width=views.shape[2], channels=views.shape[3],
+        num_layers=cfg.mpi.num_layers, grid=bank.grid, kernel_size=bank.kernel_size,
+        max_abs_scale=float(np.max(np.abs(cfg.mpi.scales()))),
+        conv_method=cfg.solver.conv_method, round_fft=cfg.solver.round_fft)
+    refusal = batch.memory_refusal(est, budget_bytes)
+    if refusal is not None:
+        raise SceneFailure("memory", refusal)
+    gt_aif, gt_def = load_ground_truth(opts.input_dir, name, views.shape[1:3], info)
+    return PreparedScene(name=name, views=views, info=info, bank=bank, cfg=cfg,
+                         preset=preset_info, init=init, init_info=init_info, gt_aif=gt_aif,
+                         gt_def=gt_def, memory=est, timings=timings)
+
+
+def configure(name: str, views: np.ndarray, bank: KernelBank, opts: SceneOptions,
+              timings: dict[str, float] | None = None):
+    """The scene's configuration and start: (cfg, preset record, init, init record).
+
+    One kernel-symmetry search serves both the auto preset's range and the search start.
+    """
+    timings = {} if timings is None else timings
+    search = None
+    search_s = 0.0
+    if opts.base.init.search:
+        t0 = time.perf_counter()
+        search = presets.search_defocus(views, bank)
+        search_s = time.perf_counter() - t0
+    try:
+        cfg, preset_info = presets.resolve(opts.preset, name, views, bank, opts.base,
+                                           probe=opts.range_probe, search=search)
+    except ValueError as e:
+        raise SceneFailure("config", str(e)) from e
+    timings["preset_s"] = preset_info["seconds"]
+    init = init_info = None
+    if search is not None:
+        t0 = time.perf_counter()
+        init, init_info = pipeline.init_from_search(views.mean(axis=0), search, cfg)
+        timings["search_init_s"] = search_s + time.perf_counter() - t0
+        init_info.update(search_s=search_s, seconds=timings["search_init_s"])
+    return cfg, preset_info, init, init_info

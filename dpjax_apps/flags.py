@@ -1,0 +1,137 @@
+"""Flags shared by run_solver.py and experiments/reproduce_table.py, defined once.
+
+Importing this module defines nothing; an app calls `define_common(...)` (and its own
+flags) before `app.run`. Nothing here imports dpjax at import time: run_solver.py must
+call jax.distributed.initialize before anything initialises the XLA backend.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+# Defaults spelled out here because flags are defined before dpjax may be imported;
+# tests/test_apps.py checks that they equal the library's (dpjax.dpanet.DEFAULT_TILE, ...).
+DPANET_TILE = 256
+DPANET_OVERLAP = 32
+
+
+def define_common(*, output_dir: str, presets: tuple[str, ...] = ("auto", "paper", "none"),
+                  ) -> None:
+    """Defines the flags both apps share (each with the same meaning in both)."""
+    d = flags
+    d.DEFINE_string("output_dir", output_dir, "Where results are written.")
+    d.DEFINE_string("calib_dir", None, "Calibrated kernels (blur_kernels_{left,right}.npy, "
+                    "optional kernels_meta.json and white_sheet_{left,right}.png for Pixel "
+                    "vignetting).")
+    d.DEFINE_bool("recenter_kernels", True, "Re-centre each tile's calibrated kernel pair "
+                  "(dpjax.recenter_kernel_pairs).")
+    d.DEFINE_list("scenes", None, "Only these scene names (comma-separated).")
+    d.DEFINE_bool("overwrite", False, "Solve again even when a complete result was made "
+                  "with the same settings (results of other settings are always redone).")
+    d.DEFINE_bool("quiet", False, "Only warnings, failures and the final line.")
+    d.DEFINE_string("compilation_cache_dir", None, "Persistent JAX compilation cache "
+                    "folder (created if missing): later runs with the same shapes reuse the "
+                    "compiled solver. JAX_COMPILATION_CACHE_DIR in the environment also works.")
+    d.DEFINE_enum("preset", "auto", list(presets), "Per-scene configuration: auto (layer "
+                  "range estimated from each pair), paper (Xin et al.'s per-scene Pixel 4 "
+                  "settings)" + (", none (the base configuration)" if "none" in presets
+                                 else "") + ".")
+    d.DEFINE_bool("range_probe", False, "--preset=auto: refine each scene's searched layer "
+                  "range with a short coarse-level solve (dpjax.presets.probe_scale_range; "
+                  "about +20% solve time).")
+    d.DEFINE_bool("search_init", None, "Start the layer weights near the kernel-symmetry "
+                  "search's defocus map (dpjax.config.InitConfig) instead of the paper's "
+                  "uniform start. Default: on with --preset=auto, off otherwise.")
+    d.DEFINE_enum("defocus_estimator", None, ["mean", "sharpened"], "How the defocus map "
+                  "is read off the solved layers: mean (the paper's) or sharpened "
+                  "(dpjax.mpi.defocus_sharpened). Default: sharpened with --preset=auto, "
+                  "mean otherwise.")
+    d.DEFINE_integer("pyramid_levels", None, "Coarse-to-fine levels (default: 3, the fast "
+                     "schedule; dpjax.config.schedule).")
+    d.DEFINE_list("level_iters", None, "Iterations of every pyramid level, coarsest first "
+                  "(default: dpjax.config.FAST_LEVEL_ITERS).")
+    d.DEFINE_integer("num_iters", None, "Iterations at the finest level; the coarser "
+                     "levels keep the schedule's (not with --level_iters).")
+    d.DEFINE_integer("num_layers", None, "MPI layers (default: dpjax.Config's, 12).")
+    d.DEFINE_string("crop", None, "RxC: solve only the central R x C block of the "
+                    "calibration's kernel tiles (needs --calib_dir); default: the whole "
+                    "frame.")
+    d.DEFINE_string("dpanet_checkpoint", None, "DPANet: a ckpt_<step>.npz or a training "
+                    "output folder (its latest checkpoint); default "
+                    "experiments/checkpoints/dpanet_w8/.")
+    d.DEFINE_integer("dpanet_tile", DPANET_TILE, "DPANet: inference tile side in px (a "
+                     "multiple of 16); memory grows with its square.")
+    d.DEFINE_integer("dpanet_overlap", DPANET_OVERLAP, "DPANet: least tile overlap in px (a "
+                     "multiple of 16, below the tile side).")
+
+
+def parse_rxc(text: str | None, flag: str) -> tuple[int, int] | None:
+    """'RxC' -> (R, C); None stays None; anything else is a UsageError naming the flag."""
+    if text is None or text == "full":
+        return None
+    try:
+        r, c = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise app.UsageError(f"--{flag} must be RxC (e.g. 2x3), got {text!r}") from None
+    if r < 1 or c < 1:
+        raise app.UsageError(f"--{flag} must have at least one row and column, got {text!r}")
+    return r, c
+
+
+def base_config():
+    """The resolved base configuration of the flags: schedule, layers, preset choices.
+
+    One place: `dpjax.config.schedule` gives --pyramid_levels / --level_iters /
+    --num_iters their meaning, `dpjax.presets.resolve_base` the preset's start and
+    defocus estimator (explicit --search_init / --defocus_estimator win).
+    """
+    from dpjax import config as config_lib
+    from dpjax import presets
+
+    try:
+        level_iters = ([int(v) for v in FLAGS.level_iters] if FLAGS.level_iters else None)
+    except ValueError:
+        raise app.UsageError(f"--level_iters must be integers, got {FLAGS.level_iters}") from None
+    try:
+        solver = config_lib.schedule(pyramid_levels=FLAGS.pyramid_levels,
+                                     level_iters=level_iters, num_iters=FLAGS.num_iters)
+        cfg = config_lib.Config(solver=solver)
+        if FLAGS.num_layers is not None:
+            cfg = cfg.replace(**{"mpi.num_layers": FLAGS.num_layers})
+        return presets.resolve_base(FLAGS.preset, cfg, search_init=FLAGS.search_init,
+                                    defocus_estimator_name=FLAGS.defocus_estimator)
+    except ValueError as e:
+        raise app.UsageError(f"invalid solver settings: {e}") from None
+
+
+def path_or_none(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def use_compilation_cache() -> str | None:
+    """Turns on --compilation_cache_dir (UsageError for an unusable folder)."""
+    if not FLAGS.compilation_cache_dir:
+        return None
+    from dpjax import batch
+
+    try:
+        return str(batch.use_compilation_cache(FLAGS.compilation_cache_dir))
+    except ValueError as e:
+        raise app.UsageError(f"--compilation_cache_dir: {e}") from None
+
+
+def handle_sigterm() -> None:
+    """SIGTERM (what schedulers and containers send) is handled like Ctrl-C: the runner
+    finishes writing, the summary says terminated, the exit status is 143."""
+    def raise_terminated(signum: int, frame: Any) -> None:
+        from dpjax.runner import Terminated
+
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, raise_terminated)
