@@ -157,6 +157,11 @@ def run_options_from_flags():
     from dpjax import runner, scene
 
     base = common.base_config()
+    if FLAGS.method == "dpanet":  # no layers to start: the preset's search start is off
+        if FLAGS.search_init:
+            raise app.UsageError("--search_init needs --method=mpi (DPANet has no layers to "
+                                 "initialise)")
+        base = base.replace(**{"init.search": False})
     return runner.RunOptions(
         input_dir=Path(FLAGS.input_dir), output_dir=Path(FLAGS.output_dir),
         scene=scene.SceneOptions(
@@ -193,12 +198,12 @@ def run_batch(opts, *, devices=None, process_index: int = 0, process_count: int 
     finally:
         display.close()
     if out.summary:
-        c = out.counts
-        kept = out.summary["num_scenes"] - sum(c.values())
-        print(f"batch: {sum(c.values())} scenes in this run: {c['done']} done, "
+        c = out.summary["counts"]
+        kept = c.get("kept", 0) + c.get("kept-failed", 0)
+        print(f"batch: {out.summary['num_scenes'] - kept} scenes: {c['done']} done, "
               f"{c['skipped']} skipped, {c['failed']} failed"
               f"{', ' + out.state if out.state != 'complete' else ''}"
-              f"{f'; {kept} more kept from earlier runs' if kept > 0 else ''} -> "
+              f"{f' (+{kept} kept from earlier runs)' if kept else ''} -> "
               f"{Path(opts.output_dir) / runner.SUMMARY_JSON}", flush=True)
     return out.exit_status
 

@@ -363,7 +363,7 @@ def clean_stale(folder: Path) -> list[str]:
     `outputs.atomic_write`, staging folders, and replaced results whose swap finished
     (a replaced result whose new one never arrived is put back). Returns what it did."""
     done = []
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, _ in os.walk(folder):  # first the folders: a restored one may hold .tmp
         rootp = Path(root)
         for d in list(dirs):
             p = rootp / d
@@ -380,10 +380,11 @@ def clean_stale(folder: Path) -> list[str]:
                     os.replace(p, target)
                     done.append(f"restored {target}")
                 dirs.remove(d)
+    for root, _, files in os.walk(folder):
         for f in files:
             if f.startswith(".") and f.endswith(".tmp"):
-                (rootp / f).unlink(missing_ok=True)
-                done.append(f"removed {rootp / f}")
+                (Path(root) / f).unlink(missing_ok=True)
+                done.append(f"removed {Path(root) / f}")
     return done
 
 
@@ -441,6 +442,7 @@ def _failure_kind(e: BaseException) -> str:
 def _record_failure(rec: dict[str, Any], e: BaseException) -> None:
     kind = _failure_kind(e)
     rec.update(status="failed", error=kind, reason=f"{kind}: {e}")
+    rec.update(getattr(e, "details", None) or {})
     if kind == "error":
         rec["traceback"] = traceback.format_exc(limit=6)
 

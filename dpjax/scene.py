@@ -47,9 +47,10 @@ class SetupError(Exception):
 class SceneFailure(Exception):
     """A scene that cannot be solved; `kind` names the category in the summary."""
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: str, message: str, **details: Any):
         super().__init__(message)
         self.kind = kind
+        self.details = details  # more fields for the scene's record
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -397,7 +398,7 @@ def prepare(name: str, pair: io.ScenePair, source: KernelSource, opts: SceneOpti
         conv_method=cfg.solver.conv_method, round_fft=cfg.solver.round_fft)
     refusal = batch.memory_refusal(est, budget_bytes)
     if refusal is not None:
-        raise SceneFailure("memory", refusal)
+        raise SceneFailure("memory", refusal, memory_estimate_gb=round(est.gb, 3))
     gt_aif, gt_def = load_ground_truth(opts.input_dir, name, views.shape[1:3], info)
     return PreparedScene(name=name, views=views, info=info, bank=bank, cfg=cfg,
                          preset=preset_info, init=init, init_info=init_info, gt_aif=gt_aif,

@@ -5,12 +5,15 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 import threading
 from typing import Any
 
-from absl import logging
+from absl import logging as absl_logging
+
+_LOG = absl_logging.get_absl_logger()  # a stdlib Logger: levels are logging.INFO etc.
 
 
 class Display:
@@ -47,7 +50,7 @@ class Display:
     def log(self, level: int, msg: str) -> None:
         with self.lock:
             self._clear()
-            logging.log(level, "%s", msg)
+            _LOG.log(level, "%s", msg)
             self._draw()
 
     def on_event(self, event) -> None:
@@ -75,7 +78,7 @@ class Display:
             if self.tty:
                 self._draw()
             else:
-                logging.info("%s  %s", self.active[name],
+                _LOG.info("%s  %s", self.active[name],
                              self._batch.format_batch_progress(self.eta))
 
     def _finished(self, rec: dict[str, Any]) -> None:

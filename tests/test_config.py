@@ -1,0 +1,39 @@
+"""dpjax.config: the schedule's one meaning for every app flag, InitConfig, round trips."""
+
+from __future__ import annotations
+
+import pytest
+
+from dpjax import config as config_lib
+from dpjax.config import FAST_LEVEL_ITERS, Config, InitConfig, schedule
+
+
+def test_schedule_defaults_and_num_iters_mean_the_finest_level():
+    assert schedule().level_iters == FAST_LEVEL_ITERS
+    assert schedule(pyramid_levels=3).level_iters == FAST_LEVEL_ITERS
+    assert schedule(num_iters=30).level_iters == FAST_LEVEL_ITERS[:-1] + (30,)
+    s = schedule(pyramid_levels=1, num_iters=5)
+    assert s.pyramid_levels == 1 and s.budget(0) == 5
+    s = schedule(pyramid_levels=2)
+    assert (s.budget(1), s.budget(0)) == (300, 1000)  # SolverConfig's own budgets
+    s = schedule(level_iters=[10, 4])
+    assert s.pyramid_levels == 2 and s.level_iters == (10, 4)
+
+
+def test_schedule_refuses_contradictions():
+    with pytest.raises(ValueError, match="not both"):
+        schedule(level_iters=(10, 5, 2), num_iters=3)
+    with pytest.raises(ValueError, match="has 2 levels, pyramid_levels is 3"):
+        schedule(level_iters=(10, 5), pyramid_levels=3)
+    with pytest.raises(ValueError):
+        schedule(level_iters=(10, -1))
+
+
+def test_init_config_is_part_of_the_config_and_round_trips():
+    cfg = Config().replace(**{"init.search": True, "init.weight": 0.25})
+    d = config_lib.to_dict(cfg)
+    assert d["init"]["search"] is True and d["init"]["weight"] == 0.25
+    assert config_lib.from_dict(d) == cfg
+    assert config_lib.from_dict({}) == Config()  # results without an init section
+    with pytest.raises(ValueError):
+        InitConfig(weight=1.5)
