@@ -403,9 +403,31 @@ def _swap_in(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
 
 
+_RESERVED = (SUMMARY_JSON, INDEX_HTML, LOCK_FILE)
+
+
 def scene_dir(output_dir: Path, name: str) -> Path:
-    """The scene's output folder; refuses names that would leave `output_dir`."""
+    """The scene's output folder; refuses names that would leave `output_dir` or take the
+    place of the run's own files."""
+    if name in _RESERVED or name.startswith("summary.process-"):
+        raise io.InputError(f"scene name {name!r} is reserved for the run's own files")
     return Path(output_dir, *io.check_scene_name(name).split("/"))
+
+
+def nested_scene_problems(names: Sequence[str]) -> dict[str, str]:
+    """Scenes whose folder would sit inside another scene's folder (e.g. "a" and "a/b"):
+    replacing "a"'s result would take "a/b"'s with it, so the inner one is refused."""
+    present = set(names)
+    out = {}
+    for name in names:
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            outer = "/".join(parts[:i])
+            if outer in present:
+                out[name] = (f"input: scene {name!r} would be written inside scene "
+                             f"{outer!r}'s folder; move one of them")
+                break
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -948,9 +970,11 @@ def _scan_results(out_root: Path) -> dict[str, dict[str, Any]]:
 
 
 def _all_records(out_root: Path, this_run: dict[str, dict[str, Any]],
-                 previous_summary: dict[str, Any] | None) -> list[dict[str, Any]]:
+                 previous_summary: dict[str, Any] | None,
+                 inputs: set[str]) -> list[dict[str, Any]]:
     """This run's records, plus every other scene present in the output folder (its
-    last record in the previous summary, or one made from its result.json)."""
+    last record in the previous summary, or one made from its result.json), plus earlier
+    failures of scenes still in the input folder (`inputs`)."""
     records = dict(this_run)
     prev = {}
     if isinstance(previous_summary, dict):
@@ -965,7 +989,7 @@ def _all_records(out_root: Path, this_run: dict[str, dict[str, Any]],
                                            "result kept from an earlier run"),
                          **({"timings": old["timings"]} if "timings" in old else {})}
     for name, r in prev.items():  # failures of earlier runs stay visible until retried
-        if name not in records and r.get("status") == "failed":
+        if name not in records and name in inputs and r.get("status") == "failed":
             records[name] = {**r, "status": "kept-failed",
                              "reason": f"earlier run: {r.get('reason', '')}"}
     return list(records.values())
@@ -1098,7 +1122,7 @@ def _run_locked(opts, st, pairs, devices, on_event, process_index, process_count
         extra = {"process_index": process_index} if process_count > 1 else {}
         if process_count == 1:
             summary = summary_of(_all_records(out_root, {r["scene"]: r for r in recs},
-                                              previous_summary), state)
+                                              previous_summary, set(pairs)), state)
             write_reports(out_root, summary)
             return summary
         summary = summary_of(recs, state, **extra)
@@ -1112,9 +1136,13 @@ def _run_locked(opts, st, pairs, devices, on_event, process_index, process_count
             on_event(Event("scene", rec["scene"], rec))
         save_share("running")
 
+    nested = nested_scene_problems(names)
     todo: list[str] = []
     for name in share:
-        if name in missing:
+        if name in nested:
+            finish({"scene": name, "status": "failed", "error": "input",
+                    "reason": nested[name]})
+        elif name in missing:
             finish({"scene": name, "status": "failed", "error": "input",
                     "reason": f"input: scene {name!r} (from --scenes) not found in "
                               f"{opts.input_dir}"})
@@ -1181,7 +1209,7 @@ def _run_locked(opts, st, pairs, devices, on_event, process_index, process_count
     if gather is not None:
         shares = gather(share_summary)
         recs = {r["scene"]: r for s in shares for r in s["scenes"]}
-        summary = summary_of(_all_records(out_root, recs, previous_summary), state)
+        summary = summary_of(_all_records(out_root, recs, previous_summary, set(pairs)), state)
         if process_index == 0:
             write_reports(out_root, summary)
     mine = list(records.values())

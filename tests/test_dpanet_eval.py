@@ -121,11 +121,14 @@ def test_load_checkpoint_returns_everything_in_one_pass(ckpt_dir, params):
 def test_run_solver_dpanet_tile_defaults_match_the_library():
     # run_solver defines its flags before importing dpjax (jax.distributed must start
     # first), so it spells the defaults out; they must stay the library's.
-    defaults = {f.name: f.default for f in dataclasses.fields(run_solver.BatchOptions)}
+    from dpjax import runner
+    from dpjax_apps import flags as app_flags
+
+    defaults = {f.name: f.default for f in dataclasses.fields(runner.RunOptions)}
     assert defaults["dpanet_tile"] == dpanet.DEFAULT_TILE
     assert defaults["dpanet_overlap"] == dpanet.DEFAULT_OVERLAP
-    assert (run_solver.DPANET_TILE, run_solver.DPANET_OVERLAP) == (dpanet.DEFAULT_TILE,
-                                                                  dpanet.DEFAULT_OVERLAP)
+    assert (app_flags.DPANET_TILE, app_flags.DPANET_OVERLAP) == (dpanet.DEFAULT_TILE,
+                                                                dpanet.DEFAULT_OVERLAP)
 
 
 def test_load_model_errors_name_the_problem(tmp_path, ckpt_dir, params):
@@ -357,6 +360,13 @@ def test_reproduce_table_cli_missing_checkpoint(tmp_path, pixel4_dir):
 # ----------------------------------------------------------------------------- run_solver
 
 
+def _runner_opts(inp: Path, out: Path, **kw):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_runner import _opts
+
+    return _opts(inp, out, **{"num_layers": 4, "preset": "none", **kw})
+
+
 def _write_pair(folder: Path, name: str, views: np.ndarray) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for side, v in zip(("left", "right"), views[..., 0]):
@@ -368,9 +378,8 @@ def test_run_solver_dpanet_batch(tmp_path, ckpt_dir):
     _write_pair(inp, "a", _views(64, 64, seed=4))
     _write_pair(inp, "b", _views(56, 64, seed=5))  # not a multiple of 16: padded inside
     tifffile.imwrite(inp / "c_left.tif", np.ones((64, 64), np.uint16))  # no right view
-    opts = run_solver.BatchOptions(input_dir=inp, output_dir=out, method="dpanet",
-                                   dpanet_checkpoint=ckpt_dir, dpanet_tile=TILE,
-                                   dpanet_overlap=OVERLAP, quiet=True)
+    opts = _runner_opts(inp, out, method="dpanet", dpanet_checkpoint=ckpt_dir,
+                        dpanet_tile=TILE, dpanet_overlap=OVERLAP)
     assert run_solver.run_batch(opts) == 1  # c failed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "dpanet"
@@ -388,27 +397,34 @@ def test_run_solver_dpanet_batch(tmp_path, ckpt_dir):
         assert (d / "thumb_all_in_focus.png").is_file()
     assert 'src="a/thumb_all_in_focus.png"' in (out / "index.html").read_text()
 
-    # Complete DPANet results are kept; the MPI solver refuses to take over their folders.
+    # Complete DPANet results are kept; the MPI solver solves such a folder again (another
+    # method is another setting), and a re-solve that fails leaves the old result intact.
     before = (out / "a" / "result.json").stat().st_mtime_ns
     (inp / "c_left.tif").unlink()
     assert run_solver.run_batch(opts) == 0
     assert {r["status"] for r in json.loads((out / "summary.json").read_text())["scenes"]} == {
         "skipped"}
     assert (out / "a" / "result.json").stat().st_mtime_ns == before
-    mpi_opts = dataclasses.replace(opts, method="mpi", scenes=("a",))
+    mpi_opts = _runner_opts(inp, out, scenes=("a",), grid=(2, 2), kernel_radius=3.0,
+                            memory_budget_gb=0.001)
     assert run_solver.run_batch(mpi_opts) == 1
-    (rec,) = json.loads((out / "summary.json").read_text())["scenes"]
-    assert rec["error"] == "output" and "holds a complete --method=dpanet" in rec["reason"]
+    recs = {r["scene"]: r for r in json.loads((out / "summary.json").read_text())["scenes"]}
+    assert recs["a"]["error"] == "memory" and "method dpanet -> mpi" in recs["a"][
+        "resolved_because"]
+    assert recs["b"]["status"] == "kept"
+    assert (out / "a" / "result.json").stat().st_mtime_ns == before
 
 
 def test_run_solver_dpanet_setup_errors(tmp_path, monkeypatch):
     _write_pair(tmp_path / "in", "a", _views(64, 64))
-    opts = run_solver.BatchOptions(input_dir=tmp_path / "in", output_dir=tmp_path / "out",
-                                   method="dpanet", dpanet_checkpoint=tmp_path / "none")
+    from dpjax import runner
+
+    opts = _runner_opts(tmp_path / "in", tmp_path / "out", method="dpanet",
+                        dpanet_checkpoint=tmp_path / "none")
     assert run_solver.run_batch(opts) == 2
-    monkeypatch.setattr(run_solver, "DEFAULT_DPANET_CHECKPOINT", tmp_path / "absent")
-    with pytest.raises(run_solver.SetupError, match="train_dpanet.py"):
-        run_solver.load_dpanet(dataclasses.replace(opts, dpanet_checkpoint=None))
+    monkeypatch.setattr(runner, "DEFAULT_DPANET_CHECKPOINT", tmp_path / "absent")
+    with pytest.raises(runner.SetupError, match="train_dpanet.py"):
+        runner._load_dpanet(dataclasses.replace(opts, dpanet_checkpoint=None))
     proc = subprocess.run([sys.executable, str(ROOT / "run_solver.py"), "--method=dpanet"],
                           check=False, capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
