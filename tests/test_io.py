@@ -476,7 +476,7 @@ def test_discover_pairs_mixed_names_and_missing_partners(tmp_path):
     for name in ("notes.txt", "x.png", "left.png", "calibration"):
         (tmp_path / name).write_text("ignored")
     (tmp_path / "sub").mkdir()
-    _write_grey16(tmp_path / "sub" / "z_left.png", g)  # not recursive
+    _write_grey16(tmp_path / "sub" / "z_left.png", g)  # found below too, named sub/z
 
     pairs = dio.discover_pairs(tmp_path)
     got = {p.name: (p.format, p.left and p.left.name, p.right and p.right.name) for p in pairs}
@@ -490,6 +490,7 @@ def test_discover_pairs_mixed_names_and_missing_partners(tmp_path):
         "dup_pixel": ("pixel", "dup_left.png", "dup_right.png"),
         "e": ("pixel", "e_left.png", None),
         "f": ("canon", None, "f_R.png"),
+        "sub/z": ("pixel", "z_left.png", None),
     }
     # Complete pairs load through the dispatcher; the incomplete ones fail clearly.
     by_name = {p.name: p for p in pairs}
