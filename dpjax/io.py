@@ -1033,9 +1033,10 @@ _FAMILY = {"png": "png", "pgm": "pgm", "tif": "tiff", "tiff": "tiff", "jpg": "jp
 _NOT_VIEWS = (WHITE_LEFT, WHITE_RIGHT)  # calibration files named like views
 
 
-def _is_grey16_png(path: Path) -> bool:
-    """Whether a PNG's header says 16-bit greyscale (Pixel raw); True if unreadable, so
-    that a broken file keeps the name-based format and fails at load, naming itself."""
+def _is_grey_png(path: Path) -> bool:
+    """Whether a PNG's header says greyscale (Pixel raw views are; colour PNGs never);
+    True if unreadable, so that a broken file keeps the name-based format and fails at
+    load, naming itself."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(len(_PNG_SIGNATURE) + 8 + 13)
@@ -1043,8 +1044,7 @@ def _is_grey16_png(path: Path) -> bool:
         return True
     if len(head) < 29 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
         return True
-    depth, colour = head[24], head[25]
-    return depth == 16 and colour == 0
+    return head[25] in (0, 4)  # colour type: greyscale, greyscale + alpha
 
 
 def scan_inputs(input_dir) -> Discovery:
@@ -1106,7 +1106,7 @@ def scan_inputs(input_dir) -> Discovery:
     for (folder, stem, family, naming, _), views in groups.items():
         if family == "png":
             first = views.get("left") or views["right"]
-            fmt = "pixel" if naming == "long" and _is_grey16_png(first) else "canon"
+            fmt = "pixel" if naming == "long" and _is_grey_png(first) else "canon"
         else:
             fmt = family
         if stem is None:
@@ -1148,8 +1148,9 @@ def discover_pairs(input_dir) -> list[ScenePair]:
     - a bare l / r, one scene per folder: scene "FOLDER" (at the top level, the input
       folder's own name).
     Formats: .pgm "pgm", .tif/.tiff "tiff", .jpg/.jpeg "jpeg"; .png "pixel" (Pixel DP
-    raw, black level 1024) for NAME_left / NAME_right whose header says 16-bit
-    greyscale, else "canon" (generic PNG, black level 0).
+    raw, black level 1024) for NAME_left / NAME_right whose header says greyscale,
+    else "canon" (generic PNG, black level 0; a colour NAME_left.png is a user's
+    photo, never Pixel raw).
 
     Everything else is ignored without error: other files (depth maps d.png, ground
     truth NNN_gt.png, the calibration white sheets white_sheet_left/right.png), and

@@ -556,15 +556,16 @@ def test_discover_suffix_forms_at_depth_2(tmp_path):
         Image.fromarray(_rgb8(rng)).save(d / name)
     for name in ("w_left.jpg", "w_right.JPEG"):
         Image.fromarray(_rgb8(rng)).save(d / name, format="JPEG")
-    for name in ("z_left.png", "z_right.png"):  # 16-bit greyscale: Pixel raw
+    for name in ("z_left.png", "z_right.png"):  # greyscale: Pixel raw
         _write_grey16(e / name, _raw16(rng, (12, 16)))
+    Image.fromarray(_rgb8(rng)[..., 0]).save(e / "g_left.png")  # 8-bit grey: still Pixel
     tifffile.imwrite(e / "t_l.tif", _raw16(rng, (12, 16, 3)))
     tifffile.imwrite(e / "t_r.tif", _raw16(rng, (12, 16, 3)))
     pairs = {p.name: p for p in dio.discover_pairs(tmp_path)}
     assert {n: p.format for n, p in pairs.items()} == {
         "trip/day1/w": "jpeg", "trip/day1/x": "canon", "trip/day1/y": "canon",
-        "trip/day2/t": "tiff", "trip/day2/z": "pixel"}
-    assert all(p.left and p.right for p in pairs.values())
+        "trip/day2/g": "pixel", "trip/day2/t": "tiff", "trip/day2/z": "pixel"}
+    assert all(p.left and p.right for n, p in pairs.items() if n != "trip/day2/g")
     assert pairs["trip/day1/y"].left.name == "y_left.png"
     # Each loads; the 8-bit colour ones as sRGB without allow_8bit, in colour.
     for name in ("trip/day1/w", "trip/day1/x", "trip/day1/y"):
