@@ -166,7 +166,11 @@ def _case_unreadable(inp):
 
 
 def _case_eight_bit(inp):
-    _write_tiff_pair(inp, "x", _texture(0), dtype=np.uint8, scale=250.0)
+    # Pixel raw views (greyscale NAME_left.png) exported at 8 bits: still refused. (An
+    # 8-bit TIFF or colour PNG is read as sRGB by the "auto" encoding and loads.)
+    raw = (_texture(0) * 250).astype(np.uint8)
+    outputs.write_png(inp / "x_left.png", raw[0])
+    outputs.write_png(inp / "x_right.png", raw[1])
     return "8-bit data where 16-bit is expected"
 
 
