@@ -817,8 +817,8 @@ class Preprocessing(NamedTuple):
     encoding_auto: True when `encoding` was chosen by `encoding.auto_encoding`.
     bit_depth: bits per sample of the files (8, 16, ...), None for floating point.
     black_level: subtracted from the stored values (linear input only), in file units.
-    full_scale: the stored value of white: 2^bit_depth - 1, 1.0 for floating point, the
-      white level minus the black level for Pixel raw views.
+    full_scale: the stored value of white: 2^bit_depth - 1, 1.0 for floating point; for
+      Pixel raw views the white level (2^14 - 1), applied after the black level.
     scale: the factor the linear pair was divided by (its joint maximum), in units of
       full scale: views * scale = linear intensity with white = 1. Writing a result
       back in the input's units is `from_linear(result * scale, encoding)`.
