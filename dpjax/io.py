@@ -33,6 +33,20 @@ inflated with zlib, and the five scanline filters are undone with numpy. The
 filters Average and Paeth depend on the reconstructed left neighbour, so they are
 undone along anti-diagonal wavefronts (pixel (y, x) needs only (y, x-1), (y-1, x)
 and (y-1, x-1)), vectorised over each diagonal. Alpha channels are dropped.
+JPEG (8-bit greyscale or colour) is decoded by PIL, without applying the EXIF
+orientation (rotating the views would turn left/right disparity into up/down).
+
+Encodings (`dpjax.encoding`): the blur model is linear in intensity, so
+`load_pair_with_info` decodes display-referred files (8-bit PNG/TIFF, JPEG: sRGB by
+the "auto" rule of `encoding.auto_encoding`) to linear intensity before dividing the
+pair by its joint maximum, and records what it assumed (a `Preprocessing`: encoding,
+whether it was the auto choice, bit depth, black level, full scale and the scale
+factor needed to write results back in the input's units). Linear input (Pixel raw,
+PGM, 16-bit PNG/TIFF, float TIFF) is loaded exactly as by the per-format loaders.
+
+Discovery (`discover_pairs`, `scan_inputs`) walks the input folder at any depth;
+scene names are relative POSIX paths, each checked by `check_scene_name` so that a
+scene can never name a folder outside the output folder.
 """
 
 from __future__ import annotations
@@ -40,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import re
 import struct
 import zlib
@@ -50,18 +65,28 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from dpjax.encoding import AUTO, LINEAR, Encoding, auto_encoding, parse_encoding, to_linear
+
 __all__ = [
+    "FORMATS",
+    "RAW_FORMATS",
     "CalibratedKernels",
+    "Discovery",
     "InputError",
+    "LoadedPair",
     "MissingFileError",
     "Pixel4Preprocess",
     "Pixel4Scene",
+    "Preprocessing",
     "ScenePair",
+    "SkippedInput",
     "box_filter",
     "check_kernels_match_image",
+    "check_scene_name",
     "discover_pairs",
     "load_calibration_kernels",
     "load_pair",
+    "load_pair_with_info",
     "load_pgm_pair",
     "load_pixel4_scene",
     "load_pixel_pair",
@@ -69,6 +94,7 @@ __all__ = [
     "load_tiff_pair",
     "read_image",
     "save_calibration_kernels",
+    "scan_inputs",
     "validate_pair",
 ]
 
@@ -141,7 +167,7 @@ class ScenePair(NamedTuple):
     name: str
     left: Path | None
     right: Path | None
-    format: str  # "pixel", "canon", "pgm" or "tiff"
+    format: str  # one of FORMATS: "pixel", "canon", "pgm", "tiff" or "jpeg"
 
 
 # ----------------------------------------------------------------------------------------
@@ -200,13 +226,19 @@ def _central_crop(image: np.ndarray, crop_hw: tuple[int, int] | None, name: str)
 
 def _normalise_pair(left: np.ndarray, right: np.ndarray, name: str) -> np.ndarray:
     """Stack to [2, H, W, C] float32 divided by the joint maximum."""
+    return _normalise_pair_peak(left, right, name)[0]
+
+
+def _normalise_pair_peak(left: np.ndarray, right: np.ndarray,
+                         name: str) -> tuple[np.ndarray, float]:
+    """`_normalise_pair` and the joint maximum it divided by (float64)."""
     views = np.stack([left, right]).astype(np.float64)
     if views.ndim == 3:
         views = views[..., None]
     peak = views.max()
     if not peak > 0:
         raise InputError(f"{name}: both views are zero everywhere (after black level)")
-    return (views / peak).astype(np.float32)
+    return (views / peak).astype(np.float32), float(peak)
 
 
 # ----------------------------------------------------------------------------------------
@@ -404,7 +436,7 @@ def _decode_pgm(data: bytes, name: str) -> tuple[np.ndarray, int]:
 
 
 def read_image(path: str | Path) -> tuple[np.ndarray, int | None]:
-    """Read one PNG, PGM or TIFF file.
+    """Read one PNG, PGM, TIFF or JPEG file.
 
     Returns:
       (samples, bit depth): samples [H, W] or [H, W, C] in the file's dtype (alpha
@@ -419,7 +451,37 @@ def read_image(path: str | Path) -> tuple[np.ndarray, int | None]:
         return _decode_pgm(data, str(path))
     if suffix in (".tif", ".tiff"):
         return _decode_tiff(data, str(path))
-    raise InputError(f"{path}: unknown image format (expected .png, .pgm, .tif or .tiff)")
+    if suffix in (".jpg", ".jpeg") or data.startswith(_JPEG_SIGNATURE):
+        return _decode_jpeg(data, str(path))
+    raise InputError(f"{path}: unknown image format (expected .png, .pgm, .tif, .tiff, "
+                     ".jpg or .jpeg)")
+
+
+_JPEG_SIGNATURE = b"\xff\xd8\xff"
+
+
+def _decode_jpeg(data: bytes, name: str) -> tuple[np.ndarray, int]:
+    """JPEG via PIL: ([H, W] or [H, W, 3] uint8, 8).
+
+    The EXIF orientation tag is deliberately ignored: the left/right views are defined
+    along the sensor's rows, and rotating the pixels would turn horizontal disparity
+    into vertical. CMYK and other colour modes are converted to RGB.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format != "JPEG":
+                raise InputError(f"{name}: not a JPEG file (PIL reads it as {im.format})")
+            im.load()
+            if im.mode not in ("L", "RGB"):
+                im = im.convert("RGB")
+            arr = np.asarray(im)
+    except (OSError, ValueError, SyntaxError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"{name}: unreadable or truncated JPEG ({e})") from e
+    if arr.dtype != np.uint8:
+        raise InputError(f"{name}: unsupported JPEG sample type {arr.dtype}")
+    return np.ascontiguousarray(arr), 8
 
 
 def _decode_tiff(data: bytes, name: str) -> tuple[np.ndarray, int | None]:
@@ -472,15 +534,37 @@ def validate_pair(left: np.ndarray, right: np.ndarray, *, names: Sequence[str] =
 
 def _load_raw_pair(left_path, right_path, *, expect_16bit: bool,
                    min_hw: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    left, right, _ = _load_raw_pair_depth(left_path, right_path, expect_16bit=expect_16bit,
+                                          min_hw=min_hw)
+    return left, right
+
+
+def _read_raw_pair(left_path, right_path):
+    """Both views as read ([H, W] or [H, W, C] samples) and their bit depths, unvalidated."""
     if left_path is None or right_path is None:
         present = left_path if right_path is None else right_path
         missing = "right" if right_path is None else "left"
         raise InputError(f"{present}: missing partner view ({missing} view not found)")
     left, depth_l = read_image(left_path)
     right, depth_r = read_image(right_path)
+    return left, right, (depth_l, depth_r)
+
+
+def _check_same_depth(left_path, right_path, depths) -> int | None:
+    if depths[0] != depths[1]:
+        bits = lambda d: "floating-point" if d is None else f"{d}-bit"
+        raise InputError(f"views differ in bit depth: {left_path} {bits(depths[0])} vs "
+                         f"{right_path} {bits(depths[1])}")
+    return depths[0]
+
+
+def _load_raw_pair_depth(left_path, right_path, *, expect_16bit: bool,
+                         min_hw: tuple[int, int] | None):
+    """`_load_raw_pair` and the pair's bit depth (None for floating point)."""
+    left, right, depths = _read_raw_pair(left_path, right_path)
     validate_pair(left, right, names=(str(left_path), str(right_path)),
-                  bit_depths=(depth_l, depth_r), expect_16bit=expect_16bit, min_hw=min_hw)
-    return left, right
+                  bit_depths=depths, expect_16bit=expect_16bit, min_hw=min_hw)
+    return left, right, _check_same_depth(left_path, right_path, depths)
 
 
 def _subtract_black(image: np.ndarray, black_level: float) -> np.ndarray:
@@ -510,8 +594,19 @@ def load_pixel_pair(left_path, right_path, *, white_left=None, white_right=None,
     Returns:
       [2, H', W', 1] float32, the pair divided by its joint maximum (max == 1).
     """
+    return _load_pixel_pair_peak(left_path, right_path, white_left=white_left,
+                                 white_right=white_right, preprocess=preprocess,
+                                 expect_16bit=expect_16bit, min_hw=min_hw)[0]
+
+
+def _load_pixel_pair_peak(left_path, right_path, *, white_left, white_right,
+                          preprocess: Pixel4Preprocess, expect_16bit: bool,
+                          min_hw: tuple[int, int] | None):
+    """`load_pixel_pair`, the joint maximum it divided by (in white-level units) and the
+    views' bit depth."""
     p = preprocess
-    left, right = _load_raw_pair(left_path, right_path, expect_16bit=expect_16bit, min_hw=min_hw)
+    left, right, depth = _load_raw_pair_depth(left_path, right_path, expect_16bit=expect_16bit,
+                                              min_hw=min_hw)
     if left.ndim != 2:
         raise InputError(f"{left_path}: expected single-channel Pixel DP views, got {left.shape}")
     left, right = _pixel_preprocess(left, p), _pixel_preprocess(right, p)
@@ -528,7 +623,8 @@ def load_pixel_pair(left_path, right_path, *, white_left=None, white_right=None,
         right = right * box_filter(wl / wr, p.vignetting_box)
     left = _central_crop(left, p.crop_hw, str(left_path))
     right = _central_crop(right, p.crop_hw, str(right_path))
-    return _normalise_pair(left, right, str(left_path))
+    views, peak = _normalise_pair_peak(left, right, str(left_path))
+    return views, peak, depth
 
 
 def _scene_id(scene_id: int | str) -> str:
@@ -713,94 +809,361 @@ def load_tiff_pair(left, right, *, black_level: float = 0, expect_16bit: bool = 
                            str(left))
 
 
+class Preprocessing(NamedTuple):
+    """What `load_pair_with_info` assumed and did to a pair (for result.json: `as_dict`).
+
+    format: the pair's format ("pixel", "canon", "pgm", "tiff", "jpeg").
+    encoding: the transfer function the stored values were decoded with.
+    encoding_auto: True when `encoding` was chosen by `encoding.auto_encoding`.
+    bit_depth: bits per sample of the files (8, 16, ...), None for floating point.
+    black_level: subtracted from the stored values (linear input only), in file units.
+    full_scale: the stored value of white: 2^bit_depth - 1, 1.0 for floating point; for
+      Pixel raw views the white level (2^14 - 1), applied after the black level.
+    scale: the factor the linear pair was divided by (its joint maximum), in units of
+      full scale: views * scale = linear intensity with white = 1. Writing a result
+      back in the input's units is `from_linear(result * scale, encoding)`.
+    channels: C of the views (1 or 3).
+    """
+
+    format: str
+    encoding: Encoding
+    encoding_auto: bool
+    bit_depth: int | None
+    black_level: float
+    full_scale: float
+    scale: float
+    channels: int
+
+    def as_dict(self) -> dict:
+        """Plain JSON types; the encoding in its text form ("srgb", "gamma:2.2", ...)."""
+        return {"format": self.format, "encoding": str(self.encoding),
+                "encoding_auto": self.encoding_auto, "bit_depth": self.bit_depth,
+                "black_level": self.black_level, "full_scale": self.full_scale,
+                "scale": self.scale, "channels": self.channels}
+
+    def display_kwargs(self, *, bits: int | None = None) -> dict:
+        """Keyword arguments for `outputs.write_result` / `outputs.display_image`.
+
+        Linear input gets the viewing transform (`outputs.to_display`, encoding None);
+        encoded input is written back in its own encoding, scale and bit depth (8-bit
+        files as 8-bit PNGs, deeper or float files as 16-bit PNGs) unless `bits` is
+        given (thumbnails need 8).
+        """
+        if self.encoding.is_linear:
+            return {"encoding": None}
+        out_bits = bits if bits is not None else (8 if self.bit_depth == 8 else 16)
+        return {"encoding": self.encoding, "scale": self.scale, "bits": out_bits}
+
+
+class LoadedPair(NamedTuple):
+    """views: [2, H, W, C] float32 linear, max 1; preprocessing: what was done."""
+
+    views: np.ndarray
+    preprocessing: Preprocessing
+
+
+# Formats whose files hold raw sensor values (linear whatever their bit depth).
+RAW_FORMATS = ("pixel", "pgm")
+FORMATS = ("pixel", "canon", "pgm", "tiff", "jpeg")
+
+
 def load_pair(pair: ScenePair, *, black_level: float | None = None, expect_16bit: bool = True,
               min_hw: tuple[int, int] | None = None,
               pixel_preprocess: Pixel4Preprocess = Pixel4Preprocess(),
-              white_left=None, white_right=None) -> np.ndarray:
+              white_left=None, white_right=None,
+              encoding: Encoding | str = AUTO) -> np.ndarray:
     """Load a discovered pair with the loader of its format; returns [2, H, W, C] float32.
 
-    black_level=None uses the format's default (Pixel: pixel_preprocess.black_level,
-    else 0; required for PGM, whose black level depends on the capture app).
+    The views of `load_pair_with_info` (see there for the arguments).
     """
-    if pair.left is None or pair.right is None:
-        _load_raw_pair(pair.left, pair.right, expect_16bit=expect_16bit, min_hw=min_hw)
+    return load_pair_with_info(pair, black_level=black_level, expect_16bit=expect_16bit,
+                               min_hw=min_hw, pixel_preprocess=pixel_preprocess,
+                               white_left=white_left, white_right=white_right,
+                               encoding=encoding).views
+
+
+def load_pair_with_info(pair: ScenePair, *, black_level: float | None = None,
+                        expect_16bit: bool = True, min_hw: tuple[int, int] | None = None,
+                        pixel_preprocess: Pixel4Preprocess = Pixel4Preprocess(),
+                        white_left=None, white_right=None,
+                        encoding: Encoding | str = AUTO) -> LoadedPair:
+    """Load a discovered pair as linear views, and record what was assumed.
+
+    Args:
+      pair: from `discover_pairs`.
+      black_level: None uses the format's default (Pixel: pixel_preprocess.black_level,
+        else 0; required for linear PGM, whose black level depends on the capture app).
+        Applies to linear input only; a non-zero value with an encoded pair is an error.
+      expect_16bit: refuse 8-bit data that is read as linear (Pixel raw, PGM, or any
+        file with encoding "linear"): an 8-bit export has lost the raw range. 8-bit
+        files read as sRGB / gamma (the "auto" choice for 8-bit PNG, TIFF and JPEG)
+        are accepted regardless.
+      min_hw: refuse views smaller than (min_height, min_width).
+      pixel_preprocess, white_left, white_right: Pixel raw views only (`load_pixel_pair`).
+      encoding: "auto" (per file, `encoding.auto_encoding`), "linear", "srgb",
+        "gamma:G" or an Encoding. Raw formats must be linear.
+
+    Returns:
+      LoadedPair: views [2, H, W, C] float32, linear, divided by the pair's joint
+      maximum (so max 1); linear input gives exactly the views of the per-format
+      loaders (`load_png_pair`, ...). preprocessing: a `Preprocessing` record.
+
+    Raises:
+      InputError: unreadable, mismatched or unusable files, or an encoding that does
+        not fit the format (naming the file).
+      ValueError: a bad encoding text or a PGM pair read as linear without a black level.
+    """
+    requested = parse_encoding(encoding, allow_auto=True)
+    if pair.format not in FORMATS:
+        raise ValueError(f"{pair.name}: unknown format {pair.format!r}")
+    left_path, right_path = pair.left, pair.right
+    name = str(left_path)
     if pair.format == "pixel":
+        if requested is not None and not requested.is_linear:
+            raise InputError(f"{name}: Pixel raw views are linear; encoding {requested} does "
+                             "not apply (use 'auto' or 'linear')")
         if black_level is not None:
             pixel_preprocess = dataclasses.replace(pixel_preprocess, black_level=black_level)
-        return load_pixel_pair(pair.left, pair.right, white_left=white_left,
-                               white_right=white_right, preprocess=pixel_preprocess,
-                               expect_16bit=expect_16bit, min_hw=min_hw)
-    kw = {"expect_16bit": expect_16bit, "min_hw": min_hw}
-    if pair.format == "pgm":
+        views, peak, depth = _load_pixel_pair_peak(
+            left_path, right_path, white_left=white_left, white_right=white_right,
+            preprocess=pixel_preprocess, expect_16bit=expect_16bit, min_hw=min_hw)
+        p = pixel_preprocess
+        info = Preprocessing(format="pixel", encoding=LINEAR, encoding_auto=requested is None,
+                             bit_depth=depth, black_level=float(p.black_level),
+                             full_scale=float(p.white_level), scale=peak,
+                             channels=int(views.shape[-1]))
+        return LoadedPair(views, info)
+
+    left, right, depths = _read_raw_pair(left_path, right_path)
+    depth = depths[0]
+    raw = pair.format in RAW_FORMATS
+    enc = requested if requested is not None else auto_encoding(depth, raw_format=raw)
+    validate_pair(left, right, names=(str(left_path), str(right_path)), bit_depths=depths,
+                  expect_16bit=expect_16bit and enc.is_linear, min_hw=min_hw)
+    depth = _check_same_depth(left_path, right_path, depths)
+    full_scale = 1.0 if depth is None else float(2**depth - 1)
+    if enc.is_linear:
         if black_level is None:
-            raise ValueError(f"{pair.name}: PGM input needs an explicit black_level")
-        return load_pgm_pair(pair.left, pair.right, black_level=black_level, **kw)
-    if pair.format == "canon":
-        return load_png_pair(pair.left, pair.right, black_level=black_level or 0, **kw)
-    if pair.format == "tiff":
-        return load_tiff_pair(pair.left, pair.right, black_level=black_level or 0, **kw)
-    raise ValueError(f"{pair.name}: unknown format {pair.format!r}")
+            if pair.format == "pgm":
+                raise ValueError(f"{pair.name}: PGM input needs an explicit black_level")
+            black_level = 0
+        views, peak = _normalise_pair_peak(_subtract_black(left, black_level),
+                                           _subtract_black(right, black_level), name)
+        scale = peak / full_scale
+    else:
+        if black_level:
+            raise InputError(f"{name}: a black level ({black_level:g}) applies to linear input "
+                             f"only, but this pair is read as {enc}")
+        black_level = 0
+        lin = [to_linear(np.asarray(a, np.float64) / full_scale, enc) for a in (left, right)]
+        views, scale = _normalise_pair_peak(lin[0], lin[1], name)
+    info = Preprocessing(format=pair.format, encoding=enc, encoding_auto=requested is None,
+                         bit_depth=depth, black_level=float(black_level),
+                         full_scale=full_scale, scale=float(scale),
+                         channels=int(views.shape[-1]))
+    return LoadedPair(views, info)
 
 
 # ----------------------------------------------------------------------------------------
-# Discovery
+# Scene names and discovery
+
+
+_NAME_MAX_BYTES = 255  # the usual file-name limit (NAME_MAX) of POSIX file systems
 
 
 def check_scene_name(name: str) -> str:
-    """`name` when every '/'-separated part is a safe single path component.
+    """Return name unchanged if it is safe as a relative output path, else InputError.
 
-    Scene names become folders under the output folder, so a part may not be empty,
-    '.' or '..', start with '.' (hidden: the runner's own temporary folders do), hold a
-    backslash, a NUL or other control character. Raises InputError otherwise.
+    A scene name is a relative POSIX path; the runner writes a scene's files under
+    output_dir/name, so every "/"-separated component must be one ordinary folder
+    name: not empty (no leading, trailing or doubled "/", so never absolute), not
+    "." or "..", no backslash, no control characters (including NUL and newlines),
+    not starting with "-" (it would read as an option to command-line tools) or "."
+    (hidden: the batch runner's staging folders are), valid
+    UTF-8 (file names that are not are refused) and at most 255 bytes. The error
+    message is one line with the name escaped.
     """
-    if not isinstance(name, str) or not name:
-        raise InputError("empty scene name")
+    if not isinstance(name, str):
+        raise InputError(f"scene name must be text, got {type(name).__name__}")
+    shown = ascii(name)
+    if not name:
+        raise InputError("unsafe scene name '': empty")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"unsafe scene name {shown}: not valid UTF-8") from None
     for part in name.split("/"):
-        if part in ("", ".", "..") or part.startswith("."):
-            raise InputError(f"unsafe scene name {name!r}: part {part!r} is not allowed")
-        if "\\" in part or any(ord(ch) < 32 or ord(ch) == 127 for ch in part):
-            raise InputError(f"unsafe scene name {name!r}: backslash or control character")
+        reason = None
+        if not part:
+            reason = "empty path component (leading, trailing or doubled '/')"
+        elif part in (".", ".."):
+            reason = f"path component {part!r} is not allowed"
+        elif part.startswith("."):
+            reason = f"path component {ascii(part)} starts with '.' (hidden; the runner's own"\
+                     " temporary folders do)"
+        elif "\\" in part:
+            reason = "backslash in name"
+        elif any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in part):
+            reason = "control character in name"
+        elif part.startswith("-"):
+            reason = f"path component {ascii(part)} starts with '-'"
+        elif len(part.encode("utf-8")) > _NAME_MAX_BYTES:
+            reason = f"path component longer than {_NAME_MAX_BYTES} bytes"
+        if reason is not None:
+            raise InputError(f"unsafe scene name {shown}: {reason}")
     return name
 
 
-_PAIR_RE = re.compile(r"^(?P<name>.+)_(?P<side>left|right|l|r)\.(?P<ext>png|pgm|tiff?)$",
-                      re.IGNORECASE)
+class SkippedInput(NamedTuple):
+    """A file or folder `scan_inputs` could not turn into a scene, and why (one line)."""
+
+    path: Path
+    reason: str
 
 
-def discover_pairs(input_dir) -> list[ScenePair]:
-    """Find DP pairs in one folder (not recursive), sorted by name.
+class Discovery(NamedTuple):
+    """pairs: the scenes found, sorted by name; skipped: what was left out and why."""
 
-    Recognised names (case-insensitive): NAME_left / NAME_right with .png (format
-    "pixel"), .pgm ("pgm") or .tif/.tiff ("tiff"), and NAME_L / NAME_R with .png
-    ("canon"; with .pgm/.tif(f) the format follows the extension). A view without
-    its partner is returned with the other side None, never dropped; so is a second
-    view for the same side (named after its file). When one NAME occurs in two
-    formats, each pair is named NAME_format to keep names unique.
+    pairs: list[ScenePair]
+    skipped: list[SkippedInput]
+
+
+# NAME_left / NAME_right / NAME_L / NAME_R, and a bare l / r (one scene per folder).
+_PAIR_RE = re.compile(
+    r"^(?P<name>.+)_(?P<side>left|right|l|r)\.(?P<ext>png|pgm|tiff?|jpe?g)$", re.IGNORECASE)
+_BARE_RE = re.compile(r"^(?P<side>l|r)\.(?P<ext>png|pgm|tiff?|jpe?g)$", re.IGNORECASE)
+_FAMILY = {"png": "png", "pgm": "pgm", "tif": "tiff", "tiff": "tiff", "jpg": "jpeg",
+           "jpeg": "jpeg"}
+_NOT_VIEWS = (WHITE_LEFT, WHITE_RIGHT)  # calibration files named like views
+
+
+def _is_grey_png(path: Path) -> bool:
+    """Whether a PNG's header says greyscale (Pixel raw views are; colour PNGs never);
+    True if unreadable, so that a broken file keeps the name-based format and fails at
+    load, naming itself."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(_PNG_SIGNATURE) + 8 + 13)
+    except OSError:
+        return True
+    if len(head) < 29 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
+        return True
+    return head[25] in (0, 4)  # colour type: greyscale, greyscale + alpha
+
+
+def scan_inputs(input_dir) -> Discovery:
+    """Find DP pairs under input_dir at any depth; see `discover_pairs` for the rules.
+
+    Unlike `discover_pairs`, also returns what was skipped: pairs whose scene name
+    fails `check_scene_name`, and folders that could not be listed.
     """
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
         raise MissingFileError(f"input folder not found: {input_dir}")
-    groups: dict[tuple[str, str], dict[str, Path]] = {}
-    for path in sorted(input_dir.iterdir()):
-        m = _PAIR_RE.match(path.name)
-        if m is None or not path.is_file():
+    skipped: list[SkippedInput] = []
+    # (folder, stem, family, naming, extra) -> {"left": path, "right": path}; stem is the
+    # NAME of NAME_left (the file name for an extra view), None for a bare l / r.
+    groups: dict[tuple, dict[str, Path]] = {}
+    seen: set[tuple[int, int]] = set()
+
+    def unreadable(e: OSError) -> None:
+        skipped.append(SkippedInput(Path(e.filename or input_dir),
+                                    f"cannot list folder: {e.strerror or e}"))
+
+    for dirpath, dirnames, filenames in os.walk(input_dir, onerror=unreadable,
+                                                followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError as e:
+            unreadable(e)
+            dirnames[:] = []
             continue
-        side, ext = m["side"].lower(), m["ext"].lower()
-        if ext == "pgm":
-            fmt = "pgm"
-        elif ext.startswith("tif"):
-            fmt = "tiff"
+        if (st.st_dev, st.st_ino) in seen:  # a symlink loop or a second link to a folder
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        folder = Path(dirpath).relative_to(input_dir).as_posix()
+        for fname in sorted(filenames):
+            if fname.startswith(".") or fname.lower() in _NOT_VIEWS:
+                continue
+            m = _PAIR_RE.match(fname)
+            if m is not None:
+                stem, side = m["name"], m["side"].lower()
+                naming = "long" if len(side) > 1 else "short"
+            else:
+                m = _BARE_RE.match(fname)
+                if m is None:
+                    continue
+                stem, side, naming = None, m["side"].lower(), "bare"
+            path = Path(dirpath) / fname
+            if not path.is_file():
+                continue
+            family = _FAMILY[m["ext"].lower()]
+            key = "left" if side.startswith("l") else "right"
+            views = groups.setdefault((folder, stem, family, naming, False), {})
+            if key in views:  # e.g. x_left.tif and x_left.tiff: report the extra one alone
+                views = groups.setdefault((folder, fname, family, naming, True), {})
+            views[key] = path
+
+    found = []
+    for (folder, stem, family, naming, _), views in groups.items():
+        if family == "png":
+            first = views.get("left") or views["right"]
+            fmt = "pixel" if naming == "long" and _is_grey_png(first) else "canon"
         else:
-            fmt = "pixel" if len(side) > 1 else "canon"
-        key = "left" if side.startswith("l") else "right"
-        views = groups.setdefault((m["name"], fmt), {})
-        if key in views:  # e.g. x_left.tif and x_left.tiff: report the extra one alone
-            views = groups.setdefault((path.name, fmt), {})
-        views[key] = path
+            fmt = family
+        if stem is None:
+            base = folder if folder != "." else input_dir.resolve().name
+        else:
+            base = stem if folder == "." else f"{folder}/{stem}"
+        found.append((base, fmt, views))
     counts: dict[str, int] = {}
-    for name, _ in groups:
-        counts[name] = counts.get(name, 0) + 1
-    pairs = [ScenePair(name=name if counts[name] == 1 else f"{name}_{fmt}",
-                       left=views.get("left"), right=views.get("right"), format=fmt)
-             for (name, fmt), views in groups.items()]
-    return sorted(pairs, key=lambda p: p.name)
+    for base, _, _ in found:
+        counts[base] = counts.get(base, 0) + 1
+    found.sort(key=lambda f: (f[0], f[1], str(f[2].get("left") or f[2].get("right"))))
+    used = {base for base, _, _ in found if counts[base] == 1}
+    pairs = []
+    for base, fmt, views in found:
+        name = base
+        if counts[base] > 1:  # one NAME in two formats (or forms): NAME_format, then _2, ...
+            name, k = f"{base}_{fmt}", 2
+            while name in used:
+                name, k = f"{base}_{fmt}_{k}", k + 1
+            used.add(name)
+        pair = ScenePair(name=name, left=views.get("left"), right=views.get("right"),
+                         format=fmt)
+        try:
+            check_scene_name(name)
+        except InputError as e:
+            skipped.append(SkippedInput(pair.left or pair.right, str(e)))
+            continue
+        pairs.append(pair)
+    return Discovery(sorted(pairs, key=lambda p: p.name), skipped)
+
+
+def discover_pairs(input_dir) -> list[ScenePair]:
+    """Find DP pairs in input_dir and every folder below it, sorted by scene name.
+
+    Recognised files (case-insensitive, extensions .png, .pgm, .tif/.tiff, .jpg/.jpeg):
+    - NAME_left / NAME_right and NAME_L / NAME_R in any folder: scene
+      "FOLDER/NAME", FOLDER the folder's path relative to input_dir (POSIX "/"; just
+      NAME at the top level);
+    - a bare l / r, one scene per folder: scene "FOLDER" (at the top level, the input
+      folder's own name).
+    Formats: .pgm "pgm", .tif/.tiff "tiff", .jpg/.jpeg "jpeg"; .png "pixel" (Pixel DP
+    raw, black level 1024) for NAME_left / NAME_right whose header says greyscale,
+    else "canon" (generic PNG, black level 0; a colour NAME_left.png is a user's
+    photo, never Pixel raw).
+
+    Everything else is ignored without error: other files (depth maps d.png, ground
+    truth NNN_gt.png, the calibration white sheets white_sheet_left/right.png), and
+    files and folders whose names start with "." (hidden). Symbolic links are
+    followed (a folder reached twice is read once). A view without its partner is
+    returned with the other side None, never dropped; so is a second view for the
+    same side (named after its file). When one name occurs twice (two formats, or a
+    folder scene "x" beside a file pair "x_L"), each becomes NAME_format (then
+    NAME_format_2, ...). Pairs whose scene name fails `check_scene_name` are left
+    out; `scan_inputs` returns them with the reason.
+    """
+    return scan_inputs(input_dir).pairs

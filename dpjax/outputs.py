@@ -29,6 +29,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from dpjax.encoding import Encoding, from_linear, parse_encoding
+
 __all__ = [
     "RESULT_FILES",
     "RESULT_JSON",
@@ -36,6 +38,8 @@ __all__ = [
     "atomic_write_bytes",
     "colormap",
     "defocus_png",
+    "display_image",
+    "encode_for_display",
     "encode_png",
     "is_complete",
     "to_display",
@@ -214,6 +218,57 @@ def to_display(image, gamma: float = 2.2, percentile: float = 99.5) -> np.ndarra
     return np.round(y * 255).astype(np.uint8)
 
 
+def encode_for_display(image, enc: Encoding | str, *, scale: float = 1.0,
+                       bits: int = 8) -> np.ndarray:
+    """Linear image -> integer samples in a display encoding, with no stretch.
+
+    The inverse of reading an encoded file (`io.load_pair_with_info`): multiplies by
+    `scale` (the input's `Preprocessing.scale`, so that 1 is the input's full-scale
+    white again), applies `encoding.from_linear`, clips to [0, 1] and rounds to
+    2^bits - 1 levels. An image equal to the linearised input therefore comes back
+    as the input's own samples (up to rounding). Non-finite pixels are written as 0.
+
+    Args:
+      image: [H, W] or [H, W, C] linear intensities, in units of the loaded views.
+      enc: the encoding to write (an Encoding or its text form).
+      scale: factor back to the input's full scale (> 0).
+      bits: 8 (uint8) or 16 (uint16).
+
+    Returns:
+      uint8 or uint16 of the same shape.
+    """
+    if bits not in (8, 16):
+        raise ValueError(f"bits must be 8 or 16, got {bits}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0, got {scale}")
+    x = np.asarray(image, np.float64) * scale
+    y = np.asarray(from_linear(x, enc), np.float64)
+    y = np.clip(np.where(np.isfinite(y), y, 0.0), 0.0, 1.0)
+    top = 2**bits - 1
+    return np.round(y * top).astype(np.uint8 if bits == 8 else np.uint16)
+
+
+def display_image(image, *, encoding: Encoding | str | None = None, scale: float = 1.0,
+                  bits: int = 8) -> np.ndarray:
+    """The image a person looks at for a linear result (all_in_focus.png, thumbnails).
+
+    encoding None or linear: `to_display` (percentile stretch and gamma 2.2; for raw
+    linear input such as Pixel DP views, which have no display encoding of their own).
+    Otherwise `encode_for_display` in that encoding, scale and bit depth (for
+    display-referred input: written back as it came in).
+
+    Args:
+      image: [H, W] or [H, W, C] linear intensities.
+
+    Returns:
+      uint8 (or uint16 for an encoding with bits=16), same shape.
+    """
+    enc = None if encoding is None else parse_encoding(encoding)
+    if enc is None or enc.is_linear:
+        return to_display(image)
+    return encode_for_display(image, enc, scale=scale, bits=bits)
+
+
 def colormap(values, vmin: float, vmax: float) -> np.ndarray:
     """Map values to a viridis-like perceptual colour ramp.
 
@@ -290,13 +345,17 @@ def defocus_png(defocus, vmin: float | None = None, vmax: float | None = None) -
 # Scene results
 
 
-def write_result(out_dir, *, all_in_focus, defocus, result: dict) -> Path:
+def write_result(out_dir, *, all_in_focus, defocus, result: dict,
+                 encoding: Encoding | str | None = None, scale: float = 1.0,
+                 bits: int = 8) -> Path:
     """Write one scene's outputs atomically; result.json last (it marks completion).
 
     Args:
       out_dir: the scene's folder (created if needed).
-      all_in_focus: [H, W, C] or [H, W] linear image -> all_in_focus.tif (float32)
-        and all_in_focus.png (`to_display`).
+      all_in_focus: [H, W, C] or [H, W] linear image -> all_in_focus.tif (float32,
+        as given) and all_in_focus.png (`display_image` with encoding, scale, bits:
+        by default `to_display`; pass the input's `Preprocessing.display_kwargs()`
+        to write display-referred input back in its own encoding and bit depth).
       defocus: [H, W] or None -> defocus_map.tif (float32) and defocus_map.png
         (`defocus_png`); skipped when None.
       result: JSON-able summary; written with "output_files" (the files written)
@@ -311,12 +370,12 @@ def write_result(out_dir, *, all_in_focus, defocus, result: dict) -> Path:
     aif = np.asarray(all_in_focus, np.float32)
     if aif.ndim not in (2, 3):
         raise ValueError(f"all_in_focus must be [H, W] or [H, W, C], got {aif.shape}")
+    display = display_image(aif, encoding=encoding, scale=scale, bits=bits)  # checks args
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / RESULT_JSON).unlink(missing_ok=True)  # incomplete until rewritten below
 
     files = [AIF_TIFF, AIF_PNG]
     write_tiff(out_dir / AIF_TIFF, aif)
-    display = to_display(aif)
     write_png(out_dir / AIF_PNG, display[..., 0] if display.ndim == 3 and
               display.shape[-1] == 1 else display)
     if defocus is not None:

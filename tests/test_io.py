@@ -476,7 +476,7 @@ def test_discover_pairs_mixed_names_and_missing_partners(tmp_path):
     for name in ("notes.txt", "x.png", "left.png", "calibration"):
         (tmp_path / name).write_text("ignored")
     (tmp_path / "sub").mkdir()
-    _write_grey16(tmp_path / "sub" / "z_left.png", g)  # not recursive
+    _write_grey16(tmp_path / "sub" / "z_left.png", g)  # found below too, named sub/z
 
     pairs = dio.discover_pairs(tmp_path)
     got = {p.name: (p.format, p.left and p.left.name, p.right and p.right.name) for p in pairs}
@@ -490,6 +490,7 @@ def test_discover_pairs_mixed_names_and_missing_partners(tmp_path):
         "dup_pixel": ("pixel", "dup_left.png", "dup_right.png"),
         "e": ("pixel", "e_left.png", None),
         "f": ("canon", None, "f_R.png"),
+        "sub/z": ("pixel", "z_left.png", None),
     }
     # Complete pairs load through the dispatcher; the incomplete ones fail clearly.
     by_name = {p.name: p for p in pairs}
@@ -503,3 +504,214 @@ def test_discover_pairs_mixed_names_and_missing_partners(tmp_path):
             dio.load_pair(by_name[name])
     with pytest.raises(FileNotFoundError):
         dio.discover_pairs(tmp_path / "absent")
+
+
+# ----------------------------------------------------------------------------------------
+# Nested layouts, JPEG, display-referred input, scene names
+
+
+def _rgb8(rng, shape=(12, 16, 3)) -> np.ndarray:
+    return rng.integers(0, 256, shape).astype(np.uint8)
+
+
+def test_discover_nested_folder_pairs_at_depth_3(tmp_path):
+    """The Canon layout: casual/orbbec/NNN/{l,r,d}.png and flat/001/1500/f4/{l,r}.png."""
+    rng = np.random.default_rng(11)
+    for scene in ("casual/orbbec/001", "casual/orbbec/002", "flat/001/1500/f4"):
+        d = tmp_path / scene
+        d.mkdir(parents=True)
+        Image.fromarray(_rgb8(rng)).save(d / "l.png")
+        Image.fromarray(_rgb8(rng)).save(d / "r.png")
+    _write_grey16(tmp_path / "casual/orbbec/001/d.png", _raw16(rng, (12, 16)))  # depth map
+    # Things beside the scenes that must neither become scenes nor break discovery.
+    (tmp_path / "casual" / "README.md").write_text("notes")
+    for sub in ("gt_all_in_focus_im", "gt_defocus_map", "calibration", ".cache/x"):
+        (tmp_path / sub).mkdir(parents=True)
+    _write_grey16(tmp_path / "gt_all_in_focus_im" / "001_gt.png", _raw16(rng, (12, 16)))
+    _write_grey16(tmp_path / "calibration" / "white_sheet_left.png", _raw16(rng, (12, 16)))
+    _write_grey16(tmp_path / "calibration" / "white_sheet_right.png", _raw16(rng, (12, 16)))
+    Image.fromarray(_rgb8(rng)).save(tmp_path / ".cache/x" / "l.png")  # hidden: ignored
+    Image.fromarray(_rgb8(rng)).save(tmp_path / ".cache/x" / "r.png")
+
+    found = dio.scan_inputs(tmp_path)
+    assert found.skipped == []
+    got = {p.name: (p.format, p.left.relative_to(tmp_path).as_posix(),
+                    p.right.relative_to(tmp_path).as_posix()) for p in found.pairs}
+    assert list(got) == ["casual/orbbec/001", "casual/orbbec/002", "flat/001/1500/f4"]
+    assert got["casual/orbbec/001"] == ("canon", "casual/orbbec/001/l.png",
+                                        "casual/orbbec/001/r.png")
+    assert got["flat/001/1500/f4"][0] == "canon"
+    assert dio.discover_pairs(tmp_path) == found.pairs
+    # Pointing at one scene folder: the pair is named after the folder.
+    (one,) = dio.discover_pairs(tmp_path / "casual/orbbec/002")
+    assert one.name == "002" and one.left.name == "l.png"
+
+
+def test_discover_suffix_forms_at_depth_2(tmp_path):
+    rng = np.random.default_rng(12)
+    d, e = tmp_path / "trip" / "day1", tmp_path / "trip" / "day2"
+    d.mkdir(parents=True)
+    e.mkdir(parents=True)
+    for name in ("x_L.png", "x_R.png", "y_left.png", "y_right.png"):
+        Image.fromarray(_rgb8(rng)).save(d / name)
+    for name in ("w_left.jpg", "w_right.JPEG"):
+        Image.fromarray(_rgb8(rng)).save(d / name, format="JPEG")
+    for name in ("z_left.png", "z_right.png"):  # greyscale: Pixel raw
+        _write_grey16(e / name, _raw16(rng, (12, 16)))
+    Image.fromarray(_rgb8(rng)[..., 0]).save(e / "g_left.png")  # 8-bit grey: still Pixel
+    tifffile.imwrite(e / "t_l.tif", _raw16(rng, (12, 16, 3)))
+    tifffile.imwrite(e / "t_r.tif", _raw16(rng, (12, 16, 3)))
+    pairs = {p.name: p for p in dio.discover_pairs(tmp_path)}
+    assert {n: p.format for n, p in pairs.items()} == {
+        "trip/day1/w": "jpeg", "trip/day1/x": "canon", "trip/day1/y": "canon",
+        "trip/day2/g": "pixel", "trip/day2/t": "tiff", "trip/day2/z": "pixel"}
+    assert all(p.left and p.right for n, p in pairs.items() if n != "trip/day2/g")
+    assert pairs["trip/day1/y"].left.name == "y_left.png"
+    # Each loads; the 8-bit colour ones as sRGB without allow_8bit, in colour.
+    for name in ("trip/day1/w", "trip/day1/x", "trip/day1/y"):
+        loaded = dio.load_pair_with_info(pairs[name])
+        assert loaded.views.shape == (2, 12, 16, 3)
+        assert str(loaded.preprocessing.encoding) == "srgb"
+    tiff = dio.load_pair_with_info(pairs["trip/day2/t"]).preprocessing
+    assert str(tiff.encoding) == "linear" and tiff.bit_depth == 16
+    raw = dio.load_pair_with_info(pairs["trip/day2/z"], black_level=0,
+                                  pixel_preprocess=dio.Pixel4Preprocess(crop_hw=None))
+    assert raw.views.shape == (2, 12, 16, 1) and raw.preprocessing.format == "pixel"
+
+
+def test_name_collisions_between_forms_stay_unique(tmp_path):
+    rng = np.random.default_rng(13)
+    (tmp_path / "x").mkdir()
+    for path in (tmp_path / "x" / "l.png", tmp_path / "x" / "r.png", tmp_path / "x_L.png",
+                 tmp_path / "x_R.png"):
+        Image.fromarray(_rgb8(rng)).save(path)
+    pairs = dio.discover_pairs(tmp_path)
+    assert sorted(p.name for p in pairs) == ["x_canon", "x_canon_2"]
+    assert {p.left.relative_to(tmp_path).as_posix() for p in pairs} == {"x/l.png", "x_L.png"}
+
+
+def test_jpeg_pair_is_read_and_linearised(tmp_path):
+    rng = np.random.default_rng(14)
+    smooth = np.cumsum(np.cumsum(rng.integers(0, 3, (24, 32, 3)), 0), 1)
+    img = (255 * smooth / smooth.max()).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "p_L.jpeg", quality=95)
+    Image.fromarray(img[:, ::-1]).save(tmp_path / "p_R.jpg", quality=95)
+    (pair,) = dio.discover_pairs(tmp_path)
+    assert pair.format == "jpeg"
+    codes = np.stack([np.asarray(Image.open(pair.left)), np.asarray(Image.open(pair.right))])
+    raw, depth = dio.read_image(pair.left)
+    assert depth == 8 and raw.dtype == np.uint8 and raw.shape == (24, 32, 3)
+    np.testing.assert_array_equal(raw, codes[0])
+    loaded = dio.load_pair_with_info(pair)
+    pre = loaded.preprocessing
+    assert (str(pre.encoding), pre.encoding_auto, pre.bit_depth, pre.full_scale) == (
+        "srgb", True, 8, 255.0)
+    lin = ((codes / 255 + 0.055) / 1.055) ** 2.4  # all codes here are above the sRGB toe
+    lin = np.where(codes / 255 <= 0.04045, codes / 255 / 12.92, lin)
+    np.testing.assert_allclose(loaded.views, lin / lin.max(), rtol=1e-5, atol=1e-7)
+    assert pre.scale == pytest.approx(lin.max(), rel=1e-6)
+    # Colour survives: channels differ.
+    assert np.ptp(loaded.views.mean(axis=(0, 1, 2))) > 0
+    (tmp_path / "bad_L.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(dio.InputError, match="bad_L.jpg"):
+        dio.read_image(tmp_path / "bad_L.jpg")
+
+
+def test_8bit_srgb_png_pair_needs_no_allow_8bit(tmp_path):
+    rng = np.random.default_rng(15)
+    a, b = _rgb8(rng), _rgb8(rng)
+    Image.fromarray(a).save(tmp_path / "s_L.png")
+    Image.fromarray(b).save(tmp_path / "s_R.png")
+    (pair,) = dio.discover_pairs(tmp_path)
+    loaded = dio.load_pair_with_info(pair)  # expect_16bit=True by default
+    codes = np.stack([a, b]) / 255
+    lin = np.where(codes <= 0.04045, codes / 12.92, ((codes + 0.055) / 1.055) ** 2.4)
+    assert loaded.views.dtype == np.float32 and loaded.views.shape == (2, 12, 16, 3)
+    np.testing.assert_allclose(loaded.views, lin / lin.max(), rtol=1e-5, atol=1e-7)
+    assert loaded.preprocessing.as_dict() == {
+        "format": "canon", "encoding": "srgb", "encoding_auto": True, "bit_depth": 8,
+        "black_level": 0.0, "full_scale": 255.0, "scale": pytest.approx(lin.max()),
+        "channels": 3}
+    np.testing.assert_array_equal(dio.load_pair(pair), loaded.views)
+    # An explicit gamma.
+    g = dio.load_pair_with_info(pair, encoding="gamma:2.2")
+    np.testing.assert_allclose(g.views, codes**2.2 / (codes**2.2).max(), rtol=1e-5, atol=1e-7)
+    assert not g.preprocessing.encoding_auto
+    # Read as linear, 8 bits is refused as before, unless allowed (then codes / max).
+    with pytest.raises(dio.InputError, match="8-bit data where 16-bit"):
+        dio.load_pair(pair, encoding="linear")
+    np.testing.assert_allclose(dio.load_pair(pair, encoding="linear", expect_16bit=False),
+                               codes / codes.max(), rtol=1e-6)
+    # A black level belongs to linear data only.
+    with pytest.raises(dio.InputError, match="black level"):
+        dio.load_pair(pair, black_level=16)
+    with pytest.raises(ValueError, match="unknown encoding"):
+        dio.load_pair(pair, encoding="log")
+
+
+def test_raw_formats_stay_linear_and_16bit_is_unchanged(tmp_path):
+    rng = np.random.default_rng(16)
+    # Pixel raw: 8-bit still refused (auto is linear for raw formats), sRGB refused.
+    g8 = rng.integers(0, 256, (12, 16)).astype(np.uint8)
+    for side in ("left", "right"):
+        Image.fromarray(g8).save(tmp_path / f"p_{side}.png")
+    pix = dio.ScenePair(name="p", left=tmp_path / "p_left.png", right=tmp_path / "p_right.png",
+                        format="pixel")
+    with pytest.raises(dio.InputError, match="8-bit data where 16-bit"):
+        dio.load_pair(pix)
+    with pytest.raises(dio.InputError, match="Pixel raw views are linear"):
+        dio.load_pair(pix, encoding="srgb")
+    # 16-bit colour PNG: exactly today's loader, scale in full-scale units.
+    a, b = _raw16(rng, (9, 12, 3), 100, 40000), _raw16(rng, (9, 12, 3), 100, 40000)
+    (tmp_path / "c_L.png").write_bytes(_png_bytes(a))
+    (tmp_path / "c_R.png").write_bytes(_png_bytes(b))
+    pair = dio.ScenePair(name="c", left=tmp_path / "c_L.png", right=tmp_path / "c_R.png",
+                         format="canon")
+    loaded = dio.load_pair_with_info(pair, black_level=100)
+    np.testing.assert_array_equal(loaded.views, dio.load_png_pair(pair.left, pair.right,
+                                                                  black_level=100))
+    pre = loaded.preprocessing
+    assert (str(pre.encoding), pre.bit_depth, pre.black_level) == ("linear", 16, 100.0)
+    assert pre.scale == pytest.approx((max(a.max(), b.max()) - 100) / 65535)
+    assert pre.display_kwargs() == {"encoding": None}
+    # Pixel: scale in white-level units, black level recorded.
+    (tmp_path / "px").mkdir()
+    pixel_dir = _synthetic_pixel_dir(tmp_path / "px")
+    (pixel_pair,) = dio.discover_pairs(pixel_dir)  # not the white sheets or ground truth
+    assert pixel_pair.name == "007" and pixel_pair.format == "pixel"
+    loaded = dio.load_pair_with_info(pixel_pair, pixel_preprocess=PRE_SMALL)  # no white sheets
+    pre = loaded.preprocessing
+    assert pre.format == "pixel" and pre.black_level == 1024 and pre.full_scale == 2**14 - 1
+    assert pre.channels == 1 and str(pre.encoding) == "linear" and pre.bit_depth == 16
+    raw = np.stack([np.asarray(Image.open(v)).astype(np.float64)
+                    for v in (pixel_pair.left, pixel_pair.right)])[:, 8:32, 12:44]
+    np.testing.assert_allclose(loaded.views[..., 0] * pre.scale,
+                               np.clip(raw - 1024, 0, None) / (2**14 - 1), rtol=1e-6)
+
+
+def test_check_scene_name():
+    for good in ("001", "casual/orbbec/001", "a b", "été", "x_canon_2", "a.b", "a-b"):
+        assert dio.check_scene_name(good) == good
+    for bad, why in [("", "empty"), (".", "'.'"), ("..", "'..'"), ("a/../b", "'..'"),
+                     ("/abs", "empty path component"), ("a//b", "empty"), ("a/", "empty"),
+                     ("a\\b", "backslash"), ("a\nb", "control"), ("x\x00", "control"),
+                     ("x\x7f", "control"), ("-x", "starts with '-'"), ("a/-x", "'-'"),
+                     ("y" * 256, "255 bytes"), ("bad\udcff", "UTF-8")]:
+        with pytest.raises(dio.InputError, match=why) as info:
+            dio.check_scene_name(bad)
+        assert "\n" not in str(info.value)
+
+
+def test_discovery_skips_unsafe_names_and_reports_them(tmp_path):
+    rng = np.random.default_rng(17)
+    for folder in ("-rf", "ok", "a\nb", "back\\slash"):
+        (tmp_path / folder).mkdir()
+        for side in "lr":
+            Image.fromarray(_rgb8(rng)).save(tmp_path / folder / f"{side}.png")
+    Image.fromarray(_rgb8(rng)).save(tmp_path / "-x_L.png")
+    found = dio.scan_inputs(tmp_path)
+    assert [p.name for p in found.pairs] == ["ok"]
+    reasons = {s.path.relative_to(tmp_path).as_posix(): s.reason for s in found.skipped}
+    assert set(reasons) == {"-rf/l.png", "a\nb/l.png", "back\\slash/l.png", "-x_L.png"}
+    assert "starts with '-'" in reasons["-rf/l.png"] and "control" in reasons["a\nb/l.png"]
+    assert all("\n" not in r for r in reasons.values())

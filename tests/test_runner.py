@@ -185,7 +185,11 @@ def _case_unreadable(inp):
 
 
 def _case_eight_bit(inp):
-    _write_tiff_pair(inp, "x", _texture(0), dtype=np.uint8, scale=250.0)
+    # Pixel raw views (greyscale NAME_left.png) exported at 8 bits: still refused. (An
+    # 8-bit TIFF or colour PNG is read as sRGB by the "auto" encoding and loads.)
+    raw = (_texture(0) * 250).astype(np.uint8)
+    outputs.write_png(inp / "x_left.png", raw[0])
+    outputs.write_png(inp / "x_right.png", raw[1])
     return "8-bit data where 16-bit is expected"
 
 
@@ -526,14 +530,22 @@ def test_stale_temporary_files_are_removed_on_resume(tmp_path, calib_dir):
 
 def test_scene_names_are_safe_and_gallery_links_encoded(tmp_path, calib_dir):
     inp, out = tmp_path / "in", tmp_path / "out"
-    _write_tiff_pair(inp, "..", _texture(0))
+    _write_tiff_pair(inp, "..", _texture(0))  # hidden files are not scenes
     _write_tiff_pair(inp, "a#1?%", _texture(1))
+    _write_tiff_pair(inp / "a#1?%", "inner", _texture(2))  # inside another scene's folder
+    _write_tiff_pair(inp, "summary.json", _texture(3))
     code = run_solver.run_batch(_opts(inp, out, calib_dir=calib_dir))
     assert code == 1
     recs = _by_scene(_summary(out))
-    assert recs[".."]["status"] == "failed" and "unsafe scene name" in recs[".."]["reason"]
+    assert ".." not in recs
     assert recs["a#1?%"]["status"] == "done" and outputs.is_complete(out / "a#1?%")
+    assert recs["a#1?%/inner"]["status"] == "failed"
+    assert "inside scene 'a#1?%'" in recs["a#1?%/inner"]["reason"]
+    assert recs["summary.json"]["status"] == "failed" and "reserved" in recs[
+        "summary.json"]["reason"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # nothing outside
+    with pytest.raises(io.InputError, match="reserved"):
+        runner.scene_dir(out, "index.html")
     page = (out / "index.html").read_text()
     assert 'src="a%231%3F%25/thumb_input.png"' in page
     for bad in ("../x", "a/../b", ".hidden", "a\\b", "", "a\x00b"):
