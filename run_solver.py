@@ -57,7 +57,7 @@ DEMO_CALIB = ROOT / "calib_data" / "parametric_2x2"
 _BATCH_FLAGS = (
     "calib_dir", "preset", "range_probe", "search_init", "defocus_estimator", "scenes",
     "overwrite", "batch_size", "memory_budget_gb", "pyramid_levels", "level_iters",
-    "num_layers", "black_level", "allow_8bit", "recenter_kernels", "grid", "tile_size",
+    "num_layers", "black_level", "allow_8bit", "input_encoding", "recenter_kernels", "grid", "tile_size",
     "kernel_radius", "kernel_ramp", "kernel_smooth", "kernel_size", "crop",
     "coordinator_address", "num_processes", "process_id", "distributed",
     "distributed_timeout_s", "thumb_size", "method", "dpanet_checkpoint", "dpanet_tile",
@@ -167,6 +167,7 @@ def run_options_from_flags():
         scene=scene.SceneOptions(
             base=base, preset=FLAGS.preset, range_probe=FLAGS.range_probe,
             black_level=FLAGS.black_level, allow_8bit=FLAGS.allow_8bit,
+            encoding=common.input_encoding(),
             crop_tiles=common.parse_rxc(FLAGS.crop, "crop"), input_dir=Path(FLAGS.input_dir),
             whole_frame=FLAGS.method == "dpanet"),
         kernels=scene.KernelOptions(

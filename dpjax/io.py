@@ -841,6 +841,11 @@ class Preprocessing(NamedTuple):
                 "black_level": self.black_level, "full_scale": self.full_scale,
                 "scale": self.scale, "channels": self.channels}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        """Inverse of `as_dict` (e.g. from result.json "preprocessing"."input")."""
+        return cls(**{**d, "encoding": parse_encoding(d["encoding"])})
+
     def display_kwargs(self, *, bits: int | None = None) -> dict:
         """Keyword arguments for `outputs.write_result` / `outputs.display_image`.
 

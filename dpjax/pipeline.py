@@ -275,7 +275,8 @@ def solve_scene(views: np.ndarray, bank: KernelBank, cfg: config_lib.Config, out
                 gt_all_in_focus=None, gt_defocus=None, defocus_confidence=None,
                 extra: dict[str, Any] | None = None,
                 callback: Callable[[Progress], None] | None = None,
-                init: mpi.MpiParams | None = None) -> tuple[FitResult, dict[str, Any]]:
+                init: mpi.MpiParams | None = None,
+                display: dict[str, Any] | None = None) -> tuple[FitResult, dict[str, Any]]:
     """Solves one scene and writes the standard output layout to `out_dir`.
 
     Args:
@@ -289,6 +290,8 @@ def solve_scene(views: np.ndarray, bank: KernelBank, cfg: config_lib.Config, out
       init: optional initial MPI logits at the coarsest level from
         `init_from_all_in_focus` (a starting image, not a solution: the first level
         runs the normal schedule).
+      display: how all_in_focus.png is encoded (`outputs.write_result` keywords;
+        `dpjax.scene.display_kwargs`); default the viewing transform.
 
     Returns:
       (FitResult, the result dict written to result.json).
@@ -297,13 +300,14 @@ def solve_scene(views: np.ndarray, bank: KernelBank, cfg: config_lib.Config, out
     res = fit(views, bank, cfg, callback=callback, init=init, init_is_solution=False)
     result = write_scene(res, views, cfg, out_dir, wall_s=time.perf_counter() - t0,
                          gt_all_in_focus=gt_all_in_focus, gt_defocus=gt_defocus,
-                         defocus_confidence=defocus_confidence, extra=extra)
+                         defocus_confidence=defocus_confidence, extra=extra, display=display)
     return res, result
 
 
 def write_scene(res: FitResult, views: np.ndarray, cfg: config_lib.Config, out_dir, *,
                 wall_s: float, gt_all_in_focus=None, gt_defocus=None, defocus_confidence=None,
-                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                extra: dict[str, Any] | None = None,
+                display: dict[str, Any] | None = None) -> dict[str, Any]:
     """Scores a solved scene and writes the standard output layout to `out_dir`.
 
     `solve_scene`'s second half, also used after a batched solve (`fit_batch`).
@@ -313,7 +317,8 @@ def write_scene(res: FitResult, views: np.ndarray, cfg: config_lib.Config, out_d
       views: [2, H, W, C] the views it was solved from.
       cfg: its resolved configuration (written into result.json).
       wall_s: the solve's wall time (timings.wall_s).
-      gt_all_in_focus, gt_defocus, defocus_confidence, extra: as for `solve_scene`.
+      gt_all_in_focus, gt_defocus, defocus_confidence, extra, display: as for
+        `solve_scene`.
 
     Returns:
       the result dict written to result.json.
@@ -341,5 +346,5 @@ def write_scene(res: FitResult, views: np.ndarray, cfg: config_lib.Config, out_d
             inp = score(mean_input, None, gt_all_in_focus=gt_all_in_focus)
             result["input_metrics"] = {k: inp[k] for k in ("psnr", "ssim", "mae")}
     outputs.write_result(Path(out_dir), all_in_focus=res.all_in_focus, defocus=res.defocus,
-                         result=result)
+                         result=result, **(display or {}))
     return result

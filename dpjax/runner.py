@@ -53,6 +53,7 @@ from dpjax.scene import (
     SceneFailure,
     SceneOptions,
     SetupError,
+    display_kwargs,
     kernel_source,
     load_ground_truth,
     load_views,
@@ -210,6 +211,7 @@ def fingerprint(opts: RunOptions, source: KernelSource, pair: io.ScenePair,
         "inputs": {"left": _file_digest(pair.left), "right": _file_digest(pair.right),
                    "format": pair.format},
         "preprocessing": {"black_level": s.black_level, "allow_8bit": s.allow_8bit,
+                          "encoding": s.encoding or "auto",
                           "crop_tiles": None if s.crop_tiles is None else list(s.crop_tiles)},
         "code": code_version(),
     }
@@ -507,10 +509,11 @@ def _finish_done(st: _State, prep: PreparedScene, res, result: dict[str, Any],
     """Thumbnails into the staged result, swap it in, fill the record."""
     size = st.opts.thumb_size
     t0 = time.perf_counter()
-    _write_thumb(staging / batch.THUMBS["input"], outputs.to_display(prep.views.mean(axis=0)),
-                 size)
-    _write_thumb(staging / batch.THUMBS["all_in_focus"], outputs.to_display(res.all_in_focus),
-                 size)
+    shown = display_kwargs(prep.info, bits=8)
+    _write_thumb(staging / batch.THUMBS["input"],
+                 outputs.display_image(prep.views.mean(axis=0), **shown), size)
+    _write_thumb(staging / batch.THUMBS["all_in_focus"],
+                 outputs.display_image(res.all_in_focus, **shown), size)
     _write_thumb(staging / batch.THUMBS["defocus"], outputs.defocus_png(res.defocus), size)
     prep.timings["thumbnails_s"] = time.perf_counter() - t0
     _swap_in(staging, scene_dir(st.opts.output_dir, prep.name))
@@ -552,7 +555,7 @@ def _solve_alone(st: _State, prep: PreparedScene, rec: dict[str, Any], fp: dict[
                 prep.views, prep.bank, prep.cfg, staging, gt_all_in_focus=prep.gt_aif,
                 gt_defocus=prep.gt_def,
                 extra={**_extra(st, prep, rec, fp, device), **(extra or {})},
-                callback=progress, init=prep.init)
+                callback=progress, init=prep.init, display=display_kwargs(prep.info))
             prep.timings["solve_s"] = time.perf_counter() - t0
         _finish_done(st, prep, res, result, staging, rec)
     finally:
@@ -672,7 +675,8 @@ def _solve_batch(st: _State, preps: list[PreparedScene], recs: dict[str, dict[st
             result = pipeline.write_scene(
                 res, prep.views, prep.cfg, staging, wall_s=solve_s,
                 gt_all_in_focus=prep.gt_aif, gt_defocus=prep.gt_def,
-                extra={**_extra(st, prep, rec, fps[prep.name], device), "batch": info})
+                extra={**_extra(st, prep, rec, fps[prep.name], device), "batch": info},
+                display=display_kwargs(prep.info))
             _finish_done(st, prep, res, result, staging, rec)
             rec["device"] = result["device"]
         except KeyboardInterrupt:
@@ -753,12 +757,14 @@ def _deblur_one(st: _State, name: str, pair: io.ScenePair, device, group: int | 
             result["metrics"] = {k: m[k] for k in ("psnr", "ssim", "mae")}
             result["input_metrics"] = {k: inp[k] for k in ("psnr", "ssim", "mae")}
             rec["metrics"], rec["input_metrics"] = result["metrics"], result["input_metrics"]
-        outputs.write_result(staging, all_in_focus=aif, defocus=None, result=result)
+        outputs.write_result(staging, all_in_focus=aif, defocus=None, result=result,
+                             **display_kwargs(info))
         t0 = time.perf_counter()
-        _write_thumb(staging / batch.THUMBS["input"], outputs.to_display(views.mean(axis=0)),
-                     opts.thumb_size)
-        _write_thumb(staging / batch.THUMBS["all_in_focus"], outputs.to_display(aif),
-                     opts.thumb_size)
+        shown = display_kwargs(info, bits=8)
+        _write_thumb(staging / batch.THUMBS["input"],
+                     outputs.display_image(views.mean(axis=0), **shown), opts.thumb_size)
+        _write_thumb(staging / batch.THUMBS["all_in_focus"],
+                     outputs.display_image(aif, **shown), opts.thumb_size)
         timings["thumbnails_s"] = time.perf_counter() - t0
         _swap_in(staging, scene_dir(opts.output_dir, name))
         rec["status"] = "done"
@@ -1042,11 +1048,14 @@ def run(opts: RunOptions, *, on_event: OnEvent | None = None,
     devices = list(devices) if devices is not None else jax.local_devices()
     lock = OutputLock(out_root)
     try:
-        pairs = {p.name: p for p in io.discover_pairs(opts.input_dir)}
+        found = io.scan_inputs(opts.input_dir)
+        pairs = {p.name: p for p in found.pairs}
+        for skipped in found.skipped:
+            _log(on_event, logging.WARNING, f"input {skipped.path} ignored: {skipped.reason}")
         if not pairs:
             raise SetupError(f"no DP pairs found in {opts.input_dir} (expected NAME_left/"
-                             "NAME_right or NAME_L/NAME_R images, or l/r images in one "
-                             "folder per scene)")
+                             "NAME_right or NAME_L/NAME_R .png/.tif/.jpg/.pgm images, or "
+                             "l/r images in one folder per scene, at any depth)")
         st = _setup(opts, devices, on_event, process_index)
         check_output_dir(out_root)
         if process_index == 0:

@@ -31,6 +31,7 @@ __all__ = [
     "SceneOptions",
     "SetupError",
     "crop_block",
+    "display_kwargs",
     "input_warnings",
     "kernel_source",
     "load_ground_truth",
@@ -182,7 +183,9 @@ class SceneOptions:
       preset: "auto", "paper" or "none" (`presets.resolve`).
       range_probe: auto preset: refine the searched range with a coarse probe solve.
       black_level: raw black level (None: the format's default).
-      allow_8bit: accept 8-bit views.
+      allow_8bit: accept 8-bit views read as linear (raw formats, --input_encoding=linear).
+      encoding: how the files are encoded: None or "auto" (`dpjax.encoding.auto_encoding`:
+        8-bit files and JPEG sRGB, the rest linear), "linear", "srgb", "gamma:G".
       crop_tiles: solve only the central R x C block of kernel tiles (calibrated).
       input_dir: where ground truth in the Pixel 4 layout is looked for
         (input_dir/gt_all_in_focus_im/NAME_gt.png, .../gt_defocus_map/NAME_gt.png).
@@ -194,6 +197,7 @@ class SceneOptions:
     range_probe: bool = False
     black_level: float | None = None
     allow_8bit: bool = False
+    encoding: str | None = None
     crop_tiles: tuple[int, int] | None = None
     input_dir: Path | None = None
     whole_frame: bool = False
@@ -209,9 +213,11 @@ def load_views(pair: io.ScenePair, source: KernelSource, opts: SceneOptions,
     pre = io.Pixel4Preprocess(crop_hw=fixed if block is None else _full_grid_shape(source))
     if pair.format == "pixel" and source.white_sheets is not None:
         whites = {"white_left": source.white_sheets[0], "white_right": source.white_sheets[1]}
-    views = io.load_pair(pair, black_level=opts.black_level, expect_16bit=not opts.allow_8bit,
-                         pixel_preprocess=pre, **whites)
-    info: dict[str, Any] = {"loaded_shape": list(views.shape), "vignetting": bool(whites)}
+    views, loaded = io.load_pair_with_info(
+        pair, black_level=opts.black_level, expect_16bit=not opts.allow_8bit,
+        pixel_preprocess=pre, encoding=opts.encoding or "auto", **whites)
+    info: dict[str, Any] = {"loaded_shape": list(views.shape), "vignetting": bool(whites),
+                            "input": loaded.as_dict()}
     if block is not None:
         views, info = _crop_block_views(views, source, info, pair)
     h, w = views.shape[1:3]
@@ -238,8 +244,7 @@ def load_views(pair: io.ScenePair, source: KernelSource, opts: SceneOptions,
             raise io.InputError(f"{pair.left}: {e}") from e
         ch, cw = tg.image_shape
         if (ch, cw) != (h, w):
-            views = views[:, y0:y0 + ch, x0:x0 + cw]
-            views = views / views.max() if views.max() > 0 else views
+            views, info = _renormalise(views[:, y0:y0 + ch, x0:x0 + cw], info)
         info["crop"] = [y0, x0, ch, cw]
         info["tile_grid"] = [tg.rows, tg.cols, tg.tile_h, tg.tile_w]
     return np.ascontiguousarray(views, np.float32), info
@@ -259,9 +264,29 @@ def _crop_block_views(views: np.ndarray, source: KernelSource, info: dict[str, A
                             f"({full_rows}x{full_cols} tiles of {tile} px)")
     y0, x0 = (h - fh) // 2 + r0 * tile, (w - fw) // 2 + c0 * tile
     views = views[:, y0:y0 + rows * tile, x0:x0 + cols * tile]
-    views = views / views.max() if views.max() > 0 else views
+    views, info = _renormalise(views, info)
     info = {**info, "crop": [y0, x0, rows * tile, cols * tile]}
     return views, info
+
+
+def _renormalise(views: np.ndarray, info: dict[str, Any]) -> tuple[np.ndarray, dict]:
+    """A cropped pair divided by its own maximum again (as a whole frame is), with the
+    recorded input scale kept true (views * scale = linear input intensity)."""
+    peak = float(views.max())
+    if peak <= 0:
+        return views, info
+    inp = dict(info["input"])
+    inp["scale"] = inp["scale"] * peak
+    return views / peak, {**info, "input": inp}
+
+
+def display_kwargs(info: dict[str, Any], *, bits: int | None = None) -> dict[str, Any]:
+    """How a scene's all-in-focus image is shown (`outputs.display_image` /
+    `write_result` keywords): back in the input's own encoding for display-referred
+    input, the viewing transform for linear input (`io.Preprocessing.display_kwargs`)."""
+    if "input" not in info:
+        return {"encoding": None}
+    return io.Preprocessing.from_dict(info["input"]).display_kwargs(bits=bits)
 
 
 def _full_grid_shape(source: KernelSource) -> tuple[int, int]:

@@ -52,6 +52,11 @@ def define_common(*, output_dir: str, presets: tuple[str, ...] = ("auto", "paper
                   "is read off the solved layers: mean (the paper's) or sharpened "
                   "(dpjax.mpi.defocus_sharpened). Default: sharpened with --preset=auto, "
                   "mean otherwise.")
+    d.DEFINE_string("input_encoding", "auto", "How the views' values are encoded: auto "
+                    "(8-bit files and JPEG are sRGB, 16-bit and float files linear; "
+                    "dpjax.encoding.auto_encoding), linear, srgb or gamma:G. Encoded input "
+                    "is linearised before the blur model sees it; the all-in-focus PNG is "
+                    "written back in the same encoding.")
     d.DEFINE_integer("pyramid_levels", None, "Coarse-to-fine levels (default: 3, the fast "
                      "schedule; dpjax.config.schedule).")
     d.DEFINE_list("level_iters", None, "Iterations of every pyramid level, coarsest first "
@@ -108,6 +113,17 @@ def base_config():
                                     defocus_estimator_name=FLAGS.defocus_estimator)
     except ValueError as e:
         raise app.UsageError(f"invalid solver settings: {e}") from None
+
+
+def input_encoding() -> str:
+    """--input_encoding, checked (UsageError with the reason)."""
+    from dpjax import encoding
+
+    try:
+        encoding.parse_encoding(FLAGS.input_encoding, allow_auto=True)
+    except ValueError as e:
+        raise app.UsageError(f"--input_encoding: {e}") from None
+    return FLAGS.input_encoding
 
 
 def path_or_none(value: str | None) -> Path | None:
