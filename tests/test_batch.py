@@ -139,10 +139,10 @@ def test_gallery_references_thumbnails_and_escapes():
     page = batch.gallery_html(s, existing={"a<1>/" + t for t in batch.THUMBS.values()})
     assert page.startswith("<!DOCTYPE html>")
     for t in batch.THUMBS.values():
-        assert f'src="a&lt;1&gt;/{t}"' in page
+        assert f'src="a%3C1%3E/{t}"' in page  # percent-encoded, then escaped
         assert f'src="b/{t}"' not in page  # failed scene: no thumbnails listed
     assert "a<1>" not in page  # escaped
-    assert 'href="a&lt;1&gt;/all_in_focus.png"' in page
+    assert 'href="a%3C1%3E/all_in_focus.png"' in page
     assert "truncated" in page and "psnr 30" in page and "solve 2.0s" in page
 
 
