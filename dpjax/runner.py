@@ -67,6 +67,8 @@ __all__ = [
     "Event",
     "RunOptions",
     "RunOutcome",
+    "SceneTask",
+    "solve_task",
     "Terminated",
     "code_version",
     "fingerprint",
@@ -1027,9 +1029,23 @@ def _probe_key(pair: io.ScenePair):
         return None
 
 
+class SceneTask(NamedTuple):
+    """One scene for an executor that runs scenes in other processes (picklable)."""
+
+    opts: RunOptions
+    name: str
+    pair: io.ScenePair
+
+
+def solve_task(task: SceneTask) -> dict[str, Any]:
+    """`run_scene` of a SceneTask: the function an executor runs for every scene."""
+    return run_scene(task.opts, task.name, task.pair)
+
+
 def run(opts: RunOptions, *, on_event: OnEvent | None = None,
         devices: Sequence[Any] | None = None, process_index: int = 0,
-        process_count: int = 1, gather: Gather | None = None) -> RunOutcome:
+        process_count: int = 1, gather: Gather | None = None,
+        executor: Any = None) -> RunOutcome:
     """Solves this process's share of the scenes in opts.input_dir; returns the exit
     status (module docstring).
 
@@ -1039,6 +1055,11 @@ def run(opts: RunOptions, *, on_event: OnEvent | None = None,
       process_index, process_count: this process's place among the run's processes.
       gather: with several processes, a collective returning every process's value
         (in process order); called the same number of times by all processes.
+      executor: run the scenes elsewhere instead of on the local devices: an object
+        with `check_output_folder(folder)` and `imap_unordered(fn, tasks)` yielding
+        (task index, result) as tasks complete (`dpjax.ray_executor.RayExecutor`); each
+        scene is one `solve_task(SceneTask)`, this process writes the summary as
+        records arrive. Not with `gather` (one driver).
     """
     import jax
 
@@ -1056,23 +1077,32 @@ def run(opts: RunOptions, *, on_event: OnEvent | None = None,
             raise SetupError(f"no DP pairs found in {opts.input_dir} (expected NAME_left/"
                              "NAME_right or NAME_L/NAME_R .png/.tif/.jpg/.pgm images, or "
                              "l/r images in one folder per scene, at any depth)")
+        if executor is not None and gather is not None:
+            raise SetupError("an executor runs the whole batch from one driver: do not "
+                             "combine it with jax.distributed processes")
         st = _setup(opts, devices, on_event, process_index)
         check_output_dir(out_root)
         if process_index == 0:
             lock.acquire()
+        if executor is not None:
+            try:
+                executor.check_output_folder(out_root)
+            except (ValueError, OSError) as e:
+                lock.release()
+                raise SetupError(str(e)) from None
     except (SetupError, io.InputError) as e:
         _log(on_event, logging.ERROR, f"batch cannot start: {e}")
         return RunOutcome(EXIT_SETUP, {}, {}, "not started")
     try:
         return _run_locked(opts, st, pairs, devices, on_event, process_index, process_count,
-                           gather, lock, out_root, started, t_start)
+                           gather, lock, out_root, started, t_start, executor)
     finally:
         if process_index == 0:
             lock.release()
 
 
 def _run_locked(opts, st, pairs, devices, on_event, process_index, process_count, gather,
-                lock, out_root, started, t_start) -> RunOutcome:
+                lock, out_root, started, t_start, executor=None) -> RunOutcome:
     if lock.stale is not None:
         _log(on_event, logging.WARNING, f"took over a stale lock of pid "
              f"{lock.stale.get('pid')} (no longer running)")
@@ -1191,9 +1221,18 @@ def _run_locked(opts, st, pairs, devices, on_event, process_index, process_count
             for name in group:
                 finish(_one(st, name, pairs[name], device, gi))
 
+    def remote() -> None:
+        tasks = [SceneTask(opts, name, pairs[name]) for name in todo]
+        for i, rec in executor.imap_unordered(solve_task, tasks):
+            if "scene" not in rec:  # the executor's record of a task that never returned
+                rec = {"scene": todo[i], **rec}
+            finish(rec)
+
     state, status = "complete", None
     try:
-        if len(devices) == 1:
+        if executor is not None:
+            remote()
+        elif len(devices) == 1:
             worker(0)
         else:
             threads = [threading.Thread(target=worker, args=(i,), daemon=True,
@@ -1213,6 +1252,8 @@ def _run_locked(opts, st, pairs, devices, on_event, process_index, process_count
                                           "reason": f"{state} before this scene finished"})
         _log(on_event, logging.ERROR, f"{state}: completed scenes are kept; run the same "
              "command again to resume")
+    if executor is not None and process_index == 0:
+        clean_stale(out_root)  # staging folders of workers that died mid-scene
     share_summary = save_share(state)
     summary = share_summary
     if gather is not None:
