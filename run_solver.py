@@ -219,7 +219,6 @@ def run_demo() -> int:
         "only its two views; the truth is shown to compare)",
         notes=[*figures.score_notes(m, i), "", "Flat, textureless areas carry no blur",
                "cue: their defocus is a guess.", "",
-               f"solve: {time.perf_counter() - t0:.0f} s on {result['device']}",
                "files: *.tif (float32), *.png, result.json"])
     print(f"demo: {time.perf_counter() - t0:.0f}s  PSNR {i['psnr']:.2f} -> {m['psnr']:.2f} dB  "
           f"SSIM {i['ssim']:.3f} -> {m['ssim']:.3f}  defocus AIWE(1) {m['aiwe1']:.4f}  "
