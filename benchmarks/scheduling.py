@@ -2,31 +2,40 @@
 
 A batch of tasks with mixed durations (a synthetic CPU-bound function whose cost is
 proportional to a "size": `size` passes of np.sin over 10^5 doubles, single-threaded)
-runs on N workers in three ways, each timed from the moment the workers are up:
+runs on N workers in several ways, each timed from the moment the workers are up:
 
-- static: N processes, process k runs tasks k, k+N, k+2N, ... one after another
-  (what run_solver.py's jax.distributed sharding does with scenes today);
-- ray: `RayExecutor` on a local Ray instance with N CPUs, tasks in the given order
-  (each starts on whichever worker frees up first);
-- ray_lpt: the same with the tasks sorted largest first (a driver could sort scenes
-  by their estimated cost, e.g. `dpjax.batch.estimate_solve_memory`).
+- static_round_robin: N processes, process k runs tasks k, k+N, k+2N, ... one after
+  another (what run_solver.py's jax.distributed sharding does with scenes today);
+- ray_all_default / ray_all_spread: `RayExecutor` with every task submitted at once
+  (max_in_flight = number of tasks), Ray's DEFAULT or SPREAD placement;
+- ray_window: `RayExecutor`'s default, at most as many tasks in flight as the cluster
+  runs at once, SPREAD placement;
+- ray_window_largest_first: the same with the tasks sorted largest first (a driver
+  could sort scenes by an estimated cost, e.g. `dpjax.batch.estimate_solve_memory`).
 
-The three run --repeats times, interleaved. Each run reports its makespan and its
+Ray runs on --cluster=nodes: N single-CPU Ray nodes on this machine (separate raylets,
+as N one-worker machines would be; `ray.cluster_utils.Cluster`), or --cluster=local:
+one Ray node with N CPUs.
+
+The variants run --repeats times, interleaved. Each run reports its makespan and its
 busy fraction: the seconds spent inside tasks (timed in the workers) over N times
 the makespan, i.e. how little the workers idled; on a loaded machine the makespans
-drift with the load, the busy fraction much less.
+drift with the load, the busy fraction less.
 
 It also reports each task's cost run locally in this process (the reference), the
 makespans a perfect scheduler would reach with those costs (simulated: static shards,
 greedy in order, greedy largest-first, and the lower bound max(total / N, largest)),
 how unlucky the given order is for static sharding (the simulated static makespan
 over 1000 random orders of the same tasks), and Ray's per-task overhead: the
-round-trip of an empty task (submit, run, get, one at a time) and the throughput of
-many empty tasks submitted at once, against calling the function locally.
+round trip of an empty task (submit, run, get, one at a time, including the
+executor's capacity look-up) and the time per task of many empty tasks, against
+calling the function locally.
 
   python benchmarks/scheduling.py --workers=2 --output=benchmarks/results/scheduling_cpu2.json
+  python benchmarks/scheduling.py --workers=3 --work=sleep \
+      --output=benchmarks/results/scheduling_sleep3.json
 
-Later the function can be switched to real small dpjax scenes (`--fn`, TODO).
+Later the function can be switched to real small dpjax scenes (TODO).
 Numbers from a shared machine vary; compare the columns of one run.
 """
 
@@ -43,35 +52,51 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("workers", 2, "Workers (processes for static, CPUs for Ray).")
+flags.DEFINE_enum("cluster", "nodes", ["nodes", "local"], "Ray: N one-CPU nodes or one "
+                  "N-CPU node on this machine.")
 flags.DEFINE_string("sizes", "4x400,6x120,14x30",
                     "Task mix as COUNTxSIZE,... (size = passes of np.sin over 1e5 doubles, "
-                    "about 1 ms each on an idle core); shuffled with --seed.")
+                    "1-3 ms each); shuffled with --seed.")
+flags.DEFINE_enum("work", "cpu", ["cpu", "sleep"], "Task body: CPU-bound numpy, or a sleep "
+                  "of the same nominal length (scheduling without core contention).")
 flags.DEFINE_integer("seed", 0, "Shuffle seed of the task order.")
-flags.DEFINE_integer("repeats", 2, "Rounds of (static, ray, ray largest first), interleaved "
-                     "so that a change in the machine's load hits every method.")
+flags.DEFINE_integer("repeats", 2, "Rounds of all variants, interleaved so that a change "
+                     "in the machine's load hits every one.")
 flags.DEFINE_integer("overhead_tasks", 50, "Empty tasks for the overhead measurement.")
 flags.DEFINE_string("output", "", "Also write the JSON here.")
 
 VECTOR = 100_000
+SLEEP_UNIT_S = 0.003  # about one np.sin pass on this machine
 
 
 def synthetic_task(task: dict) -> dict:
-    """CPU-bound work proportional to task["size"]; returns a record like the runner's."""
+    """Work proportional to task["size"]; returns a record like the runner's.
+
+    task["work"] "cpu": `size` passes of np.sin over 10^5 doubles (single-threaded);
+    "sleep": sleeps `size` * SLEEP_UNIT_S (scheduling alone, without the workers
+    competing for this machine's cores).
+    """
     t0 = time.perf_counter()
-    x = np.linspace(0.0, 1.0, VECTOR)
-    for _ in range(int(task["size"])):
-        x = np.sin(x) + 0.5
+    checksum = 0.0
+    if task.get("work", "cpu") == "sleep":
+        time.sleep(task["size"] * SLEEP_UNIT_S)
+    else:
+        x = np.linspace(0.0, 1.0, VECTOR)
+        for _ in range(int(task["size"])):
+            x = np.sin(x) + 0.5
+        checksum = float(x[0])
     return {"scene": task["name"], "status": "done", "seconds": time.perf_counter() - t0,
-            "pid": os.getpid(), "checksum": float(x[0])}
+            "pid": os.getpid(), "checksum": checksum}
 
 
-def make_tasks(spec: str, seed: int) -> list[dict]:
+def make_tasks(spec: str, seed: int, work: str = "cpu") -> list[dict]:
     sizes = []
     for part in spec.split(","):
         count, size = part.lower().split("x")
         sizes += [int(size)] * int(count)
     order = np.random.default_rng(seed).permutation(len(sizes))
-    return [{"name": f"t{i:02d}", "size": sizes[j]} for i, j in enumerate(order)]
+    return [{"name": f"t{i:02d}", "size": sizes[j], "work": work}
+            for i, j in enumerate(order)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -164,7 +189,7 @@ def ray_overhead(ex, m: int) -> dict:
 def main(argv):
     del argv
     n = FLAGS.workers
-    tasks = make_tasks(FLAGS.sizes, FLAGS.seed)
+    tasks = make_tasks(FLAGS.sizes, FLAGS.seed, FLAGS.work)
     t_all = time.perf_counter()
 
     # Reference: every task run locally, one after another (warm numpy).
@@ -178,21 +203,45 @@ def main(argv):
 
     from dpjax.ray_executor import RayExecutor
 
-    runs = {"static_round_robin": [], "ray_dynamic": [], "ray_dynamic_largest_first": []}
     lpt = sorted(tasks, key=lambda task: -task["size"])
+    variants = {  # name: (executor options, task order)
+        "ray_all_default": ({"max_in_flight": len(tasks), "scheduling_strategy": "DEFAULT"},
+                            tasks),
+        "ray_all_spread": ({"max_in_flight": len(tasks), "scheduling_strategy": "SPREAD"},
+                           tasks),
+        "ray_window": ({}, tasks),
+        "ray_window_largest_first": ({}, lpt),
+    }
+    runs = {"static_round_robin": [], **{k: [] for k in variants}}
     t = time.perf_counter()
-    ray.init(num_cpus=n, include_dashboard=False, log_to_driver=False)
+    cluster = None
+    if FLAGS.cluster == "nodes":
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "include_dashboard": False, "object_store_memory": 80 * 2**20})
+        for _ in range(n - 1):
+            cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=n, include_dashboard=False, log_to_driver=False)
     ray_init_s = time.perf_counter() - t
-    with RayExecutor(max_retries=1, num_cpus_per_task=1) as ex:
-        t = time.perf_counter()
-        ex.map_unordered(_noop, list(range(n)))  # start the N workers (imports dpjax)
-        ray_warmup_s = time.perf_counter() - t
+    try:
+        with RayExecutor(max_retries=1) as ex:
+            t = time.perf_counter()
+            ex.map_unordered(time.sleep, [1.0] * n)  # a worker on every node (imports dpjax)
+            ray_warmup_s = time.perf_counter() - t
+            overhead = ray_overhead(ex, FLAGS.overhead_tasks)
         for _ in range(FLAGS.repeats):
             runs["static_round_robin"].append(run_static(tasks, n))
-            runs["ray_dynamic"].append(run_ray(ex, tasks))
-            runs["ray_dynamic_largest_first"].append(run_ray(ex, lpt))
-        overhead = ray_overhead(ex, FLAGS.overhead_tasks)
-    ray.shutdown()
+            for name, (options, order) in variants.items():
+                with RayExecutor(max_retries=1, **options) as ex:
+                    runs[name].append(run_ray(ex, order))
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
 
     def summary(pairs):
         # busy: the fraction of the N workers' time spent inside tasks (1 = no idle
@@ -206,7 +255,8 @@ def main(argv):
         "benchmark": "scheduling",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "loadavg_at_end": [round(v, 2) for v in os.getloadavg()]},
-        "workers": n, "num_tasks": len(tasks), "sizes": FLAGS.sizes, "seed": FLAGS.seed,
+        "workers": n, "cluster": FLAGS.cluster, "work": FLAGS.work, "num_tasks": len(tasks),
+        "sizes": FLAGS.sizes, "seed": FLAGS.seed,
         "local_task_seconds": {"total": round(total, 3), "min": round(min(costs), 3),
                                "max": round(max(costs), 3)},
         "measured": {k: summary(v) for k, v in runs.items()},

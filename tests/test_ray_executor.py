@@ -85,6 +85,9 @@ def cluster():
 def executor(cluster):
     ex = RayExecutor(address=cluster.address, max_retries=2, num_cpus_per_task=1)
     with ex:
+        # Start a worker on each node (1 CPU each: two 1-s tasks cannot share one) so
+        # that the timing test below does not wait for workers importing dpjax.
+        ex.map_unordered(time.sleep, [1.0, 1.0])
         yield ex
 
 
@@ -105,10 +108,24 @@ def test_task_env_vars_share_a_gpu_only_when_fractional():
     assert ray_executor.task_env_vars(0.25, own) == own
 
 
+def test_task_slots_counts_what_fits_on_live_nodes():
+    nodes = [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 2.0}},
+             {"Alive": True, "Resources": {"CPU": 4.0}},
+             {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}},
+             {"Alive": True, "Resources": {"CPU": 3.0, "GPU": 1.0}}]
+    slots = ray_executor.task_slots
+    assert slots(nodes, num_cpus=1, num_gpus=0) == 8 + 4 + 3
+    assert slots(nodes, num_cpus=2, num_gpus=0) == 4 + 2 + 1
+    assert slots(nodes, num_cpus=1, num_gpus=1) == 2 + 0 + 1
+    assert slots(nodes, num_cpus=4, num_gpus=0.5) == 2 + 0 + 0
+    assert slots(nodes, num_cpus=0, num_gpus=0.1) == 20 + 0 + 10
+    assert slots(nodes, num_cpus=0, num_gpus=0) == float("inf")
+
+
 def test_each_task_once_results_as_they_complete(executor, tmp_path):
     assert executor.num_gpus_per_task == 0.0  # CPU-only cluster
     names = ["slow", "a", "b", "c", "d"]
-    tasks = [{"name": n, "root": str(tmp_path), "sleep": 6.0 if n == "slow" else 0.2}
+    tasks = [{"name": n, "root": str(tmp_path), "sleep": 5.0 if n == "slow" else 0.2}
              for n in names]
     arrivals = []
     results = executor.map_unordered(
@@ -125,6 +142,16 @@ def test_each_task_once_results_as_they_complete(executor, tmp_path):
     slow_end = results[0]["finished_at"]
     assert all(t < slow_end for name, t, _ in arrivals if name != "slow")
     assert {rec["pid"] for _, _, rec in arrivals[:-1]}.isdisjoint({results[0]["pid"]})
+
+
+def test_max_in_flight_bounds_concurrency(cluster, executor, tmp_path):
+    assert executor.capacity() == 2
+    tasks = [{"name": n, "root": str(tmp_path), "sleep": 0.3} for n in "abc"]
+    with RayExecutor(address=cluster.address, max_in_flight=1) as ex:
+        results = ex.map_unordered(work, tasks)
+    starts = sorted(int(p.name.rsplit(".", 1)[1]) / 1e9 for p in (tmp_path / "calls").iterdir())
+    ends = sorted(r["finished_at"] for r in results)
+    assert all(end <= start for end, start in zip(ends, starts[1:]))  # one at a time
 
 
 def test_killed_worker_is_retried_and_no_partial_output_counts(executor, tmp_path):
