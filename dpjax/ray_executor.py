@@ -208,7 +208,8 @@ class RayExecutor:
                  runtime_env: Mapping[str, Any] | None = None,
                  compilation_cache_dir: str | os.PathLike | None = None,
                  max_in_flight: int | None = None, scheduling_strategy: str = "SPREAD"):
-        """
+        """Sets the executor up; Ray is started or connected by `start` (or `with`).
+
         Args:
           address: None: Ray's default (the cluster in RAY_ADDRESS or one started with
             `ray start` on this machine, else a new local instance, as on a laptop);
@@ -229,7 +230,8 @@ class RayExecutor:
             current capacity (e.g. the number of scenes): Ray adds nodes only for
             tasks that are waiting.
           scheduling_strategy: Ray's placement of each task: "SPREAD" (default: over
-            the nodes) or "DEFAULT" (fill the driver's node first).
+            the nodes) or "DEFAULT" (Ray's default: the driver's node until it is
+            about half busy, then the others).
         """
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
