@@ -9,6 +9,7 @@ file per invocation in calls/, so the tests count how often each task ran.
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -92,8 +93,6 @@ def executor(cluster):
 
 
 def test_importing_dpjax_does_not_import_ray():
-    import subprocess
-
     code = ("import sys, dpjax, dpjax.ray_executor; "
             "sys.exit(1 if 'ray' in sys.modules else 0)")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -244,3 +243,28 @@ def test_close_leaves_a_connection_it_did_not_make(executor, cluster):
     with RayExecutor(address=cluster.address) as ex:
         assert ex.map_unordered(len, ["ab"]) == [2]
     assert ray.is_initialized()
+
+
+def test_a_local_instance_it_started_is_stopped_on_close(tmp_path):
+    # In a fresh process: this one is connected to the test cluster already.
+    code = """
+import os, ray
+from dpjax.ray_executor import RayExecutor
+with RayExecutor(address="local", num_cpus_per_task=1) as ex:
+    assert ex.map_unordered(len, ["abc"]) == [3]
+    node = ray._private.worker._global_node
+    pids = [p.process.pid for procs in node.all_processes.values() for p in procs]
+assert not ray.is_initialized() and pids
+for pid in pids:  # reaped by ray.shutdown: gone, or a zombie of this process
+    try:
+        os.kill(pid, 0)
+        with open(f"/proc/{pid}/stat") as f:
+            assert f.read().split(")")[1].split()[0] == "Z", pid
+    except ProcessLookupError:
+        pass
+print("ok", len(pids))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
