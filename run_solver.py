@@ -61,7 +61,8 @@ _BATCH_FLAGS = (
     "kernel_radius", "kernel_ramp", "kernel_smooth", "kernel_size", "crop",
     "coordinator_address", "num_processes", "process_id", "distributed",
     "distributed_timeout_s", "thumb_size", "method", "dpanet_checkpoint", "dpanet_tile",
-    "dpanet_overlap")
+    "dpanet_overlap", "executor", "ray_address", "ray_max_retries", "ray_num_gpus",
+    "ray_num_cpus", "ray_max_in_flight")
 
 
 def _define_flags() -> None:
@@ -92,6 +93,21 @@ def _define_flags() -> None:
     d.DEFINE_integer("kernel_size", None, "Parametric model: odd kernel side (default: "
                      "just large enough).")
     d.DEFINE_integer("thumb_size", 256, "Longest side of the gallery thumbnails.")
+    # Ray.
+    d.DEFINE_enum("executor", "local", ["local", "ray"], "local: this process solves the "
+                  "scenes on its devices; ray: each scene is a task on a Ray cluster "
+                  "(docs/ray.md; pip install 'dpjax[ray]'), this process writes the summary.")
+    d.DEFINE_string("ray_address", None, "--executor=ray: the cluster (auto, HOST:PORT); "
+                    "default Ray's own choice (RAY_ADDRESS, a cluster started on this "
+                    "machine, else a new local instance).")
+    d.DEFINE_integer("ray_max_retries", 3, "--executor=ray: extra attempts for a scene "
+                     "whose worker dies (node lost, out of memory); a scene that fails on "
+                     "its own merits is not retried.")
+    d.DEFINE_float("ray_num_gpus", None, "--executor=ray: GPUs per scene (default: 1 on a "
+                   "cluster with GPUs, else 0).")
+    d.DEFINE_float("ray_num_cpus", 1.0, "--executor=ray: CPUs per scene.")
+    d.DEFINE_integer("ray_max_in_flight", None, "--executor=ray: scenes submitted at once "
+                     "(default: what the cluster can run; raise it on autoscaling clusters).")
     # Multi-host.
     d.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 for "
                     "jax.distributed.initialize (multi-host).")
@@ -191,8 +207,33 @@ def run_options_from_flags():
         dpanet_tile=FLAGS.dpanet_tile, dpanet_overlap=FLAGS.dpanet_overlap)
 
 
+def make_executor():
+    """The --executor=ray executor (None for local), or a UsageError saying what is
+    missing."""
+    ray_flags = [f"--{n}" for n in ("ray_address", "ray_max_retries", "ray_num_gpus",
+                                    "ray_num_cpus", "ray_max_in_flight") if FLAGS[n].present]
+    if FLAGS.executor != "ray":
+        if ray_flags:
+            raise app.UsageError(f"{', '.join(ray_flags)} need(s) --executor=ray")
+        return None
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise app.UsageError("--executor=ray needs Ray: pip install 'dpjax[ray]'") from None
+    from dpjax.ray_executor import RayExecutor
+
+    try:
+        return RayExecutor(address=FLAGS.ray_address, max_retries=FLAGS.ray_max_retries,
+                           num_gpus_per_task=FLAGS.ray_num_gpus,
+                           num_cpus_per_task=FLAGS.ray_num_cpus,
+                           max_in_flight=FLAGS.ray_max_in_flight,
+                           compilation_cache_dir=FLAGS.compilation_cache_dir)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+
+
 def run_batch(opts, *, devices=None, process_index: int = 0, process_count: int = 1,
-              gather=None, quiet: bool = False) -> int:
+              gather=None, quiet: bool = False, executor=None) -> int:
     """Runs the batch with a progress display; prints the final line; returns the exit
     status."""
     _load_dpjax()
@@ -204,9 +245,11 @@ def run_batch(opts, *, devices=None, process_index: int = 0, process_count: int 
     try:
         out = runner.run(opts, on_event=display.on_event, devices=devices,
                          process_index=process_index, process_count=process_count,
-                         gather=gather)
+                         gather=gather, executor=executor)
     finally:
         display.close()
+        if executor is not None:
+            executor.close()
     if out.summary:
         c = out.summary["counts"]
         kept = c.get("kept", 0) + c.get("kept-failed", 0)
@@ -290,12 +333,17 @@ def main(argv):
         if given:
             raise app.UsageError(f"{', '.join(given)} need(s) --input_dir (batch mode)")
         return run_demo()
-    index, count, gather = init_distributed()  # before anything initialises the backend
+    executor = make_executor()
+    if executor is not None and (FLAGS.coordinator_address or FLAGS.num_processes
+                                 or FLAGS.distributed == "on"):
+        raise app.UsageError("--executor=ray runs the batch from one driver: do not combine "
+                             "it with jax.distributed flags")
+    index, count, gather = (0, 1, None) if executor is not None else init_distributed()
     opts = run_options_from_flags()
     common.handle_sigterm()
     try:
         return run_batch(opts, process_index=index, process_count=count, gather=gather,
-                         quiet=FLAGS.quiet)
+                         quiet=FLAGS.quiet, executor=executor)
     finally:
         if gather is not None:
             import jax

@@ -1222,10 +1222,14 @@ def _run_locked(opts, st, pairs, devices, on_event, process_index, process_count
                 finish(_one(st, name, pairs[name], device, gi))
 
     def remote() -> None:
-        tasks = [SceneTask(opts, name, pairs[name]) for name in todo]
+        # Largest frames first: with dynamic scheduling the long scenes then start early
+        # and the short ones fill the gaps at the end (docs/ray.md, the benchmark).
+        size = {n: (k[1][0] * k[1][1] if (k := _probe_key(pairs[n])) else 0) for n in todo}
+        order = sorted(todo, key=lambda n: -size[n])
+        tasks = [SceneTask(opts, name, pairs[name]) for name in order]
         for i, rec in executor.imap_unordered(solve_task, tasks):
             if "scene" not in rec:  # the executor's record of a task that never returned
-                rec = {"scene": todo[i], **rec}
+                rec = {"scene": order[i], **rec}
             finish(rec)
 
     state, status = "complete", None
