@@ -1,0 +1,197 @@
+"""Scores dpjax on a camera it was never calibrated for: the Canon R6 Mark II captures.
+
+  # solve the six depth scenes with each kernel source (run_solver.py), then:
+  python experiments/own_camera.py --results=auto=out/canon_auto,parametric=out/canon_param \
+      --flat_results=auto=out/canon_flat_auto --output=experiments/results/own_camera.json
+
+Depth scenes (`casual/orbbec/NNN/{l,r,d}.png`): with focus at 1 m the signed defocus is
+affine in inverse depth (data README), so each defocus map is scored against 1/depth on
+the pixels with a depth measurement: 1 - |rho_s| (rank order; `dpjax.metrics.
+spearman_loss`) and AIWE(1) in dioptres (the error of the best affine fit defocus ->
+1/depth, `dpjax.metrics.aiwe1`). The `dp_stereo` baseline (calibrated kernel-symmetry
+search, `dpjax.baselines.dp_stereo_defocus`) is run here, with the same kernels as a
+`--stereo_kernels` result folder's (default: today's parametric model).
+
+Plane (`flat/001/1500/{f4,f20}`): the f/4 result's all-in-focus image against the mean
+of the f/20 views (sharp reference, linearised) after the metrics' shift search and
+affine intensity fit, next to the blurry input's score; and the mean colour of the
+written all_in_focus.png against the input's (8-bit levels per channel).
+
+Writes one JSON file with every number and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from absl import app, flags, logging
+
+from dpjax import baselines, io, metrics, outputs, scene
+
+FLAGS = flags.FLAGS
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CANON = ROOT.parent / "shared" / "data" / "canon_r6ii"
+
+
+def _parse_named(items: list[str] | None, flag: str) -> dict[str, Path]:
+    out = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise app.UsageError(f"--{flag} takes NAME=FOLDER items, got {item!r}")
+        out[name] = Path(path)
+    return out
+
+
+def _crop(arr: np.ndarray, result: dict[str, Any]) -> np.ndarray:
+    """The part of a full-frame array the solve kept (result.json preprocessing.crop)."""
+    crop = (result.get("preprocessing") or {}).get("crop")
+    if crop is None:
+        return arr
+    y0, x0, h, w = crop
+    return arr[y0:y0 + h, x0:x0 + w]
+
+
+def inverse_depth(depth_png: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(1/depth in dioptres [H, W], valid [H, W]) from a uint16 millimetre depth map."""
+    d, _ = io.read_image(depth_png)
+    d = np.asarray(d, np.float64)
+    valid = d > 0
+    return np.where(valid, 1000.0 / np.where(valid, d, 1.0), 0.0), valid
+
+
+def depth_scores(defocus: np.ndarray, inv: np.ndarray, valid: np.ndarray) -> dict[str, float]:
+    return {"one_minus_abs_rho_s": metrics.spearman_loss(defocus, inv, valid),
+            "aiwe1_dioptres": metrics.aiwe1(defocus, inv, valid),
+            "valid_fraction": float(valid.mean())}
+
+
+def score_depth_results(folder: Path, canon: Path) -> dict[str, dict[str, float]]:
+    """Scores every scene of a run_solver output folder of the casual/orbbec scenes."""
+    out = {}
+    for rj in sorted(folder.rglob(outputs.RESULT_JSON)):
+        d = rj.parent
+        result = json.loads(rj.read_text())
+        name = d.relative_to(folder).as_posix()
+        depth = canon / "casual" / "orbbec" / Path(name).name / "d.png"
+        if not depth.is_file() or not outputs.is_complete(d):
+            continue
+        import tifffile
+
+        defocus = tifffile.imread(d / outputs.DEFOCUS_TIFF)
+        inv, valid = inverse_depth(depth)
+        inv, valid = _crop(inv, result), _crop(valid, result)
+        out[name] = {**depth_scores(defocus, inv, valid),
+                     "wall_s": (result.get("timings") or {}).get("wall_s"),
+                     "kernels": (result.get("kernels") or {}).get("model")}
+    return out
+
+
+def dp_stereo_scores(canon: Path, source: scene.KernelSource, base) -> dict[str, dict]:
+    """The dp_stereo baseline with `source`'s kernels on every casual scene."""
+    out = {}
+    opts = scene.SceneOptions(base=base, preset="none")
+    for sdir in sorted((canon / "casual" / "orbbec").iterdir()):
+        if not (sdir / "l.png").is_file():
+            continue
+        pair = io.ScenePair(name=sdir.name, left=sdir / "l.png", right=sdir / "r.png",
+                            format="canon")
+        views, info = scene.load_views(pair, source, opts)
+        bank = scene.make_bank(source, info)
+        cands = np.linspace(-2.0, 2.5, 37)
+        est = baselines.dp_stereo_defocus(views, bank, cands)
+        inv, valid = inverse_depth(sdir / "d.png")
+        inv, valid = _crop(inv, {"preprocessing": info}), _crop(valid, {"preprocessing": info})
+        out[sdir.name] = depth_scores(np.asarray(est.defocus), inv, valid)
+    return out
+
+
+def flat_scores(folder: Path, canon: Path) -> dict[str, Any]:
+    """The plane's all-in-focus image against the f/20 reference; colours of the PNG."""
+    import tifffile
+    from PIL import Image
+
+    rj = next(folder.rglob(outputs.RESULT_JSON))
+    result = json.loads(rj.read_text())
+    d = rj.parent
+    enc = io.parse_encoding((result["preprocessing"].get("input") or {}).get("encoding",
+                                                                                "srgb"))
+    sharp = io.load_pair_with_info(io.ScenePair("f20", canon / "flat/001/1500/f20/l.png",
+                                                canon / "flat/001/1500/f20/r.png", "canon"),
+                                   encoding=str(enc)).views.mean(axis=0)
+    blurred = io.load_pair_with_info(io.ScenePair("f4", canon / "flat/001/1500/f4/l.png",
+                                                  canon / "flat/001/1500/f4/r.png", "canon"),
+                                     encoding=str(enc)).views.mean(axis=0)
+    sharp, blurred = _crop(sharp, result), _crop(blurred, result)
+    aif = tifffile.imread(d / outputs.AIF_TIFF)
+    est = metrics.image_metrics(aif, sharp)
+    inp = metrics.image_metrics(blurred, sharp)
+    png = np.asarray(Image.open(d / outputs.AIF_PNG).convert("RGB"), np.float64)
+    src = [np.asarray(Image.open(canon / f"flat/001/1500/f4/{s}.png").convert("RGB"),
+                      np.float64) for s in ("l", "r")]
+    src_mean = _crop((src[0] + src[1]) / 2, result)
+    return {"psnr": est["psnr"], "ssim": est["ssim"], "input_psnr": inp["psnr"],
+            "input_ssim": inp["ssim"], "gain_db": est["psnr"] - inp["psnr"],
+            "png_mean_rgb": png.mean(axis=(0, 1)).tolist(),
+            "input_mean_rgb": src_mean.mean(axis=(0, 1)).tolist(),
+            "png_mean_shift_levels": (png.mean(axis=(0, 1))
+                                      - src_mean.mean(axis=(0, 1))).tolist(),
+            "wall_s": (result.get("timings") or {}).get("wall_s")}
+
+
+def _mean(rows: dict[str, dict], key: str) -> float:
+    return float(np.mean([r[key] for r in rows.values()]))
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    canon = Path(FLAGS.canon_dir)
+    if not (canon / "casual" / "orbbec").is_dir():
+        logging.error("%s has no casual/orbbec scenes (set --canon_dir)", canon)
+        return 2
+    results = _parse_named(FLAGS.results, "results")
+    flats = _parse_named(FLAGS.flat_results, "flat_results")
+    report: dict[str, Any] = {"depth": {}, "flat": {}}
+    for name, folder in results.items():
+        report["depth"][name] = score_depth_results(folder, canon)
+    if FLAGS.stereo:
+        from dpjax.config import Config
+
+        kopts = scene.KernelOptions(calib_dir=Path(FLAGS.stereo_calib_dir)
+                                    if FLAGS.stereo_calib_dir else None)
+        source = scene.kernel_source(kopts, 1)
+        report["depth"]["dp_stereo"] = dp_stereo_scores(canon, source, Config())
+    for name, folder in flats.items():
+        report["flat"][name] = flat_scores(folder, canon)
+    lines = ["| method | scenes | mean 1-abs(rho_s) | mean AIWE(1) [D] |", "|---|---:|---:|---:|"]
+    for name, rows in report["depth"].items():
+        if rows:
+            lines.append(f"| {name} | {len(rows)} | {_mean(rows, 'one_minus_abs_rho_s'):.3f} | "
+                         f"{_mean(rows, 'aiwe1_dioptres'):.3f} |")
+    for name, f in report["flat"].items():
+        lines.append(f"\nplane {name}: PSNR {f['input_psnr']:.2f} -> {f['psnr']:.2f} dB "
+                     f"(+{f['gain_db']:.2f}), SSIM {f['input_ssim']:.3f} -> {f['ssim']:.3f}, "
+                     f"PNG mean shift {np.round(f['png_mean_shift_levels'], 2).tolist()}")
+    text = "\n".join(lines)
+    print(text)
+    if FLAGS.output:
+        outputs.write_json(Path(FLAGS.output), report)
+    return 0
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("canon_dir", str(DEFAULT_CANON), "The Canon R6 Mark II data folder.")
+    flags.DEFINE_list("results", None, "NAME=FOLDER run_solver output folders of the "
+                      "casual/orbbec scenes to score against inverse depth.")
+    flags.DEFINE_list("flat_results", None, "NAME=FOLDER run_solver output folders of the "
+                      "flat/001/1500/f4 pair to score against the f/20 reference.")
+    flags.DEFINE_bool("stereo", True, "Also run and score the dp_stereo baseline.")
+    flags.DEFINE_string("stereo_calib_dir", None, "Kernels for dp_stereo (default: the "
+                        "parametric model's defaults).")
+    flags.DEFINE_string("output", None, "JSON file for every number.")
+    sys.exit(app.run(main))
