@@ -448,8 +448,8 @@ def run_dpanet(sc: Scene) -> Output:
 def _settings_mpi(run: Run) -> dict[str, Any]:
     out = {"config": config_lib.to_dict(run.base), "preset": run.opts.preset,
            "range_probe": run.opts.range_probe, "kernels": runner.kernel_record(run.source)}
-    if run.opts.dpanet_init:
-        out["dpanet_init"] = run.model.settings(run.opts)
+    if run.opts.dpanet_init:  # one value: a change reads "dpanet_init ... -> null"
+        out["dpanet_init"] = json.dumps(run.model.settings(run.opts), sort_keys=True)
     return out
 
 
