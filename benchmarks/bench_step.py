@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from dpjax import conv, kernels, losses, mpi
+from dpjax import conv, kernels, losses, mpi, scene
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("repeats", 3, "Timed evaluations per method (after one warm-up).")
@@ -57,11 +57,12 @@ def _xla_memory_gib(fn, *args) -> dict[str, float] | None:
 def main(argv):
     del argv
     rng = np.random.default_rng(0)
-    grid = kernels.TileGrid(rows=FLAGS.rows, cols=FLAGS.cols, tile_h=FLAGS.tile, tile_w=FLAGS.tile)
-    pair = kernels.parametric_dp_kernels(radius=FLAGS.kernel_size / 2 - 3, size=FLAGS.kernel_size,
-                                         smooth_sigma=1.0)
-    bank = kernels.KernelBank.create(np.repeat(pair[:, None], grid.num_tiles, axis=1),
-                                     rows=grid.rows, cols=grid.cols, tile_h=grid.tile_h)
+    # The parametric model through dpjax.scene, as the apps build their banks.
+    source = scene.kernel_source(scene.KernelOptions(
+        grid=(FLAGS.rows, FLAGS.cols), tile_size=FLAGS.tile, radius=FLAGS.kernel_size / 2 - 3,
+        smooth=1.0, size=FLAGS.kernel_size), pyramid_factor=1)
+    bank = scene.make_bank(source, {})
+    grid = bank.grid
     h, w = grid.image_shape
     scales = jnp.asarray(np.linspace(FLAGS.scale_max, FLAGS.scale_min, FLAGS.num_layers),
                          jnp.float32)

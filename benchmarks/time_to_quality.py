@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw
 
 import dpjax
 from dpjax import config as config_lib
-from dpjax import io, kernels, metrics, mpi, postprocess, presets
+from dpjax import io, metrics, mpi, postprocess, presets, scene
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", str(Path(__file__).resolve().parents[2] / "shared" / "data" /
@@ -56,21 +56,24 @@ PAPER_RANGES = {"001": (0.5, 1.6), "005": (0.1, 1.3), "008": (0.2, 1.5), "011": 
 
 
 def load_problem():
-    scene = io.load_pixel4_scene(FLAGS.data_dir, FLAGS.scene, require_gt=True)
-    calib = io.load_calibration_kernels(Path(FLAGS.data_dir) / "calibration")
-    rows, cols = calib.grid
-    if FLAGS.crop == "2x2":
-        r0, c0, nr, nc = rows // 2 - 1, cols // 2 - 1, 2, 2
-    else:
-        r0, c0, nr, nc = 0, 0, rows, cols
-    t = calib.tile_size
-    sl = (slice(r0 * t, (r0 + nr) * t), slice(c0 * t, (c0 + nc) * t))
-    views = scene.views[:, sl[0], sl[1]]
-    views = views / views.max()
-    tiles = [(r0 + i) * cols + (c0 + j) for i in range(nr) for j in range(nc)]
-    k = kernels.recenter_kernel_pairs(calib.kernels[:, tiles])
-    bank = dpjax.KernelBank.create(k, rows=nr, cols=nc, tile_h=t)
-    return views, bank, scene.gt_all_in_focus[sl], scene.gt_defocus[sl]
+    """Views, kernel bank and ground truth of the scene, loaded as the apps load it
+    (dpjax.scene: re-centred calibrated kernels, the central block of tiles)."""
+    data = Path(FLAGS.data_dir)
+    pairs = {p.name: p for p in io.discover_pairs(data)}
+    if FLAGS.scene not in pairs:
+        raise app.UsageError(f"scene {FLAGS.scene} not found in {data}")
+    crop = None if FLAGS.crop == "full" else (2, 2)
+    source = scene.kernel_source(
+        scene.KernelOptions(calib_dir=data / "calibration", recenter=True),
+        2 ** (config_lib.fast_solver().pyramid_levels - 1), crop)
+    opts = scene.SceneOptions(base=dpjax.Config(), crop_tiles=crop)
+    views, info = scene.load_views(pairs[FLAGS.scene], source, opts)
+    bank = scene.make_bank(source, info)
+    gt_aif, gt_def = scene.load_ground_truth(data, FLAGS.scene, views.shape[1:3], info)
+    if gt_aif is None or gt_def is None:
+        raise app.UsageError(f"scene {FLAGS.scene}: ground truth missing or unusable "
+                             f"({info.get('warnings')})")
+    return views, bank, gt_aif, gt_def
 
 
 class Recorder:

@@ -73,6 +73,8 @@ __all__ = [
     "code_version",
     "fingerprint",
     "fingerprint_changes",
+    "kernel_record",
+    "make_fingerprint",
     "run",
     "run_scene",
 ]
@@ -203,30 +205,51 @@ def _kernel_digest(source: KernelSource) -> str:
                           ).hexdigest()[:16]
 
 
-def fingerprint(opts: RunOptions, source: KernelSource, pair: io.ScenePair,
-                dpanet_info: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything that changes a scene's output, as a JSON-able dict (result.json
-    "fingerprint"); `digest` is a hash of the rest."""
-    s = opts.scene
-    parts: dict[str, Any] = {
-        "method": opts.method,
+def kernel_record(source: KernelSource) -> dict[str, Any]:
+    """What a fingerprint records of the kernels: their description and a digest."""
+    return {**{k: v for k, v in source.info.items() if k != "warning"},
+            "digest": _kernel_digest(source)}
+
+
+def make_fingerprint(method: str, pair: io.ScenePair, preprocessing: dict[str, Any],
+                     **parts: Any) -> dict[str, Any]:
+    """A result's fingerprint: everything that changes it, as a JSON-able dict (result.json
+    "fingerprint") whose `digest` is a hash of the rest.
+
+    The one definition, for the runner (`fingerprint`) and experiments/reproduce_table.py.
+
+    Args:
+      method: what made the result ("mpi", "dpanet", a baseline's name).
+      pair: the scene's input files (recorded by content digest).
+      preprocessing: how the views were read and cropped.
+      parts: everything else the result depends on (config, preset, kernels from
+        `kernel_record`, a model, other results it reads...), JSON-able.
+    """
+    out: dict[str, Any] = {
+        "method": method,
         "inputs": {"left": _file_digest(pair.left), "right": _file_digest(pair.right),
                    "format": pair.format},
-        "preprocessing": {"black_level": s.black_level, "allow_8bit": s.allow_8bit,
-                          "encoding": s.encoding or "auto",
-                          "crop_tiles": None if s.crop_tiles is None else list(s.crop_tiles)},
+        "preprocessing": preprocessing,
         "code": code_version(),
+        **parts,
     }
+    out = outputs.to_json_compatible(out)
+    digest = hashlib.sha256(json.dumps(out, sort_keys=True).encode()).hexdigest()[:16]
+    return {"digest": digest, **out}
+
+
+def fingerprint(opts: RunOptions, source: KernelSource, pair: io.ScenePair,
+                dpanet_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything that changes a scene's output of this run (`make_fingerprint`)."""
+    s = opts.scene
+    pre = {"black_level": s.black_level, "allow_8bit": s.allow_8bit,
+           "encoding": s.encoding or "auto",
+           "crop_tiles": None if s.crop_tiles is None else list(s.crop_tiles)}
     if opts.method == "mpi":
-        parts.update(
-            config=config_lib.to_dict(s.base), preset=s.preset, range_probe=s.range_probe,
-            kernels={**{k: v for k, v in source.info.items() if k != "warning"},
-                     "digest": _kernel_digest(source)})
-    else:
-        parts["dpanet"] = dpanet_info
-    parts = outputs.to_json_compatible(parts)
-    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-    return {"digest": digest, **parts}
+        return make_fingerprint(opts.method, pair, pre, config=config_lib.to_dict(s.base),
+                                preset=s.preset, range_probe=s.range_probe,
+                                kernels=kernel_record(source))
+    return make_fingerprint(opts.method, pair, pre, dpanet=dpanet_info)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -431,15 +431,22 @@ def prepare(name: str, pair: io.ScenePair, source: KernelSource, opts: SceneOpti
 
 
 def configure(name: str, views: np.ndarray, bank: KernelBank, opts: SceneOptions,
-              timings: dict[str, float] | None = None):
+              timings: dict[str, float] | None = None, *,
+              search: tuple[presets.SearchMap, float] | None = None):
     """The scene's configuration and start: (cfg, preset record, init, init record).
 
     One kernel-symmetry search serves both the auto preset's range and the search start.
+
+    Args:
+      search: (`presets.search_defocus(views, bank)`, its seconds) when the caller has
+        already run it (experiments/reproduce_table.py shares it with its dp_stereo
+        baseline); None: run here when the start needs it.
     """
     timings = {} if timings is None else timings
-    search = None
     search_s = 0.0
-    if opts.base.init.search:
+    if search is not None:
+        search, search_s = search
+    elif opts.base.init.search:
         t0 = time.perf_counter()
         search = presets.search_defocus(views, bank)
         search_s = time.perf_counter() - t0
@@ -450,7 +457,7 @@ def configure(name: str, views: np.ndarray, bank: KernelBank, opts: SceneOptions
         raise SceneFailure("config", str(e)) from e
     timings["preset_s"] = preset_info["seconds"]
     init = init_info = None
-    if search is not None:
+    if opts.base.init.search:
         t0 = time.perf_counter()
         init, init_info = pipeline.init_from_search(views.mean(axis=0), search, cfg)
         timings["search_init_s"] = search_s + time.perf_counter() - t0

@@ -90,27 +90,16 @@ def parse_rxc(text: str | None, flag: str) -> tuple[int, int] | None:
 
 
 def base_config():
-    """The resolved base configuration of the flags: schedule, layers, preset choices.
-
-    One place: `dpjax.config.schedule` gives --pyramid_levels / --level_iters /
-    --num_iters their meaning, `dpjax.presets.resolve_base` the preset's start and
-    defocus estimator (explicit --search_init / --defocus_estimator win).
-    """
-    from dpjax import config as config_lib
-    from dpjax import presets
-
+    """The resolved base configuration of the flags (`resolve_base_config`)."""
     try:
         level_iters = ([int(v) for v in FLAGS.level_iters] if FLAGS.level_iters else None)
     except ValueError:
         raise app.UsageError(f"--level_iters must be integers, got {FLAGS.level_iters}") from None
     try:
-        solver = config_lib.schedule(pyramid_levels=FLAGS.pyramid_levels,
-                                     level_iters=level_iters, num_iters=FLAGS.num_iters)
-        cfg = config_lib.Config(solver=solver)
-        if FLAGS.num_layers is not None:
-            cfg = cfg.replace(**{"mpi.num_layers": FLAGS.num_layers})
-        return presets.resolve_base(FLAGS.preset, cfg, search_init=FLAGS.search_init,
-                                    defocus_estimator_name=FLAGS.defocus_estimator)
+        return resolve_base_config(
+            preset=FLAGS.preset, pyramid_levels=FLAGS.pyramid_levels, level_iters=level_iters,
+            num_iters=FLAGS.num_iters, num_layers=FLAGS.num_layers,
+            search_init=FLAGS.search_init, defocus_estimator=FLAGS.defocus_estimator)
     except ValueError as e:
         raise app.UsageError(f"invalid solver settings: {e}") from None
 
@@ -124,6 +113,29 @@ def input_encoding() -> str:
     except ValueError as e:
         raise app.UsageError(f"--input_encoding: {e}") from None
     return FLAGS.input_encoding
+
+
+def resolve_base_config(*, preset: str, pyramid_levels: int | None = None,
+                        level_iters=None, num_iters: int | None = None,
+                        num_layers: int | None = None, search_init: bool | None = None,
+                        defocus_estimator: str | None = None):
+    """The base configuration of the shared flags' values: schedule, layers, preset choices.
+
+    One place: `dpjax.config.schedule` gives --pyramid_levels / --level_iters /
+    --num_iters their meaning, `dpjax.presets.resolve_base` the preset's start and
+    defocus estimator (explicit --search_init / --defocus_estimator win). Raises
+    ValueError for invalid settings (e.g. level_iters with num_iters).
+    """
+    from dpjax import config as config_lib
+    from dpjax import presets
+
+    solver = config_lib.schedule(pyramid_levels=pyramid_levels, level_iters=level_iters,
+                                 num_iters=num_iters)
+    cfg = config_lib.Config(solver=solver)
+    if num_layers is not None:
+        cfg = cfg.replace(**{"mpi.num_layers": num_layers})
+    return presets.resolve_base(preset, cfg, search_init=search_init,
+                                defocus_estimator_name=defocus_estimator)
 
 
 def path_or_none(value: str | None) -> Path | None:

@@ -36,7 +36,8 @@ from absl import app, flags, logging
 
 import dpjax
 from dpjax import config as config_lib
-from dpjax import dpanet, outputs, pipeline
+from dpjax import dpanet, outputs, pipeline, presets
+from dpjax_apps.flags import parse_rxc
 
 # reproduce_table.py's scene loading and DPANet helpers (its flags are defined only when
 # it runs as a program, so importing it defines none).
@@ -47,9 +48,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", str(rt.DEFAULT_DATA_DIR), "Pixel 4 dataset folder.")
 flags.DEFINE_string("calib_dir", None, "Calibration folder (default DATA_DIR/calibration).")
 flags.DEFINE_string("scene", "011", "Scene id.")
-flags.DEFINE_string("crop", "2x2", "'full' or RxC: the central R x C block of kernel tiles.")
+flags.DEFINE_string("crop", "2x2", "RxC: the central R x C block of kernel tiles ('full': "
+                    "the whole frame).")
 flags.DEFINE_enum("preset", "auto", ["auto", "paper"], "Layer range and prior weights.")
-flags.DEFINE_integer("pyramid_levels", 3, "Coarse-to-fine levels.")
+flags.DEFINE_integer("pyramid_levels", 3, "Coarse-to-fine levels (1 + the number of "
+                     "--fine_iters).")
 flags.DEFINE_list("budgets", ["25", "50", "100", "200"], "Coarsest-level iteration budgets.")
 flags.DEFINE_list("fine_iters", [str(n) for n in config_lib.FAST_LEVEL_ITERS[1:]],
                   "Iterations of the finer levels, coarsest first (pyramid_levels - 1 "
@@ -94,31 +97,28 @@ def smallest_matching(base: list[dict], warm: list[dict], key: str,
 def run() -> dict[str, Any]:
     budgets = _ints("budgets", FLAGS.budgets)
     fine = _ints("fine_iters", FLAGS.fine_iters)
-    if len(fine) != FLAGS.pyramid_levels - 1:
-        raise app.UsageError(f"--fine_iters needs {FLAGS.pyramid_levels - 1} values for "
-                             f"--pyramid_levels={FLAGS.pyramid_levels}, got {FLAGS.fine_iters}")
     sid = FLAGS.scene.zfill(3) if FLAGS.scene.isdigit() else FLAGS.scene
+    # The paper's uniform start and plain-mean map: only the colours' start differs.
     opts = rt.Options(
         data_dir=Path(FLAGS.data_dir),
         calib_dir=Path(FLAGS.calib_dir) if FLAGS.calib_dir else None, scenes=(sid,),
-        methods=("dpjax", "dpanet"), preset=FLAGS.preset, pyramid_levels=FLAGS.pyramid_levels,
-        level_iters=(budgets[0], *fine), crop=FLAGS.crop,
-        recenter_kernels=FLAGS.recenter_kernels,
+        methods=("mpi", "dpanet"), preset=FLAGS.preset, search_init=False,
+        defocus_estimator="mean", pyramid_levels=FLAGS.pyramid_levels,
+        level_iters=(budgets[0], *fine),
+        crop=parse_rxc(FLAGS.crop, "crop"), recenter_kernels=FLAGS.recenter_kernels,
         dpanet_checkpoint=Path(FLAGS.dpanet_checkpoint) if FLAGS.dpanet_checkpoint else None,
         dpanet_tile=FLAGS.dpanet_tile, dpanet_overlap=FLAGS.dpanet_overlap)
-    rt.check_inputs(opts, (sid,))
-    model = rt.load_dpanet(opts)
+    run = rt.prepare_run(opts)
+    model = run.model
     if model.train_scenes and sid in model.train_scenes:
         logging.warning("scene %s was used to train DPANet: not a held-out result", sid)
-    bank, block = rt.load_bank(opts)
-    views, gt_aif, gt_def = rt.load_scene(opts, sid, bank, block, bank.grid.tile_h)
-    base = rt.base_config(opts)
-    cfg0, preset_info = rt.scene_config(opts, sid, views, bank, base)
+    views, bank, gt_aif, gt_def, _ = rt.load_scene(run, run.pairs[sid])
+    cfg0, preset_info = presets.resolve(opts.preset, sid, views, bank, run.base)
     logging.info("scene %s %s: %s preset, scales [%.2f, %.2f]", sid, views.shape[1:3],
                  opts.preset, cfg0.mpi.scale_min, cfg0.mpi.scale_max)
 
     t0 = time.perf_counter()
-    aif = rt.dpanet_all_in_focus(opts, model, views)
+    aif = model.deblur(opts, views)
     dpanet_s = time.perf_counter() - t0
     dpanet_scores = pipeline.score(aif, None, gt_all_in_focus=gt_aif)
     logging.info("DPANet: PSNR %.2f dB in %.1fs", dpanet_scores["psnr"], dpanet_s)
@@ -145,7 +145,7 @@ def run() -> dict[str, Any]:
     base_runs = [r for r in runs if r["start"] == "mean"]
     warm_runs = [r for r in runs if r["start"] == "dpanet"]
     return {
-        "scene": sid, "crop": opts.crop, "shape": list(views.shape), "preset": preset_info,
+        "scene": sid, "crop": FLAGS.crop, "shape": list(views.shape), "preset": preset_info,
         "config": config_lib.to_dict(cfg0), "budgets": list(budgets),
         "fine_iters": list(fine),
         "note": "both starts run the same schedule; only the initial colours differ",
@@ -163,7 +163,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
         summary = run()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, rt.scene.SetupError) as e:
         print(f"dpanet_init: error: {e}", file=sys.stderr)
         return 1
     path = Path(FLAGS.output or f"out/dpanet_init/{summary['scene']}.json")

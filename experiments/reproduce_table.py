@@ -1,101 +1,80 @@
 """Reproduces the Pixel 4 table of Xin et al. (ICCV 2021) with dpjax and baselines.
 
   python experiments/reproduce_table.py --output_dir=out/pixel4_auto
-  python experiments/reproduce_table.py --preset=paper --methods=dpjax,wiener \
+  python experiments/reproduce_table.py --preset=paper --methods=mpi,wiener \
       --output_dir=out/pixel4_paper
   python experiments/reproduce_table.py --scenes=001 --crop=1x2 --level_iters=20,5,2  # quick
   python experiments/reproduce_table.py --methods=input,dpanet \
       --dpanet_checkpoint=dpanet_runs/w8 --output_dir=out/pixel4_auto
 
-For each method and scene it writes OUTPUT_DIR/<method>/<scene>/ in the standard
-layout (all_in_focus.{tif,png}, defocus_map.{tif,png} when the method estimates
-defocus, result.json with config, timings, metrics), then OUTPUT_DIR/table.md and
-OUTPUT_DIR/table.csv: one row per method and scene plus each method's mean, with the
-paper's columns (defocus AIWE(1), AIWE(2), 1 - |rho_s|; all-in-focus PSNR, SSIM, MAE)
-and the wall time per scene. A complete scene folder is reused, not recomputed,
-unless --overwrite.
+For each method and scene with ground truth in --data_dir it writes
+OUTPUT_DIR/<method>/<scene>/ in the standard layout (all_in_focus.{tif,png},
+defocus_map.{tif,png} when the method estimates defocus, result.json with the settings'
+fingerprint, timings and metrics), then OUTPUT_DIR/table.md and OUTPUT_DIR/table.csv:
+one row per method and scene plus each method's mean, with the paper's columns (defocus
+AIWE(1), AIWE(2), 1 - |rho_s|; all-in-focus PSNR, SSIM, MAE) and the wall time per scene.
 
-Methods:
-  dpjax      the MPI solver (dpjax.pipeline.solve_scene) with the chosen preset.
+Methods (`METHODS`, run in the order their inputs require):
+  mpi        the MPI solver (dpjax.fit) with the chosen preset, as run_solver.py's
+             --method=mpi.
   input      the mean of the two views, no deblurring; no defocus map.
-  wiener     joint Wiener deconvolution of both views with the calibrated kernels at
-             dpjax's defocus map and layer scales (from OUTPUT_DIR/dpjax/<scene>/,
-             so dpjax runs first); it estimates no defocus of its own.
   dp_stereo  calibrated kernel-symmetry search (Punnappurath et al., ICCP 2020) over
-             25 scales spanning the preset's range; its all-in-focus image is the
-             Wiener deconvolution at its own defocus map (a fully classical pipeline).
-  dpanet     the learned DPANet baseline (dpjax.dpanet) from --dpanet_checkpoint (a
-             ckpt_<step>.npz or a training output folder, whose latest checkpoint is
-             used; default experiments/checkpoints/dpanet_w8/). It deblurs the views in
-             overlapping tiles (--dpanet_tile, --dpanet_overlap; dpanet.deblur_tiled)
-             and writes the all-in-focus image only: no defocus map, so its defocus
-             columns stay empty. DPANet was trained on scenes 001, 005, 008 (the
-             checkpoint folder's run_config.json says which): their rows are not
+             25 scales spanning the preset's range (never --range_probe's); its
+             all-in-focus image is the Wiener deconvolution at its own defocus map.
+  wiener     joint Wiener deconvolution of both views with the calibrated kernels at
+             the mpi method's defocus map and layer scales (OUTPUT_DIR/mpi/<scene>/,
+             so mpi runs first); it estimates no defocus of its own.
+  dpanet     the learned DPANet baseline (dpjax.dpanet) from --dpanet_checkpoint,
+             deblurred in overlapping tiles; no defocus map. DPANet was trained on
+             scenes 001, 005, 008 (its run_config.json says which): their rows are not
              held-out results, and the log and result.json say so.
 
-With --dpanet_init the dpjax method starts the MPI from DPANet's all-in-focus image
-(dpjax.pipeline.init_from_all_in_focus: every layer's colour is that image, alphas as
-usual) instead of the mean of the views; the DPANet pass is part of its wall time.
-Keep such runs in their own --output_dir: a dpjax result solved with the other
-setting is refused rather than reused or overwritten (unless --overwrite).
+Reuse: a complete result is kept when its fingerprint (dpjax.runner.make_fingerprint:
+method, input files, crop, kernels, resolved configuration, preset, solver code, and the
+results it reads) matches this run's; otherwise it is solved again and the log says why
+("settings changed: ..."). --overwrite solves everything again.
 
-With --search_init (the default with --preset=auto; --nosearch_init turns it off) the
-dpjax method starts each layer's weights near the calibrated kernel-symmetry search's
-defocus map (dpjax.pipeline.init_from_defocus; the same search the auto preset's range
-estimate runs, done once per scene) instead of the paper's uniform start, which puts
-every pixel at the middle of the layer range; --preset=paper keeps the paper's start
-unless --search_init is given. Colours start as usual (or from DPANet with
---dpanet_init). The same reuse rule as --dpanet_init applies, and a result whose start
-used other settings (an earlier version of the start: result.json's "search_init") is
-refused too.
+The shared flags (dpjax_apps.flags) mean what they mean in run_solver.py: --num_iters is
+the finest level's budget (dpjax.config.schedule; not together with --level_iters),
+--preset=auto estimates each scene's layer range from the pair, starts from the
+symmetry search's map (--search_init) and reads the map sharpened; --preset=paper uses
+the paper's per-scene ranges, weights and uniform start. With --dpanet_init the mpi
+method starts its layer colours from DPANet's all-in-focus image.
 
---defocus_estimator (default: `sharpened` with --preset=auto, the paper's `mean` with
-paper) chooses how dpjax reads its defocus map off the solved layers
-(dpjax.mpi.estimate_defocus); results read with another estimator are not reused.
-
-Presets: `auto` (default) estimates each scene's layer range from the DP pair
-(dpjax.presets.auto_config) with one set of prior weights, and starts from the search
-map (--search_init above); `paper` uses the paper's per-scene ranges and weights
-(dpjax.presets.paper_config) and the paper's uniform start. Both share the solver
-schedule given by --pyramid_levels / --level_iters / --num_iters.
-
-Wall time per scene: the method's own time (for dpjax with the auto preset this
-includes the range estimation); loading the scene and scoring are excluded. JAX
-compilation is included, so a method's first scene is the slowest.
+Wall time per scene: the method's own time (for mpi with the auto preset it includes the
+range estimate and the search start); loading and scoring are excluded; JAX compilation
+is included, so a method's first scene is the slowest.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io as _stdio
 import json
 import math
 import platform
-import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 from absl import app, flags, logging
 
 import dpjax
-from dpjax import baselines, batch, dpanet, io, outputs, pipeline, presets
+from dpjax import baselines, dpanet, io, outputs, pipeline, presets, runner, scene
 from dpjax import config as config_lib
+from dpjax_apps import flags as common
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "pixel4"
 DEFAULT_DPANET_CHECKPOINT = ROOT / "experiments" / "checkpoints" / "dpanet_w8"
-
-METHODS = ("dpjax", "input", "wiener", "dp_stereo", "dpanet")
-DEFAULT_METHODS = ("dpjax", "input", "wiener", "dp_stereo")
-# Methods that read another method's output run after it.
-_ORDER = {"dpjax": 0, "input": 1, "dp_stereo": 2, "wiener": 3, "dpanet": 4}
-DEFAULT_LEVEL_ITERS = config_lib.FAST_LEVEL_ITERS
 STEREO_CANDIDATES = 25
+GT_DIRS = ("gt_all_in_focus_im", "gt_defocus_map")
 
 COLUMNS = (  # (key in metrics, CSV header, Markdown header, format)
     ("aiwe1", "aiwe1", "AIWE(1) ↓", "{:.4f}"),
@@ -109,20 +88,25 @@ COLUMNS = (  # (key in metrics, CSV header, Markdown header, format)
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Options:
-    """Everything a run needs (the absl flags, or a test's arguments)."""
+    """Everything a run needs (the absl flags, or a test's arguments).
+
+    The schedule and preset fields mean what the shared flags of the same names mean
+    (`base_config`); crop: (R, C) central kernel tiles, None the full frame.
+    """
 
     data_dir: Path = DEFAULT_DATA_DIR
     calib_dir: Path | None = None  # default data_dir/calibration
-    scenes: tuple[str, ...] | None = None  # default: every scene in data_dir
-    methods: tuple[str, ...] = DEFAULT_METHODS
+    scenes: tuple[str, ...] | None = None  # default: every scene with ground truth
+    methods: tuple[str, ...] = ("mpi", "input", "wiener", "dp_stereo")
     preset: str = "auto"
     range_probe: bool = False
-    defocus_estimator: str | None = None  # None: the preset's (presets.defocus_estimator)
-    search_init: bool | None = None  # None: the preset's choice (presets.uses_search_init)
-    num_iters: int | None = None
-    pyramid_levels: int = 3
+    defocus_estimator: str | None = None
+    search_init: bool | None = None
+    pyramid_levels: int | None = None
     level_iters: tuple[int, ...] | None = None
-    crop: str = "full"
+    num_iters: int | None = None
+    num_layers: int | None = None
+    crop: tuple[int, int] | None = None
     recenter_kernels: bool = True
     output_dir: Path = Path("out/pixel4")
     overwrite: bool = False
@@ -132,135 +116,13 @@ class Options:
     dpanet_tile: int = dpanet.DEFAULT_TILE
     dpanet_overlap: int = dpanet.DEFAULT_OVERLAP
 
-
-# ----------------------------------------------------------------------------------------
-# Inputs
-
-
-def discover_scenes(data_dir: Path) -> tuple[str, ...]:
-    """Scene ids NNN with an NNN_left.png in data_dir, sorted."""
-    ids = sorted(m.group(1) for p in Path(data_dir).glob("*_left.png")
-                 if (m := re.fullmatch(r"(\w+)_left\.png", p.name)))
-    if not ids:
-        raise io.MissingFileError(f"no scenes (NNN_left.png) found in {data_dir}")
-    return tuple(ids)
-
-
-def parse_crop(crop: str, grid: tuple[int, int]) -> tuple[int, int, int, int] | None:
-    """'full' -> None; 'RxC' -> (row0, col0, R, C), the central R x C block of tiles."""
-    if crop == "full":
-        return None
-    m = re.fullmatch(r"(\d+)x(\d+)", crop)
-    if not m:
-        raise ValueError(f"--crop must be 'full' or 'RxC' (kernel tiles), got {crop!r}")
-    r, c = int(m.group(1)), int(m.group(2))
-    if not (1 <= r <= grid[0] and 1 <= c <= grid[1]):
-        raise ValueError(f"--crop={crop} does not fit the {grid[0]}x{grid[1]} kernel grid")
-    return (grid[0] - r) // 2, (grid[1] - c) // 2, r, c
-
-
-def check_inputs(opts: Options, scenes: tuple[str, ...]) -> None:
-    """Fail before any solve when a scene, its ground truth or the calibration is missing."""
-    calib_dir = Path(opts.calib_dir or Path(opts.data_dir) / "calibration")
-    for name in (io.KERNELS_LEFT, io.KERNELS_RIGHT):
-        if not (calib_dir / name).is_file():
-            raise io.MissingFileError(f"calibration file not found: {calib_dir / name} "
-                                      "(set --data_dir or --calib_dir)")
-    for sid in scenes:
-        for path in (Path(opts.data_dir) / f"{sid}_left.png",
-                     Path(opts.data_dir) / f"{sid}_right.png"):
-            if not path.is_file():
-                raise io.MissingFileError(f"scene {sid}: file not found: {path}")
-        for sub in ("gt_all_in_focus_im", "gt_defocus_map"):
-            path = Path(opts.data_dir) / sub / f"{sid}_gt.png"
-            if not path.is_file():
-                raise io.MissingFileError(
-                    f"scene {sid}: ground truth not found: {path} (the table scores every "
-                    "scene against its ground truth; drop the scene from --scenes)")
-
-
-def load_bank(opts: Options) -> tuple[dpjax.KernelBank, tuple[int, int, int, int] | None]:
-    """The (optionally re-centred, optionally cropped) kernel bank and the crop block."""
-    calib = io.load_calibration_kernels(opts.calib_dir or Path(opts.data_dir) / "calibration")
-    kernels = calib.kernels
-    if opts.recenter_kernels:
-        kernels = dpjax.recenter_kernel_pairs(kernels)
-    block = parse_crop(opts.crop, calib.grid)
-    rows, cols = calib.grid
-    if block is not None:
-        r0, c0, rows, cols = block
-        grid_k = kernels.reshape(2, calib.grid[0], calib.grid[1], *kernels.shape[-2:])
-        kernels = grid_k[:, r0:r0 + rows, c0:c0 + cols].reshape(2, rows * cols,
-                                                                 *kernels.shape[-2:])
-    bank = dpjax.KernelBank.create(kernels, rows=rows, cols=cols, tile_h=calib.tile_size)
-    return bank, block
-
-
-def load_scene(opts: Options, sid: str, bank: dpjax.KernelBank, block, tile: int):
-    """Views [2, H, W, 1] and ground truth of one scene, cropped to the bank's grid."""
-    scene = io.load_pixel4_scene(opts.data_dir, sid, require_gt=True)
-    views, gt_aif, gt_def = scene.views, scene.gt_all_in_focus, scene.gt_defocus
-    if block is not None:
-        r0, c0, rows, cols = block
-        ys = slice(r0 * tile, (r0 + rows) * tile)
-        xs = slice(c0 * tile, (c0 + cols) * tile)
-        views, gt_aif, gt_def = views[:, ys, xs], gt_aif[ys, xs], gt_def[ys, xs]
-        views = views / views.max()  # the pair is normalised to max 1, as uncropped
-    if views.shape[1:3] != bank.grid.image_shape:
-        raise ValueError(f"scene {sid}: views {views.shape[1:3]} do not match the kernel "
-                         f"grid {bank.grid.image_shape}")
-    if not np.any(gt_def > 0):
-        raise ValueError(f"scene {sid}: the ground-truth defocus map has no valid pixel "
-                         "in this crop")
-    return np.ascontiguousarray(views), gt_aif, gt_def
-
-
-# ----------------------------------------------------------------------------------------
-# Configuration
-
-
-def base_config(opts: Options) -> dpjax.Config:
-    """The solver schedule shared by both presets."""
-    level_iters = opts.level_iters
-    if level_iters is None and opts.num_iters is None:
-        level_iters = DEFAULT_LEVEL_ITERS if opts.pyramid_levels == 3 else None
-    solver: dict[str, Any] = {"pyramid_levels": opts.pyramid_levels, "level_iters": level_iters}
-    if opts.num_iters is not None:
-        solver["num_iters"] = opts.num_iters
-    cfg = dpjax.Config(solver=dpjax.SolverConfig(**solver))
-    if opts.defocus_estimator is not None:
-        cfg = cfg.replace(**{"post.defocus": opts.defocus_estimator})
-    return cfg
-
-
-def scene_config(opts: Options, sid: str, views, bank, base, *, probe: bool = False,
-                 search: tuple[presets.SearchMap, float] | None = None,
-                 ) -> tuple[dpjax.Config, dict]:
-    """The preset's configuration for one scene and a JSON record of how it was chosen.
-
-    probe: for the auto preset, refine the searched range with the coarse-level probe
-    solve (--range_probe, dpjax's runs only: dp_stereo is a classical baseline and
-    keeps the symmetry search's range).
-    search: (the scene's symmetry search, its seconds) when already run
-    (--search_init): the auto preset's range estimate reuses it and its estimate_s
-    includes those seconds.
-    """
-    t0 = time.perf_counter()
-    if opts.preset == "paper":
-        cfg = presets.paper_config(sid, base)
-        info: dict[str, Any] = {"name": "paper"}
-    elif opts.preset == "auto":
-        est = presets.estimate_auto_range(views, bank, base, probe=probe,
-                                          search=search[0] if search else None)
-        cfg = presets.auto_config_from_estimate(est, base)
-        info = {"name": "auto", "range_estimate": est._asdict()}
-        if search:
-            t0 -= search[1]
-    else:
-        raise ValueError(f"unknown preset {opts.preset!r}; use 'auto' or 'paper'")
-    info["estimate_s"] = time.perf_counter() - t0
-    info["scale_range"] = [cfg.mpi.scale_min, cfg.mpi.scale_max]
-    return cfg, info
+    def base_config(self) -> dpjax.Config:
+        """The resolved base configuration (ValueError for invalid settings)."""
+        return common.resolve_base_config(
+            preset=self.preset, pyramid_levels=self.pyramid_levels,
+            level_iters=self.level_iters, num_iters=self.num_iters,
+            num_layers=self.num_layers, search_init=self.search_init,
+            defocus_estimator=self.defocus_estimator)
 
 
 # ----------------------------------------------------------------------------------------
@@ -284,12 +146,19 @@ class DpanetModel:
             return "synthetic data only"
         return "scenes " + ", ".join(self.train_scenes)
 
-    def info(self, opts: Options, sid: str) -> dict[str, Any]:
+    def settings(self, opts: Options) -> dict[str, Any]:
         return {"checkpoint": str(self.checkpoint), "step": self.step,
                 "model_config": self.config.to_dict(), "tile": opts.dpanet_tile,
-                "overlap": opts.dpanet_overlap, "train_scenes": self.train_scenes,
-                "trained_on_scene": (None if self.train_scenes is None
-                                     else sid in self.train_scenes)}
+                "overlap": opts.dpanet_overlap, "train_scenes": self.train_scenes}
+
+    def info(self, opts: Options, sid: str) -> dict[str, Any]:
+        return {**self.settings(opts), "trained_on_scene": (
+            None if self.train_scenes is None else sid in self.train_scenes)}
+
+    def deblur(self, opts: Options, views: np.ndarray) -> np.ndarray:
+        """[H, W, 1] DPANet estimate in the views' scale (tiled, on the default device)."""
+        return dpanet.deblur_tiled(self.params, self.config, views, tile=opts.dpanet_tile,
+                                   overlap=opts.dpanet_overlap)
 
 
 def load_dpanet(opts: Options) -> DpanetModel:
@@ -324,181 +193,386 @@ def load_dpanet(opts: Options) -> DpanetModel:
     return DpanetModel(ckpt.params, ckpt.config, ckpt.npz, ckpt.step, train_scenes)
 
 
-def dpanet_all_in_focus(opts: Options, model: DpanetModel, views: np.ndarray) -> np.ndarray:
-    """[H, W, 1] DPANet estimate in the views' scale (tiled, on the default device)."""
-    return dpanet.deblur_tiled(model.params, model.config, views, tile=opts.dpanet_tile,
-                               overlap=opts.dpanet_overlap)
+# ----------------------------------------------------------------------------------------
+# The run and its scenes
 
 
-def check_init_flags(opts: Options, scenes: tuple[str, ...]) -> None:
-    """Refuse to reuse a complete dpjax result solved with another --dpanet_init or
-    --search_init, another version of the search start (pipeline.search_init_settings)
-    or another --defocus_estimator (result.json records them all)."""
-    if opts.overwrite:
-        return
-    estimator = base_config(opts).post.defocus
-    for sid in scenes:
-        d = Path(opts.output_dir) / "dpjax" / sid
-        if not outputs.is_complete(d):
-            continue
-        result = json.loads((d / outputs.RESULT_JSON).read_text())
-        for flag, now in (("dpanet_init", opts.dpanet_init), ("search_init", opts.search_init)):
-            was = bool(result.get(flag))
-            if was != now:
-                raise ValueError(
-                    f"{d} holds a dpjax result solved {'with' if was else 'without'} "
-                    f"--{flag}, this run is {'with' if now else 'without'} it; "
-                    "use another --output_dir (or --overwrite to replace it)")
-        was = ((result.get("config") or {}).get("post") or {}).get("defocus", "mean")
-        if was != estimator:
-            raise ValueError(
-                f"{d} holds a dpjax result whose defocus map was read with the {was!r} "
-                f"estimator, this run uses {estimator!r} (--defocus_estimator); use another "
-                "--output_dir (or --overwrite to replace it)")
-        if opts.search_init:
-            record = result.get("search_init") or {}
-            want = pipeline.search_init_settings()
-            other = sorted(k for k in want if record.get(k) != want[k])
-            if other:
-                raise ValueError(
-                    f"{d} holds a dpjax result whose search start used other settings "
-                    f"({', '.join(f'{k}={record.get(k)}' for k in other)}) than this "
-                    "version's; use another --output_dir (or --overwrite to replace it)")
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What every scene of a run shares, checked before any work (`prepare_run`)."""
+
+    opts: Options
+    methods: tuple[str, ...]  # in run order
+    base: dpjax.Config
+    source: scene.KernelSource
+    scene_opts: scene.SceneOptions
+    pairs: dict[str, io.ScenePair]  # the table's scenes, in order
+    model: DpanetModel | None
+
+    def result_dir(self, method: str, sid: str) -> Path:
+        return Path(self.opts.output_dir) / method / sid
+
+
+class Scene:
+    """One scene's inputs, loaded and configured on first use and shared by its methods."""
+
+    def __init__(self, run: Run, pair: io.ScenePair):
+        self.run, self.pair, self.name = run, pair, pair.name
+
+    @functools.cached_property
+    def loaded(self) -> tuple[np.ndarray, dpjax.KernelBank, np.ndarray, np.ndarray, dict]:
+        """(views [2, H, W, 1], bank, gt all-in-focus [H, W], gt defocus [H, W], info)."""
+        return load_scene(self.run, self.pair)
+
+    @functools.cached_property
+    def search(self) -> tuple[presets.SearchMap, float]:
+        """The kernel-symmetry search (the auto range's and the search start's) and its
+        seconds: run once per scene."""
+        views, bank, *_ = self.loaded
+        t0 = time.perf_counter()
+        found = presets.search_defocus(views, bank)
+        return found, time.perf_counter() - t0
+
+    @functools.cached_property
+    def mpi_config(self) -> tuple[dpjax.Config, dict, Any, dict | None, float]:
+        """(cfg, preset record, init, init record, seconds) of the mpi method."""
+        views, bank, *_ = self.loaded
+        run = self.run
+        search = self.search if run.base.init.search or run.opts.preset == "auto" else None
+        timings: dict[str, float] = {}
+        cfg, info, init, init_info = scene.configure(self.name, views, bank, run.scene_opts,
+                                                     timings, search=search)
+        seconds = timings["preset_s"] + timings.get(
+            "search_init_s", search[1] if search else 0.0)
+        return cfg, info, init, init_info, seconds
+
+    @functools.cached_property
+    def stereo_config(self) -> tuple[dpjax.Config, dict, float]:
+        """(cfg, preset record, seconds) of dp_stereo: the preset's range without the
+        probe, from the same search."""
+        views, bank, *_ = self.loaded
+        search = self.search if self.run.opts.preset == "auto" else None
+        cfg, info = presets.resolve(self.run.opts.preset, self.name, views, bank,
+                                    self.run.base, search=search[0] if search else None)
+        return cfg, info, info["seconds"] + (search[1] if search else 0.0)
+
+
+def _check_scenes(opts: Options) -> dict[str, io.ScenePair]:
+    """The table's scenes: the pairs in data_dir with both ground truths (all of
+    --scenes, which must have them)."""
+    data = Path(opts.data_dir)
+    pairs = {p.name: p for p in io.discover_pairs(data)}
+    if opts.scenes:
+        for sid in opts.scenes:
+            if sid not in pairs:
+                raise io.MissingFileError(f"scene {sid}: no {sid}_left.png / _right.png "
+                                          f"pair in {data}")
+            for sub in GT_DIRS:
+                path = data / sub / f"{sid}_gt.png"
+                if not path.is_file():
+                    raise io.MissingFileError(
+                        f"scene {sid}: ground truth not found: {path} (the table scores "
+                        "every scene against its ground truth; drop the scene from --scenes)")
+        names = list(dict.fromkeys(opts.scenes))
+    else:
+        names = [n for n in pairs
+                 if all((data / sub / f"{n}_gt.png").is_file() for sub in GT_DIRS)]
+        for n in sorted(set(pairs) - set(names)):
+            logging.warning("scene %s has no ground truth in %s: not part of the table", n,
+                            data)
+        if not names:
+            raise io.MissingFileError(
+                f"no scene in {data} has ground truth ({', '.join(GT_DIRS)}/NNN_gt.png): "
+                "the table scores every scene against it")
+    for n in names:
+        if pairs[n].left is None or pairs[n].right is None:
+            raise io.MissingFileError(f"scene {n}: one of its two views is missing in {data}")
+    return {n: pairs[n] for n in names}
+
+
+def prepare_run(opts: Options) -> Run:
+    """Checks the options, scenes, calibration and model before any work.
+
+    Raises:
+      ValueError, FileNotFoundError, scene.SetupError: with a message naming the fix.
+    """
+    methods = run_order(opts.methods)
+    base = opts.base_config()
+    pairs = _check_scenes(opts)
+    if opts.preset == "paper":
+        for sid in pairs:
+            presets.paper_config(sid)  # unknown scene ids fail before any work
+    for m in methods:
+        for src in METHODS[m].reads:
+            if src not in methods:
+                for sid in pairs:  # fail before any work, not after the first scenes
+                    _read_result(Path(opts.output_dir), src, sid, reader=m)
+    calib = Path(opts.calib_dir or Path(opts.data_dir) / "calibration")
+    source = scene.kernel_source(scene.KernelOptions(calib_dir=calib,
+                                                     recenter=opts.recenter_kernels),
+                                 2 ** (base.solver.pyramid_levels - 1), opts.crop)
+    model = None
+    if "dpanet" in methods or (opts.dpanet_init and "mpi" in methods):
+        model = load_dpanet(opts)
+        logging.info("DPANet %s (step %d, width %d), trained on %s", model.checkpoint,
+                     model.step, model.config.width, model.trained_on())
+        for sid in sorted(set(pairs) & set(model.train_scenes or ())):
+            logging.warning("scene %s was used to train DPANet: its dpanet%s results are not "
+                            "held-out results", sid, " and mpi" if opts.dpanet_init else "")
+    scene_opts = scene.SceneOptions(base=base, preset=opts.preset, range_probe=opts.range_probe,
+                                    crop_tiles=opts.crop, input_dir=Path(opts.data_dir))
+    return Run(opts=opts, methods=methods, base=base, source=source, scene_opts=scene_opts,
+               pairs=pairs, model=model)
+
+
+def load_scene(run: Run, pair: io.ScenePair):
+    """(views [2, H, W, 1], bank, gt all-in-focus [H, W], gt defocus [H, W], info) of one
+    scene, cropped to the run's kernel tiles (dpjax.scene, as run_solver.py loads it)."""
+    views, info = scene.load_views(pair, run.source, run.scene_opts)
+    bank = scene.make_bank(run.source, info)
+    gt_aif, gt_def = scene.load_ground_truth(run.opts.data_dir, pair.name, views.shape[1:3],
+                                             info)
+    if gt_aif is None or gt_def is None:
+        raise ValueError(f"scene {pair.name}: ground truth unusable: "
+                         f"{'; '.join(info.get('warnings', [])) or 'not found'}")
+    if not np.any(gt_def > 0):
+        raise ValueError(f"scene {pair.name}: the ground-truth defocus map has no valid "
+                         "pixel in this crop")
+    return views, bank, gt_aif, gt_def, info
 
 
 # ----------------------------------------------------------------------------------------
 # Methods
 
 
-def _metrics(aif, defocus, gt_aif, gt_def) -> dict[str, Any]:
-    m = pipeline.score(aif, defocus, gt_all_in_focus=gt_aif, gt_defocus=gt_def)
-    out = {k: None for k, *_ in COLUMNS}
-    out.update(m)
-    return out
+class Output(NamedTuple):
+    """What a method made of one scene: images, result.json fields, its wall time."""
+
+    all_in_focus: np.ndarray  # [H, W, 1]
+    defocus: np.ndarray | None  # [H, W]
+    fields: dict[str, Any]
+    wall_s: float
 
 
-def _common(opts: Options, sid: str, method: str, preset_info: dict | None, *,
-            environment: bool = True) -> dict[str, Any]:
-    """result.json fields shared by every method (solve_scene adds the environment)."""
-    out = {"scene": sid, "method": method, "preset": preset_info, "crop": opts.crop,
-           "recenter_kernels": opts.recenter_kernels, "data_dir": str(opts.data_dir)}
-    if environment:
-        out.update(jax_version=jax.__version__, device=str(jax.devices()[0]))
-    return out
+def _read_result(out_root: Path, method: str, sid: str, *, reader: str) -> dict[str, Any]:
+    d = out_root / method / sid
+    if not outputs.is_complete(d):
+        raise FileNotFoundError(f"{reader} reads the {method} method's result, but {d} holds "
+                                f"no complete one; include {method} in --methods (it runs "
+                                "first)")
+    return json.loads((d / outputs.RESULT_JSON).read_text())
 
 
-def run_dpjax(opts, sid, views, bank, gt_aif, gt_def, cfg, preset_info, out_dir,
-              model: DpanetModel | None = None,
-              search: tuple[presets.SearchMap, float] | None = None) -> None:
-    """search: (the symmetry search, its seconds) for --search_init."""
+def run_mpi(sc: Scene) -> Output:
+    run, opts = sc.run, sc.run.opts
+    views, bank, *_ = sc.loaded
+    cfg, preset_info, init, init_info, start_s = sc.mpi_config
+    fields: dict[str, Any] = {"preset": preset_info}
+    if opts.dpanet_init:
+        t0 = time.perf_counter()
+        aif = run.model.deblur(opts, views)
+        if cfg.init.search:  # the search start's weights, DPANet's colours
+            init, record = pipeline.init_from_search(aif, sc.search[0], cfg)
+            init_info = {**init_info, **record}
+        else:
+            init = pipeline.init_from_all_in_focus(aif, cfg.mpi.num_layers,
+                                                   cfg.solver.pyramid_levels)
+        seconds = time.perf_counter() - t0
+        start_s += seconds
+        fields["dpanet_init"] = {**run.model.info(opts, sc.name), "seconds": seconds}
+    if init_info is not None:
+        fields["search_init"] = init_info
+
     def progress(p: dpjax.Progress):
         if not opts.quiet:
-            logging.info("  dpjax %s: level %d/%d step %d/%d loss %.5g (%.0fs)", sid,
+            logging.info("  mpi %s: level %d/%d step %d/%d loss %.5g (%.0fs)", sc.name,
                          p.num_levels - p.level, p.num_levels, p.step, p.num_steps, p.loss,
                          p.elapsed_s)
 
-    extra = _common(opts, sid, "dpjax", preset_info, environment=False)
-    init, init_s, aif = None, 0.0, None
-    if opts.dpanet_init:
-        t0 = time.perf_counter()
-        aif = dpanet_all_in_focus(opts, model, views)
-        init = pipeline.init_from_all_in_focus(aif, cfg.mpi.num_layers,
-                                               cfg.solver.pyramid_levels)
-        init_s = time.perf_counter() - t0
-        extra["dpanet_init"] = {**model.info(opts, sid), "seconds": init_s}
-    if opts.search_init:
-        sm, search_s = search
-        t0 = time.perf_counter()
-        init, record = pipeline.init_from_search(views.mean(axis=0) if aif is None else aif,
-                                                 sm, cfg)
-        seconds = time.perf_counter() - t0
-        # The search's time counts here unless the auto preset's estimate (whose time
-        # is already in its estimate_s) used it.
-        if preset_info.get("name") != "auto":
-            seconds += search_s
-        init_s += seconds
-        extra["search_init"] = {**record, "search_s": search_s, "seconds": seconds}
-    pipeline.solve_scene(views, bank, cfg, out_dir, gt_all_in_focus=gt_aif, gt_defocus=gt_def,
-                         extra=extra, callback=progress, init=init)
-    # solve_scene scores only the estimate's keys; keep the table's keys uniform.
-    result = json.loads((out_dir / outputs.RESULT_JSON).read_text())
-    result["metrics"] = {**{k: None for k, *_ in COLUMNS}, **result["metrics"]}
-    result["wall_s"] = (result["timings"]["wall_s"] + preset_info.get("estimate_s", 0.0)
-                        + init_s)
-    result.pop("output_files")
-    _rewrite_result(out_dir, result)
+    t0 = time.perf_counter()
+    res = dpjax.fit(views, bank, cfg, callback=progress, init=init, init_is_solution=False)
+    solve_s = time.perf_counter() - t0
+    fields.update(config=config_lib.to_dict(cfg), iterations=list(res.level_iterations),
+                  loss_terms=res.terms, final_loss=(float(res.loss_history[-1])
+                                                    if res.loss_history.size else None),
+                  timings={**res.timings, "solve_s": solve_s, "start_s": start_s})
+    return Output(res.all_in_focus, res.defocus, fields, solve_s + start_s)
 
 
-def _rewrite_result(out_dir: Path, result: dict) -> None:
-    """Rewrites result.json (the images are already complete)."""
-    files = [f for f in outputs.RESULT_FILES if (out_dir / f).is_file() or
-             f == outputs.RESULT_JSON]
-    outputs.write_json(out_dir / outputs.RESULT_JSON, {**result, "output_files": files})
-
-
-def run_input(opts, sid, views, gt_aif, gt_def, out_dir) -> None:
+def run_input(sc: Scene) -> Output:
+    views, *_ = sc.loaded
     t0 = time.perf_counter()
     aif = views.mean(axis=0)
-    wall = time.perf_counter() - t0
-    result = {**_common(opts, sid, "input", None), "timings": {"wall_s": wall}, "wall_s": wall,
-              "metrics": _metrics(aif, None, gt_aif, gt_def)}
-    outputs.write_result(out_dir, all_in_focus=aif, defocus=None, result=result)
+    return Output(aif, None, {}, time.perf_counter() - t0)
 
 
-def run_dpanet(opts, sid, views, gt_aif, gt_def, model: DpanetModel, out_dir) -> None:
-    t0 = time.perf_counter()
-    aif = dpanet_all_in_focus(opts, model, views)
-    wall = time.perf_counter() - t0
-    result = {**_common(opts, sid, "dpanet", None), "dpanet": model.info(opts, sid),
-              "timings": {"wall_s": wall}, "wall_s": wall,
-              "metrics": _metrics(aif, None, gt_aif, gt_def)}
-    outputs.write_result(out_dir, all_in_focus=aif, defocus=None, result=result)
-
-
-def _dpjax_layers(opts: Options, sid: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """dpjax's defocus map and layer scales for this scene (it must have run)."""
-    d = Path(opts.output_dir) / "dpjax" / sid
-    if not outputs.is_complete(d):
-        raise FileNotFoundError(
-            f"wiener deconvolves at dpjax's defocus map, but {d} holds no complete dpjax "
-            "result; include dpjax in --methods (it runs first)")
+def run_wiener(sc: Scene) -> Output:
     import tifffile
 
-    result = json.loads((d / outputs.RESULT_JSON).read_text())
-    cfg = config_lib.from_dict(result["config"])
-    return tifffile.imread(d / "defocus_map.tif"), cfg.mpi.scales(), result
-
-
-def run_wiener(opts, sid, views, bank, gt_aif, gt_def, out_dir) -> None:
-    defocus, scales, dp_result = _dpjax_layers(opts, sid)
+    views, bank, *_ = sc.loaded
+    src = _read_result(Path(sc.run.opts.output_dir), "mpi", sc.name, reader="wiener")
+    defocus_path = sc.run.result_dir("mpi", sc.name) / outputs.DEFOCUS_TIFF
+    scales = config_lib.from_dict(src["config"]).mpi.scales()
+    defocus = tifffile.imread(defocus_path)
     t0 = time.perf_counter()
     aif = baselines.wiener_deconvolve(views, bank, defocus, scales)
-    wall = time.perf_counter() - t0
-    result = {**_common(opts, sid, "wiener", dp_result.get("preset")),
-              "defocus_source": str(Path(opts.output_dir) / "dpjax" / sid / "defocus_map.tif"),
-              "scales": scales, "nsr": baselines.WIENER_NSR,
-              "timings": {"wall_s": wall}, "wall_s": wall,
-              "metrics": _metrics(aif, None, gt_aif, gt_def)}
-    outputs.write_result(out_dir, all_in_focus=aif, defocus=None, result=result)
+    return Output(aif, None, {"preset": src.get("preset"), "defocus_source": str(defocus_path),
+                              "scales": scales, "nsr": baselines.WIENER_NSR},
+                  time.perf_counter() - t0)
 
 
-def run_dp_stereo(opts, sid, views, bank, gt_aif, gt_def, cfg, preset_info, out_dir) -> None:
+def run_dp_stereo(sc: Scene) -> Output:
+    views, bank, *_ = sc.loaded
+    cfg, preset_info, start_s = sc.stereo_config
     t0 = time.perf_counter()
     cands = np.linspace(cfg.mpi.scale_min, cfg.mpi.scale_max, STEREO_CANDIDATES)
     est = baselines.dp_stereo_defocus(views, bank, cands)
     t_stereo = time.perf_counter() - t0
     aif = baselines.wiener_deconvolve(views, bank, est.defocus, cfg.mpi.scales())
-    wall = time.perf_counter() - t0 + preset_info.get("estimate_s", 0.0)
-    result = {**_common(opts, sid, "dp_stereo", preset_info), "candidates": cands,
-              "window": baselines.STEREO_WINDOW, "wiener_scales": cfg.mpi.scales(),
-              "nsr": baselines.WIENER_NSR,
-              "timings": {"stereo_s": t_stereo, "wiener_s": wall - t_stereo, "wall_s": wall},
-              "wall_s": wall, "metrics": _metrics(aif, est.defocus, gt_aif, gt_def)}
-    outputs.write_result(out_dir, all_in_focus=aif, defocus=est.defocus, result=result)
+    t_wiener = time.perf_counter() - t0 - t_stereo
+    return Output(aif, est.defocus, {
+        "preset": preset_info, "candidates": cands, "window": baselines.STEREO_WINDOW,
+        "wiener_scales": cfg.mpi.scales(), "nsr": baselines.WIENER_NSR,
+        "timings": {"start_s": start_s, "stereo_s": t_stereo, "wiener_s": t_wiener}},
+        start_s + t_stereo + t_wiener)
+
+
+def run_dpanet(sc: Scene) -> Output:
+    views, *_ = sc.loaded
+    t0 = time.perf_counter()
+    aif = sc.run.model.deblur(sc.run.opts, views)
+    return Output(aif, None, {"dpanet": sc.run.model.info(sc.run.opts, sc.name)},
+                  time.perf_counter() - t0)
+
+
+def _settings_mpi(run: Run) -> dict[str, Any]:
+    out = {"config": config_lib.to_dict(run.base), "preset": run.opts.preset,
+           "range_probe": run.opts.range_probe, "kernels": runner.kernel_record(run.source)}
+    if run.opts.dpanet_init:  # one value: a change reads "dpanet_init ... -> null"
+        out["dpanet_init"] = json.dumps(run.model.settings(run.opts), sort_keys=True)
+    return out
+
+
+def _settings_stereo(run: Run) -> dict[str, Any]:
+    return {"config": {"mpi": config_lib.to_dict(run.base)["mpi"]}, "preset": run.opts.preset,
+            "candidates": STEREO_CANDIDATES, "kernels": runner.kernel_record(run.source)}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Method:
+    """One table method.
+
+    run: makes one scene's Output. defocus: whether it estimates a defocus map (scored).
+    reads: methods whose results it reads (they run first; their fingerprints are part
+    of its own). settings: what else its result depends on, for its fingerprint.
+    """
+
+    run: Callable[[Scene], Output]
+    defocus: bool
+    reads: tuple[str, ...] = ()
+    settings: Callable[[Run], dict[str, Any]] = lambda run: {}
+
+
+METHODS: dict[str, Method] = {
+    "mpi": Method(run=run_mpi, defocus=True, settings=_settings_mpi),
+    "input": Method(run=run_input, defocus=False),
+    "dp_stereo": Method(run=run_dp_stereo, defocus=True, settings=_settings_stereo),
+    "wiener": Method(run=run_wiener, defocus=False, reads=("mpi",),
+                     settings=lambda run: {"kernels": runner.kernel_record(run.source)}),
+    "dpanet": Method(run=run_dpanet, defocus=False,
+                     settings=lambda run: {"dpanet": run.model.settings(run.opts)}),
+}
+
+
+def run_order(methods, registry: dict[str, Method] | None = None) -> tuple[str, ...]:
+    """The chosen methods, each after the methods it reads (else in registry order).
+
+    Raises:
+      ValueError: an unknown method, or a cycle in `reads`.
+    """
+    registry = METHODS if registry is None else registry
+    unknown = [m for m in methods if m not in registry]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(registry)}")
+    chosen = set(methods)
+    order: list[str] = []
+
+    def visit(m: str, path: tuple[str, ...]) -> None:
+        if m in path:
+            raise ValueError(f"methods read each other: {' -> '.join(path + (m,))}")
+        if m in order:
+            return
+        for src in registry[m].reads:
+            if src in chosen:
+                visit(src, path + (m,))
+        order.append(m)
+
+    for m in registry:
+        if m in chosen:
+            visit(m, ())
+    return tuple(order)
+
+
+def fingerprint(run: Run, method: str, pair: io.ScenePair) -> dict[str, Any]:
+    """The settings fingerprint of one method's result (dpjax.runner.make_fingerprint)."""
+    m = METHODS[method]
+    parts = m.settings(run)
+    if m.reads:
+        parts["reads"] = {
+            src: (_read_result(Path(run.opts.output_dir), src, pair.name, reader=method)
+                  .get("fingerprint") or {}).get("digest") for src in m.reads}
+    pre = {"black_level": None, "allow_8bit": False,
+           "crop_tiles": None if run.opts.crop is None else list(run.opts.crop)}
+    return runner.make_fingerprint(method, pair, pre, **parts)
+
+
+def _needs_solve(run: Run, method: str, sid: str, fp: dict[str, Any]) -> bool:
+    """False when a complete result with the same fingerprint is there (kept)."""
+    d = run.result_dir(method, sid)
+    if not outputs.is_complete(d):
+        return True
+    if run.opts.overwrite:
+        logging.info("%s/%s: --overwrite: solving again", method, sid)
+        return True
+    try:
+        previous = json.loads((d / outputs.RESULT_JSON).read_text())
+    except (OSError, ValueError):
+        return True
+    why = runner.fingerprint_changes(previous.get("fingerprint"), fp)
+    if why is None:
+        logging.info("%s/%s: complete result with the same settings kept (--overwrite to "
+                     "redo)", method, sid)
+        return False
+    logging.warning("%s/%s: solving again, %s", method, sid, why)
+    return True
+
+
+def _write(sc: Scene, method: str, out: Output, fp: dict[str, Any]) -> dict[str, Any]:
+    run = sc.run
+    *_, gt_aif, gt_def, info = sc.loaded
+    m = pipeline.score(out.all_in_focus, out.defocus if METHODS[method].defocus else None,
+                       gt_all_in_focus=gt_aif, gt_defocus=gt_def)
+    unavailable = m.pop("unavailable", None)
+    timings = {**out.fields.get("timings", {}), "wall_s": out.wall_s}
+    result = {"scene": sc.name, "method": method, "preset": None, "crop": _crop_text(run.opts),
+              "recenter_kernels": run.opts.recenter_kernels, "data_dir": str(run.opts.data_dir),
+              "preprocessing": info, "kernels": run.source.info, "fingerprint": fp,
+              "jax_version": jax.__version__, "device": str(jax.devices()[0]),
+              **out.fields, "timings": timings, "wall_s": out.wall_s,
+              "metrics": {**{k: None for k, *_ in COLUMNS}, **m}}
+    if unavailable:
+        result["metrics_unavailable"] = unavailable
+    outputs.write_result(run.result_dir(method, sc.name), all_in_focus=out.all_in_focus,
+                         defocus=out.defocus, result=result)
+    return result
 
 
 # ----------------------------------------------------------------------------------------
 # Table
+
+
+def _crop_text(opts: Options) -> str:
+    return "full" if opts.crop is None else f"{opts.crop[0]}x{opts.crop[1]}"
 
 
 def _fmt(fmt: str, v) -> str:
@@ -517,10 +591,9 @@ def collect_rows(opts: Options, methods, scenes) -> list[dict[str, Any]]:
                 continue
             r = json.loads((d / outputs.RESULT_JSON).read_text())
             m = r.get("metrics", {})
-            row = {"method": method, "preset": opts.preset, "scene": sid,
-                   **{k: m.get(k) for k, *_ in COLUMNS},
-                   "wall_s": r.get("wall_s", r.get("timings", {}).get("wall_s"))}
-            per.append(row)
+            per.append({"method": method, "preset": opts.preset, "scene": sid,
+                        **{k: m.get(k) for k, *_ in COLUMNS},
+                        "wall_s": r.get("wall_s", r.get("timings", {}).get("wall_s"))})
         rows += per
         if per:
             mean = {"method": method, "preset": opts.preset, "scene": "mean"}
@@ -547,10 +620,30 @@ def write_tables(opts: Options, rows: list[dict[str, Any]], header: str) -> None
              "|---|---|" + "---:|" * (len(COLUMNS) + 1)]
     for r in rows:
         name = f"**{r['method']}**" if r["scene"] == "mean" else r["method"]
-        scene = "**mean**" if r["scene"] == "mean" else r["scene"]
+        sid = "**mean**" if r["scene"] == "mean" else r["scene"]
         cells = [_fmt(f, r[k]) for k, _, _, f in COLUMNS] + [_fmt("{:.0f}", r["wall_s"])]
-        lines.append(f"| {name} | {scene} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {sid} | " + " | ".join(cells) + " |")
     outputs.atomic_write_bytes(out / "table.md", ("\n".join(lines) + "\n").encode())
+
+
+def _header(run: Run) -> str:
+    opts, cfg = run.opts, run.base
+    s = cfg.solver
+    sched = (f"pyramid_levels={s.pyramid_levels}, level_iters="
+             f"{','.join(map(str, s.level_iters))}" if s.level_iters else
+             f"pyramid_levels={s.pyramid_levels}, num_iters={s.num_iters}, "
+             f"coarse_iters={s.coarse_iters}")
+    header = (f"Pixel 4 table: preset {opts.preset}, crop {_crop_text(opts)}, {sched}, "
+              f"num_layers={cfg.mpi.num_layers}, recenter_kernels={opts.recenter_kernels}, "
+              f"search_init={cfg.init.search}, defocus={cfg.post.defocus}; "
+              f"{platform.node()} ({jax.devices()[0].platform}). Defocus metrics on the "
+              "8-bit ground truth in [0, 1] units; image metrics after ±6 px alignment and "
+              "affine intensity fit.")
+    if run.model is not None:
+        header += (f" DPANet: {run.model.checkpoint} (step {run.model.step}, width "
+                   f"{run.model.config.width}), trained on {run.model.trained_on()}"
+                   f"{'; mpi initialised from it (--dpanet_init)' if opts.dpanet_init else ''}.")
+    return header
 
 
 # ----------------------------------------------------------------------------------------
@@ -558,161 +651,80 @@ def write_tables(opts: Options, rows: list[dict[str, Any]], header: str) -> None
 
 
 def run(opts: Options) -> list[dict[str, Any]]:
-    """Runs every method on every scene (skipping complete ones) and writes the tables.
-
-    Returns:
-      The table rows.
-    """
-    unknown = [m for m in opts.methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    if opts.preset not in ("auto", "paper"):
-        raise ValueError(f"unknown preset {opts.preset!r}; use 'auto' or 'paper'")
-    methods = sorted(dict.fromkeys(opts.methods), key=_ORDER.__getitem__)
-    opts = dataclasses.replace(opts, search_init=presets.uses_search_init(opts.preset,
-                                                                          opts.search_init),
-                               defocus_estimator=presets.defocus_estimator(
-                                   opts.preset, opts.defocus_estimator))
-    scenes = tuple(opts.scenes) if opts.scenes else discover_scenes(opts.data_dir)
-    if opts.preset == "paper":
-        for sid in scenes:
-            presets.paper_config(sid)  # unknown scene ids fail before any work
-    check_inputs(opts, scenes)
-    if "wiener" in methods and "dpjax" not in methods:
-        for sid in scenes:  # fail before any work, not after the first scenes
-            _dpjax_layers(opts, sid)
-    if "dpjax" in methods:
-        check_init_flags(opts, scenes)
-    model = None
-    if "dpanet" in methods or (opts.dpanet_init and "dpjax" in methods):
-        model = load_dpanet(opts)
-        logging.info("DPANet %s (step %d, width %d), trained on %s", model.checkpoint,
-                     model.step, model.config.width, model.trained_on())
-        for sid in sorted(set(scenes) & set(model.train_scenes or ())):
-            logging.warning("scene %s was used to train DPANet: its dpanet%s results are not "
-                            "held-out results", sid, " and dpjax" if opts.dpanet_init else "")
-    base = base_config(opts)
-    bank, block = load_bank(opts)
-    tile = bank.grid.tile_h
+    """Runs every method on every scene (keeping results with the same fingerprint) and
+    writes the tables. Returns the table rows."""
+    r = prepare_run(opts)
     out = Path(opts.output_dir)
-    logging.info("methods %s, scenes %s, preset %s, crop %s, schedule %s", methods, scenes,
-                 opts.preset, opts.crop, base.solver.level_iters or base.solver.num_iters)
-
-    for sid in scenes:
-        todo = [m for m in methods if opts.overwrite or not outputs.is_complete(out / m / sid)]
-        for m in set(methods) - set(todo):
-            logging.info("%s/%s: complete result found, kept (--overwrite to redo)", m, sid)
-        if not todo:
-            continue
-        views, gt_aif, gt_def = load_scene(opts, sid, bank, block, tile)
-        configs: dict[str, tuple[dpjax.Config, dict]] = {}
-        search = None  # --search_init: one symmetry search, also the auto range's
-        if opts.search_init and "dpjax" in todo:
-            t0 = time.perf_counter()
-            search = (presets.search_defocus(views, bank), time.perf_counter() - t0)
-        searched = None  # dp_stereo, and dpjax without --range_probe, share one search
-        for m in (m for m in ("dpjax", "dp_stereo") if m in todo):
-            if m == "dpjax" and opts.range_probe:
-                configs[m] = scene_config(opts, sid, views, bank, base, probe=True,
-                                          search=search)
-            else:
-                searched = searched or scene_config(opts, sid, views, bank, base,
-                                                    search=search)
-                configs[m] = searched
-            cfg, preset_info = configs[m]
-            logging.info("scene %s: %s preset for %s, scales [%.2f, %.2f] (%.1fs)", sid,
-                         opts.preset, m, cfg.mpi.scale_min, cfg.mpi.scale_max,
-                         preset_info["estimate_s"])
-        for m in todo:
-            t0 = time.perf_counter()
-            d = out / m / sid
-            if m == "dpjax":
-                run_dpjax(opts, sid, views, bank, gt_aif, gt_def, *configs[m], d, model,
-                          search)
-            elif m == "dpanet":
-                run_dpanet(opts, sid, views, gt_aif, gt_def, model, d)
-            elif m == "input":
-                run_input(opts, sid, views, gt_aif, gt_def, d)
-            elif m == "wiener":
-                run_wiener(opts, sid, views, bank, gt_aif, gt_def, d)
-            elif m == "dp_stereo":
-                run_dp_stereo(opts, sid, views, bank, gt_aif, gt_def, *configs[m], d)
-            r = json.loads((d / outputs.RESULT_JSON).read_text())["metrics"]
-            logging.info("%s/%s done in %.0fs: %s", m, sid, time.perf_counter() - t0,
-                         "  ".join(f"{k} {v:.4g}" for k, v in r.items()
-                                   if isinstance(v, float)))
-
-    rows = collect_rows(opts, methods, scenes)
-    sched = (f"pyramid_levels={base.solver.pyramid_levels}, level_iters="
-             f"{','.join(map(str, base.solver.level_iters))}" if base.solver.level_iters
-             else f"pyramid_levels={base.solver.pyramid_levels}, num_iters="
-                  f"{base.solver.num_iters}, coarse_iters={base.solver.coarse_iters}")
-    header = (f"Pixel 4 table: preset {opts.preset}, crop {opts.crop}, {sched}, "
-              f"recenter_kernels={opts.recenter_kernels}, search_init={opts.search_init}, "
-              f"defocus={base.post.defocus}; "
-              f"{platform.node()} "
-              f"({jax.devices()[0].platform}). Defocus metrics on the 8-bit ground truth "
-              "in [0, 1] units; image metrics after ±6 px alignment and affine intensity fit.")
-    if model is not None:
-        header += (f" DPANet: {model.checkpoint} (step {model.step}, width "
-                   f"{model.config.width}), trained on {model.trained_on()}"
-                   f"{'; dpjax initialised from it (--dpanet_init)' if opts.dpanet_init else ''}.")
-    write_tables(opts, rows, header)
+    runner.check_output_dir(out)
+    lock = runner.OutputLock(out)
+    lock.acquire()
+    try:
+        logging.info("methods %s, scenes %s, preset %s, crop %s, schedule %s", r.methods,
+                     tuple(r.pairs), opts.preset, _crop_text(opts),
+                     r.base.solver.level_iters or r.base.solver.num_iters)
+        for pair in r.pairs.values():
+            sc = Scene(r, pair)
+            for method in r.methods:
+                fp = fingerprint(r, method, pair)
+                if not _needs_solve(r, method, pair.name, fp):
+                    continue
+                t0 = time.perf_counter()
+                result = _write(sc, method, METHODS[method].run(sc), fp)
+                logging.info("%s/%s done in %.0fs: %s", method, pair.name,
+                             time.perf_counter() - t0,
+                             "  ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items()
+                                       if isinstance(v, float)))
+        rows = collect_rows(opts, r.methods, tuple(r.pairs))
+        write_tables(opts, rows, _header(r))
+    finally:
+        lock.release()
     logging.info("wrote %s and %s", out / "table.md", out / "table.csv")
     return rows
 
 
 # ----------------------------------------------------------------------------------------
-# Flags (defined only here, and only when run as a program: experiments/dpanet_init.py
-# imports this module for its scene loading and defines its own flags)
+# Flags (defined only when run as a program: experiments/dpanet_init.py imports this
+# module for its scene loading and defines its own flags)
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    d = flags
-    d.DEFINE_string("data_dir", str(DEFAULT_DATA_DIR), "Pixel 4 dataset folder.")
-    d.DEFINE_string("calib_dir", None, "Calibration folder (default DATA_DIR/calibration).")
-    d.DEFINE_list("scenes", None, "Scene ids (default: every NNN_left.png in data_dir).")
-    d.DEFINE_list("methods", list(DEFAULT_METHODS), f"Methods among {', '.join(METHODS)}.")
-    d.DEFINE_enum("preset", "auto", ["auto", "paper"],
-                  "auto: layer range from the DP pair, one weight set; paper: per-scene "
-                  "values of the paper's code.")
-    d.DEFINE_enum("defocus_estimator", None, ["mean", "sharpened"], "dpjax: how the "
-                  "defocus map is read off the solved layers, mean (the paper's) or "
-                  "sharpened (dpjax.mpi.defocus_sharpened). Default: sharpened with "
-                  "--preset=auto, mean with paper.")
-    d.DEFINE_bool("range_probe", False, "auto preset: refine each scene's searched layer "
-                  "range with a short coarse-level solve (dpjax.presets.probe_scale_range; "
-                  "about +20% dpjax time; not used by dp_stereo).")
-    d.DEFINE_bool("search_init", None, "dpjax: start each layer's weights near the kernel-"
-                  "symmetry search's defocus map (dpjax.pipeline.init_from_defocus) instead "
-                  "of the paper's uniform start. Default: on with --preset=auto (whose "
-                  "range estimate runs the same search), off with --preset=paper.")
-    d.DEFINE_integer("num_iters", None, "Iterations at the finest level (used when "
-                     "--level_iters is not given).")
-    d.DEFINE_integer("pyramid_levels", 3, "Coarse-to-fine levels (1 = single scale).")
-    d.DEFINE_list("level_iters", None, "Per-level budgets, coarsest first (default "
-                  f"{','.join(map(str, DEFAULT_LEVEL_ITERS))} with 3 levels and no "
-                  "--num_iters).")
-    d.DEFINE_string("crop", "full", "'full' or RxC: the central R x C block of kernel tiles.")
-    d.DEFINE_bool("recenter_kernels", True, "Re-centre each tile's kernel pair (data README).")
-    d.DEFINE_string("output_dir", "out/pixel4", "Where results and tables are written.")
-    d.DEFINE_bool("overwrite", False, "Recompute scenes that already have a complete result.")
-    d.DEFINE_bool("quiet", False, "Only log warnings.")
-    d.DEFINE_string("compilation_cache_dir", None, "Persistent JAX compilation cache "
-                    "folder (created if missing): later runs with the same shapes reuse the "
-                    "compiled solver instead of compiling it again. Default: none "
-                    "(JAX_COMPILATION_CACHE_DIR in the environment also works).")
-    d.DEFINE_string("dpanet_checkpoint", None, "DPANet checkpoint for --methods=dpanet and "
-                    "--dpanet_init: a ckpt_<step>.npz or a training output folder (its latest "
-                    "checkpoint); default experiments/checkpoints/dpanet_w8/.")
-    d.DEFINE_bool("dpanet_init", False, "Initialise the dpjax MPI from DPANet's all-in-focus "
-                  "image (every layer's colour) instead of the mean of the views.")
-    d.DEFINE_integer("dpanet_tile", dpanet.DEFAULT_TILE, "DPANet inference tile side in px "
-                     "(a multiple of 16); memory grows with its square.")
-    d.DEFINE_integer("dpanet_overlap", dpanet.DEFAULT_OVERLAP, "Least overlap of DPANet tiles "
-                     "in px (a multiple of 16, below the tile side).")
+    common.define_common(output_dir="out/pixel4", presets=("auto", "paper"))
+    flags.DEFINE_string("data_dir", str(DEFAULT_DATA_DIR), "Pixel 4 dataset folder (its "
+                        "scenes with ground truth are the table's; calibration/ inside is "
+                        "the default --calib_dir).")
+    flags.DEFINE_list("methods", list(Options().methods),
+                      f"Methods among {', '.join(METHODS)}.")
+    flags.DEFINE_bool("dpanet_init", False, "Start the mpi method's layer colours from "
+                      "DPANet's all-in-focus image instead of the mean of the views.")
+
+
+def options_from_flags() -> Options:
+    """Options of the flags (UsageError for bad values)."""
+    try:
+        level_iters = (tuple(int(v) for v in FLAGS.level_iters)
+                       if FLAGS.level_iters else None)
+    except ValueError:
+        raise app.UsageError(f"--level_iters must be integers, got {FLAGS.level_iters}") from None
+    opts = Options(
+        data_dir=Path(FLAGS.data_dir), calib_dir=common.path_or_none(FLAGS.calib_dir),
+        scenes=(tuple(s.zfill(3) if s.isdigit() else s for s in FLAGS.scenes)
+                if FLAGS.scenes else None),
+        methods=tuple(FLAGS.methods), preset=FLAGS.preset, range_probe=FLAGS.range_probe,
+        defocus_estimator=FLAGS.defocus_estimator, search_init=FLAGS.search_init,
+        pyramid_levels=FLAGS.pyramid_levels, level_iters=level_iters,
+        num_iters=FLAGS.num_iters, num_layers=FLAGS.num_layers,
+        crop=common.parse_rxc(FLAGS.crop, "crop"), recenter_kernels=FLAGS.recenter_kernels,
+        output_dir=Path(FLAGS.output_dir), overwrite=FLAGS.overwrite, quiet=FLAGS.quiet,
+        dpanet_checkpoint=common.path_or_none(FLAGS.dpanet_checkpoint),
+        dpanet_init=FLAGS.dpanet_init, dpanet_tile=FLAGS.dpanet_tile,
+        dpanet_overlap=FLAGS.dpanet_overlap)
+    try:
+        opts.base_config()
+    except ValueError as e:
+        raise app.UsageError(f"invalid solver settings: {e}") from None
+    return opts
 
 
 def main(argv):
@@ -720,34 +732,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.quiet:
         logging.set_verbosity(logging.WARNING)
-    if FLAGS.compilation_cache_dir:
-        try:
-            batch.use_compilation_cache(FLAGS.compilation_cache_dir)
-        except ValueError as e:
-            raise app.UsageError(f"--compilation_cache_dir: {e}") from e
-    try:
-        level_iters = (tuple(int(v) for v in FLAGS.level_iters)
-                       if FLAGS.level_iters else None)
-    except ValueError as e:
-        raise app.UsageError(f"--level_iters must be integers: {FLAGS.level_iters}") from e
-    opts = Options(
-        data_dir=Path(FLAGS.data_dir),
-        calib_dir=Path(FLAGS.calib_dir) if FLAGS.calib_dir else None,
-        scenes=(tuple(s.zfill(3) if s.isdigit() else s for s in FLAGS.scenes)
-                if FLAGS.scenes else None),
-        methods=tuple(FLAGS.methods), preset=FLAGS.preset, range_probe=FLAGS.range_probe,
-        defocus_estimator=FLAGS.defocus_estimator,
-        search_init=FLAGS.search_init,
-        num_iters=FLAGS.num_iters,
-        pyramid_levels=FLAGS.pyramid_levels, level_iters=level_iters, crop=FLAGS.crop,
-        recenter_kernels=FLAGS.recenter_kernels, output_dir=Path(FLAGS.output_dir),
-        overwrite=FLAGS.overwrite, quiet=FLAGS.quiet,
-        dpanet_checkpoint=Path(FLAGS.dpanet_checkpoint) if FLAGS.dpanet_checkpoint else None,
-        dpanet_init=FLAGS.dpanet_init, dpanet_tile=FLAGS.dpanet_tile,
-        dpanet_overlap=FLAGS.dpanet_overlap)
+    opts = options_from_flags()
+    common.use_compilation_cache()
     try:
         run(opts)
-    except (ValueError, FileNotFoundError) as e:  # bad input: a clear message, no traceback
+    except (ValueError, FileNotFoundError, scene.SetupError) as e:  # a clear message
         logging.error("%s", e)
         print(f"reproduce_table: error: {e}", file=sys.stderr)
         return 1
