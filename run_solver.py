@@ -238,7 +238,6 @@ def run_batch(opts, *, devices=None, process_index: int = 0, process_count: int 
     status."""
     _load_dpjax()
     from dpjax import runner
-
     from dpjax_apps.display import Display
 
     display = Display(quiet)
@@ -286,7 +285,7 @@ def detect_cluster(environ=os.environ) -> str | None:
     return None
 
 
-def init_distributed() -> tuple[int, int, Gather | None]:
+def init_distributed() -> tuple[int, int, Any]:
     """jax.distributed.initialize per the flags; returns (index, count, gather)."""
     import jax
 

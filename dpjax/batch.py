@@ -48,8 +48,8 @@ from __future__ import annotations
 import dataclasses
 import html
 import math
-import urllib.parse
 import os
+import urllib.parse
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar

@@ -303,7 +303,7 @@ def test_reproduce_table_input_and_dpanet(tmp_path, pixel4_dir, ckpt_dir, reprod
     rt = reproduce_table
     out = tmp_path / "out"
     opts = rt.Options(data_dir=pixel4_dir, scenes=("011",), methods=("input", "dpanet"),
-                      crop="1x1", output_dir=out, quiet=True, dpanet_checkpoint=ckpt_dir,
+                      crop=(1, 1), output_dir=out, quiet=True, dpanet_checkpoint=ckpt_dir,
                       dpanet_tile=TILE, dpanet_overlap=OVERLAP)
     rows = rt.run(opts)
     d = out / "dpanet" / "011"
@@ -328,7 +328,7 @@ def test_reproduce_table_input_and_dpanet(tmp_path, pixel4_dir, ckpt_dir, reprod
 
 def test_reproduce_table_dpanet_errors(tmp_path, pixel4_dir, monkeypatch, reproduce_table):
     rt = reproduce_table
-    base = rt.Options(data_dir=pixel4_dir, scenes=("011",), methods=("dpanet",), crop="1x1",
+    base = rt.Options(data_dir=pixel4_dir, scenes=("011",), methods=("dpanet",), crop=(1, 1),
                       output_dir=tmp_path / "out")
     monkeypatch.setattr(rt, "DEFAULT_DPANET_CHECKPOINT", tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match="train_dpanet.py"):
@@ -338,11 +338,6 @@ def test_reproduce_table_dpanet_errors(tmp_path, pixel4_dir, monkeypatch, reprod
         rt.run(dataclasses.replace(base, dpanet_checkpoint=tmp_path / "nope"))
     with pytest.raises(ValueError, match="--dpanet_tile"):
         rt.run(dataclasses.replace(base, dpanet_tile=50))
-    # A dpjax result solved with --dpanet_init is not reused by a run without it.
-    outputs.write_result(tmp_path / "out" / "dpjax" / "011", all_in_focus=np.ones((4, 4)),
-                         defocus=None, result={"dpanet_init": {"step": 5}})
-    with pytest.raises(ValueError, match="solved with --dpanet_init"):
-        rt.run(dataclasses.replace(base, methods=("dpjax",)))
     assert not (tmp_path / "out" / "table.md").exists()  # all before any work
 
 

@@ -22,8 +22,10 @@ from dpjax import outputs
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-import run_solver  # noqa: E402
 from test_runner import _by_scene, _summary, _texture, _write_tiff_pair  # noqa: E402
+
+import run_solver  # noqa: E402
+
 
 def test_detect_cluster():
     assert run_solver.detect_cluster({}) is None
