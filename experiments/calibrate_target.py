@@ -1,7 +1,8 @@
 """Dual-pixel blur kernels from a target capture (no calibration lab needed).
 
   python experiments/calibrate_target.py --blurred_dir=DIR --sharp_dir=DIR \
-      --output_dir=CALIB [--grid=4x6] [--kernel_size=21] [--input_encoding=auto]
+      --output_dir=CALIB [--grid=4x6] [--kernel_size=21] [--input_encoding=auto] \
+      [--smooth_weight=auto] [--montage=kernels.png]
 
 Shoot a flat textured target (a printed or displayed noise pattern, posters on a
 wall) twice with the same framing: blurred at the working aperture with the target
@@ -17,6 +18,11 @@ the kernels per tile (left | right). The grid of --grid tiles of --tile_size px
 (default: the largest that fits) is centred in the frame. The kernels describe the
 blur at the target's defocus (scale s = 1); dpjax rescales them per layer.
 
+The smoothness weight is chosen by cross-validation by default (held-out
+checkerboard squares, one fit per candidate, then a final fit on all pixels), and
+each kernel is refit on its connected core (--prune_threshold) so that specks least
+squares parks far from the kernel do not widen the saved window.
+
 Inputs: 8-bit files are sRGB-encoded display exports (e.g. Canon DPP) and are
 linearised; 16-bit files are taken as linear (minus --black_level). Override with
 --input_encoding. Exit status 0 on success, 1 with a one-line error on bad input.
@@ -24,6 +30,7 @@ linearised; 16-bit files are taken as linear (minus --black_level). Override wit
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -45,8 +52,14 @@ flags.DEFINE_integer("tile_size", 0, "Tile side in px (0: the largest that fits)
 flags.DEFINE_integer("kernel_size", tc.KernelFitConfig.kernel_size,
                      "Odd side of the estimated kernels: pick it generously; the saved "
                      "kernels are cropped to their extent (--crop_mass).")
-flags.DEFINE_float("smooth_weight", tc.KernelFitConfig.smooth_weight,
-                   "Weight of the kernel smoothness prior (dimensionless).")
+flags.DEFINE_string("smooth_weight", "auto",
+                    "Weight of the kernel smoothness prior (dimensionless), or 'auto': the "
+                    "--smooth_candidates value that best predicts held-out pixels "
+                    "(dpjax.target_calib.select_smooth_weight).")
+flags.DEFINE_list("smooth_candidates", ["1e-4", "1e-3", "1e-2", "1e-1", "1"],
+                  "Candidate weights for --smooth_weight=auto.")
+flags.DEFINE_integer("holdout_block", 16, "Held-out checkerboard square (px) for "
+                     "--smooth_weight=auto.")
 flags.DEFINE_enum("input_encoding", "auto", ["auto", "srgb", "linear"],
                   "auto: 8-bit files are sRGB, 16-bit files linear.")
 flags.DEFINE_float("black_level", 0.0, "Black level subtracted from linear inputs (file units).")
@@ -102,6 +115,16 @@ def _read_linear(path: Path, encoding: str, black_level: float) -> tuple[np.ndar
     return np.maximum(x - black_level, 0.0) / (full - black_level), encoding
 
 
+def _floats(name: str, values) -> list[float]:
+    try:
+        out = [float(v) for v in values]
+    except ValueError:
+        raise _BadInput(f"--{name} must be numbers (or 'auto'), got {values}") from None
+    if not out or any(not v >= 0 for v in out):
+        raise _BadInput(f"--{name} must be >= 0, got {values}")
+    return out
+
+
 def _parse_grid(text: str) -> tuple[int, int]:
     try:
         rows, cols = (int(v) for v in text.lower().split("x"))
@@ -139,7 +162,7 @@ def calibrate() -> dict:
         raise _BadInput(f"--grid={FLAGS.grid} is too fine for a {height}x{width} frame")
 
     cfg = tc.KernelFitConfig(
-        kernel_size=FLAGS.kernel_size, smooth_weight=FLAGS.smooth_weight,
+        kernel_size=FLAGS.kernel_size,
         per_tile_gain=FLAGS.per_tile_gain, subpixel=FLAGS.subpixel, max_shift=FLAGS.max_shift,
         saturation=FLAGS.saturation if FLAGS.saturation > 0 else None,
         max_iters=FLAGS.max_iters, prune_threshold=FLAGS.prune_threshold)
@@ -149,6 +172,17 @@ def calibrate() -> dict:
         raise _BadInput(f"the best alignment shift {alignment.integer_shift} is at the edge "
                         f"of the search (--max_shift={cfg.max_shift}); raise --max_shift or "
                         "check that both shots have the same framing")
+    scores = None
+    if FLAGS.smooth_weight == "auto":
+        candidates = tuple(_floats("smooth_candidates", FLAGS.smooth_candidates))
+        weight, scores = tc.select_smooth_weight(
+            views, sharp, grid=grid, tile=tile, config=cfg, candidates=candidates,
+            holdout_block=FLAGS.holdout_block, alignment=alignment)
+        logging.info("held-out PSNR per smooth weight: %s -> %g",
+                     {w: round(p, 3) for w, p in scores.items()}, weight)
+    else:
+        (weight,) = _floats("smooth_weight", [FLAGS.smooth_weight])
+    cfg = dataclasses.replace(cfg, smooth_weight=weight)
     fit = tc.estimate_tile_kernels(views, sharp, grid=grid, tile=tile, config=cfg,
                                    alignment=alignment)
     seconds = time.time() - t0
@@ -158,6 +192,7 @@ def calibrate() -> dict:
         "image_shape": [height, width],
         "input_encoding": sorted(encodings),
         "options": cfg,
+        "smooth_weight_heldout_psnr": scores,
         "seconds": seconds,
     }
     saved = tc.write_target_calibration(FLAGS.output_dir, fit, crop_mass=FLAGS.crop_mass,

@@ -290,6 +290,7 @@ def test_cli_end_to_end_and_bad_size(scene, tmp_path):
         _write_png(sharp_dir / name, scene["sharp"])
     proc = _run_cli(f"--blurred_dir={blurred_dir}", f"--sharp_dir={sharp_dir}",
                     f"--output_dir={out}", "--grid=2x3", "--kernel_size=15",
+                    "--smooth_candidates=1e-3,1e-1",
                     f"--montage={tmp_path / 'k.png'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     calib = io_lib.load_calibration_kernels(out)
@@ -298,6 +299,8 @@ def test_cli_end_to_end_and_bad_size(scene, tmp_path):
     assert l1.mean() < 0.25, l1  # 8-bit quantisation of the inputs costs accuracy
     meta = json.loads((out / "kernels_meta.json").read_text())
     assert meta["input_encoding"] == ["srgb"]
+    assert set(meta["smooth_weight_heldout_psnr"]) == {"0.001", "0.1"}
+    assert meta["options"]["smooth_weight"] in (1e-3, 1e-1)
     assert (tmp_path / "k.png").is_file()
 
     Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(sharp_dir / "r.png")
