@@ -245,7 +245,7 @@ def align_sharp(sharp, blurred, *, max_shift: int = 8, lowpass_sigma: float = 2.
             return 0.0
         return float(np.clip(0.5 * (lo - hi) / curv, -0.5, 0.5))
 
-    at_edge = abs(iy) == m or abs(ix) == m
+    at_edge = m > 0 and (abs(iy) == m or abs(ix) == m)
     fy = fx = 0.0
     if m > 0 and not at_edge:
         c = (iy + m, ix + m)
@@ -661,7 +661,8 @@ def estimate_tile_kernels(blurred_views, sharp, *, grid: tuple[int, int], tile: 
     energy = (dev * dev).sum(axis=(1, 2, 3))
     flat = np.flatnonzero(~(energy > 0))
     if flat.size:
-        raise ValueError(f"tiles {flat.tolist()} have no texture in the sharp frame")
+        raise ValueError(f"tiles {flat.tolist()} have no texture in the sharp frame "
+                         "where usable (unclipped) pixels remain")
     s_spec = np.fft.rfft2(patches, s=(fft_n, fft_n))  # [T, C, N, N//2+1]
 
     h0 = np.broadcast_to(_initial_kernel(k), (2, rows * cols, k, k))
