@@ -748,15 +748,24 @@ def load_calibration_kernels(calib_dir, *, grid: tuple[int, int] | None = None,
                              tile_size=int(tile_size))
 
 
-def save_calibration_kernels(calib_dir, calib: CalibratedKernels) -> None:
-    """Write blur_kernels_{left,right}.npy and kernels_meta.json (grid, tile size), atomically."""
+def save_calibration_kernels(calib_dir, calib: CalibratedKernels, *,
+                             extra_meta: dict | None = None) -> None:
+    """Write blur_kernels_{left,right}.npy and kernels_meta.json (grid, tile size), atomically.
+
+    extra_meta: more kernels_meta.json entries (how the kernels were estimated, ...);
+    they may not redefine "grid" or "tile_size". Loaders read only those two.
+    """
     from dpjax.outputs import atomic_write, write_json
 
     calib_dir = Path(calib_dir)
+    meta = {"grid": list(calib.grid), "tile_size": calib.tile_size}
+    clash = sorted(set(meta) & set(extra_meta or {}))
+    if clash:
+        raise ValueError(f"extra_meta may not redefine {clash}")
     kernels = _validate_kernels(np.asarray(calib.kernels), tuple(calib.grid), "save")
     for v, fname in enumerate((KERNELS_LEFT, KERNELS_RIGHT)):
         atomic_write(calib_dir / fname, lambda fh, k=kernels[v]: np.save(fh, k))
-    write_json(calib_dir / KERNELS_META, {"grid": list(calib.grid), "tile_size": calib.tile_size})
+    write_json(calib_dir / KERNELS_META, {**meta, **(extra_meta or {})})
 
 
 def check_kernels_match_image(calib: CalibratedKernels, height: int, width: int) -> None:
