@@ -84,7 +84,6 @@ __all__ = [
     "project_simplex",
     "select_smooth_weight",
     "shift_image",
-    "srgb_to_linear",
     "write_target_calibration",
 ]
 
@@ -93,12 +92,6 @@ METHOD_NAME = "target_least_squares"
 
 # ----------------------------------------------------------------------------------------
 # Small numpy helpers
-
-
-def srgb_to_linear(values) -> np.ndarray:
-    """The sRGB decoding function (IEC 61966-2-1) on values in [0, 1]."""
-    v = np.asarray(values, np.float64)
-    return np.where(v > 0.04045, ((v + 0.055) / 1.055) ** 2.4, v / 12.92)
 
 
 def _gaussian_lowpass(image: np.ndarray, sigma: float) -> np.ndarray:

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags, logging
 
+from dpjax import encoding as encoding_lib
 from dpjax import io as io_lib
 from dpjax import outputs
 from dpjax import target_calib as tc
@@ -60,8 +61,8 @@ flags.DEFINE_list("smooth_candidates", ["1e-4", "1e-3", "1e-2", "1e-1", "1"],
                   "Candidate weights for --smooth_weight=auto.")
 flags.DEFINE_integer("holdout_block", 16, "Held-out checkerboard square (px) for "
                      "--smooth_weight=auto.")
-flags.DEFINE_enum("input_encoding", "auto", ["auto", "srgb", "linear"],
-                  "auto: 8-bit files are sRGB, 16-bit files linear.")
+flags.DEFINE_string("input_encoding", "auto", "As run_solver.py's --input_encoding: auto "
+                    "(8-bit files sRGB, 16-bit linear), linear, srgb or gamma:G.")
 flags.DEFINE_float("black_level", 0.0, "Black level subtracted from linear inputs (file units).")
 flags.DEFINE_integer("max_shift", tc.KernelFitConfig.max_shift,
                      "Alignment search radius in px (sharp vs blurred frame).")
@@ -106,10 +107,14 @@ def _read_linear(path: Path, encoding: str, black_level: float) -> tuple[np.ndar
     if depth is None:  # floating-point TIFF: taken as linear, as is
         return x, "linear"
     full = float(2**depth - 1)
-    if encoding == "auto":
-        encoding = "srgb" if depth == 8 else "linear"
-    if encoding == "srgb":
-        return tc.srgb_to_linear(x / full), encoding
+    try:
+        enc = (encoding_lib.auto_encoding(depth, raw_format=False) if encoding == "auto"
+               else encoding_lib.parse_encoding(encoding))
+    except ValueError as e:
+        raise _BadInput(f"--input_encoding: {e}") from None
+    if not enc.is_linear:
+        return np.asarray(encoding_lib.to_linear(x / full, enc), np.float64), str(enc)
+    encoding = str(enc)
     if black_level >= full:
         raise _BadInput(f"--black_level={black_level:g} is not below the full scale {full:g}")
     return np.maximum(x - black_level, 0.0) / (full - black_level), encoding
