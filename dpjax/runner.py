@@ -268,6 +268,8 @@ def fingerprint_changes(old: dict[str, Any] | None, new: dict[str, Any],
         return "no settings fingerprint in the previous result (older dpjax)"
     if old.get("digest") == new.get("digest"):
         return None
+    if old.get("method") != new.get("method"):  # everything else differs with it
+        return f"settings changed: method {old.get('method')} -> {new.get('method')}"
     a, b = _flatten({k: v for k, v in old.items() if k != "digest"}), _flatten(
         {k: v for k, v in new.items() if k != "digest"})
     changed = []

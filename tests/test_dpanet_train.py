@@ -133,8 +133,9 @@ def _run_app(out_dir, steps, env, *extra):
 def test_train_app_runs_and_resumes(tmp_path, request):
     # A persistent compilation cache lets the second invocation reuse the first's
     # executables (and repeated test sessions reuse both).
-    cache = request.config.cache.mkdir("jax_compilation_cache") if request.config.cache else (
-        tmp_path / "jax_cache")
+    pytest_cache = getattr(request.config, "cache", None)  # absent with -p no:cacheprovider
+    cache = (pytest_cache.mkdir("jax_compilation_cache") if pytest_cache
+             else tmp_path / "jax_cache")
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     out = tmp_path / "run"
