@@ -897,6 +897,9 @@ def _skipped_record(name: str, result: dict[str, Any], status: str, reason: str,
         rec["scale_range"] = result["preset"].get("scale_range")
     if isinstance(result.get("fingerprint"), dict):
         rec["fingerprint"] = result["fingerprint"].get("digest")
+    warnings = (result.get("preprocessing") or {}).get("warnings")
+    if warnings:
+        rec["warnings"] = warnings
     wall = (result.get("timings") or {}).get("wall_s")
     if wall is not None:
         rec["timings"] = {"previous_solve_s": wall}
