@@ -1029,6 +1029,29 @@ def _probe_key(pair: io.ScenePair):
         return None
 
 
+def _frame_pixels(pair: io.ScenePair) -> int:
+    """Pixels in a pair's left view read from the file's header (no pixel data), to
+    order scenes by size on an executor's driver: decoding every frame there costs
+    ~0.15 s per Pixel 4 frame before the first scene is submitted. Falls back to
+    decoding (`_probe_key`); 0 when the view cannot be read."""
+    if pair.left is None:
+        return 0
+    try:
+        if pair.left.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(pair.left) as tf:
+                page = tf.pages[0]
+                return int(page.imagewidth) * int(page.imagelength)
+        from PIL import Image
+
+        with Image.open(pair.left) as im:
+            return int(im.width) * int(im.height)
+    except Exception:  # noqa: BLE001 - any failure: decode it instead
+        key = _probe_key(pair)
+        return int(np.prod(key[1][:2])) if key else 0
+
+
 class SceneTask(NamedTuple):
     """One scene for an executor that runs scenes in other processes (picklable)."""
 
@@ -1224,7 +1247,7 @@ def _run_locked(opts, st, pairs, devices, on_event, process_index, process_count
     def remote() -> None:
         # Largest frames first: with dynamic scheduling the long scenes then start early
         # and the short ones fill the gaps at the end (docs/ray.md, the benchmark).
-        size = {n: (k[1][0] * k[1][1] if (k := _probe_key(pairs[n])) else 0) for n in todo}
+        size = {n: _frame_pixels(pairs[n]) for n in todo}
         order = sorted(todo, key=lambda n: -size[n])
         tasks = [SceneTask(opts, name, pairs[name]) for name in order]
         for i, rec in executor.imap_unordered(solve_task, tasks):

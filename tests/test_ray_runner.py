@@ -283,3 +283,41 @@ def test_bad_inputs_fail_once_with_their_reason(ray_connection, jax_cache, tmp_p
         assert _count(tmp_path, "calls", name) == 1 and _count(tmp_path, "solves", name) == 0
         assert not (out / name).exists()
     assert _staging(out) == []
+
+
+class _Recorder:
+    """An executor that runs nothing: notes the order of the tasks it is given."""
+
+    def __init__(self):
+        self.order: list[str] = []
+
+    def check_output_folder(self, folder):
+        return folder
+
+    def imap_unordered(self, fn, tasks):
+        for i, task in enumerate(tasks):
+            self.order.append(task.name)
+            yield i, {"scene": task.name, "status": "failed", "error": "test",
+                      "reason": "test: not run"}
+
+
+def test_scenes_are_submitted_largest_frame_first(tmp_path, monkeypatch):
+    # Sizes from the files' headers (TIFF and PNG), not decoded on the driver; an
+    # unreadable view (decoded to make sure) goes last.
+    inp = tmp_path / "in"
+    _write_tiff_pair(inp, "small", _texture(0, 64, 64))
+    _write_tiff_pair(inp, "large", _texture(1, 96, 128))
+    raw = (1024 + _texture(2, 80, 104) * 8000).astype(np.uint16)
+    outputs.write_png(inp / "medium_left.png", raw[0])
+    outputs.write_png(inp / "medium_right.png", raw[1])
+    _write_tiff_pair(inp, "broken", _texture(3))
+    (inp / "broken_left.tif").write_bytes(b"II*\x00 not a tiff")
+    decoded = []
+    real_read = runner.io.read_image
+    monkeypatch.setattr(runner.io, "read_image",
+                        lambda path: decoded.append(Path(path).name) or real_read(path))
+    ex = _Recorder()
+    outcome = runner.run(_opts(inp, tmp_path / "out", **KERNELS), executor=ex)
+    assert ex.order == ["large", "medium", "small", "broken"]
+    assert decoded == ["broken_left.tif"]
+    assert outcome.exit_status == 1 and outcome.counts["failed"] == 4
