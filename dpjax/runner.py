@@ -1060,9 +1060,26 @@ class SceneTask(NamedTuple):
     pair: io.ScenePair
 
 
+def _absolute(opts: RunOptions) -> RunOptions:
+    """opts with every path absolute (`Path.absolute`: symlinks kept), for tasks that run
+    in other processes: a relative path would be read from each worker's own working
+    folder, not the driver's."""
+
+    def fix(path):
+        return None if path is None else Path(path).expanduser().absolute()
+
+    return dataclasses.replace(
+        opts, input_dir=fix(opts.input_dir), output_dir=fix(opts.output_dir),
+        dpanet_checkpoint=fix(opts.dpanet_checkpoint),
+        scene=dataclasses.replace(opts.scene, input_dir=fix(opts.scene.input_dir)),
+        kernels=dataclasses.replace(opts.kernels, calib_dir=fix(opts.kernels.calib_dir)))
+
+
 def solve_task(task: SceneTask) -> dict[str, Any]:
-    """`run_scene` of a SceneTask: the function an executor runs for every scene."""
-    return run_scene(task.opts, task.name, task.pair)
+    """`run_scene` of a SceneTask: the function an executor runs for every scene. Its
+    record also names the process that ran it ("worker": "HOST:PID")."""
+    rec = run_scene(task.opts, task.name, task.pair)
+    return {**rec, "worker": f"{socket.gethostname()}:{os.getpid()}"}
 
 
 def run(opts: RunOptions, *, on_event: OnEvent | None = None,
@@ -1088,6 +1105,8 @@ def run(opts: RunOptions, *, on_event: OnEvent | None = None,
 
     t_start = time.perf_counter()
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if executor is not None:
+        opts = _absolute(opts)  # the scenes' paths as the driver means them
     out_root = Path(opts.output_dir)
     devices = list(devices) if devices is not None else jax.local_devices()
     lock = OutputLock(out_root)

@@ -212,6 +212,9 @@ def test_every_scene_solved_once_and_listed_done(first_run):
     assert sorted(r["scene"] for r in first_run["records"]) == sorted(GOOD + tuple(VICTIMS))
     for name in GOOD:
         assert _count(root, "calls", name) == 1 and _count(root, "solves", name) == 1, name
+    # a and b were submitted together and each node runs one scene at a time.
+    workers = {r["scene"]: r["worker"] for r in summary["scenes"]}
+    assert workers["a"] != workers["b"]
     for name in GOOD + tuple(VICTIMS):
         assert outputs.is_complete(out / name), name
         assert json.loads((out / name / outputs.RESULT_JSON).read_text())["scene"] == name
@@ -229,6 +232,9 @@ def test_killed_workers_are_retried_and_no_partial_result_counts(first_run):
         pids = {int(p.name.split(".")[1]) for p in (root / "calls").glob(f"{name}.*")}
         assert seen[name]["pid"] in pids and len(pids) == 2
         assert not seen[name]["complete"], name  # nothing in place when it was killed
+        record = next(r for r in first_run["records"] if r["scene"] == name)
+        assert record["status"] == "done"
+        assert int(record["worker"].rsplit(":", 1)[1]) == (pids - {seen[name]["pid"]}).pop()
     solving, staged = seen["killed_solving"], seen["killed_staged"]
     assert solving["staged"] == []  # killed before any output was written
     # Killed with a complete result in its staging folder, found by the pid in its name:
@@ -243,17 +249,22 @@ def test_killed_workers_are_retried_and_no_partial_result_counts(first_run):
 
 
 def test_rerun_from_the_command_line_skips_everything(first_run, ray_connection):
-    inp, out = first_run["inp"], first_run["out"]
+    root, out = first_run["root"], first_run["out"]
     before = {n: (out / n / outputs.RESULT_JSON).stat().st_mtime_ns
               for n in GOOD + tuple(VICTIMS)}
-    args = [sys.executable, str(ROOT / "run_solver.py"), f"--input_dir={inp}",
-            f"--output_dir={out}", "--grid=2x2", "--kernel_radius=3", "--num_layers=4",
+    # Relative paths from another working folder than the cluster's (where the workers
+    # run): the driver must hand the workers absolute ones.
+    cache = os.path.relpath(first_run["jax_cache"], root)
+    args = [sys.executable, str(ROOT / "run_solver.py"), "--input_dir=in",
+            "--output_dir=out", "--grid=2x2", "--kernel_radius=3", "--num_layers=4",
             "--pyramid_levels=1", "--num_iters=5", "--preset=none", "--quiet",
             "--executor=ray", f"--ray_address={ray_connection}", "--ray_max_retries=1",
-            f"--compilation_cache_dir={first_run['jax_cache']}"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+            f"--compilation_cache_dir={cache}"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                       os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(args, check=False, capture_output=True, text=True, env=env,
-                          timeout=300)
+                          cwd=root, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "4 scenes: 0 done, 4 skipped, 0 failed" in proc.stdout.strip().splitlines()[-1]
     summary = json.loads((out / runner.SUMMARY_JSON).read_text())
