@@ -38,7 +38,7 @@ calling the function locally.
 --work=scenes runs real dpjax scenes instead (`run_scenes`): a folder of synthetic DP
 pairs of mixed sizes (rendered by `dpjax.synthetic` through a 2x2 parametric kernel
 bank, 16-bit TIFF), solved with 4 layers, one pyramid level and --scene_iters steps
-by the batch runner itself in four ways, each in fresh processes and timed from the
+by the batch runner itself in these ways, each in fresh processes and timed from the
 moment they are up (Python, JAX and dpjax imported):
 
 - cache_cold / cache_warm: `runner.run(opts, executor=RayExecutor(...))` on the
