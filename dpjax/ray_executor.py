@@ -245,8 +245,10 @@ class RayExecutor:
         self.max_retries = max_retries
         self.num_cpus_per_task = num_cpus_per_task
         self.runtime_env = dict(runtime_env) if runtime_env else None
-        self.compilation_cache_dir = (None if compilation_cache_dir is None
-                                      else os.fspath(compilation_cache_dir))
+        # Absolute: a relative folder would be taken from each worker's working folder.
+        self.compilation_cache_dir = (
+            None if compilation_cache_dir is None
+            else os.fspath(Path(compilation_cache_dir).expanduser().absolute()))
         self.max_in_flight = max_in_flight
         self.scheduling_strategy = scheduling_strategy
         self._num_gpus_requested = num_gpus_per_task

@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny synthetic problem, the shared Pixel 4 data location and the
-reproduce_table script as a module."""
+"""Shared fixtures: a tiny synthetic problem, the shared Pixel 4 data location, the
+reproduce_table script as a module, and a two-node local Ray cluster."""
 
 import importlib.util
 import sys
@@ -41,3 +41,25 @@ def reproduce_table():
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real two-node Ray cluster on this machine: a head and one more node (separate
+    raylets and worker processes), one CPU each. Started once per test process (~25 s
+    on a 2-core CPU) and shared by the Ray test files; only these processes are stopped
+    afterwards. Tests connect with its `.address` (the machine's IP: Ray rewrites
+    127.0.0.1)."""
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'dpjax[ray]')")
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": False, "object_store_memory": 80 * 2**20})
+    try:
+        c.add_node(num_cpus=1, object_store_memory=80 * 2**20)
+        c.wait_for_nodes()
+        yield c
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        c.shutdown()

@@ -21,7 +21,6 @@ from dpjax import ray_executor
 from dpjax.ray_executor import OutputFolderError, RayExecutor
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'dpjax[ray]')")
-from ray.cluster_utils import Cluster  # noqa: E402
 
 pytestmark = pytest.mark.slow  # ~25 s to start the two nodes on a 2-core CPU
 
@@ -68,18 +67,9 @@ def calls_of(root, name):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """Head (1 CPU) + one more node (1 CPU); only these processes are stopped after."""
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False, "object_store_memory": 80 * 2**20})
-    try:
-        c.add_node(num_cpus=1, object_store_memory=80 * 2**20)
-        c.wait_for_nodes()
-        yield c
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        c.shutdown()
+def cluster(ray_cluster):
+    """Head (1 CPU) + one more node (1 CPU): conftest's shared `ray_cluster`."""
+    return ray_cluster
 
 
 @pytest.fixture(scope="module")
