@@ -67,6 +67,7 @@ __all__ = [
     "load_pixel_pair",
     "load_png_pair",
     "load_tiff_pair",
+    "read_camera_settings",
     "read_image",
     "save_calibration_kernels",
     "validate_pair",
@@ -652,15 +653,26 @@ def load_calibration_kernels(calib_dir, *, grid: tuple[int, int] | None = None,
                              tile_size=int(tile_size))
 
 
-def save_calibration_kernels(calib_dir, calib: CalibratedKernels) -> None:
-    """Write blur_kernels_{left,right}.npy and kernels_meta.json (grid, tile size), atomically."""
+def save_calibration_kernels(calib_dir, calib: CalibratedKernels, *,
+                             extra_meta: dict | None = None) -> None:
+    """Write blur_kernels_{left,right}.npy and kernels_meta.json (grid, tile size), atomically.
+
+    extra_meta: further JSON-serialisable entries for kernels_meta.json (e.g. how the
+    kernels were obtained); `load_calibration_kernels` ignores them. They may not
+    redefine "grid" or "tile_size".
+    """
     from dpjax.outputs import atomic_write, write_json
 
     calib_dir = Path(calib_dir)
+    extra = dict(extra_meta or {})
+    clash = {"grid", "tile_size"} & set(extra)
+    if clash:
+        raise ValueError(f"extra_meta may not redefine {sorted(clash)}")
     kernels = _validate_kernels(np.asarray(calib.kernels), tuple(calib.grid), "save")
     for v, fname in enumerate((KERNELS_LEFT, KERNELS_RIGHT)):
         atomic_write(calib_dir / fname, lambda fh, k=kernels[v]: np.save(fh, k))
-    write_json(calib_dir / KERNELS_META, {"grid": list(calib.grid), "tile_size": calib.tile_size})
+    write_json(calib_dir / KERNELS_META,
+               {"grid": list(calib.grid), "tile_size": calib.tile_size, **extra})
 
 
 def check_kernels_match_image(calib: CalibratedKernels, height: int, width: int) -> None:
@@ -671,6 +683,51 @@ def check_kernels_match_image(calib: CalibratedKernels, height: int, width: int)
         raise ValueError(f"calibration covers {h}x{w} px ({rows}x{cols} tiles of "
                          f"{calib.tile_size} px) but the image is {height}x{width}; "
                          "the kernels do not belong to this image size (check the crop)")
+
+
+# ----------------------------------------------------------------------------------------
+# Camera settings (EXIF)
+
+# EXIF tags: IFD0 Make, Model; Exif IFD FNumber, FocalLength.
+_EXIF_IFD = 0x8769
+_EXIF_TAGS = {"make": (None, 0x010F), "model": (None, 0x0110),
+              "f_number": (_EXIF_IFD, 0x829D), "focal_length_mm": (_EXIF_IFD, 0x920A)}
+
+
+def read_camera_settings(path) -> dict:
+    """Camera make/model, f-number and focal length from an image's EXIF, when present.
+
+    Reads EXIF through PIL (PNG eXIf chunk, TIFF, JPEG). Returns a dict with the keys
+    found among "make", "model" (stripped strings), "f_number", "focal_length_mm"
+    (floats); {} for a file without EXIF. Raises MissingFileError for a missing file
+    and InputError for one PIL cannot open.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            exif = im.getexif()
+            out = {}
+            for key, (ifd, tag) in _EXIF_TAGS.items():
+                table = exif if ifd is None else exif.get_ifd(ifd)
+                value = table.get(tag)
+                if value is None:
+                    continue
+                if key in ("make", "model"):
+                    if isinstance(value, bytes):
+                        value = value.decode(errors="replace")
+                    text = str(value).strip("\x00 ").strip()
+                    if text:
+                        out[key] = text
+                else:
+                    try:
+                        out[key] = float(value)
+                    except (TypeError, ValueError, ZeroDivisionError):
+                        continue
+            return out
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"{path}: cannot read EXIF ({e})") from e
 
 
 # ----------------------------------------------------------------------------------------
