@@ -93,9 +93,9 @@ _Z_NAME = {"angle_deg": "angle", "split": "split", "split_gradient": "split_grad
            "ramp_asym": "ramp_asym", "smooth": "smooth"}
 # Guards the cost's normaliser in flat windows (views are divided by their mean ~ 1).
 _GRAD_EPS = 1e-6
-# The common pre-blur P: two 3x3 boxes (a 5x5 triangle), radius 2.
 # Largest kernel smoothing the fit allows (radii): the fit's kernels hold 3 sigma of it.
 _MAX_SMOOTH = 0.2
+# The common pre-blur P: two 3x3 boxes (a 5x5 triangle), radius 2.
 _PREBLUR = np.outer([1, 2, 3, 2, 1], [1, 2, 3, 2, 1]).astype(np.float32) / 81.0
 
 
@@ -139,7 +139,7 @@ class SelfCalConfig:
     start: DpKernelModel = DpKernelModel(softness=0.3, ramp=0.0)
     fit_params: tuple[str, ...] = ("angle_deg", "split", "split_gradient", "softness",
                                    "softness_asym", "ramp", "ramp_asym")
-    refine_windows: int = 96
+    refine_windows: int = 192
     steps: int = 50
     rounds: int = 2
     learning_rate: float = 0.08
@@ -577,6 +577,8 @@ def fit_kernel_model(pairs: Sequence[np.ndarray], config: SelfCalConfig = SelfCa
         z, _, _ = _refine(z, jnp.asarray(sr.scale[idx]), jnp.asarray(weights[idx]), *sub,
                           st=st, steps=cfg.steps, lr=cfg.learning_rate,
                           max_scale=cfg.max_scale, fixed=fixed)
+        if not all(np.isfinite(float(v)) for v in z.values()):
+            raise FloatingPointError("self-calibration diverged: non-finite model parameters")
         z = {k: jnp.float32(v) for k, v in z.items()}
 
     # 4-5. Final search, gauge and quality.

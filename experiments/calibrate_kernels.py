@@ -167,7 +167,7 @@ def main(argv):
         raise app.UsageError("--input_dir and --output_dir are required")
     try:
         calibrate(Path(FLAGS.input_dir), Path(FLAGS.output_dir))
-    except (CalibrationError, ValueError, OSError) as e:
+    except (CalibrationError, ValueError, OSError, FloatingPointError) as e:
         # ValueError covers io.InputError and the library's input checks.
         logging.error("%s", str(e).splitlines()[0] if str(e) else type(e).__name__)
         return 1

@@ -23,6 +23,7 @@ Canon views are 8-bit sRGB exports, decoded to linear light here.
 
 from __future__ import annotations
 
+import resource
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,11 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 def srgb_to_linear(v: np.ndarray) -> np.ndarray:
     v = np.asarray(v, np.float64)
     return np.where(v > 0.04045, ((v + 0.055) / 1.055) ** 2.4, v / 12.92)
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def load_scenes(data_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -118,16 +124,19 @@ def main(argv):
         calib = dpjax.recenter_kernel_pairs(cal.kernels)
         tile = cal.tile_size
     cfg = selfcal.SelfCalConfig()
-    fits = {}
+    fits, cpu = {}, {}
     for sid, (views, _) in list(scenes.items()) + [("joint", (None, None))]:
         pairs = [v for v, _ in scenes.values()] if views is None else [views]
+        c0 = _cpu_seconds()
         res = selfcal.fit_kernel_model(pairs, cfg, names=list(scenes) if views is None else [sid])
+        cpu[sid] = _cpu_seconds() - c0
         fits[sid] = res
-        logging.info("%s: fit %.1f s, fallback %s, gain %.3f, params %s", sid, res.seconds,
-                     res.fallback, res.gain, {k: round(v, 3) for k, v in
-                                              res.fitted_model.to_dict().items()})
+        logging.info("%s: fit %.1f s (%.1f s CPU), fallback %s, gain %.3f, params %s", sid,
+                     res.seconds, cpu[sid], res.fallback, res.gain,
+                     {k: round(v, 3) for k, v in res.fitted_model.to_dict().items()})
     report = {"dataset": FLAGS.dataset, "data_dir": str(data_dir), "config": str(cfg),
-              "fits": {k: r.summary() for k, r in fits.items()}, "kernels": {}, "search": {}}
+              "fits": {k: r.summary() for k, r in fits.items()}, "fit_cpu_s": cpu,
+              "kernels": {}, "search": {}}
     if calib is not None:
         rows, cols = h // tile, w // tile
         for sid, res in fits.items():
