@@ -3,12 +3,15 @@
 Public API (see README.md):
 - kernels: KernelBank, TileGrid, parametric_bank, parametric_dp_kernels, rescale_kernels,
   recenter_kernel_pairs
+- kernel model (cameras without a calibration): DpKernelModel, render_kernel_pairs;
+  fitting it to a camera's own DP pairs: dpjax.selfcal.fit_kernel_model
 - configuration: Config, MpiConfig, SolverConfig, LossWeights, PostConfig
 - solving: fit, fit_batch, FitResult, Progress
 - synthetic data: make_scene, SyntheticScene
 """
 
 from dpjax.config import Config, MpiConfig, SolverConfig
+from dpjax.kernel_model import DpKernelModel, render_kernel_pairs
 from dpjax.kernels import (
                            KernelBank,
                            TileGrid,
@@ -27,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
                            "Config",
+                           "DpKernelModel",
                            "FitResult",
                            "KernelBank",
                            "LossTerms",
@@ -44,5 +48,6 @@ __all__ = [
                            "parametric_bank",
                            "parametric_dp_kernels",
                            "recenter_kernel_pairs",
+                           "render_kernel_pairs",
                            "rescale_kernels",
 ]

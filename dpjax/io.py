@@ -92,6 +92,7 @@ __all__ = [
     "load_pixel_pair",
     "load_png_pair",
     "load_tiff_pair",
+    "read_camera_settings",
     "read_image",
     "save_calibration_kernels",
     "scan_inputs",
@@ -776,6 +777,51 @@ def check_kernels_match_image(calib: CalibratedKernels, height: int, width: int)
         raise ValueError(f"calibration covers {h}x{w} px ({rows}x{cols} tiles of "
                          f"{calib.tile_size} px) but the image is {height}x{width}; "
                          "the kernels do not belong to this image size (check the crop)")
+
+
+# ----------------------------------------------------------------------------------------
+# Camera settings (EXIF)
+
+# EXIF tags: IFD0 Make, Model; Exif IFD FNumber, FocalLength.
+_EXIF_IFD = 0x8769
+_EXIF_TAGS = {"make": (None, 0x010F), "model": (None, 0x0110),
+              "f_number": (_EXIF_IFD, 0x829D), "focal_length_mm": (_EXIF_IFD, 0x920A)}
+
+
+def read_camera_settings(path) -> dict:
+    """Camera make/model, f-number and focal length from an image's EXIF, when present.
+
+    Reads EXIF through PIL (PNG eXIf chunk, TIFF, JPEG). Returns a dict with the keys
+    found among "make", "model" (stripped strings), "f_number", "focal_length_mm"
+    (floats); {} for a file without EXIF. Raises MissingFileError for a missing file
+    and InputError for one PIL cannot open.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            exif = im.getexif()
+            out = {}
+            for key, (ifd, tag) in _EXIF_TAGS.items():
+                table = exif if ifd is None else exif.get_ifd(ifd)
+                value = table.get(tag)
+                if value is None:
+                    continue
+                if key in ("make", "model"):
+                    if isinstance(value, bytes):
+                        value = value.decode(errors="replace")
+                    text = str(value).strip("\x00 ").strip()
+                    if text:
+                        out[key] = text
+                else:
+                    try:
+                        out[key] = float(value)
+                    except (TypeError, ValueError, ZeroDivisionError):
+                        continue
+            return out
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"{path}: cannot read EXIF ({e})") from e
 
 
 # ----------------------------------------------------------------------------------------
