@@ -58,7 +58,8 @@ _BATCH_FLAGS = (
     "calib_dir", "preset", "range_probe", "search_init", "defocus_estimator", "scenes",
     "overwrite", "batch_size", "memory_budget_gb", "pyramid_levels", "level_iters",
     "num_layers", "black_level", "allow_8bit", "input_encoding", "recenter_kernels", "grid", "tile_size",
-    "kernel_radius", "kernel_ramp", "kernel_smooth", "kernel_size", "crop",
+    "kernel_radius", "kernel_ramp", "kernel_smooth", "kernel_size", "crop", "kernels",
+    "white_dir",
     "coordinator_address", "num_processes", "process_id", "distributed",
     "distributed_timeout_s", "thumb_size", "method", "dpanet_checkpoint", "dpanet_tile",
     "dpanet_overlap", "executor", "ray_address", "ray_max_retries", "ray_num_gpus",
@@ -82,6 +83,14 @@ def _define_flags() -> None:
     d.DEFINE_float("black_level", None, "Black level of the raw views (default: Pixel 1024, "
                    "PNG/TIFF 0; required for PGM).")
     d.DEFINE_bool("allow_8bit", False, "Accept 8-bit views (default: 16-bit expected).")
+    d.DEFINE_enum("kernels", None, ["auto", "calibrated", "parametric"], "Where the blur "
+                  "kernels come from: calibrated (--calib_dir), auto (estimated from the "
+                  "pairs themselves before solving, written to OUTPUT/self_calibration/; "
+                  "docs/own_camera.md) or parametric (the model of the flags below). "
+                  "Default: calibrated with --calib_dir, parametric when a parametric flag "
+                  "below is given, else auto.")
+    d.DEFINE_string("white_dir", None, "Folder with white_sheet_{left,right}.png for the "
+                    "Pixel vignetting correction (default: --calib_dir's, when it has them).")
     d.DEFINE_string("grid", None, "Parametric model: kernel tile grid RxC (default: tiles "
                     "of about 256 px).")
     d.DEFINE_integer("tile_size", None, "Parametric model: tile side in px; the image must "
@@ -176,6 +185,27 @@ def run_demo() -> int:
 # Batch
 
 
+_PARAMETRIC_FLAGS = ("grid", "tile_size", "kernel_radius", "kernel_ramp", "kernel_smooth",
+                     "kernel_size")
+
+
+def kernels_kind() -> str:
+    """--kernels with its default resolved (UsageError for contradicting flags)."""
+    given = [f"--{n}" for n in _PARAMETRIC_FLAGS if FLAGS[n].present]
+    kind = FLAGS.kernels
+    if kind is None:
+        kind = "calibrated" if FLAGS.calib_dir else "parametric" if given else "auto"
+    if given and kind != "parametric":
+        raise app.UsageError(f"{', '.join(given)} set(s) the parametric kernel model: not "
+                             f"with --kernels={kind}"
+                             + (" (--calib_dir)" if FLAGS.calib_dir else ""))
+    if (kind == "calibrated") != bool(FLAGS.calib_dir):
+        raise app.UsageError("--kernels=calibrated needs --calib_dir" if kind == "calibrated"
+                             else f"--calib_dir is not read with --kernels={kind} (for the "
+                             "Pixel white sheets alone use --white_dir)")
+    return kind
+
+
 def run_options_from_flags():
     """`dpjax.runner.RunOptions` of the flags (UsageError for bad values)."""
     _load_dpjax()
@@ -196,7 +226,8 @@ def run_options_from_flags():
             crop_tiles=common.parse_rxc(FLAGS.crop, "crop"), input_dir=Path(FLAGS.input_dir),
             whole_frame=FLAGS.method == "dpanet"),
         kernels=scene.KernelOptions(
-            calib_dir=common.path_or_none(FLAGS.calib_dir), recenter=FLAGS.recenter_kernels,
+            kind=kernels_kind(), calib_dir=common.path_or_none(FLAGS.calib_dir),
+            white_dir=common.path_or_none(FLAGS.white_dir), recenter=FLAGS.recenter_kernels,
             grid=common.parse_rxc(FLAGS.grid, "grid"), tile_size=FLAGS.tile_size,
             radius=FLAGS.kernel_radius, ramp=FLAGS.kernel_ramp, smooth=FLAGS.kernel_smooth,
             size=FLAGS.kernel_size),

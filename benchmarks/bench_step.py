@@ -59,7 +59,7 @@ def main(argv):
     rng = np.random.default_rng(0)
     # The parametric model through dpjax.scene, as the apps build their banks.
     source = scene.kernel_source(scene.KernelOptions(
-        grid=(FLAGS.rows, FLAGS.cols), tile_size=FLAGS.tile, radius=FLAGS.kernel_size / 2 - 3,
+        kind="parametric", grid=(FLAGS.rows, FLAGS.cols), tile_size=FLAGS.tile, radius=FLAGS.kernel_size / 2 - 3,
         smooth=1.0, size=FLAGS.kernel_size), pyramid_factor=1)
     bank = scene.make_bank(source, {})
     grid = bank.grid

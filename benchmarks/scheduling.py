@@ -387,7 +387,7 @@ def scene_options(inp: Path, out: Path, iters: int):
     return runner.RunOptions(
         input_dir=inp, output_dir=out,
         scene=SceneOptions(base=base, preset="none", input_dir=inp),
-        kernels=KernelOptions(grid=(2, 2), radius=3.0))
+        kernels=KernelOptions(kind="parametric", grid=(2, 2), radius=3.0))
 
 
 def _records(summary: dict, arrival: list[str] | None = None) -> list[dict]:

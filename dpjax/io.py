@@ -510,6 +510,24 @@ def _decode_tiff(data: bytes, name: str) -> tuple[np.ndarray, int | None]:
     return arr, 8 * arr.dtype.itemsize
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image from its header (no pixel data decoded; decodes when
+    the header cannot be read). Raises InputError / MissingFileError like read_image."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tf:
+                page = tf.pages[0]
+                return int(page.imagelength), int(page.imagewidth)
+        with Image.open(path) as im:
+            return int(im.height), int(im.width)
+    except Exception:  # noqa: BLE001 - any header failure: decode instead
+        arr, _ = read_image(path)
+        return int(arr.shape[0]), int(arr.shape[1])
+
+
 def validate_pair(left: np.ndarray, right: np.ndarray, *, names: Sequence[str] = ("left", "right"),
                   bit_depths: Sequence[int | None] = (None, None), expect_16bit: bool = False,
                   min_hw: tuple[int, int] | None = None) -> None:

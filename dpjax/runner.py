@@ -167,8 +167,9 @@ def _log(on_event: OnEvent | None, level: int, msg: str, scene: str | None = Non
 # Fingerprints
 
 
-_SOLVE_MODULES = ("batch", "baselines", "config", "conv", "io", "kernels", "losses", "mpi",
-                  "outputs", "pipeline", "postprocess", "presets", "scene", "solver")
+_SOLVE_MODULES = ("batch", "baselines", "config", "conv", "io", "kernel_model", "kernels",
+                  "losses", "mpi", "outputs", "pipeline", "postprocess", "presets", "scene",
+                  "solver")
 
 
 @functools.lru_cache(maxsize=1)
@@ -865,7 +866,14 @@ def _setup(opts: RunOptions, devices: Sequence[Any], on_event: OnEvent | None,
         raise SetupError("--search_init needs --method=mpi (DPANet has no layers to "
                          "initialise)")
     factor = 2 ** (opts.scene.base.solver.pyramid_levels - 1)
-    source = kernel_source(opts.kernels, factor, opts.scene.crop_tiles)
+    kernels = opts.kernels
+    if kernels.resolved_kind() == "auto":
+        # Resolved per scene once the output folder is locked (`_fit_kernels`); until
+        # then (and for DPANet, which has no kernels) the default parametric model.
+        if opts.scene.crop_tiles is not None:
+            raise SetupError("a crop of kernel tiles needs a calibration (--calib_dir)")
+        kernels = dataclasses.replace(kernels, kind="parametric")
+    source = kernel_source(kernels, factor, opts.scene.crop_tiles)
     model = info = None
     if opts.method == "dpanet":
         model, info = _load_dpanet(opts)
@@ -1058,26 +1066,17 @@ def _probe_key(pair: io.ScenePair):
 
 
 def _frame_pixels(pair: io.ScenePair) -> int:
-    """Pixels in a pair's left view read from the file's header (no pixel data), to
-    order scenes by size on an executor's driver: decoding every frame there costs
-    ~0.15 s per Pixel 4 frame before the first scene is submitted. Falls back to
-    decoding (`_probe_key`); 0 when the view cannot be read."""
+    """Pixels in a pair's left view read from the file's header (`io.image_size`), to
+    order scenes by size on an executor's driver (decoding every frame there costs
+    ~0.15 s per Pixel 4 frame before the first scene is submitted); 0 when the view
+    cannot be read."""
     if pair.left is None:
         return 0
     try:
-        if pair.left.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            with tifffile.TiffFile(pair.left) as tf:
-                page = tf.pages[0]
-                return int(page.imagewidth) * int(page.imagelength)
-        from PIL import Image
-
-        with Image.open(pair.left) as im:
-            return int(im.width) * int(im.height)
-    except Exception:  # noqa: BLE001 - any failure: decode it instead
-        key = _probe_key(pair)
-        return int(np.prod(key[1][:2])) if key else 0
+        h, w = io.image_size(pair.left)
+    except (io.InputError, OSError):
+        return 0
+    return h * w
 
 
 class SceneTask(NamedTuple):
@@ -1100,7 +1099,8 @@ def _absolute(opts: RunOptions) -> RunOptions:
         opts, input_dir=fix(opts.input_dir), output_dir=fix(opts.output_dir),
         dpanet_checkpoint=fix(opts.dpanet_checkpoint),
         scene=dataclasses.replace(opts.scene, input_dir=fix(opts.scene.input_dir)),
-        kernels=dataclasses.replace(opts.kernels, calib_dir=fix(opts.kernels.calib_dir)))
+        kernels=dataclasses.replace(opts.kernels, calib_dir=fix(opts.kernels.calib_dir),
+                                    white_dir=fix(opts.kernels.white_dir)))
 
 
 def solve_task(task: SceneTask) -> dict[str, Any]:
@@ -1108,6 +1108,44 @@ def solve_task(task: SceneTask) -> dict[str, Any]:
     record also names the process that ran it ("worker": "HOST:PID")."""
     rec = run_scene(task.opts, task.name, task.pair)
     return {**rec, "worker": f"{socket.gethostname()}:{os.getpid()}"}
+
+
+def _auto_kernels(opts: RunOptions) -> bool:
+    """Whether this run estimates its kernels from its pairs (--kernels=auto, MPI)."""
+    return opts.method == "mpi" and opts.kernels.resolved_kind() == "auto"
+
+
+def _fit_kernels(opts: RunOptions, pairs: dict[str, io.ScenePair], out_root: Path,
+                 on_event: OnEvent | None) -> tuple[dict[str, KernelOptions], dict[str, Any]]:
+    """--kernels=auto (`dpjax.auto_kernels`): every scene's kernel options and the
+    summary's record of the fits. Call with the output folder locked."""
+    from dpjax import auto_kernels
+
+    t0 = time.perf_counter()
+    _log(on_event, logging.INFO, "no --calib_dir: estimating the DP kernels from the "
+         f"pairs themselves (--kernels=auto, up to {auto_kernels.MAX_FIT_PAIRS} pairs per "
+         "camera and frame size)")
+    per_scene, fits = auto_kernels.resolve(
+        pairs, opts.kernels, opts.scene, out_root,
+        log=lambda level, msg: _log(on_event, level, msg))
+    groups = {}
+    for key, fit in fits.items():
+        how = "reused" if fit.reused else f"fitted in {fit.seconds:.0f} s"
+        where = f" -> {fit.folder} (reusable: --calib_dir)" if fit.folder else ""
+        if fit.fallback:
+            _log(on_event, logging.WARNING, f"self-calibration {key}: rejected ({fit.note}); "
+                 "using the default parametric kernels")
+        else:
+            m = fit.model
+            _log(on_event, logging.INFO, f"self-calibration {key}: {how} from "
+                 f"{len(fit.pairs)} pairs, radius {m.radius:.3g} px, split angle "
+                 f"{m.angle_deg:.1f} deg, explains {fit.summary.get('gain', 0):.0%} of the "
+                 f"left/right mismatch{where}")
+        groups[key] = {**fit.record(), "kernel_model": fit.model.to_dict(),
+                       "reused": fit.reused, "seconds": round(fit.seconds, 3)}
+    meta = {"model": "auto", "groups": groups,
+            "self_calibration_s": round(time.perf_counter() - t0, 3)}
+    return per_scene, meta
 
 
 def run(opts: RunOptions, *, on_event: OnEvent | None = None,
@@ -1151,6 +1189,10 @@ def run(opts: RunOptions, *, on_event: OnEvent | None = None,
             raise SetupError("an executor runs the whole batch from one driver: do not "
                              "combine it with jax.distributed processes")
         st = _setup(opts, devices, on_event, process_index)
+        if _auto_kernels(opts) and process_count > 1:
+            raise SetupError("--kernels=auto fits the kernels in one process: fit them once "
+                             "(experiments/calibrate_kernels.py) and pass --calib_dir to "
+                             "every process")
         check_output_dir(out_root)
         if process_index == 0:
             lock.acquire()
@@ -1193,7 +1235,29 @@ def _run_locked(opts, st, pairs, devices, on_event, process_index, process_count
                  "--input_dir the same shared folder on every host?)")
             return RunOutcome(EXIT_SETUP, {}, {}, "not started")
     share = batch.shard_scenes(names, process_index, process_count)
-    if st.source.info["model"] == "parametric" and opts.method == "mpi":
+    scene_kernels: dict[str, KernelOptions] = {}
+    kernels_meta: dict[str, Any] = st.source.info
+    if _auto_kernels(opts):
+        try:
+            scene_kernels, kernels_meta = _fit_kernels(opts, pairs, out_root, on_event)
+        except KeyboardInterrupt as e:
+            terminated = isinstance(e, Terminated)
+            _log(on_event, logging.ERROR, f"{'terminated' if terminated else 'interrupted'} "
+                 "during self-calibration: nothing solved")
+            return RunOutcome(EXIT_SIGTERM if terminated else EXIT_SIGINT, {}, {},
+                              "terminated" if terminated else "interrupted")
+    states: dict[KernelOptions, _State] = {}
+
+    def state_of(name: str) -> _State:
+        k = scene_kernels.get(name)
+        if k is None:
+            return st
+        if k not in states:
+            states[k] = _setup(dataclasses.replace(opts, kernels=k), devices, on_event,
+                               process_index)
+        return states[k]
+
+    if st.source.info["model"] == "parametric" and opts.method == "mpi" and not scene_kernels:
         k = opts.kernels
         _log(on_event, logging.INFO, f"no --calib_dir: using the parametric DP kernel model "
              f"(radius {k.radius:.3g} px, ramp {k.ramp:.3g}, smoothing {k.smooth:.3g} px, "
@@ -1208,7 +1272,7 @@ def _run_locked(opts, st, pairs, devices, on_event, process_index, process_count
     except (OSError, ValueError):
         previous_summary = None
     meta = {"input_dir": str(opts.input_dir), "output_dir": str(out_root),
-            "method": opts.method, "kernels": st.source.info, "preset": opts.scene.preset,
+            "method": opts.method, "kernels": kernels_meta, "preset": opts.scene.preset,
             "search_init": opts.scene.base.init.search,
             "defocus_estimator": opts.scene.base.post.defocus,
             "base_config": config_lib.to_dict(opts.scene.base), "code_version": code_version(),
@@ -1258,7 +1322,10 @@ def _run_locked(opts, st, pairs, devices, on_event, process_index, process_count
         else:
             todo.append(name)
 
-    keys = ({n: _probe_key(pairs[n]) for n in todo} if opts.batch_size > 1 else {})
+    keys = ({n: (_probe_key(pairs[n]), scene_kernels.get(n)) for n in todo}
+            if opts.batch_size > 1 else {})
+    for name in todo:  # kernel sources are set up here, not in the workers' threads
+        state_of(name)
     groups = batch.group_by_shape(todo, keys, opts.batch_size)
     per_device: dict[int, list[tuple[int, list[str]]]] = {i: [] for i in range(len(devices))}
     for gi, (group, slot) in enumerate(batch.assign_round_robin(groups,
@@ -1277,7 +1344,7 @@ def _run_locked(opts, st, pairs, devices, on_event, process_index, process_count
                         finish({"scene": name, "status": "failed", "error": "input",
                                 "reason": f"input: {e}"})
                         continue
-                    skip, fp = _decide(st, name, pairs[name])
+                    skip, fp = _decide(state_of(name), name, pairs[name])
                     if skip is not None:
                         finish(skip)
                     else:
@@ -1285,18 +1352,19 @@ def _run_locked(opts, st, pairs, devices, on_event, process_index, process_count
                         solve.append(name)
                         fps[name] = fp
                 if solve:
-                    for rec in _solve_group(st, solve, pairs, fps, device, gi):
+                    for rec in _solve_group(state_of(solve[0]), solve, pairs, fps, device,
+                                            gi):
                         finish(rec)
                 continue
             for name in group:
-                finish(_one(st, name, pairs[name], device, gi))
+                finish(_one(state_of(name), name, pairs[name], device, gi))
 
     def remote() -> None:
         # Largest frames first: with dynamic scheduling the long scenes then start early
         # and the short ones fill the gaps at the end (docs/ray.md, the benchmark).
         size = {n: _frame_pixels(pairs[n]) for n in todo}
         order = sorted(todo, key=lambda n: -size[n])
-        tasks = [SceneTask(opts, name, pairs[name]) for name in order]
+        tasks = [SceneTask(state_of(name).opts, name, pairs[name]) for name in order]
         for i, rec in executor.imap_unordered(solve_task, tasks):
             if "scene" not in rec:  # the executor's record of a task that never returned
                 rec = {"scene": order[i], **rec}

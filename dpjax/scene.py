@@ -54,20 +54,34 @@ class SceneFailure(Exception):
         self.details = details  # more fields for the scene's record
 
 
+KERNEL_KINDS = ("auto", "calibrated", "parametric", "fitted")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KernelOptions:
     """Where the blur kernels come from.
 
     Attributes:
+      kind: "calibrated" (calib_dir's kernels), "auto" (estimated from the batch's own
+        pairs before solving: `dpjax.auto_kernels`, which turns it into "fitted"),
+        "parametric" (`dpjax.parametric_dp_kernels` with the arguments below), or
+        "fitted" (`model` rendered on each scene's tiles). None: calibrated when
+        calib_dir is given, else auto.
       calib_dir: a calibration folder (blur_kernels_{left,right}.npy, optional
-        kernels_meta.json and Pixel white sheets); None: the parametric model below.
+        kernels_meta.json and Pixel white sheets).
+      white_dir: where white_sheet_{left,right}.png for the Pixel vignetting correction
+        are read (None: calib_dir's, when it has them).
       recenter: re-centre each calibrated tile's kernel pair (`recenter_kernel_pairs`).
       grid, tile_size: parametric model's tile grid (rows, cols) and tile side in px
         (None: tiles of about 256 px, chosen per image; `batch.auto_grid`).
       radius, ramp, smooth, size: `dpjax.parametric_dp_kernels` arguments.
+      model: kind "fitted": the `dpjax.kernel_model.DpKernelModel` to render.
+      fit_info: kind "fitted": where the model came from (recorded with the kernels).
     """
 
+    kind: str | None = None
     calib_dir: Path | None = None
+    white_dir: Path | None = None
     recenter: bool = True
     grid: tuple[int, int] | None = None
     tile_size: int | None = None
@@ -75,17 +89,36 @@ class KernelOptions:
     ramp: float = 0.5
     smooth: float = 0.7
     size: int | None = None
+    model: Any = None
+    fit_info: dict[str, Any] | None = dataclasses.field(default=None, compare=False)
+
+    def resolved_kind(self) -> str:
+        """The kind, with None resolved; SetupError for an inconsistent choice."""
+        kind = self.kind or ("calibrated" if self.calib_dir is not None else "auto")
+        if kind not in KERNEL_KINDS:
+            raise SetupError(f"kernels must be one of {', '.join(KERNEL_KINDS)}, got {kind!r}")
+        if (kind == "calibrated") != (self.calib_dir is not None):
+            raise SetupError("calibrated kernels need a calibration folder (--calib_dir)"
+                             if kind == "calibrated" else
+                             f"--kernels={kind} does not read --calib_dir's kernels (use "
+                             "--white_dir for its white sheets)")
+        if (kind == "fitted") != (self.model is not None):
+            raise SetupError("fitted kernels need a kernel model" if kind == "fitted" else
+                             "a kernel model is only used with fitted kernels")
+        return kind
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelSource:
-    """Calibrated kernels ([2, T, K, K] numpy and their grid) or the parametric model."""
+    """Calibrated kernels ([2, T, K, K] numpy and their grid), the parametric model, or a
+    fitted kernel model (`model`; kernels then holds its centre tile's pair)."""
 
     kernels: np.ndarray  # [2, T, K, K] (parametric: [2, 1, K, K], repeated per tile)
     grid: tuple[int, int] | None  # None: chosen per image (parametric)
     tile_size: int | None  # None: chosen per image (parametric)
     info: dict[str, Any]
     white_sheets: tuple[Path, Path] | None = None
+    model: Any = None  # fitted: the DpKernelModel rendered on each scene's tiles
 
     @property
     def kernel_size(self) -> int:
@@ -114,15 +147,36 @@ def crop_block(crop_tiles: tuple[int, int] | None, grid: tuple[int, int],
     return (grid[0] - r) // 2, (grid[1] - c) // 2, r, c
 
 
+def _white_sheets(folder: Path | None, explicit: bool) -> tuple[Path, Path] | None:
+    """(left, right) white sheets in folder, or None; SetupError when an explicit
+    --white_dir lacks them."""
+    if folder is None:
+        return None
+    whites = (Path(folder) / io.WHITE_LEFT, Path(folder) / io.WHITE_RIGHT)
+    if all(p.is_file() for p in whites):
+        return whites
+    if explicit:
+        raise SetupError(f"--white_dir {folder}: {io.WHITE_LEFT} and {io.WHITE_RIGHT} not "
+                         "found")
+    return None
+
+
 def kernel_source(opts: KernelOptions, pyramid_factor: int,
                   crop_tiles: tuple[int, int] | None = None) -> KernelSource:
-    """Loads the calibration once (cropped to `crop_tiles`), or sets up the parametric model.
+    """Loads the calibration once (cropped to `crop_tiles`), or sets up the parametric or
+    fitted model. Kind "auto" must be resolved first (`dpjax.auto_kernels.resolve`).
 
     Raises:
       SetupError: an unreadable calibration, bad model parameters, tiles that do not
-        divide by the pyramid factor.
+        divide by the pyramid factor, an unresolved "auto".
     """
-    if opts.calib_dir is not None:
+    kind = opts.resolved_kind()
+    if kind == "auto":
+        raise SetupError("--kernels=auto is resolved by the batch runner before kernels are "
+                         "loaded (dpjax.auto_kernels)")
+    whites = _white_sheets(opts.white_dir, explicit=True) if opts.white_dir is not None \
+        else None
+    if kind == "calibrated":
         try:
             calib = io.load_calibration_kernels(opts.calib_dir)
         except (ValueError, OSError) as e:
@@ -130,8 +184,9 @@ def kernel_source(opts: KernelOptions, pyramid_factor: int,
         kernels = calib.kernels
         if opts.recenter:
             kernels = recenter_kernel_pairs(kernels)
-        whites = (Path(opts.calib_dir) / io.WHITE_LEFT, Path(opts.calib_dir) / io.WHITE_RIGHT)
-        have = [p.is_file() for p in whites]
+        have = [(Path(opts.calib_dir) / n).is_file() for n in (io.WHITE_LEFT, io.WHITE_RIGHT)]
+        if whites is None:
+            whites = _white_sheets(opts.calib_dir, explicit=False)
         grid = calib.grid
         block = crop_block(crop_tiles, grid)
         if block is not None:
@@ -143,30 +198,38 @@ def kernel_source(opts: KernelOptions, pyramid_factor: int,
         info = {"model": "calibrated", "calib_dir": str(opts.calib_dir),
                 "grid": list(grid), "tile_size": calib.tile_size,
                 "kernel_size": int(kernels.shape[-1]), "recentered": opts.recenter,
-                "vignetting_white_sheets": all(have)}
-        if any(have) and not all(have):
+                "vignetting_white_sheets": whites is not None}
+        if any(have) and not all(have) and opts.white_dir is None:
             info["warning"] = ("the calibration has only one white sheet: Pixel pairs are "
                                "not corrected for vignetting")
         if block is not None:
             info.update(crop_tiles=list(block), full_grid=list(calib.grid))
         source = KernelSource(kernels=kernels, grid=grid, tile_size=calib.tile_size,
-                              white_sheets=whites if all(have) else None, info=info)
+                              white_sheets=whites, info=info)
     else:
         if crop_tiles is not None:
             raise SetupError("a crop of kernel tiles needs a calibration (--calib_dir)")
         if opts.tile_size is not None and opts.grid is None:
             raise SetupError("--tile_size needs --grid (RxC)")
-        try:
-            pair = parametric_dp_kernels(radius=opts.radius, ramp=opts.ramp,
-                                         smooth_sigma=opts.smooth, size=opts.size)
-        except ValueError as e:
-            raise SetupError(f"parametric kernel model: {e}") from e
-        source = KernelSource(
-            kernels=pair[:, None], grid=opts.grid, tile_size=opts.tile_size,
-            info={"model": "parametric", "radius": opts.radius, "ramp": opts.ramp,
-                  "smooth_sigma": opts.smooth, "kernel_size": int(pair.shape[-1]),
-                  "grid": None if opts.grid is None else list(opts.grid),
-                  "tile_size": opts.tile_size})
+        if kind == "fitted":
+            from dpjax.kernel_model import render_kernel_pairs
+
+            pair = render_kernel_pairs(opts.model, rows=1, cols=1)
+            info = {"model": "fitted", "kernel_model": opts.model.to_dict(),
+                    "kernel_size": int(pair.shape[-1]), **(opts.fit_info or {})}
+        else:
+            try:
+                pair = parametric_dp_kernels(radius=opts.radius, ramp=opts.ramp,
+                                             smooth_sigma=opts.smooth, size=opts.size)[:, None]
+            except ValueError as e:
+                raise SetupError(f"parametric kernel model: {e}") from e
+            info = {"model": "parametric", "radius": opts.radius, "ramp": opts.ramp,
+                    "smooth_sigma": opts.smooth, "kernel_size": int(pair.shape[-1])}
+        info.update(grid=None if opts.grid is None else list(opts.grid),
+                    tile_size=opts.tile_size, vignetting_white_sheets=whites is not None)
+        source = KernelSource(kernels=pair, grid=opts.grid, tile_size=opts.tile_size,
+                              white_sheets=whites, info=info,
+                              model=opts.model if kind == "fitted" else None)
     if source.tile_size is not None and source.tile_size % pyramid_factor:
         raise SetupError(f"kernel tiles of {source.tile_size} px do not divide by the pyramid "
                          f"factor {pyramid_factor}; use fewer --pyramid_levels")
@@ -300,11 +363,22 @@ def make_bank(source: KernelSource, info: dict[str, Any]) -> KernelBank:
     if source.fixed_shape is not None:
         rows, cols = source.grid
         kernels = source.kernels
-        if kernels.shape[1] == 1:
+        if source.model is not None:
+            from dpjax.kernel_model import render_kernel_pairs
+
+            kernels = render_kernel_pairs(source.model, rows=rows, cols=cols,
+                                          size=source.kernel_size)
+        elif kernels.shape[1] == 1:
             kernels = np.repeat(kernels, rows * cols, axis=1)
         return KernelBank.create(kernels, rows=rows, cols=cols, tile_h=source.tile_size)
     rows, cols, th, tw = info["tile_grid"]
-    kernels = np.repeat(source.kernels[:, :1], rows * cols, axis=1)
+    if source.model is not None:  # fitted: the model's kernels at each tile's position
+        from dpjax.kernel_model import render_kernel_pairs
+
+        kernels = render_kernel_pairs(source.model, rows=rows, cols=cols,
+                                      size=source.kernel_size)
+    else:
+        kernels = np.repeat(source.kernels[:, :1], rows * cols, axis=1)
     return KernelBank.create(kernels, rows=rows, cols=cols, tile_h=th, tile_w=tw)
 
 

@@ -10,7 +10,8 @@ the pixels with a depth measurement: 1 - |rho_s| (rank order; `dpjax.metrics.
 spearman_loss`) and AIWE(1) in dioptres (the error of the best affine fit defocus ->
 1/depth, `dpjax.metrics.aiwe1`). The `dp_stereo` baseline (calibrated kernel-symmetry
 search, `dpjax.baselines.dp_stereo_defocus`) is run here, with the same kernels as a
-`--stereo_kernels` result folder's (default: today's parametric model).
+`--stereo` item's kernels (default: today's parametric model; an auto run's
+self_calibration folder gives it the self-calibrated ones).
 
 Plane (`flat/001/1500/{f4,f20}`): the f/4 result's all-in-focus image against the mean
 of the f/20 views (sharp reference, linearised) after the metrics' shift search and
@@ -159,13 +160,13 @@ def main(argv):
     report: dict[str, Any] = {"depth": {}, "flat": {}}
     for name, folder in results.items():
         report["depth"][name] = score_depth_results(folder, canon)
-    if FLAGS.stereo:
-        from dpjax.config import Config
+    from dpjax.config import Config
 
-        kopts = scene.KernelOptions(calib_dir=Path(FLAGS.stereo_calib_dir)
-                                    if FLAGS.stereo_calib_dir else None)
+    for name, where in _parse_named(FLAGS.stereo, "stereo").items():
+        kopts = (scene.KernelOptions(kind="parametric") if str(where) == "parametric" else
+                 scene.KernelOptions(calib_dir=where))
         source = scene.kernel_source(kopts, 1)
-        report["depth"]["dp_stereo"] = dp_stereo_scores(canon, source, Config())
+        report["depth"][f"dp_stereo_{name}"] = dp_stereo_scores(canon, source, Config())
     for name, folder in flats.items():
         report["flat"][name] = flat_scores(folder, canon)
     lines = ["| method | scenes | mean 1-abs(rho_s) | mean AIWE(1) [D] |", "|---|---:|---:|---:|"]
@@ -190,8 +191,9 @@ if __name__ == "__main__":
                       "casual/orbbec scenes to score against inverse depth.")
     flags.DEFINE_list("flat_results", None, "NAME=FOLDER run_solver output folders of the "
                       "flat/001/1500/f4 pair to score against the f/20 reference.")
-    flags.DEFINE_bool("stereo", True, "Also run and score the dp_stereo baseline.")
-    flags.DEFINE_string("stereo_calib_dir", None, "Kernels for dp_stereo (default: the "
-                        "parametric model's defaults).")
+    flags.DEFINE_list("stereo", ["parametric=parametric"], "NAME=KERNELS: also run and "
+                      "score the dp_stereo baseline with these kernels (a calibration folder, "
+                      "e.g. an auto run's self_calibration/512x768, or 'parametric' for the "
+                      "parametric model's defaults); empty: no baseline.")
     flags.DEFINE_string("output", None, "JSON file for every number.")
     sys.exit(app.run(main))

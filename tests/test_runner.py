@@ -75,7 +75,9 @@ def _opts(inp: Path, out: Path, **kw) -> runner.RunOptions:
     cfg = cfg.replace(**{"mpi.num_layers": kw.pop("num_layers")})
     base = presets.resolve_base(preset, cfg, search_init=search_init,
                                 defocus_estimator_name=kw.pop("defocus_estimator", None))
-    kernels = KernelOptions(calib_dir=kw.pop("calib_dir", None), grid=kw.pop("grid", None),
+    calib = kw.pop("calib_dir", None)
+    kind = kw.pop("kernels", "calibrated" if calib else "parametric")
+    kernels = KernelOptions(kind=kind, calib_dir=calib, grid=kw.pop("grid", None),
                             radius=kw.pop("kernel_radius", 8.0))
     scene = SceneOptions(base=base, preset=preset, input_dir=inp,
                          whole_frame=method == "dpanet")
