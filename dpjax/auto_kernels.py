@@ -80,9 +80,9 @@ class GroupFit(NamedTuple):
     seconds: float
 
     def record(self) -> dict[str, Any]:
-        """What result.json / summary.json keep of it (also part of the fingerprint)."""
-        return {"self_calibration": str(self.folder) if self.folder else None,
-                "group": self.key, "fit_pairs": list(self.pairs),
+        """What each scene's result.json keeps of it (part of its fingerprint: nothing
+        here may change when the output folder is moved)."""
+        return {"group": self.key, "fit_pairs": list(self.pairs),
                 "fallback": self.fallback, "note": self.note,
                 "gain": self.summary.get("gain"),
                 "angle_margin": self.summary.get("angle_margin")}

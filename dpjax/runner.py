@@ -1142,6 +1142,7 @@ def _fit_kernels(opts: RunOptions, pairs: dict[str, io.ScenePair], out_root: Pat
                  f"{m.angle_deg:.1f} deg, explains {fit.summary.get('gain', 0):.0%} of the "
                  f"left/right mismatch{where}")
         groups[key] = {**fit.record(), "kernel_model": fit.model.to_dict(),
+                       "self_calibration": str(fit.folder) if fit.folder else None,
                        "reused": fit.reused, "seconds": round(fit.seconds, 3)}
     meta = {"model": "auto", "groups": groups,
             "self_calibration_s": round(time.perf_counter() - t0, 3)}
