@@ -272,8 +272,12 @@ def load_views(pair: io.ScenePair, source: KernelSource, opts: SceneOptions,
     fixed = source.fixed_shape
     whites = {}
     block = source.info.get("crop_tiles")
-    # Pixel: the calibration's central crop (the whole grid when a block is cut from it).
+    # Pixel: the calibration's central crop (the whole grid when a block is cut from it);
+    # without a calibration grid the Pixel 4 preprocessing's own central crop (the raw
+    # frame's edges are dark and strongly vignetted; the ground truth covers the crop).
     pre = io.Pixel4Preprocess(crop_hw=fixed if block is None else _full_grid_shape(source))
+    if fixed is None and pair.format == "pixel" and pair.left is not None:
+        pre = io.Pixel4Preprocess(crop_hw=_pixel_crop(pair.left))
     if pair.format == "pixel" and source.white_sheets is not None:
         whites = {"white_left": source.white_sheets[0], "white_right": source.white_sheets[1]}
     views, loaded = io.load_pair_with_info(
@@ -311,6 +315,16 @@ def load_views(pair: io.ScenePair, source: KernelSource, opts: SceneOptions,
         info["crop"] = [y0, x0, ch, cw]
         info["tile_grid"] = [tg.rows, tg.cols, tg.tile_h, tg.tile_w]
     return np.ascontiguousarray(views, np.float32), info
+
+
+def _pixel_crop(left: Path) -> tuple[int, int] | None:
+    """The Pixel 4 preprocessing's central crop for a frame that holds it, else None."""
+    crop = io.Pixel4Preprocess().crop_hw
+    try:
+        h, w = io.image_size(left)
+    except (io.InputError, OSError):
+        return None  # the loader reports it
+    return crop if crop is not None and h >= crop[0] and w >= crop[1] else None
 
 
 def _crop_block_views(views: np.ndarray, source: KernelSource, info: dict[str, Any],
