@@ -205,15 +205,20 @@ class SelfCalResult(NamedTuple):
 
 def choose_tile_size(height: int, width: int, target: int = 192) -> int:
     """The largest common divisor of height and width that is at most `target` (and
-    at least 32 when one exists), so that square tiles cover the frame exactly.
+    at least 32 when one exists), so that square tiles cover the frame exactly;
+    multiples of 8 first, then of 4, so that the solver's pyramid (factor 4 by
+    default, 8 with 4 levels) divides the tiles.
 
     Examples: 512 x 768 -> 128 (4 x 6 tiles), 1008 x 1344 -> 168 (6 x 8 tiles, the
-    Pixel 4 calibration's grid).
+    Pixel 4 calibration's grid), 4000 x 6000 -> 80 (not 125).
     """
     g = math.gcd(int(height), int(width))
     divisors = [d for d in range(1, g + 1) if g % d == 0 and d <= target]
-    big = [d for d in divisors if d >= 32]
-    return max(big) if big else max(divisors)
+    for m in (8, 4, 1):
+        big = [d for d in divisors if d >= 32 and d % m == 0]
+        if big:
+            return max(big)
+    return max(divisors)
 
 
 # ----------------------------------------------------------------------------------------
