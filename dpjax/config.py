@@ -13,6 +13,7 @@ import numpy as np
 
 from dpjax.losses import LossWeights
 from dpjax.postprocess import PostConfig
+from dpjax.refine import RefineConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -208,6 +209,7 @@ class Config:
     solver: SolverConfig = SolverConfig()
     post: PostConfig = PostConfig()
     init: InitConfig = InitConfig()
+    refine: RefineConfig = RefineConfig()
 
     def replace(self, **sections: Any) -> Config:
         """Returns a copy with whole sections or dotted fields replaced.
@@ -237,7 +239,12 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def from_dict(d: dict[str, Any]) -> Config:
-    """Inverse of to_dict; unknown keys raise TypeError."""
+    """Inverse of to_dict; unknown keys raise TypeError.
+
+    A dict without a "refine" section (written before that stage existed) reads as
+    refinement off, which is how it was solved.
+    """
+    refine = RefineConfig(**d["refine"]) if "refine" in d else RefineConfig(iters=0)
     return Config(mpi=MpiConfig(**d.get("mpi", {})), loss=LossWeights(**d.get("loss", {})),
                   solver=SolverConfig(**d.get("solver", {})), post=PostConfig(**d.get("post", {})),
-                  init=InitConfig(**d.get("init", {})))
+                  init=InitConfig(**d.get("init", {})), refine=refine)

@@ -334,6 +334,8 @@ def write_scene(res: FitResult, views: np.ndarray, cfg: config_lib.Config, out_d
         "jax_version": jax.__version__,
         "device": _solve_device(res),
     }
+    if res.refine is not None:
+        result["refine"] = res.refine
     if gt_all_in_focus is not None or gt_defocus is not None:
         m = score(res.all_in_focus, res.defocus, gt_all_in_focus=gt_all_in_focus,
                   gt_defocus=gt_defocus, defocus_confidence=defocus_confidence)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpjax import conv, losses, mpi, postprocess
+from dpjax import conv, losses, mpi, postprocess, refine
 from dpjax.config import Config, SolverConfig
 from dpjax.kernels import KernelBank, downsample_bank, rescaled_radius
 
@@ -53,7 +53,8 @@ class FitResult:
     Attributes:
       all_in_focus: [H, W, C] estimated sharp image, same scale as the input
         (bilateral-filtered when config.post.bilateral).
-      all_in_focus_raw: [H, W, C] the MPI's composite before post-processing.
+      all_in_focus_raw: [H, W, C] the MPI's composite (refined when config.refine.iters
+        > 0, `dpjax.refine`) before post-processing.
       defocus: [H, W] signed defocus map (in layer-scale units), read off the layers by
         config.post.defocus (`dpjax.mpi.estimate_defocus`).
       params: final MPI logits at full resolution.
@@ -61,8 +62,12 @@ class FitResult:
       loss_history: [N] total loss at every step, all levels in order.
       level_iterations: steps run at each level, coarsest first.
       terms: final loss terms at full resolution (floats).
-      timings: seconds for kernel preparation, compilation + solving per level, total
-        (in a batch: the whole batch's, shared by its scenes).
+      timings: seconds for kernel preparation, compilation + solving per level, the
+        refinement (refine_s, when it ran), total (in a batch: the whole batch's,
+        shared by its scenes).
+      refine: the all-in-focus refinement's record (objective at its start and end,
+        its data and prior terms at the end, iterations, seconds), or None when it did
+        not run (config.refine.iters == 0).
     """
 
     all_in_focus: np.ndarray
@@ -74,6 +79,7 @@ class FitResult:
     level_iterations: tuple[int, ...]
     terms: dict[str, float]
     timings: dict[str, float]
+    refine: dict[str, float] | None = None
 
 
 class _StepConfig(NamedTuple):
@@ -596,13 +602,17 @@ def _solve(scenes: Sequence[_Scene], *, batched: bool,
         p, o, k = (_take(params, i), lvl_obs[i], _take(lk, i)) if batched else (params, lvl_obs,
                                                                                  lk)
         outs.append(_outputs(p, o, k, s, f"scene {i}: " if batched else ""))
+    refined = [out[-1] for out in outs if out[-1] is not None]
+    if refined:
+        timings["refine_s"] = sum(r["seconds"] for r in refined)
     timings["total_s"] = time.perf_counter() - t_start - callback_s
     return [FitResult(
         all_in_focus=aif, all_in_focus_raw=raw, defocus=dmap, params=p,
         scales=np.asarray(s.scales),
         loss_history=np.concatenate(h) if h else np.zeros((0,), np.float32),
-        level_iterations=tuple(it), terms=terms, timings=dict(timings))
-        for (p, aif, raw, dmap, terms), s, h, it in zip(outs, scenes, history, level_iters)]
+        level_iterations=tuple(it), terms=terms, timings=dict(timings), refine=ref)
+        for (p, aif, raw, dmap, terms, ref), s, h, it in zip(outs, scenes, history,
+                                                             level_iters)]
 
 
 def _divergence(bad: np.ndarray, values: np.ndarray, level: int, factor: int,
@@ -624,19 +634,31 @@ def _divergence(bad: np.ndarray, values: np.ndarray, level: int, factor: int,
 
 def _outputs(params: mpi.MpiParams, observation: jax.Array, lk: mpi.LayerKernels,
              scene: _Scene, prefix: str):
-    """(params, all-in-focus [H, W, C], raw [H, W, C], defocus [H, W], terms) of one scene
-    at full resolution (observation [V, C, H, W])."""
+    """(params, all-in-focus [H, W, C], raw [H, W, C], defocus [H, W], terms, refine record
+    or None) of one scene at full resolution (observation [V, C, H, W])."""
     cfg = scene.config
     terms = _final_terms(params, observation, lk, cfg.loss)
     color = mpi.colors(params)
     trans = mpi.transmittance(mpi.alphas(params))
-    raw = jnp.transpose(mpi.all_in_focus(color, trans), (1, 2, 0))
+    image = mpi.all_in_focus(color, trans)  # [C, H, W]
+    record = None
+    if cfg.refine.iters > 0:
+        t0 = time.perf_counter()
+        try:
+            ref = refine.refine_all_in_focus(params, observation, lk, cfg.refine)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{prefix}{e}") from e
+        image = jnp.asarray(ref.all_in_focus)
+        record = {"objective_start": ref.objective_start, "objective_end": ref.objective_end,
+                  "data_end": ref.data_end, "prior_end": ref.prior_end,
+                  "iterations": ref.iterations, "seconds": time.perf_counter() - t0}
+    raw = jnp.transpose(image, (1, 2, 0))
     aif = raw
-    if cfg.post.bilateral:
+    if cfg.post.bilateral and (record is None or cfg.refine.bilateral):
         aif = postprocess.bilateral_filter(raw, sigma_spatial=cfg.post.sigma_spatial,
                                            sigma_value=cfg.post.sigma_value)
     aif, raw = np.asarray(aif), np.asarray(raw)
     dmap = np.asarray(mpi.estimate_defocus(trans, scene.scales, cfg.post.defocus))
     if not (np.all(np.isfinite(aif)) and np.all(np.isfinite(dmap))):
         raise FloatingPointError(f"{prefix}the solve produced non-finite outputs")
-    return params, aif, raw, dmap, {k: float(v) for k, v in terms._asdict().items()}
+    return params, aif, raw, dmap, {k: float(v) for k, v in terms._asdict().items()}, record

@@ -1,0 +1,219 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dpjax
+from dpjax import conv, metrics, mpi, postprocess, refine
+from dpjax.kernels import rescaled_radius
+
+NUM_LAYERS = 6
+SCALES = np.linspace(1.5, 0.1, NUM_LAYERS).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def scene(tiny_bank):
+    rng = np.random.default_rng(3)
+    return dpjax.make_scene(rng, tiny_bank, num_layers=3, scale_range=(0.2, 1.4), slope=2.0)
+
+
+@pytest.fixture(scope="module")
+def layer_kernels(tiny_bank):
+    radius = rescaled_radius(tiny_bank.kernel_size, float(np.max(np.abs(SCALES))))
+    geom = conv.ConvGeometry.create(tiny_bank.grid, radius)
+    return mpi.prepare_layer_kernels(tiny_bank, jnp.asarray(SCALES), geom)
+
+
+def _random_problem(scene, lk, seed=0):
+    rng = np.random.default_rng(seed)
+    h, w = scene.views.shape[1:3]
+    logits = jnp.asarray(rng.normal(0.0, 2.0, (NUM_LAYERS - 1, h, w)), jnp.float32)
+    alpha = mpi.alphas(mpi.MpiParams(jnp.zeros((NUM_LAYERS, 1, h, w)), logits))
+    obs = jnp.asarray(np.transpose(scene.views, (0, 3, 1, 2)))
+    return refine.prepare(alpha, obs, lk), alpha, rng
+
+
+def _unknown_shape(problem, lk, cfg):
+    num_c, h, w = problem.observation.shape[1:]
+    if cfg.boundary == "free":
+        h, w = h + 2 * lk.geom.radius, w + 2 * lk.geom.radius
+    lead = {"image": (), "hidden": (2,), "layers": (NUM_LAYERS,)}[cfg.unknown]
+    return lead + (num_c, h, w)
+
+
+def test_operator_is_the_mpi_rendering(scene, layer_kernels):
+    # With the fit's edge padding and c_l = x, A x is exactly mpi's occlusion-aware render.
+    problem, alpha, rng = _random_problem(scene, layer_kernels)
+    x = jnp.asarray(rng.uniform(size=problem.observation.shape[1:]), jnp.float32)
+    cfg = refine.RefineConfig(iters=1, boundary="edge")
+    ours = refine.render_linear(x, problem, layer_kernels, cfg)
+    ref = mpi.render_views(jnp.broadcast_to(x, (NUM_LAYERS,) + x.shape), alpha, layer_kernels)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-6, atol=1e-6)
+    # Per-layer colours through the same operator: the general rendering.
+    colors = jnp.asarray(rng.uniform(size=(NUM_LAYERS,) + x.shape), jnp.float32)
+    cfg = refine.RefineConfig(iters=1, boundary="edge", unknown="layers")
+    np.testing.assert_allclose(np.asarray(refine.render_linear(colors, problem, layer_kernels,
+                                                                cfg)),
+                               np.asarray(mpi.render_views(colors, alpha, layer_kernels)),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_free_boundary_equals_edge_for_an_edge_padded_image(scene, layer_kernels):
+    problem, _, rng = _random_problem(scene, layer_kernels)
+    x = jnp.asarray(rng.uniform(size=problem.observation.shape[1:]), jnp.float32)
+    edge = refine.render_linear(x, problem, layer_kernels,
+                                refine.RefineConfig(boundary="edge"))
+    free = refine.render_linear(conv.pad_edges(x, layer_kernels.geom.radius), problem,
+                                layer_kernels, refine.RefineConfig(boundary="free"))
+    np.testing.assert_allclose(np.asarray(free), np.asarray(edge), rtol=1e-6, atol=1e-6)
+
+
+def test_hidden_image_equal_to_the_visible_one_is_the_shared_image(scene, layer_kernels):
+    # c_l = V_l x + (1 - V_l) b with b = x is c_l = x.
+    problem, _, rng = _random_problem(scene, layer_kernels)
+    x = jnp.asarray(rng.uniform(size=problem.observation.shape[1:]), jnp.float32)
+    x = conv.pad_edges(x, layer_kernels.geom.radius)
+    one = refine.render_linear(x, problem, layer_kernels, refine.RefineConfig())
+    two = refine.render_linear(jnp.stack([x, x]), problem, layer_kernels,
+                               refine.RefineConfig(unknown="hidden"))
+    np.testing.assert_allclose(np.asarray(two), np.asarray(one), rtol=1e-5, atol=1e-6)
+    # A different hidden image changes the views only near occlusions, not the output.
+    hidden = refine.render_linear(jnp.stack([x, 0.0 * x]), problem, layer_kernels,
+                                  refine.RefineConfig(unknown="hidden"))
+    assert float(jnp.max(jnp.abs(hidden - one))) > 1e-3
+    out = refine.composite(jnp.stack([x, 0.0 * x]), problem, layer_kernels.geom.radius,
+                           refine.RefineConfig(unknown="hidden"))
+    r = layer_kernels.geom.radius
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(x[:, r:-r, r:-r]))
+
+
+@pytest.mark.parametrize("unknown,boundary", [("image", "free"), ("image", "edge"),
+                                              ("hidden", "free"), ("layers", "edge")])
+def test_adjoint_dot_product(scene, layer_kernels, unknown, boundary):
+    problem, _, rng = _random_problem(scene, layer_kernels, seed=1)
+    cfg = refine.RefineConfig(unknown=unknown, boundary=boundary)
+    x = jnp.asarray(rng.normal(size=_unknown_shape(problem, layer_kernels, cfg)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=problem.observation.shape), jnp.float32)
+    ax = refine.render_linear(x, problem, layer_kernels, cfg)
+    aty = refine.adjoint(problem, layer_kernels, cfg, x)(y)
+    assert aty.shape == x.shape
+    lhs = float(jnp.vdot(ax, y))
+    rhs = float(jnp.vdot(x, aty))
+    scale = float(jnp.linalg.norm(ax) * jnp.linalg.norm(y))
+    assert abs(lhs - rhs) < 1e-5 * scale, (lhs, rhs)
+    # And the data term's autodiff gradient is A^T applied to the scaled residual.
+    cfg0 = refine.RefineConfig(unknown=unknown, boundary=boundary, weight=0.0)
+    grad = jax.grad(lambda z: refine.objective_terms(z, problem, layer_kernels, cfg0)[0])(x)
+    n = problem.norm
+    resid = ax - problem.observation
+    expect = refine.adjoint(problem, layer_kernels, cfg, x)(
+        n * n * resid / problem.observation[0].size)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(expect), rtol=1e-4,
+                               atol=1e-4 * float(jnp.max(jnp.abs(expect))))
+
+
+def test_adjoint_matches_the_dense_transpose(tiny_bank):
+    # A 1x1-tile problem small enough to build the matrix of A column by column.
+    pairs = dpjax.parametric_dp_kernels(radius=2.0, ramp=0.4, smooth_sigma=0.5, size=7)
+    bank = dpjax.KernelBank.create(np.asarray(pairs)[:, None], rows=1, cols=1, tile_h=8,
+                                   tile_w=10)
+    scales = jnp.asarray([1.2, 0.3], jnp.float32)
+    geom = conv.ConvGeometry.create(bank.grid, rescaled_radius(bank.kernel_size, 1.2))
+    lk = mpi.prepare_layer_kernels(bank, scales, geom)
+    rng = np.random.default_rng(2)
+    alpha = jnp.asarray(np.stack([np.ones((8, 10)), rng.uniform(size=(8, 10))]), jnp.float32)
+    obs = jnp.asarray(rng.uniform(size=(2, 1, 8, 10)), jnp.float32)
+    problem = refine.prepare(alpha, obs, lk)
+    cfg = refine.RefineConfig(boundary="free")
+    r = geom.radius
+    shape = (1, 8 + 2 * r, 10 + 2 * r)
+    matrix = jax.jacfwd(lambda z: refine.render_linear(z, problem, lk, cfg))(
+        jnp.zeros(shape, jnp.float32)).reshape(2 * 80, -1)  # [V C H W, C Hp Wp]
+    y = jnp.asarray(rng.normal(size=obs.shape), jnp.float32)
+    aty = refine.adjoint(problem, lk, cfg, jnp.zeros(shape, jnp.float32))(y)
+    np.testing.assert_allclose(np.asarray(aty).ravel(), np.asarray(matrix.T @ y.ravel()),
+                               rtol=1e-5, atol=1e-6)
+    # Pixels outside the frame farther than r from it do not exist; all others reach it.
+    assert np.all(np.abs(np.asarray(matrix)).sum(axis=0) > 0)
+
+
+@pytest.fixture(scope="module")
+def fits(scene, tiny_bank):
+    cfg = dpjax.Config().replace(**{"mpi.num_layers": 8, "mpi.scale_min": 0.0,
+                                    "mpi.scale_max": 1.6, "solver.num_iters": 150,
+                                    "solver.chunk_size": 50})
+    off = dpjax.fit(scene.views, tiny_bank, cfg.replace(**{"refine.iters": 0}))
+    on = dpjax.fit(scene.views, tiny_bank, cfg.replace(**{"refine.iters": 40}))
+    return cfg, off, on
+
+
+def test_refinement_off_is_the_plain_composite(fits):
+    cfg, off, on = fits
+    assert off.refine is None and "refine_s" not in off.timings
+    # The output is the MPI composite and its bilateral filtering, computed as before.
+    color = mpi.colors(off.params)
+    trans = mpi.transmittance(mpi.alphas(off.params))
+    raw = np.transpose(np.asarray(mpi.all_in_focus(color, trans)), (1, 2, 0))
+    np.testing.assert_array_equal(off.all_in_focus_raw, raw)
+    filtered = postprocess.bilateral_filter(jnp.asarray(raw), sigma_spatial=3.0,
+                                            sigma_value=0.05)
+    np.testing.assert_array_equal(off.all_in_focus, np.asarray(filtered))
+    # The MPI fit itself does not depend on the refinement.
+    np.testing.assert_array_equal(off.params.alpha_logits, on.params.alpha_logits)
+    np.testing.assert_array_equal(off.defocus, on.defocus)
+    np.testing.assert_array_equal(off.loss_history, on.loss_history)
+
+
+def test_refinement_reduces_its_objective(fits, scene, tiny_bank):
+    _, off, on = fits
+    rec = on.refine
+    assert rec["iterations"] == 40
+    assert rec["objective_end"] < 0.8 * rec["objective_start"]
+    assert rec["objective_end"] == pytest.approx(rec["data_end"] + rec["prior_end"], rel=1e-6)
+    assert on.timings["refine_s"] == rec["seconds"] > 0
+    # The start is the fit's composite: E there equals a direct evaluation.
+    cfg = refine.RefineConfig(iters=40)
+    obs = jnp.asarray(np.transpose(scene.views, (0, 3, 1, 2)))
+    radius = rescaled_radius(tiny_bank.kernel_size, 1.6)
+    lk = mpi.prepare_layer_kernels(tiny_bank, jnp.asarray(dpjax.MpiConfig(
+        num_layers=8, scale_min=0.0, scale_max=1.6).scales()),
+        conv.ConvGeometry.create(tiny_bank.grid, radius))
+    problem = refine.prepare(mpi.alphas(off.params), obs, lk)
+    x0 = refine.initial_unknown(mpi.colors(off.params), problem.trans, radius, cfg)
+    start = sum(refine.objective_terms(x0, problem, lk, cfg))
+    assert float(start) == pytest.approx(rec["objective_start"], rel=1e-4)
+
+
+def test_refinement_sharpens_the_synthetic_image(fits, scene):
+    _, off, on = fits
+    gt = scene.all_in_focus
+    m_off = metrics.image_metrics(off.all_in_focus, gt, max_shift=2)
+    m_on = metrics.image_metrics(on.all_in_focus, gt, max_shift=2)
+    assert np.all(np.isfinite(on.all_in_focus)) and on.all_in_focus.shape == gt.shape
+    assert m_on["psnr"] > m_off["psnr"] + 0.2, (m_on["psnr"], m_off["psnr"])
+
+
+def test_non_finite_input_raises(scene, layer_kernels):
+    problem, alpha, _ = _random_problem(scene, layer_kernels)
+    h, w = scene.views.shape[1:3]
+    params = mpi.MpiParams(jnp.full((NUM_LAYERS, 1, h, w), jnp.nan),
+                           jnp.zeros((NUM_LAYERS - 1, h, w)))
+    with pytest.raises(FloatingPointError, match="refinement"):
+        refine.refine_all_in_focus(params, problem.observation, layer_kernels,
+                                   refine.RefineConfig(iters=3))
+
+
+def test_config_validation_and_round_trip():
+    with pytest.raises(ValueError):
+        refine.RefineConfig(iters=-1)
+    with pytest.raises(ValueError):
+        refine.RefineConfig(unknown="pixels")
+    with pytest.raises(ValueError):
+        refine.RefineConfig(power=0.0)
+    cfg = dpjax.Config().replace(**{"refine.iters": 7, "refine.weight": 1e-2})
+    back = dpjax.config.from_dict(dpjax.config.to_dict(cfg))
+    assert back == cfg
+    # Configs written before the stage existed read as refinement off.
+    old = dpjax.config.to_dict(cfg)
+    old.pop("refine")
+    assert dpjax.config.from_dict(old).refine.iters == 0
