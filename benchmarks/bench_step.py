@@ -5,6 +5,10 @@ Problem: 1008x1344 px, 12 layers, 6x8 tiles of 168 px, 61x61 reference kernels
 one channel. Prints one JSON object.
 
   python benchmarks/bench_step.py [--repeats=3] [--methods=fft,direct]
+
+The cost of colour: --channels=1,3 times each method with 1 and 3 channels on the same
+problem (the layer weights are shared across channels, the colours are not) and
+reports the ratio ("colour_over_grey").
 """
 
 import json
@@ -29,6 +33,7 @@ flags.DEFINE_integer("kernel_size", 61, "Reference kernel side.")
 flags.DEFINE_integer("num_layers", 12, "MPI layers.")
 flags.DEFINE_float("scale_min", 0.2, "Smallest layer scale.")
 flags.DEFINE_float("scale_max", 1.5, "Largest layer scale.")
+flags.DEFINE_list("channels", ["1"], "Channel counts to time (e.g. 1,3).")
 flags.DEFINE_string("output", "", "Also write the JSON here.")
 
 
@@ -59,8 +64,8 @@ def main(argv):
     rng = np.random.default_rng(0)
     # The parametric model through dpjax.scene, as the apps build their banks.
     source = scene.kernel_source(scene.KernelOptions(
-        kind="parametric", grid=(FLAGS.rows, FLAGS.cols), tile_size=FLAGS.tile, radius=FLAGS.kernel_size / 2 - 3,
-        smooth=1.0, size=FLAGS.kernel_size), pyramid_factor=1)
+        kind="parametric", grid=(FLAGS.rows, FLAGS.cols), tile_size=FLAGS.tile,
+        radius=FLAGS.kernel_size / 2 - 3, smooth=1.0, size=FLAGS.kernel_size), pyramid_factor=1)
     bank = scene.make_bank(source, {})
     grid = bank.grid
     h, w = grid.image_shape
@@ -68,13 +73,12 @@ def main(argv):
                          jnp.float32)
     radius = kernels.rescaled_radius(FLAGS.kernel_size, max(abs(FLAGS.scale_min),
                                                             abs(FLAGS.scale_max)))
-    obs = jnp.asarray(rng.random((2, 1, h, w)) * 0.5 + 0.25, jnp.float32)
-    params = mpi.init_params(obs, FLAGS.num_layers)
+    channels = [int(c) for c in FLAGS.channels]
     weights = losses.LossWeights()
     result = {
         "problem": {"height": h, "width": w, "layers": FLAGS.num_layers, "tiles": grid.num_tiles,
                     "kernel_size": FLAGS.kernel_size, "layer_kernel_size": 2 * radius + 1,
-                    "views": 2, "channels": 1},
+                    "views": 2, "channels": channels[0] if len(channels) == 1 else channels},
         "jax_version": jax.__version__,
         "device": str(jax.devices()[0]),
         "platform": platform.platform(),
@@ -88,21 +92,29 @@ def main(argv):
     for method in FLAGS.methods:
         geom = conv.ConvGeometry.create(grid, radius, method)
         lk = jax.jit(mpi.prepare_layer_kernels, static_argnames="geom")(bank, scales, geom)
-        memory = _xla_memory_gib(step, params, obs, lk)
-        t0 = time.perf_counter()
-        jax.block_until_ready(step(params, obs, lk))
-        compile_and_first = time.perf_counter() - t0
-        times = []
-        for _ in range(FLAGS.repeats):
+        for c in channels:
+            obs = jnp.asarray(rng.random((2, c, h, w)) * 0.5 + 0.25, jnp.float32)
+            params = mpi.init_params(obs, FLAGS.num_layers)
+            memory = _xla_memory_gib(step, params, obs, lk)
             t0 = time.perf_counter()
             jax.block_until_ready(step(params, obs, lk))
-            times.append(time.perf_counter() - t0)
-        result[method] = {"ms_per_step": 1e3 * float(np.median(times)),
-                          "ms_all": [1e3 * t for t in times],
-                          "first_call_s": compile_and_first,
-                          "fft_shape": list(geom.fft_shape),
-                          "peak_rss_gib_so_far": _peak_rss_gib(),
-                          "xla_memory_gib": memory}
+            compile_and_first = time.perf_counter() - t0
+            times = []
+            for _ in range(FLAGS.repeats):
+                t0 = time.perf_counter()
+                jax.block_until_ready(step(params, obs, lk))
+                times.append(time.perf_counter() - t0)
+            key = method if len(channels) == 1 else f"{method}_c{c}"
+            result[key] = {"ms_per_step": 1e3 * float(np.median(times)),
+                           "ms_all": [1e3 * t for t in times],
+                           "first_call_s": compile_and_first,
+                           "fft_shape": list(geom.fft_shape),
+                           "peak_rss_gib_so_far": _peak_rss_gib(),
+                           "xla_memory_gib": memory}
+        if len(channels) > 1:
+            result[f"{method}_colour_over_grey"] = (
+                result[f"{method}_c{max(channels)}"]["ms_per_step"]
+                / result[f"{method}_c{min(channels)}"]["ms_per_step"])
     if "fft" in result and "direct" in result:
         result["direct_over_fft"] = result["direct"]["ms_per_step"] / result["fft"]["ms_per_step"]
     result["peak_rss_gib"] = _peak_rss_gib()

@@ -1260,7 +1260,7 @@ def _run_locked(opts, st, pairs, devices, on_event, process_index, process_count
 
     if st.source.info["model"] == "parametric" and opts.method == "mpi" and not scene_kernels:
         k = opts.kernels
-        _log(on_event, logging.INFO, f"no --calib_dir: using the parametric DP kernel model "
+        _log(on_event, logging.INFO, f"--kernels=parametric: the parametric DP kernel model "
              f"(radius {k.radius:.3g} px, ramp {k.ramp:.3g}, smoothing {k.smooth:.3g} px, "
              f"{st.source.kernel_size} px kernels)")
     if on_event is not None:

@@ -179,7 +179,8 @@ def test_refinement_reduces_its_objective(fits, scene, tiny_bank):
         num_layers=8, scale_min=0.0, scale_max=1.6).scales()),
         conv.ConvGeometry.create(tiny_bank.grid, radius))
     problem = refine.prepare(mpi.alphas(off.params), obs, lk)
-    x0 = refine.initial_unknown(mpi.colors(off.params), problem.trans, radius, cfg)
+    x0 = refine.initial_unknown(mpi.colors(off.params),
+                                mpi.transmittance(mpi.alphas(off.params)), radius, cfg)
     start = sum(refine.objective_terms(x0, problem, lk, cfg))
     assert float(start) == pytest.approx(rec["objective_start"], rel=1e-4)
 
