@@ -2,6 +2,8 @@
 
   # solve the six depth scenes with each kernel source (run_solver.py), then:
   python experiments/own_camera.py --results=auto=out/canon_auto,parametric=out/canon_param \
+      --pixel_results=auto=out/pixel_auto \
+      --pixel_reference=experiments/results/pixel4_full.csv:auto_sharpened \
       --flat_results=auto=out/canon_flat_auto --output=experiments/results/own_camera.json
 
 Depth scenes (`casual/orbbec/NNN/{l,r,d}.png`): with focus at 1 m the signed defocus is
@@ -144,6 +146,39 @@ def flat_scores(folder: Path, canon: Path) -> dict[str, Any]:
             "wall_s": (result.get("timings") or {}).get("wall_s")}
 
 
+def pixel_scores(folder: Path) -> dict[str, dict[str, Any]]:
+    """The metrics run_solver.py recorded for each Pixel 4 scene (ground truth beside the
+    pairs), its wall time and the kernels it was solved with."""
+    out = {}
+    for rj in sorted(folder.rglob(outputs.RESULT_JSON)):
+        result = json.loads(rj.read_text())
+        m = result.get("metrics")
+        if not m:
+            continue
+        out[rj.parent.relative_to(folder).as_posix()] = {
+            **{k: m[k] for k in ("aiwe1", "aiwe2", "spearman", "psnr", "ssim") if k in m},
+            "input_psnr": (result.get("input_metrics") or {}).get("psnr"),
+            "wall_s": (result.get("timings") or {}).get("wall_s"),
+            "crop": (result.get("preprocessing") or {}).get("crop")}
+    return out
+
+
+def pixel_reference(csv_path: Path, preset: str) -> dict[str, dict[str, float]]:
+    """Per-scene rows of an earlier calibrated run (experiments/results/pixel4_full.csv)."""
+    import csv
+
+    out = {}
+    with open(csv_path) as f:
+        for row in csv.DictReader(f):
+            if row["method"] == "dpjax" and row["preset"] == preset and row["scene"] != "mean":
+                out[row["scene"]] = {"aiwe1": float(row["aiwe1"]),
+                                     "aiwe2": float(row["aiwe2"]),
+                                     "spearman": float(row["one_minus_abs_rho_s"]),
+                                     "psnr": float(row["psnr"]), "ssim": float(row["ssim"]),
+                                     "wall_s": float(row["wall_s"])}
+    return out
+
+
 def _mean(rows: dict[str, dict], key: str) -> float:
     return float(np.mean([r[key] for r in rows.values()]))
 
@@ -152,7 +187,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     canon = Path(FLAGS.canon_dir)
-    if not (canon / "casual" / "orbbec").is_dir():
+    if (FLAGS.results or FLAGS.flat_results) and not (canon / "casual" / "orbbec").is_dir():
         logging.error("%s has no casual/orbbec scenes (set --canon_dir)", canon)
         return 2
     results = _parse_named(FLAGS.results, "results")
@@ -169,6 +204,12 @@ def main(argv):
         report["depth"][f"dp_stereo_{name}"] = dp_stereo_scores(canon, source, Config())
     for name, folder in flats.items():
         report["flat"][name] = flat_scores(folder, canon)
+    report["pixel4"] = {name: pixel_scores(folder)
+                        for name, folder in _parse_named(FLAGS.pixel_results,
+                                                         "pixel_results").items()}
+    if FLAGS.pixel_reference:
+        path, _, preset = FLAGS.pixel_reference.partition(":")
+        report["pixel4"][f"reference:{preset}"] = pixel_reference(ROOT / path, preset)
     lines = ["| method | scenes | mean 1-abs(rho_s) | mean AIWE(1) [D] |", "|---|---:|---:|---:|"]
     for name, rows in report["depth"].items():
         if rows:
@@ -178,6 +219,14 @@ def main(argv):
         lines.append(f"\nplane {name}: PSNR {f['input_psnr']:.2f} -> {f['psnr']:.2f} dB "
                      f"(+{f['gain_db']:.2f}), SSIM {f['input_ssim']:.3f} -> {f['ssim']:.3f}, "
                      f"PNG mean shift {np.round(f['png_mean_shift_levels'], 2).tolist()}")
+    if report["pixel4"]:
+        lines += ["", "| Pixel 4 run | scenes | AIWE(1) | AIWE(2) | 1-abs(rho_s) | PSNR | SSIM | "
+                  "wall s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, rows in report["pixel4"].items():
+            if rows:
+                lines.append(f"| {name} | {len(rows)} | " + " | ".join(
+                    f"{_mean(rows, k):.4g}" for k in ("aiwe1", "aiwe2", "spearman", "psnr",
+                                                     "ssim", "wall_s")) + " |")
     text = "\n".join(lines)
     print(text)
     if FLAGS.output:
@@ -195,5 +244,10 @@ if __name__ == "__main__":
                       "score the dp_stereo baseline with these kernels (a calibration folder, "
                       "e.g. an auto run's self_calibration/512x768, or 'parametric' for the "
                       "parametric model's defaults); empty: no baseline.")
+    flags.DEFINE_list("pixel_results", None, "NAME=FOLDER run_solver output folders of the "
+                      "Pixel 4 scenes (scored by the run itself: ground truth beside the pairs).")
+    flags.DEFINE_string("pixel_reference", None, "CSV:PRESET rows of an earlier calibrated "
+                        "run to compare with, e.g. "
+                        "experiments/results/pixel4_full.csv:auto_sharpened.")
     flags.DEFINE_string("output", None, "JSON file for every number.")
     sys.exit(app.run(main))
