@@ -57,7 +57,8 @@ DEMO_CALIB = ROOT / "calib_data" / "parametric_2x2"
 _BATCH_FLAGS = (
     "calib_dir", "preset", "range_probe", "search_init", "defocus_estimator", "scenes",
     "overwrite", "batch_size", "memory_budget_gb", "pyramid_levels", "level_iters",
-    "num_layers", "black_level", "allow_8bit", "input_encoding", "recenter_kernels", "grid", "tile_size",
+    "num_layers", "refine_iters", "black_level", "allow_8bit", "input_encoding",
+    "recenter_kernels", "grid", "tile_size",
     "kernel_radius", "kernel_ramp", "kernel_smooth", "kernel_size", "crop", "kernels",
     "white_dir",
     "coordinator_address", "num_processes", "process_id", "distributed",

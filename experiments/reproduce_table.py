@@ -106,6 +106,7 @@ class Options:
     level_iters: tuple[int, ...] | None = None
     num_iters: int | None = None
     num_layers: int | None = None
+    refine_iters: int | None = None
     crop: tuple[int, int] | None = None
     recenter_kernels: bool = True
     output_dir: Path = Path("out/pixel4")
@@ -122,7 +123,7 @@ class Options:
             preset=self.preset, pyramid_levels=self.pyramid_levels,
             level_iters=self.level_iters, num_iters=self.num_iters,
             num_layers=self.num_layers, search_init=self.search_init,
-            defocus_estimator=self.defocus_estimator)
+            defocus_estimator=self.defocus_estimator, refine_iters=self.refine_iters)
 
 
 # ----------------------------------------------------------------------------------------
@@ -715,7 +716,8 @@ def options_from_flags() -> Options:
         defocus_estimator=FLAGS.defocus_estimator, search_init=FLAGS.search_init,
         pyramid_levels=FLAGS.pyramid_levels, level_iters=level_iters,
         num_iters=FLAGS.num_iters, num_layers=FLAGS.num_layers,
-        crop=common.parse_rxc(FLAGS.crop, "crop"), recenter_kernels=FLAGS.recenter_kernels,
+        refine_iters=FLAGS.refine_iters, crop=common.parse_rxc(FLAGS.crop, "crop"),
+        recenter_kernels=FLAGS.recenter_kernels,
         output_dir=Path(FLAGS.output_dir), overwrite=FLAGS.overwrite, quiet=FLAGS.quiet,
         dpanet_checkpoint=common.path_or_none(FLAGS.dpanet_checkpoint),
         dpanet_init=FLAGS.dpanet_init, dpanet_tile=FLAGS.dpanet_tile,
