@@ -138,19 +138,6 @@ def pick_pairs(names: Sequence[str], limit: int = MAX_FIT_PAIRS) -> list[str]:
     return [names[i] for i in idx]
 
 
-def _file_digest(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError:
-        return None
-    return h.hexdigest()[:16]
-
-
 def _code_digest() -> str:
     root = Path(__file__).parent
     h = hashlib.sha256()
@@ -164,11 +151,11 @@ def _inputs_digest(pairs: Sequence[io.ScenePair], scene_opts: SceneOptions,
                    white: tuple[Path, Path] | None, config: selfcal.SelfCalConfig) -> str:
     """Everything a fit depends on: the pairs' content, how they are loaded, the fit's
     settings and code."""
-    rec = {"pairs": [[p.name, p.format, _file_digest(p.left), _file_digest(p.right)]
+    rec = {"pairs": [[p.name, p.format, io.file_digest(p.left), io.file_digest(p.right)]
                      for p in pairs],
            "black_level": scene_opts.black_level, "allow_8bit": scene_opts.allow_8bit,
            "encoding": scene_opts.encoding or "auto",
-           "white": None if white is None else [_file_digest(w) for w in white],
+           "white": None if white is None else [io.file_digest(w) for w in white],
            "config": repr(config), "code": _code_digest()}
     return hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -510,6 +510,23 @@ def _decode_tiff(data: bytes, name: str) -> tuple[np.ndarray, int | None]:
     return arr, 8 * arr.dtype.itemsize
 
 
+def file_digest(path: str | Path | None) -> str | None:
+    """The first 16 hex digits of a file's SHA-256 (None for None or an unreadable
+    file): how results and self-calibrations record which input files they used."""
+    if path is None:
+        return None
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()[:16]
+
+
 def image_size(path: str | Path) -> tuple[int, int]:
     """(height, width) of an image from its header (no pixel data decoded; decodes when
     the header cannot be read). Raises InputError / MissingFileError like read_image."""

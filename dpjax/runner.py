@@ -188,19 +188,6 @@ def code_version() -> str:
     return f"{dpjax.__version__}+{h.hexdigest()[:12]}"
 
 
-def _file_digest(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError:
-        return None
-    return h.hexdigest()[:16]
-
-
 def _kernel_digest(source: KernelSource) -> str:
     return hashlib.sha256(np.ascontiguousarray(source.kernels, np.float32).tobytes()
                           ).hexdigest()[:16]
@@ -228,7 +215,7 @@ def make_fingerprint(method: str, pair: io.ScenePair, preprocessing: dict[str, A
     """
     out: dict[str, Any] = {
         "method": method,
-        "inputs": {"left": _file_digest(pair.left), "right": _file_digest(pair.right),
+        "inputs": {"left": io.file_digest(pair.left), "right": io.file_digest(pair.right),
                    "format": pair.format},
         "preprocessing": preprocessing,
         "code": code_version(),
@@ -834,7 +821,7 @@ def _load_dpanet(opts: RunOptions):
         raise SetupError(f"--method=dpanet: {e}") from e
     info = {"checkpoint": str(model.npz), "step": model.step,
             "model_config": model.config.to_dict(), "tile": opts.dpanet_tile,
-            "overlap": opts.dpanet_overlap, "digest": _file_digest(Path(model.npz))}
+            "overlap": opts.dpanet_overlap, "digest": io.file_digest(Path(model.npz))}
     return model, info
 
 
