@@ -57,6 +57,7 @@ __all__ = [
 
 FOLDER = "self_calibration"  # under the output folder
 MAX_FIT_PAIRS = 8  # pairs per fit: 8 x 64 windows is plenty; more only costs time
+MIN_FOLDER_TILE = 32  # smaller tiles: no folder is written (it would hold ~H W / 1000 tiles)
 
 
 class GroupFit(NamedTuple):
@@ -231,9 +232,10 @@ def fit_group(key: str, group: Sequence[io.ScenePair], scene_opts: SceneOptions,
                                 summary.get("note"), summary, time.perf_counter() - t0)
     pairs = [by_name[n] for n in pick_pairs(list(by_name), max_pairs)]
     views, used, settings = [], [], []
+    whole = dataclasses.replace(scene_opts, whole_frame=True)  # the frame the folder covers
     for p in pairs:
         try:
-            v, _ = load_views(p, loader, scene_opts)
+            v, _ = load_views(p, loader, whole)
         except (ValueError, OSError) as e:  # io.InputError is a ValueError
             log(logging.WARNING, f"self-calibration: {p.name} left out ({e})")
             continue
@@ -257,11 +259,18 @@ def fit_group(key: str, group: Sequence[io.ScenePair], scene_opts: SceneOptions,
         return GroupFit(key, None, LEGACY_MODEL, tuple(p.name for p in used), False, True,
                         note, {"fallback": True, "note": note}, time.perf_counter() - t0)
     shared = {k: v for k, v in settings[0].items() if all(s.get(k) == v for s in settings)}
+    h, w = views[0].shape[1:3]
+    if folder is not None and selfcal.choose_tile_size(h, w) < MIN_FOLDER_TILE:
+        log(logging.WARNING, f"self-calibration {key}: the kernels are used but no "
+            f"calibration folder is written ({h}x{w} px has no common tile size of at least "
+            f"{MIN_FOLDER_TILE} px; experiments/calibrate_kernels.py --tile_size on a cropped "
+            "frame makes one)")
+        folder = None
     if folder is not None:
         digest = _inputs_digest(used, scene_opts, loader.white_sheets, config)
         try:
-            _write_folder(folder, res, views[0].shape[1:3], used, digest, shared)
-        except (OSError, ValueError) as e:
+            _write_folder(folder, res, (h, w), used, digest, shared)
+        except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: XLA out of memory
             log(logging.WARNING, f"self-calibration: cannot write {folder} ({e}); the "
                 "kernels are used but not kept")
             folder = None

@@ -118,6 +118,9 @@ def calibrate(input_dir: Path, output_dir: Path) -> selfcal.SelfCalResult:
         logging.warning("self-calibration rejected (%s): writing the default kernels", res.note)
     shared = {k: v for k, v in settings[0].items() if all(s.get(k) == v for s in settings)}
     _, h, w, _ = views[0].shape
+    if FLAGS.tile_size is None and selfcal.choose_tile_size(h, w) < 32:
+        raise CalibrationError(f"{h}x{w} px has no common tile size of at least 32 px: crop "
+                               "the frames or give --tile_size")
     calib = selfcal.save_self_calibration(
         output_dir, res, height=h, width=w, tile_size=FLAGS.tile_size,
         sources=[str(p.left) for p in pairs], settings=shared)
