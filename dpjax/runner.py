@@ -1310,8 +1310,11 @@ def _run_locked(opts, st, pairs, devices, on_event, process_index, process_count
         else:
             todo.append(name)
 
-    keys = ({n: (_probe_key(pairs[n]), scene_kernels.get(n)) for n in todo}
-            if opts.batch_size > 1 else {})
+    keys: dict[str, Any] = {}
+    if opts.batch_size > 1:  # one batch: one shape and one kernel set; unreadable alone
+        for n in todo:
+            probe = _probe_key(pairs[n])
+            keys[n] = None if probe is None else (probe, scene_kernels.get(n))
     for name in todo:  # kernel sources are set up here, not in the workers' threads
         state_of(name)
     groups = batch.group_by_shape(todo, keys, opts.batch_size)
