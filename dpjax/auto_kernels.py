@@ -244,9 +244,13 @@ def fit_group(key: str, group: Sequence[io.ScenePair], scene_opts: SceneOptions,
                 f"{v.shape[1]}x{v.shape[2]}, {used[0]}'s {views[0].shape[1]}x"
                 f"{views[0].shape[2]})")
             continue
+        try:
+            cam = io.read_camera_settings(p.left)
+        except (ValueError, OSError):  # unreadable EXIF: nothing to compare
+            cam = {}
         views.append(v)
         used.append(p)
-        settings.append(io.read_camera_settings(p.left))
+        settings.append(cam)
     note = None
     if not views:
         note = "no pair of the group could be loaded"
