@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from dpjax import io, selfcal
+from dpjax import io, outputs, selfcal
 from dpjax.kernel_model import LEGACY_MODEL, DpKernelModel
 from dpjax.scene import KernelOptions, SceneOptions, SetupError, kernel_source, load_views
 
@@ -176,24 +176,18 @@ def _read_previous(folder: Path) -> dict[str, Any] | None:
 
 def _write_folder(folder: Path, result: selfcal.SelfCalResult, shape: tuple[int, int],
                   pairs: Sequence[io.ScenePair], digest: str, settings: dict) -> None:
-    """Writes the calibration folder next to its final place, then swaps it in (an
-    interrupted write never leaves a half folder under the final name)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".staging-{folder.name}"
-    old = folder.parent / f".retired-{folder.name}"
-    for d in (tmp, old):
-        shutil.rmtree(d, ignore_errors=True)
-    selfcal.save_self_calibration(
-        tmp, result, height=shape[0], width=shape[1],
-        sources=[str(p.left) for p in pairs], settings=settings)
-    meta_path = tmp / io.KERNELS_META
-    meta = json.loads(meta_path.read_text())
-    meta.update(auto_inputs=digest, pairs=[p.name for p in pairs])
-    meta_path.write_text(json.dumps(meta, indent=1))
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    """Writes the calibration folder into a staging sibling, then swaps it in
+    (`outputs.swap_in`, as the runner's scene folders)."""
+    staging = outputs.staging_dir(folder)
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        selfcal.save_self_calibration(
+            staging, result, height=shape[0], width=shape[1],
+            sources=[str(p.left) for p in pairs], settings=settings,
+            extra_meta={"auto_inputs": digest, "pairs": [p.name for p in pairs]})
+        outputs.swap_in(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def fit_group(key: str, group: Sequence[io.ScenePair], scene_opts: SceneOptions,

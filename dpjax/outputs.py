@@ -19,8 +19,10 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import struct
 import tempfile
+import threading
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -100,6 +102,32 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> Path:
 def atomic_write_bytes(path, data: bytes) -> Path:
     """Write bytes to path atomically (see `atomic_write`)."""
     return atomic_write(path, lambda fh: fh.write(data))
+
+
+# Whole folders are written into a staging sibling and swapped in when complete, so
+# that an interrupted write never leaves a half folder under the final name (the batch
+# runner's scene folders, the self-calibration folders; `runner.clean_stale` tidies up).
+STAGING_PREFIX = ".staging-"  # a folder being written (a sibling of its final place)
+RETIRED_PREFIX = ".retired-"  # a replaced folder waiting to be removed
+
+
+def staging_dir(out_dir) -> Path:
+    """The staging sibling of out_dir for this process and thread (not created)."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / (f"{STAGING_PREFIX}{out_dir.name}-{os.getpid()}-"
+                             f"{threading.get_ident()}")
+
+
+def swap_in(staging, out_dir) -> None:
+    """Moves a complete staged folder to out_dir, replacing (then deleting) the old one."""
+    staging, out_dir = Path(staging), Path(out_dir)
+    retired = None
+    if out_dir.exists():
+        retired = out_dir.parent / f"{RETIRED_PREFIX}{out_dir.name}-{os.getpid()}"
+        os.replace(out_dir, retired)
+    os.replace(staging, out_dir)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
 
 
 def write_tiff(path, array) -> Path:

@@ -82,8 +82,7 @@ __all__ = [
 SUMMARY_JSON = "summary.json"
 INDEX_HTML = "index.html"
 LOCK_FILE = ".dpjax.lock"
-_STAGING = ".staging-"  # prefix of a scene's staging folder (a sibling of the scene's)
-_RETIRED = ".retired-"  # prefix of a replaced result waiting to be removed
+_STAGING, _RETIRED = outputs.STAGING_PREFIX, outputs.RETIRED_PREFIX
 
 EXIT_OK, EXIT_FAILED, EXIT_SETUP, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
 
@@ -405,19 +404,9 @@ def clean_stale(folder: Path) -> list[str]:
     return done
 
 
-def _staging_dir(out_dir: Path) -> Path:
-    return out_dir.parent / f"{_STAGING}{out_dir.name}-{os.getpid()}-{threading.get_ident()}"
-
-
-def _swap_in(staging: Path, out_dir: Path) -> None:
-    """Moves a complete staged result to out_dir, replacing (then deleting) the old one."""
-    retired = None
-    if out_dir.exists():
-        retired = out_dir.parent / f"{_RETIRED}{out_dir.name}-{os.getpid()}"
-        os.replace(out_dir, retired)
-    os.replace(staging, out_dir)
-    if retired is not None:
-        shutil.rmtree(retired, ignore_errors=True)
+# Scene folders are staged and swapped in (`outputs.staging_dir` / `outputs.swap_in`);
+# module names so that tests can intercept the swap.
+_staging_dir, _swap_in = outputs.staging_dir, outputs.swap_in
 
 
 _RESERVED = (SUMMARY_JSON, INDEX_HTML, LOCK_FILE)

@@ -669,14 +669,16 @@ def calibration_kernels(model: DpKernelModel, *, height: int, width: int,
 
 def save_self_calibration(calib_dir, result: SelfCalResult, *, height: int, width: int,
                           tile_size: int | None = None, sources: Sequence[str] = (),
-                          settings: dict | None = None) -> io.CalibratedKernels:
+                          settings: dict | None = None,
+                          extra_meta: dict | None = None) -> io.CalibratedKernels:
     """Writes `result.model` as a calibration folder that `io.load_calibration_kernels`
     (and run_solver.py --calib_dir) reads.
 
     kernels_meta.json gets, besides grid and tile size: "source": "dpjax.selfcal",
     "image_size", "model" (the parameters of the kernels written), "self_calibration"
     (`SelfCalResult.summary()`: fitted parameters, costs, quality, fallback), "sources"
-    (the pairs used) and "camera" (their shared EXIF settings, when any).
+    (the pairs used) and "camera" (their shared EXIF settings, when any), plus
+    `extra_meta`.
 
     Returns:
       The calibration written.
@@ -684,6 +686,7 @@ def save_self_calibration(calib_dir, result: SelfCalResult, *, height: int, widt
     calib = calibration_kernels(result.model, height=height, width=width, tile_size=tile_size)
     meta = {"source": "dpjax.selfcal", "image_size": [int(height), int(width)],
             "model": result.model.to_dict(), "self_calibration": result.summary(),
-            "sources": [str(s) for s in sources], "camera": dict(settings or {})}
+            "sources": [str(s) for s in sources], "camera": dict(settings or {}),
+            **(extra_meta or {})}
     io.save_calibration_kernels(calib_dir, calib, extra_meta=meta)
     return calib
