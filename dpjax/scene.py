@@ -21,6 +21,7 @@ import numpy as np
 
 from dpjax import batch, io, pipeline, presets
 from dpjax import config as config_lib
+from dpjax.kernel_model import render_kernel_pairs
 from dpjax.kernels import KernelBank, parametric_dp_kernels, recenter_kernel_pairs
 
 __all__ = [
@@ -212,8 +213,6 @@ def kernel_source(opts: KernelOptions, pyramid_factor: int,
         if opts.tile_size is not None and opts.grid is None:
             raise SetupError("--tile_size needs --grid (RxC)")
         if kind == "fitted":
-            from dpjax.kernel_model import render_kernel_pairs
-
             pair = render_kernel_pairs(opts.model, rows=1, cols=1)
             info = {"model": "fitted", "kernel_model": opts.model.to_dict(),
                     "kernel_size": int(pair.shape[-1]), **(opts.fit_info or {})}
@@ -275,9 +274,11 @@ def load_views(pair: io.ScenePair, source: KernelSource, opts: SceneOptions,
     # Pixel: the calibration's central crop (the whole grid when a block is cut from it);
     # without a calibration grid the Pixel 4 preprocessing's own central crop (the raw
     # frame's edges are dark and strongly vignetted; the ground truth covers the crop).
-    pre = io.Pixel4Preprocess(crop_hw=fixed if block is None else _full_grid_shape(source))
-    if fixed is None and pair.format == "pixel" and pair.left is not None:
-        pre = io.Pixel4Preprocess(crop_hw=_pixel_crop(pair.left))
+    if fixed is not None:
+        crop = fixed if block is None else _full_grid_shape(source)
+    else:
+        crop = _pixel_crop(pair.left) if pair.format == "pixel" and pair.left else None
+    pre = io.Pixel4Preprocess(crop_hw=crop)
     if pair.format == "pixel" and source.white_sheets is not None:
         whites = {"white_left": source.white_sheets[0], "white_right": source.white_sheets[1]}
     views, loaded = io.load_pair_with_info(
@@ -375,24 +376,16 @@ def _full_grid_shape(source: KernelSource) -> tuple[int, int]:
 def make_bank(source: KernelSource, info: dict[str, Any]) -> KernelBank:
     """The kernel bank covering a scene's views (call inside its device context)."""
     if source.fixed_shape is not None:
-        rows, cols = source.grid
-        kernels = source.kernels
-        if source.model is not None:
-            from dpjax.kernel_model import render_kernel_pairs
-
-            kernels = render_kernel_pairs(source.model, rows=rows, cols=cols,
-                                          size=source.kernel_size)
-        elif kernels.shape[1] == 1:
-            kernels = np.repeat(kernels, rows * cols, axis=1)
-        return KernelBank.create(kernels, rows=rows, cols=cols, tile_h=source.tile_size)
-    rows, cols, th, tw = info["tile_grid"]
+        (rows, cols), th, tw = source.grid, source.tile_size, source.tile_size
+    else:
+        rows, cols, th, tw = info["tile_grid"]
     if source.model is not None:  # fitted: the model's kernels at each tile's position
-        from dpjax.kernel_model import render_kernel_pairs
-
         kernels = render_kernel_pairs(source.model, rows=rows, cols=cols,
                                       size=source.kernel_size)
+    elif source.kernels.shape[1] == 1:  # parametric: one pair for every tile
+        kernels = np.repeat(source.kernels, rows * cols, axis=1)
     else:
-        kernels = np.repeat(source.kernels[:, :1], rows * cols, axis=1)
+        kernels = source.kernels
     return KernelBank.create(kernels, rows=rows, cols=cols, tile_h=th, tile_w=tw)
 
 
