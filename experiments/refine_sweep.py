@@ -26,8 +26,8 @@ from absl import app, flags, logging
 
 import dpjax
 from dpjax import baselines, conv, io, mpi, outputs, pipeline, postprocess, refine, scene
-from dpjax.config import Config
 from dpjax.kernels import rescaled_radius
+from dpjax_apps.flags import parse_rxc, resolve_base_config
 
 FLAGS = flags.FLAGS
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,10 +50,9 @@ def parse_setting(text: str) -> tuple[str, refine.RefineConfig]:
 
 
 def run_scene(sid: str, settings, data: Path, crop) -> dict:
-    base = Config()  # the defaults; the auto preset fills in the range and start
-    from dpjax import presets
-
-    base = presets.resolve_base("auto", base)
+    # The apps' defaults (fast coarse-to-fine schedule, auto preset's start and reading);
+    # a bare Config() would be the library's single-level 1000-step solver.
+    base = resolve_base_config(preset="auto")
     source = scene.kernel_source(scene.KernelOptions(calib_dir=data / "calibration"),
                                  2 ** (base.solver.pyramid_levels - 1), crop)
     opts = scene.SceneOptions(base=base, preset="auto", input_dir=data)
@@ -100,8 +99,6 @@ def run_scene(sid: str, settings, data: Path, crop) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from dpjax_apps.flags import parse_rxc
-
     settings = [parse_setting(s) for s in FLAGS.settings]
     data = Path(FLAGS.data_dir)
     crop = parse_rxc(FLAGS.crop, "crop")
