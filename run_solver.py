@@ -56,7 +56,7 @@ DEMO_CALIB = ROOT / "calib_data" / "parametric_2x2"
 # Flags that only make sense with --input_dir.
 _BATCH_FLAGS = (
     "calib_dir", "preset", "range_probe", "search_init", "defocus_estimator", "scenes",
-    "overwrite", "batch_size", "memory_budget_gb", "pyramid_levels", "level_iters",
+    "overwrite", "batch_size", "memory_budget_gb", "blocks", "pyramid_levels", "level_iters",
     "num_layers", "refine_iters", "black_level", "allow_8bit", "input_encoding",
     "recenter_kernels", "grid", "tile_size",
     "kernel_radius", "kernel_ramp", "kernel_smooth", "kernel_size", "crop", "kernels",
@@ -78,9 +78,13 @@ def _define_flags() -> None:
                   "map and all-in-focus image); dpanet: a trained DPANet (all-in-focus only).")
     d.DEFINE_integer("batch_size", 1, "Solve up to this many same-size scenes together on "
                      "one device (dpjax.fit_batch; docs/batch.md).")
-    d.DEFINE_float("memory_budget_gb", None, "Refuse scenes whose estimated peak memory "
-                   "exceeds this (default: the device's memory; on CPU the host RAM divided "
-                   "by the number of local devices).")
+    d.DEFINE_float("memory_budget_gb", None, "Solve scenes whose estimated peak memory "
+                   "exceeds this in overlapping blocks that fit it (docs/batch.md; default: "
+                   "the device's memory; on CPU the host RAM divided by the number of local "
+                   "devices).")
+    d.DEFINE_string("blocks", None, "Solve every scene in an RxC split of overlapping "
+                    "blocks of kernel tiles, whatever its memory (default: one block when "
+                    "it fits --memory_budget_gb).")
     d.DEFINE_float("black_level", None, "Black level of the raw views (default: Pixel 1024, "
                    "PNG/TIFF 0; required for PGM).")
     d.DEFINE_bool("allow_8bit", False, "Accept 8-bit views (default: 16-bit expected).")
@@ -225,7 +229,8 @@ def run_options_from_flags():
             black_level=FLAGS.black_level, allow_8bit=FLAGS.allow_8bit,
             encoding=common.input_encoding(),
             crop_tiles=common.parse_rxc(FLAGS.crop, "crop"), input_dir=Path(FLAGS.input_dir),
-            whole_frame=FLAGS.method == "dpanet"),
+            whole_frame=FLAGS.method == "dpanet",
+            blocks=common.parse_rxc(FLAGS.blocks, "blocks")),
         kernels=scene.KernelOptions(
             kind=kernels_kind(), calib_dir=common.path_or_none(FLAGS.calib_dir),
             white_dir=common.path_or_none(FLAGS.white_dir), recenter=FLAGS.recenter_kernels,

@@ -290,6 +290,8 @@ class SceneEta:
     level_budgets: tuple[int, ...]
     level: int = -1  # -1: not started; else the level being solved (0 = finest)
     step: int = 0
+    block: int = 0  # a block solve's current block (0-based) and block count
+    num_blocks: int = 1
     loss: float = float("nan")
     elapsed_s: float = 0.0
 
@@ -302,8 +304,10 @@ class SceneEta:
         return len(self.level_budgets)
 
     def update(self, *, level: int, step: int, num_steps: int, loss: float,
-               elapsed_s: float) -> None:
-        """Records a `dpjax.Progress` report (level 0 = finest)."""
+               elapsed_s: float, block: int = 0, num_blocks: int = 1) -> None:
+        """Records a `dpjax.Progress` report (level 0 = finest; block of num_blocks in
+        a block solve, `dpjax.blocks`)."""
+        self.block, self.num_blocks = block, num_blocks
         i = self.num_levels - 1 - level
         budgets = list(self.level_budgets)
         budgets[i] = num_steps
@@ -327,7 +331,7 @@ class SceneEta:
         i = self.num_levels - 1 - self.level
         done = sum(w * b for w, b in zip(self._weights[:i], self.level_budgets[:i]))
         done += self._weights[i] * self.step
-        return min(done / total, 1.0)
+        return min((self.block + done / total) / max(self.num_blocks, 1), 1.0)
 
     @property
     def eta_s(self) -> float | None:
@@ -341,7 +345,8 @@ def format_scene_progress(name: str, eta: SceneEta, width: int = 20) -> str:
     """'001 [#####.....] L2/3 it 120/248 loss 0.01234 ETA 12s'."""
     done, total = eta.iterations
     lvl = "-" if eta.level < 0 else f"{eta.num_levels - eta.level}/{eta.num_levels}"
-    return (f"{name} [{_bar(eta.fraction, width)}] L{lvl} it {done}/{total} "
+    blk = f" block {eta.block + 1}/{eta.num_blocks}" if eta.num_blocks > 1 else ""
+    return (f"{name} [{_bar(eta.fraction, width)}]{blk} L{lvl} it {done}/{total} "
             f"loss {eta.loss:.5g} ETA {format_duration(eta.eta_s)}")
 
 

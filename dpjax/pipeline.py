@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpjax import blocks, io, metrics, mpi, outputs
 from dpjax import config as config_lib
-from dpjax import io, metrics, mpi, outputs
 from dpjax.kernels import KernelBank
 from dpjax.solver import FitResult, Progress, downsample_image, fit
 
@@ -265,7 +265,7 @@ def search_init_settings(cfg: config_lib.Config | None = None) -> dict[str, Any]
 def _solve_device(res: FitResult) -> str:
     """The device the solve ran on (that of its final parameters), not jax.devices()[0]:
     a batch run places scenes on other local devices with jax.default_device."""
-    leaf = res.params.color_logits
+    leaf = None if res.params is None else res.params.color_logits
     if isinstance(leaf, jax.Array):
         return ",".join(sorted(str(d) for d in leaf.devices()))
     return str(jax.devices()[0])
@@ -276,7 +276,8 @@ def solve_scene(views: np.ndarray, bank: KernelBank, cfg: config_lib.Config, out
                 extra: dict[str, Any] | None = None,
                 callback: Callable[[Progress], None] | None = None,
                 init: mpi.MpiParams | None = None,
-                display: dict[str, Any] | None = None) -> tuple[FitResult, dict[str, Any]]:
+                display: dict[str, Any] | None = None,
+                plan: blocks.BlockPlan | None = None) -> tuple[FitResult, dict[str, Any]]:
     """Solves one scene and writes the standard output layout to `out_dir`.
 
     Args:
@@ -292,12 +293,19 @@ def solve_scene(views: np.ndarray, bank: KernelBank, cfg: config_lib.Config, out
         runs the normal schedule).
       display: how all_in_focus.png is encoded (`outputs.write_result` keywords;
         `dpjax.scene.display_kwargs`); default the viewing transform.
+      plan: solve in these overlapping blocks (`dpjax.blocks`; recorded in result.json
+        "block_plan" and "blocks"); None: the whole frame at once.
 
     Returns:
       (FitResult, the result dict written to result.json).
     """
     t0 = time.perf_counter()
-    res = fit(views, bank, cfg, callback=callback, init=init, init_is_solution=False)
+    if plan is None:
+        res = fit(views, bank, cfg, callback=callback, init=init, init_is_solution=False)
+    else:
+        res = blocks.fit_blocks(views, bank, cfg, plan, callback=callback, init=init,
+                                init_is_solution=False)
+        extra = {"block_plan": plan.as_dict(), **(extra or {})}
     result = write_scene(res, views, cfg, out_dir, wall_s=time.perf_counter() - t0,
                          gt_all_in_focus=gt_all_in_focus, gt_defocus=gt_defocus,
                          defocus_confidence=defocus_confidence, extra=extra, display=display)
@@ -336,6 +344,8 @@ def write_scene(res: FitResult, views: np.ndarray, cfg: config_lib.Config, out_d
     }
     if res.refine is not None:
         result["refine"] = res.refine
+    if res.blocks is not None:
+        result["blocks"] = res.blocks
     if gt_all_in_focus is not None or gt_defocus is not None:
         m = score(res.all_in_focus, res.defocus, gt_all_in_focus=gt_all_in_focus,
                   gt_defocus=gt_defocus, defocus_confidence=defocus_confidence)

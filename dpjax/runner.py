@@ -166,9 +166,9 @@ def _log(on_event: OnEvent | None, level: int, msg: str, scene: str | None = Non
 # Fingerprints
 
 
-_SOLVE_MODULES = ("batch", "baselines", "config", "conv", "io", "kernel_model", "kernels",
-                  "losses", "mpi", "outputs", "pipeline", "postprocess", "presets", "scene",
-                  "solver")
+_SOLVE_MODULES = ("batch", "baselines", "blocks", "config", "conv", "encoding", "io",
+                  "kernel_model", "kernels", "losses", "mpi", "outputs", "pipeline",
+                  "postprocess", "presets", "refine", "scene", "solver")
 
 
 @functools.lru_cache(maxsize=1)
@@ -235,7 +235,8 @@ def fingerprint(opts: RunOptions, source: KernelSource, pair: io.ScenePair,
     if opts.method == "mpi":
         return make_fingerprint(opts.method, pair, pre, config=config_lib.to_dict(s.base),
                                 preset=s.preset, range_probe=s.range_probe,
-                                kernels=kernel_record(source))
+                                kernels=kernel_record(source),
+                                blocks=None if s.blocks is None else list(s.blocks))
     return make_fingerprint(opts.method, pair, pre, dpanet=dpanet_info)
 
 
@@ -505,6 +506,8 @@ def _extra(st: _State, prep: PreparedScene, rec: dict[str, Any], fp: dict[str, A
              "process": st.process_index, "fingerprint": fp}
     if prep.init_info is not None:
         extra["search_init"] = prep.init_info
+    if prep.plan_info is not None:
+        extra["block_plan"] = prep.plan_info
     return extra
 
 
@@ -545,7 +548,7 @@ def _solve_alone(st: _State, prep: PreparedScene, rec: dict[str, Any], fp: dict[
 
     def progress(p):
         eta.update(level=p.level, step=p.step, num_steps=p.num_steps, loss=p.loss,
-                   elapsed_s=p.elapsed_s)
+                   elapsed_s=p.elapsed_s, block=p.block, num_blocks=p.num_blocks)
         if p.params is not None and not seen:
             seen.update(str(d) for d in p.params.color_logits.devices())
         if st.on_event is not None:
@@ -559,7 +562,8 @@ def _solve_alone(st: _State, prep: PreparedScene, rec: dict[str, Any], fp: dict[
                 prep.views, prep.bank, prep.cfg, staging, gt_all_in_focus=prep.gt_aif,
                 gt_defocus=prep.gt_def,
                 extra={**_extra(st, prep, rec, fp, device), **(extra or {})},
-                callback=progress, init=prep.init, display=display_kwargs(prep.info))
+                callback=progress, init=prep.init, display=display_kwargs(prep.info),
+                plan=prep.plan)
             prep.timings["solve_s"] = time.perf_counter() - t0
         _finish_done(st, prep, res, result, staging, rec)
     finally:
@@ -605,14 +609,17 @@ def _solve_one(st: _State, name: str, pair: io.ScenePair, device, group: int | N
 
 def _split_batches(st: _State, preps: Sequence[PreparedScene]) -> list[list[PreparedScene]]:
     """Prepared scenes in batches that dpjax.fit_batch can solve together: same shapes,
-    kernel geometry and `solver.batch_key`, summed memory estimate within the budget."""
+    kernel geometry and `solver.batch_key`, summed memory estimate within the budget; a
+    scene solved in blocks (`dpjax.blocks`) alone."""
     from dpjax import solver
 
     by_key: dict[Any, list[PreparedScene]] = {}
+    out: list[list[PreparedScene]] = [[p] for p in preps if p.plan is not None]
     for p in preps:
+        if p.plan is not None:
+            continue
         key = (p.views.shape, p.bank.grid, p.bank.kernel_size, solver.batch_key(p.cfg))
         by_key.setdefault(key, []).append(p)
-    out: list[list[PreparedScene]] = []
     for same in by_key.values():
         current: list[PreparedScene] = []
         need = 0.0
@@ -946,6 +953,12 @@ def _decide(st: _State, name: str, pair: io.ScenePair) -> tuple[dict[str, Any] |
         _log(st.on_event, logging.INFO, f"{name}: --overwrite: solving again", name)
         return None, fp
     why = fingerprint_changes(previous.get("fingerprint"), fp)
+    plan = previous.get("block_plan") or {}
+    if why is None and plan.get("chosen") == "memory budget":
+        budget = None if st.budget is None else round(st.budget / 1e9, 3)
+        if plan.get("budget_gb") != budget:  # the split depends on the budget
+            why = (f"the memory budget changed ({plan.get('budget_gb')} -> {budget} GB), "
+                   "which set its block split")
     if why is None:
         _ensure_thumbnails(out_dir, st.opts.thumb_size)
         return _skipped_record(name, previous, "skipped",

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from dpjax import batch, io, pipeline, presets
+from dpjax import batch, blocks, io, pipeline, presets
 from dpjax import config as config_lib
 from dpjax.kernel_model import render_kernel_pairs
-from dpjax.kernels import KernelBank, parametric_dp_kernels, recenter_kernel_pairs
+from dpjax.kernels import KernelBank, TileGrid, parametric_dp_kernels, recenter_kernel_pairs
 
 __all__ = [
     "KernelOptions",
@@ -38,6 +38,7 @@ __all__ = [
     "load_ground_truth",
     "load_views",
     "make_bank",
+    "plan_solve",
     "prepare",
 ]
 
@@ -252,6 +253,9 @@ class SceneOptions:
       input_dir: where ground truth in the Pixel 4 layout is looked for
         (input_dir/gt_all_in_focus_im/NAME_gt.png, .../gt_defocus_map/NAME_gt.png).
       whole_frame: keep the whole frame (no kernel grid: DPANet).
+      blocks: solve in a (rows, cols) split of overlapping blocks (`dpjax.blocks`)
+        whatever the memory; None: one block when the frame fits the memory budget,
+        else the fewest blocks that do.
     """
 
     base: config_lib.Config
@@ -263,6 +267,7 @@ class SceneOptions:
     crop_tiles: tuple[int, int] | None = None
     input_dir: Path | None = None
     whole_frame: bool = False
+    blocks: tuple[int, int] | None = None
 
 
 def load_views(pair: io.ScenePair, source: KernelSource, opts: SceneOptions,
@@ -461,8 +466,10 @@ class PreparedScene:
       init: initial MpiParams (search start) or None.
       init_info: the start's record (result.json "search_init") or None.
       gt_aif, gt_def: optional ground truth [H, W] / [H, W, C].
-      memory: `batch.estimate_solve_memory` of the solve.
+      memory: `batch.estimate_solve_memory` of the solve (of one block when `plan`).
       timings: load_s, preset_s, search_init_s.
+      plan: solve in these overlapping blocks (`dpjax.blocks`), None: at once.
+      plan_info: how the plan was chosen (result.json "block_plan"), None without one.
     """
 
     name: str
@@ -477,6 +484,8 @@ class PreparedScene:
     gt_def: np.ndarray | None
     memory: Any
     timings: dict[str, float]
+    plan: blocks.BlockPlan | None = None
+    plan_info: dict[str, Any] | None = None
 
 
 def prepare(name: str, pair: io.ScenePair, source: KernelSource, opts: SceneOptions, *,
@@ -497,18 +506,64 @@ def prepare(name: str, pair: io.ScenePair, source: KernelSource, opts: SceneOpti
         info.setdefault("warnings", []).extend(warnings)
     bank = make_bank(source, info)
     cfg, preset_info, init, init_info = configure(name, views, bank, opts, timings)
-    est = batch.estimate_solve_memory(
-        height=views.shape[1], width=views.shape[2], channels=views.shape[3],
-        num_layers=cfg.mpi.num_layers, grid=bank.grid, kernel_size=bank.kernel_size,
-        max_abs_scale=float(np.max(np.abs(cfg.mpi.scales()))),
-        conv_method=cfg.solver.conv_method, round_fft=cfg.solver.round_fft)
-    refusal = batch.memory_refusal(est, budget_bytes)
-    if refusal is not None:
-        raise SceneFailure("memory", refusal, memory_estimate_gb=round(est.gb, 3))
+    plan, plan_info, est = plan_solve(views.shape[3], bank, cfg, opts.blocks, budget_bytes)
     gt_aif, gt_def = load_ground_truth(opts.input_dir, name, views.shape[1:3], info)
     return PreparedScene(name=name, views=views, info=info, bank=bank, cfg=cfg,
                          preset=preset_info, init=init, init_info=init_info, gt_aif=gt_aif,
-                         gt_def=gt_def, memory=est, timings=timings)
+                         gt_def=gt_def, memory=est, timings=timings, plan=plan,
+                         plan_info=plan_info)
+
+
+def plan_solve(channels: int, bank: KernelBank, cfg: config_lib.Config,
+               splits: tuple[int, int] | None, budget_bytes: float | None,
+               ) -> tuple[blocks.BlockPlan | None, dict[str, Any] | None, batch.MemoryEstimate]:
+    """Whether a scene is solved at once or in blocks: (plan or None, its record, the
+    memory estimate of one solve).
+
+    Args:
+      channels: C of the views.
+      bank: the scene's kernels (their grid is the frame's).
+      splits: a forced (rows, cols) block split (SceneOptions.blocks), or None.
+      budget_bytes: the memory budget (None: unlimited).
+
+    Raises:
+      SceneFailure: kind "memory" when not even the smallest block fits the budget;
+        kind "config" for a forced split finer than the tile grid.
+    """
+    def estimate(grid: TileGrid) -> batch.MemoryEstimate:
+        h, w = grid.image_shape
+        return batch.estimate_solve_memory(
+            height=h, width=w, channels=channels, num_layers=cfg.mpi.num_layers,
+            grid=grid, kernel_size=bank.kernel_size,
+            max_abs_scale=float(np.max(np.abs(cfg.mpi.scales()))),
+            conv_method=cfg.solver.conv_method, round_fft=cfg.solver.round_fft)
+
+    budget_gb = None if budget_bytes is None else round(budget_bytes / 1e9, 3)
+    if splits is not None and tuple(splits) != (1, 1):
+        try:
+            plan = blocks.plan_blocks(bank.grid, splits)
+        except ValueError as e:
+            raise SceneFailure("config", str(e)) from e
+        est = estimate(plan.block_grid)
+        refusal = batch.memory_refusal(est, budget_bytes)
+        if refusal is not None:
+            raise SceneFailure("memory", f"a block of the {splits[0]}x{splits[1]} split "
+                               f"{refusal}", memory_estimate_gb=round(est.gb, 3))
+        return plan, {**plan.as_dict(), "chosen": "forced", "budget_gb": budget_gb}, est
+    whole = estimate(bank.grid)
+    if batch.memory_refusal(whole, budget_bytes) is None:
+        return None, None, whole
+    plan = blocks.choose_plan(
+        bank.grid, lambda g: batch.memory_refusal(estimate(g), budget_bytes) is None)
+    if plan is None:
+        smallest = estimate(blocks.plan_blocks(bank.grid, (bank.grid.rows, bank.grid.cols))
+                            .block_grid)
+        raise SceneFailure("memory", "even a block of one tile and its overlap "
+                           + batch.memory_refusal(smallest, budget_bytes),
+                           memory_estimate_gb=round(whole.gb, 3))
+    est = estimate(plan.block_grid)
+    return plan, {**plan.as_dict(), "chosen": "memory budget", "budget_gb": budget_gb,
+                  "whole_frame_estimate_gb": round(whole.gb, 3)}, est
 
 
 def configure(name: str, views: np.ndarray, bank: KernelBank, opts: SceneOptions,

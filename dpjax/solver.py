@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,8 @@ class Progress(NamedTuple):
     elapsed_s: float
     params: mpi.MpiParams | None = None
     scales: np.ndarray | None = None
+    block: int = 0  # the block being solved (`dpjax.blocks.fit_blocks`), 0-based
+    num_blocks: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +59,8 @@ class FitResult:
         > 0, `dpjax.refine`) before post-processing.
       defocus: [H, W] signed defocus map (in layer-scale units), read off the layers by
         config.post.defocus (`dpjax.mpi.estimate_defocus`).
-      params: final MPI logits at full resolution.
+      params: final MPI logits at full resolution (None after a block solve,
+        `dpjax.blocks.fit_blocks`).
       scales: [L] layer scales.
       loss_history: [N] total loss at every step, all levels in order.
       level_iterations: steps run at each level, coarsest first.
@@ -68,18 +71,20 @@ class FitResult:
       refine: the all-in-focus refinement's record (objective at its start and end,
         its data and prior terms at the end, iterations, seconds), or None when it did
         not run (config.refine.iters == 0).
+      blocks: a block solve's per-block records (`dpjax.blocks.fit_blocks`), else None.
     """
 
     all_in_focus: np.ndarray
     all_in_focus_raw: np.ndarray
     defocus: np.ndarray
-    params: mpi.MpiParams
+    params: mpi.MpiParams | None
     scales: np.ndarray
     loss_history: np.ndarray
     level_iterations: tuple[int, ...]
     terms: dict[str, float]
     timings: dict[str, float]
-    refine: dict[str, float] | None = None
+    refine: dict[str, Any] | None = None
+    blocks: list[dict[str, Any]] | None = None
 
 
 class _StepConfig(NamedTuple):

@@ -19,7 +19,7 @@ import pytest
 import tifffile
 
 import dpjax
-from dpjax import batch, io, outputs, pipeline, presets, runner
+from dpjax import batch, io, outputs, pipeline, presets, runner, scene
 from dpjax.config import Config, schedule
 from dpjax.scene import KernelOptions, SceneOptions
 
@@ -80,7 +80,7 @@ def _opts(inp: Path, out: Path, **kw) -> runner.RunOptions:
     kernels = KernelOptions(kind=kind, calib_dir=calib, grid=kw.pop("grid", None),
                             radius=kw.pop("kernel_radius", 8.0))
     scene = SceneOptions(base=base, preset=preset, input_dir=inp,
-                         whole_frame=method == "dpanet")
+                         whole_frame=method == "dpanet", blocks=kw.pop("blocks", None))
     return runner.RunOptions(input_dir=inp, output_dir=out, scene=scene, kernels=kernels, **kw)
 
 
@@ -321,6 +321,56 @@ def test_memory_budget_refuses_scene(tmp_path, calib_dir):
     assert rec["error"] == "memory" and "over the memory budget of 0.01 GB" in rec["reason"]
     assert rec["memory_estimate_gb"] > 0.01
     assert not (out / "a").exists()
+
+
+def test_blocks_forced_or_by_memory_budget(tmp_path):
+    """A 32x192 frame of 1x6 tiles: split by --blocks, then by the memory budget; a
+    budget change re-solves a scene whose split it set."""
+    inp = tmp_path / "in"
+    _write_tiff_pair(inp, "wide", _texture(0, 32, 192))
+    kw = {"grid": (1, 6), "kernel_radius": 3.0}
+
+    def result(out):
+        return json.loads((out / "wide" / "result.json").read_text())
+
+    out = tmp_path / "forced"
+    assert run_solver.run_batch(_opts(inp, out, blocks=(1, 2), **kw)) == 0
+    res = result(out)
+    assert res["block_plan"]["chosen"] == "forced" and res["block_plan"]["splits"] == [1, 2]
+    assert res["block_plan"]["block_tiles"] == [1, 5] and len(res["blocks"]) == 2
+    assert res["fingerprint"]["blocks"] == [1, 2]
+    aif = tifffile.imread(out / "wide" / outputs.AIF_TIFF)
+    assert aif.shape[:2] == (32, 192) and np.all(np.isfinite(aif))
+    # the same folder without --blocks: different settings, solved again at once
+    assert run_solver.run_batch(_opts(inp, out, **kw)) == 0
+    assert _summary(out)["scenes"][0]["status"] == "done"
+    assert "block_plan" not in result(out) and "blocks" not in result(out)
+
+    # a budget between the whole frame's estimate and a 1x2 split's block (1x5 tiles)
+    opts = _opts(inp, tmp_path / "budget", **kw)
+    src = scene.kernel_source(opts.kernels, 1)
+    bank = dpjax.KernelBank.create(np.repeat(src.kernels, 6, axis=1), rows=1, cols=6,
+                                   tile_h=TILE)
+
+    def need(cols):
+        return batch.estimate_solve_memory(
+            height=TILE, width=cols * TILE, channels=1, num_layers=4,
+            grid=dpjax.TileGrid(rows=1, cols=cols, tile_h=TILE, tile_w=TILE),
+            kernel_size=bank.kernel_size,
+            max_abs_scale=float(np.max(np.abs(opts.scene.base.mpi.scales())))).total
+
+    budget_gb = (need(6) + need(5)) / 2 / 1e9
+    out = tmp_path / "budget"
+    assert run_solver.run_batch(_opts(inp, out, memory_budget_gb=budget_gb, **kw)) == 0
+    plan = result(out)["block_plan"]
+    assert plan["chosen"] == "memory budget" and plan["num_blocks"] > 1
+    assert plan["budget_gb"] == round(budget_gb, 3)
+    assert run_solver.run_batch(_opts(inp, out, memory_budget_gb=budget_gb, **kw)) == 0
+    assert _summary(out)["scenes"][0]["status"] == "skipped"
+    assert run_solver.run_batch(_opts(inp, out, memory_budget_gb=2 * budget_gb, **kw)) == 0
+    (rec,) = _summary(out)["scenes"]
+    assert rec["status"] == "done" and "memory budget changed" in rec["resolved_because"]
+    assert "block_plan" not in result(out)
 
 
 def test_unknown_scene_and_paper_preset_fail_clearly(tmp_path, calib_dir):

@@ -1,0 +1,289 @@
+"""Solving a frame too large for memory in overlapping blocks of kernel tiles.
+
+A frame of R x C kernel tiles is cut into a pr x pc grid of blocks. Each block owns a
+contiguous range of tiles (its core) and is solved over its core widened by `overlap`
+tiles on every side that has a neighbour; all blocks have the same size (an edge block
+takes its extra tiles on its inner side), so one compiled solve serves them all. Every
+block is solved alone by `dpjax.fit` with the frame's configuration: one layer range,
+so the blocks' defocus maps are in the same units.
+
+Blending: across each boundary between two cores, the outputs are mixed with weights
+that fall linearly over a window of half the overlap on either side of it; the other
+half of the overlap, at each block's own edge, is solved and discarded, so the edge
+padding of the blur model never reaches the frame. The 1-D weights of the blocks sum
+to one at every pixel, hence so do their products in 2-D.
+
+  plan_blocks(grid, splits, overlap)     the blocks of a fixed split
+  choose_plan(grid, fits, overlap)       fewest blocks whose largest one fits memory
+  fit_blocks(observation, bank, cfg, plan)   solve every block, blend: a FitResult
+
+Axis glossary as in the README: V = 2 views, T tiles, K kernel side, H, W, C image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from dpjax import mpi, solver
+from dpjax.config import Config
+from dpjax.kernels import KernelBank, TileGrid
+
+__all__ = ["DEFAULT_OVERLAP", "Block", "BlockPlan", "block_weights", "choose_plan",
+           "fit_blocks", "plan_blocks"]
+
+DEFAULT_OVERLAP = 1  # tiles of overlap on each inner side of a block
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One block, in tile units: rows/cols solved [start, stop), rows/cols owned."""
+
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+    core_rows: tuple[int, int]
+    core_cols: tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPlan:
+    """How a frame's tile grid is split (`plan_blocks`).
+
+    Attributes:
+      grid: the frame's tile grid.
+      splits: (blocks along the rows, along the columns).
+      overlap: tiles each block extends past its core on a side with a neighbour.
+      blocks: row-major.
+    """
+
+    grid: TileGrid
+    splits: tuple[int, int]
+    overlap: int
+    blocks: tuple[Block, ...]
+
+    @property
+    def block_grid(self) -> TileGrid:
+        """The tile grid of one block (all blocks have the same)."""
+        b = self.blocks[0]
+        return TileGrid(rows=b.rows[1] - b.rows[0], cols=b.cols[1] - b.cols[0],
+                        tile_h=self.grid.tile_h, tile_w=self.grid.tile_w)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able record (result.json "blocks")."""
+        bg = self.block_grid
+        return {"splits": list(self.splits), "overlap_tiles": self.overlap,
+                "block_tiles": [bg.rows, bg.cols],
+                "block_pixels": list(bg.image_shape), "num_blocks": len(self.blocks)}
+
+
+def _ranges(n: int, parts: int, overlap: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """[(core, solved)] ranges of `parts` blocks over n tiles, every solved range the
+    same length (module docstring)."""
+    edges = [round(i * n / parts) for i in range(parts + 1)]
+    cores = list(itertools.pairwise(edges))
+    if parts == 1:
+        return [(cores[0], (0, n))]
+    length = min(n, max(b - a for a, b in cores) + 2 * overlap)
+    out = []
+    for a, b in cores:
+        start = min(max(a - overlap, 0), n - length)
+        out.append(((a, b), (start, start + length)))
+    return out
+
+
+def plan_blocks(grid: TileGrid, splits: tuple[int, int],
+                overlap: int = DEFAULT_OVERLAP) -> BlockPlan:
+    """The blocks of a pr x pc split of `grid` (module docstring).
+
+    Raises:
+      ValueError: a split finer than the grid, or a negative overlap.
+    """
+    pr, pc = (int(s) for s in splits)
+    if pr < 1 or pc < 1 or pr > grid.rows or pc > grid.cols:
+        raise ValueError(f"cannot split a {grid.rows}x{grid.cols}-tile grid into {pr}x{pc} "
+                         "blocks (at least one tile per block)")
+    if overlap < 0:
+        raise ValueError(f"block overlap must be >= 0 tiles; got {overlap}")
+    blocks = tuple(Block(rows=rs, cols=cs, core_rows=rc, core_cols=cc)
+                   for rc, rs in _ranges(grid.rows, pr, overlap)
+                   for cc, cs in _ranges(grid.cols, pc, overlap))
+    return BlockPlan(grid=grid, splits=(pr, pc), overlap=int(overlap), blocks=blocks)
+
+
+def choose_plan(grid: TileGrid, fits: Callable[[TileGrid], bool],
+                overlap: int = DEFAULT_OVERLAP) -> BlockPlan | None:
+    """The split with the fewest blocks (then the squarest blocks) whose block grid
+    `fits`; None when no split does (not even one tile plus its overlap).
+
+    Args:
+      fits: whether a solve over a tile grid of that shape fits the memory budget.
+    """
+    candidates = []
+    for pr in range(1, grid.rows + 1):
+        for pc in range(1, grid.cols + 1):
+            bg = plan_blocks(grid, (pr, pc), overlap).block_grid
+            h, w = bg.image_shape
+            candidates.append((pr * pc, max(h, w) / min(h, w), (pr, pc)))
+    seen: set[tuple[int, int]] = set()
+    for _, _, split in sorted(candidates):
+        plan = plan_blocks(grid, split, overlap)
+        shape = (plan.block_grid.rows, plan.block_grid.cols)
+        if shape in seen:  # a finer split with no smaller blocks
+            continue
+        seen.add(shape)
+        if fits(plan.block_grid):
+            return plan
+    return None
+
+
+def _weights_1d(core: tuple[int, int], solved: tuple[int, int], n: int, tile: int,
+                margin: int) -> np.ndarray:
+    """[solved length in px] blending weights of one block along one axis.
+
+    1 inside the core, a linear ramp over [boundary - margin, boundary + margin) at each
+    boundary with a neighbour, 0 beyond (module docstring)."""
+    x = np.arange(solved[0] * tile, solved[1] * tile, dtype=np.float64) + 0.5
+    w = np.ones_like(x)
+    if margin <= 0:
+        lo, hi = core[0] * tile, core[1] * tile
+        return ((x >= lo) & (x < hi)).astype(np.float32)
+    if core[0] > 0:  # rises across the boundary with the previous block
+        b = core[0] * tile
+        w = np.minimum(w, np.clip((x - (b - margin)) / (2 * margin), 0.0, 1.0))
+    if core[1] < n:  # falls across the boundary with the next block
+        b = core[1] * tile
+        w = np.minimum(w, np.clip(((b + margin) - x) / (2 * margin), 0.0, 1.0))
+    return w.astype(np.float32)
+
+
+def block_weights(plan: BlockPlan, block: Block) -> np.ndarray:
+    """[h, w] blending weights of `block` over the pixels it solves; summed over the
+    plan's blocks (each at its place) they are 1 everywhere."""
+    g = plan.grid
+    wy = _weights_1d(block.core_rows, block.rows, g.rows, g.tile_h,
+                     plan.overlap * g.tile_h // 2)
+    wx = _weights_1d(block.core_cols, block.cols, g.cols, g.tile_w,
+                     plan.overlap * g.tile_w // 2)
+    return wy[:, None] * wx[None, :]
+
+
+def _pixels(plan: BlockPlan, block: Block) -> tuple[slice, slice]:
+    g = plan.grid
+    return (slice(block.rows[0] * g.tile_h, block.rows[1] * g.tile_h),
+            slice(block.cols[0] * g.tile_w, block.cols[1] * g.tile_w))
+
+
+def _sub_bank(bank: KernelBank, plan: BlockPlan, block: Block) -> KernelBank:
+    g = plan.grid
+    idx = np.asarray([r * g.cols + c for r in range(*block.rows) for c in range(*block.cols)])
+    return KernelBank(kernels=jnp.take(bank.kernels, jnp.asarray(idx), axis=1),
+                      grid=plan.block_grid)
+
+
+def _sub_init(init: mpi.MpiParams, plan: BlockPlan, block: Block) -> mpi.MpiParams:
+    """The block's part of a start given at the coarsest level for the whole frame."""
+    g = plan.grid
+    h, w = g.image_shape
+    fy, fx = h // init.alpha_logits.shape[-2], w // init.alpha_logits.shape[-1]
+    ys = slice(block.rows[0] * g.tile_h // fy, block.rows[1] * g.tile_h // fy)
+    xs = slice(block.cols[0] * g.tile_w // fx, block.cols[1] * g.tile_w // fx)
+    return mpi.MpiParams(color_logits=init.color_logits[..., ys, xs],
+                         alpha_logits=init.alpha_logits[..., ys, xs])
+
+
+def fit_blocks(observation, bank: KernelBank, config: Config, plan: BlockPlan, *,
+               callback: Callable[[solver.Progress], Any] | None = None,
+               init: mpi.MpiParams | None = None,
+               init_is_solution: bool = True) -> solver.FitResult:
+    """`dpjax.fit` block by block, blended (module docstring).
+
+    Args:
+      observation: [2, H, W, C] left and right views covering `plan.grid`.
+      bank: kernels of the whole frame (`plan.grid`).
+      config: the frame's resolved configuration (its layer range serves every block).
+      plan: `plan_blocks` / `choose_plan` of bank.grid.
+      callback: `fit`'s, with Progress.block / num_blocks set and elapsed_s counted
+        from the first block's start; returning True stops the current block only.
+      init, init_is_solution: as for `fit`, `init` covering the whole frame.
+
+    Returns:
+      FitResult of the whole frame: blended images and defocus map; params None (a
+      frame's full-resolution logits are what blocks avoid holding); loss_history the
+      blocks' histories one after the other; level_iterations the most any block ran;
+      terms the core-area-weighted mean of the blocks'; timings summed, total the
+      wall time; refine the blocks' refinement records; blocks one record per block
+      (region, iterations, loss, seconds).
+
+    Raises:
+      ValueError: `bank` or `observation` not covering plan.grid.
+      FloatingPointError: as `fit`, naming the block.
+    """
+    obs = np.asarray(observation, np.float32)
+    if bank.grid != plan.grid:
+        raise ValueError(f"the kernel grid {bank.grid} is not the plan's {plan.grid}")
+    if obs.ndim != 4 or obs.shape[1:3] != plan.grid.image_shape:
+        raise ValueError(f"observation {obs.shape} does not cover the "
+                         f"{plan.grid.image_shape} frame of the plan")
+    t_start = time.perf_counter()
+    h, w, c = obs.shape[1], obs.shape[2], obs.shape[3]
+    aif = np.zeros((h, w, c), np.float32)
+    aif_raw = np.zeros((h, w, c), np.float32)
+    defocus = np.zeros((h, w), np.float32)
+    histories, records, iterations = [], [], []
+    terms: dict[str, float] = {}
+    timings: dict[str, float] = {}
+    n = len(plan.blocks)
+    total_core = float(plan.grid.num_tiles)
+    for i, block in enumerate(plan.blocks):
+        ys, xs = _pixels(plan, block)
+        offset = time.perf_counter() - t_start
+        report = None
+        if callback is not None:
+            def report(p, i=i, offset=offset):
+                return callback(p._replace(block=i, num_blocks=n,
+                                           elapsed_s=offset + p.elapsed_s))
+        try:
+            res = solver.fit(obs[:, ys, xs], _sub_bank(bank, plan, block), config,
+                             callback=report,
+                             init=None if init is None else _sub_init(init, plan, block),
+                             init_is_solution=init_is_solution)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"block {i + 1}/{n} (tile rows {block.rows}, cols "
+                                     f"{block.cols}): {e}") from e
+        wgt = block_weights(plan, block)
+        aif[ys, xs] += wgt[..., None] * res.all_in_focus
+        aif_raw[ys, xs] += wgt[..., None] * res.all_in_focus_raw
+        defocus[ys, xs] += wgt * res.defocus
+        share = ((block.core_rows[1] - block.core_rows[0])
+                 * (block.core_cols[1] - block.core_cols[0]) / total_core)
+        for k, v in res.terms.items():
+            terms[k] = terms.get(k, 0.0) + share * float(v)
+        for k, v in res.timings.items():
+            timings[k] = timings.get(k, 0.0) + float(v)
+        histories.append(np.asarray(res.loss_history))
+        iterations.append(res.level_iterations)
+        records.append({"rows": list(block.rows), "cols": list(block.cols),
+                        "core_rows": list(block.core_rows),
+                        "core_cols": list(block.core_cols),
+                        "iterations": list(res.level_iterations),
+                        "final_loss": (float(res.loss_history[-1])
+                                       if res.loss_history.size else None),
+                        "seconds": round(float(res.timings.get("total_s", 0.0)), 3)})
+        if res.refine is not None:
+            records[-1]["refine"] = res.refine
+        last = res
+    timings["total_s"] = time.perf_counter() - t_start
+    return solver.FitResult(
+        all_in_focus=aif, all_in_focus_raw=aif_raw, defocus=defocus, params=None,
+        scales=last.scales, loss_history=np.concatenate(histories),
+        level_iterations=tuple(max(its) for its in zip(*iterations)), terms=terms,
+        timings=timings,
+        refine=None if last.refine is None else {"blocks": [r["refine"] for r in records]},
+        blocks=records)
+

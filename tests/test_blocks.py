@@ -1,0 +1,131 @@
+"""Block solving (dpjax.blocks): the split, the blending weights, the memory-driven
+choice, and a block solve against the whole-frame solve on a synthetic scene."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dpjax
+from dpjax import batch, blocks, scene
+from dpjax.kernels import TileGrid
+
+
+@pytest.mark.parametrize("rows,cols,splits,overlap", [
+    (6, 8, (2, 2), 1), (7, 5, (3, 2), 1), (12, 16, (3, 4), 2), (5, 9, (1, 3), 1),
+    (4, 4, (1, 1), 1)])
+def test_plan_cores_partition_and_blocks_share_one_shape(rows, cols, splits, overlap):
+    grid = TileGrid(rows=rows, cols=cols, tile_h=24, tile_w=32)
+    plan = blocks.plan_blocks(grid, splits, overlap)
+    assert len(plan.blocks) == splits[0] * splits[1]
+    owned = np.zeros((rows, cols), int)
+    shapes = set()
+    for b in plan.blocks:
+        owned[b.core_rows[0]:b.core_rows[1], b.core_cols[0]:b.core_cols[1]] += 1
+        shapes.add((b.rows[1] - b.rows[0], b.cols[1] - b.cols[0]))
+        assert 0 <= b.rows[0] and b.rows[1] <= rows and 0 <= b.cols[0] and b.cols[1] <= cols
+        # every side with a neighbour is solved `overlap` tiles past the core
+        for (c0, c1), (s0, s1), n in ((b.core_rows, b.rows, rows),
+                                      (b.core_cols, b.cols, cols)):
+            assert s0 <= max(c0 - overlap, 0) and s1 >= min(c1 + overlap, n)
+    assert np.all(owned == 1)
+    assert shapes == {(plan.block_grid.rows, plan.block_grid.cols)}
+
+
+@pytest.mark.parametrize("splits,overlap", [((2, 3), 1), ((3, 3), 2), ((1, 2), 1),
+                                            ((2, 2), 0)])
+def test_blend_weights_sum_to_one_and_stay_inside_each_block(splits, overlap):
+    grid = TileGrid(rows=6, cols=7, tile_h=16, tile_w=20)
+    plan = blocks.plan_blocks(grid, splits, overlap)
+    total = np.zeros(grid.image_shape)
+    for b in plan.blocks:
+        w = blocks.block_weights(plan, b)
+        ys, xs = blocks._pixels(plan, b)
+        assert w.shape == (ys.stop - ys.start, xs.stop - xs.start)
+        assert w.min() >= 0 and w.max() <= 1
+        if overlap:  # the outer half of each overlap is discarded: zero at inner edges
+            if b.rows[0] > 0:
+                assert np.all(w[:overlap * grid.tile_h // 2] == 0)
+            if b.cols[1] < grid.cols:
+                assert np.all(w[:, -(overlap * grid.tile_w // 2):] == 0)
+        total[ys, xs] += w
+    np.testing.assert_allclose(total, 1.0, atol=1e-6)
+
+
+def test_plan_rejects_splits_finer_than_the_grid():
+    grid = TileGrid(rows=2, cols=3, tile_h=16, tile_w=16)
+    with pytest.raises(ValueError, match="cannot split a 2x3-tile grid into 3x1"):
+        blocks.plan_blocks(grid, (3, 1))
+
+
+def test_choose_plan_takes_the_fewest_blocks_that_fit():
+    grid = TileGrid(rows=8, cols=12, tile_h=32, tile_w=32)
+    assert blocks.choose_plan(grid, lambda g: True).splits == (1, 1)
+    # at most 40 tiles: 1x2 gives blocks of 8x8 = 64 tiles, 2x2 6x8 = 48, 1x3 8x6 = 48,
+    # 1x4 8x5 = 40 (2x3 would fit too, with more blocks)
+    plan = blocks.choose_plan(grid, lambda g: g.num_tiles <= 40)
+    assert plan.splits == (1, 4) and plan.block_grid.num_tiles == 40
+    plan = blocks.choose_plan(grid, lambda g: g.num_tiles <= 36)
+    assert plan.splits == (2, 3) and plan.block_grid.num_tiles == 36
+    assert blocks.choose_plan(grid, lambda g: g.num_tiles <= 4) is None  # 3x3 at best
+
+
+def _estimate(bank, cfg, grid, channels=1):
+    h, w = grid.image_shape
+    return batch.estimate_solve_memory(
+        height=h, width=w, channels=channels, num_layers=cfg.mpi.num_layers, grid=grid,
+        kernel_size=bank.kernel_size, max_abs_scale=float(np.max(np.abs(cfg.mpi.scales()))))
+
+
+def test_plan_solve_splits_only_over_budget_and_refuses_what_no_block_fits():
+    bank = dpjax.parametric_bank(rows=6, cols=6, tile_h=32, radius=3.0)
+    cfg = dpjax.Config()
+    whole = _estimate(bank, cfg, bank.grid).total
+    assert scene.plan_solve(1, bank, cfg, None, None)[0] is None
+    assert scene.plan_solve(1, bank, cfg, None, whole)[0] is None
+    plan, info, est = scene.plan_solve(1, bank, cfg, None, whole - 1)
+    assert plan is not None and est.total < whole
+    assert info["chosen"] == "memory budget" and info["num_blocks"] == len(plan.blocks) > 1
+    forced, info, _ = scene.plan_solve(1, bank, cfg, (2, 3), None)
+    assert forced.splits == (2, 3) and info["chosen"] == "forced"
+    with pytest.raises(scene.SceneFailure, match="even a block of one tile") as e:
+        scene.plan_solve(1, bank, cfg, None, 1e6)
+    assert e.value.kind == "memory"
+    with pytest.raises(scene.SceneFailure, match="cannot split") as e:
+        scene.plan_solve(1, bank, cfg, (7, 1), None)
+    assert e.value.kind == "config"
+
+
+def test_block_solve_matches_whole_frame_solve_without_seams():
+    """Same scene, same settings: a 2x2 block solve against the whole-frame solve."""
+    bank = dpjax.parametric_bank(rows=6, cols=6, tile_h=24, radius=3.0)
+    sc = dpjax.make_scene(np.random.default_rng(0), bank, num_layers=3,
+                          scale_range=(0.2, 1.4), slope=2.0)
+    cfg = dpjax.Config(
+        mpi=dpjax.MpiConfig(num_layers=5, scale_min=0.0, scale_max=1.6),
+        solver=dpjax.SolverConfig(num_iters=60, coarse_iters=60, pyramid_levels=2,
+                                  chunk_size=30))
+    whole = dpjax.fit(sc.views, bank, cfg)
+    plan = blocks.plan_blocks(bank.grid, (2, 2))
+    reports = []
+    res = blocks.fit_blocks(sc.views, bank, cfg, plan, callback=reports.append)
+    assert res.params is None and len(res.blocks) == 4
+    assert res.level_iterations == whole.level_iterations
+    assert {(p.block, p.num_blocks) for p in reports} == {(i, 4) for i in range(4)}
+    assert all(b.elapsed_s <= a.elapsed_s + 1e-9 for a, b in zip(reports[1:], reports))
+    for out in (res.all_in_focus, res.defocus):
+        assert np.all(np.isfinite(out))
+
+    def psnr(a, b):
+        return 10 * np.log10(1.0 / np.mean((a - b) ** 2))
+
+    gt_whole = psnr(whole.all_in_focus, sc.all_in_focus)
+    gt_blocks = psnr(res.all_in_focus, sc.all_in_focus)
+    assert gt_blocks > psnr(sc.views.mean(axis=0), sc.all_in_focus) + 2
+    assert abs(gt_blocks - gt_whole) < 0.3
+    assert psnr(res.all_in_focus, whole.all_in_focus) > 40
+    assert np.mean(np.abs(res.defocus - whole.defocus)) < 0.02
+    # no seam: the difference to the whole solve is not larger on the block boundary
+    diff = np.abs(res.all_in_focus - whole.all_in_focus)[..., 0]
+    seam = diff[72 - 4:72 + 4].mean()
+    assert seam < 3 * diff.mean() + 1e-4
