@@ -7,14 +7,20 @@ takes its extra tiles on its inner side), so one compiled solve serves them all.
 block is solved alone by `dpjax.fit` with the frame's configuration: one layer range,
 so the blocks' defocus maps are in the same units.
 
+Tiles may first be subdivided (`subdivide` s: every kernel tile becomes s x s tiles
+with the same kernel), which leaves the blur model exactly as it was (each output tile
+is its kernel's valid convolution, `dpjax.conv`) but makes the overlap finer: a
+256-px tile is far more overlap than a blur of tens of pixels needs. Smaller tiles
+cost more transform padding per pixel, so `choose_plan` weighs both.
+
 Blending: across each boundary between two cores, the outputs are mixed with weights
 that fall linearly over a window of half the overlap on either side of it; the other
 half of the overlap, at each block's own edge, is solved and discarded, so the edge
 padding of the blur model never reaches the frame. The 1-D weights of the blocks sum
 to one at every pixel, hence so do their products in 2-D.
 
-  plan_blocks(grid, splits, overlap)     the blocks of a fixed split
-  choose_plan(grid, fits, overlap)       fewest blocks whose largest one fits memory
+  plan_blocks(grid, splits, overlap, subdivide)   the blocks of a fixed split
+  choose_plan(grid, estimate, budget)    the cheapest split whose blocks fit memory
   fit_blocks(observation, bank, cfg, plan)   solve every block, blend: a FitResult
 
 Axis glossary as in the README: V = 2 views, T tiles, K kernel side, H, W, C image.
@@ -25,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -36,7 +42,7 @@ from dpjax.config import Config
 from dpjax.kernels import KernelBank, TileGrid
 
 __all__ = ["DEFAULT_OVERLAP", "Block", "BlockPlan", "block_weights", "choose_plan",
-           "fit_blocks", "plan_blocks"]
+           "fit_blocks", "plan_blocks", "subdivisions"]
 
 DEFAULT_OVERLAP = 1  # tiles of overlap on each inner side of a block
 
@@ -56,16 +62,27 @@ class BlockPlan:
     """How a frame's tile grid is split (`plan_blocks`).
 
     Attributes:
-      grid: the frame's tile grid.
+      grid: the tile grid the blocks are cut from: the frame's kernel grid with every
+        tile subdivided `subdivide` times along each axis.
       splits: (blocks along the rows, along the columns).
-      overlap: tiles each block extends past its core on a side with a neighbour.
-      blocks: row-major.
+      overlap: tiles of `grid` each block extends past its core on a side with a
+        neighbour.
+      blocks: row-major, in tiles of `grid`.
+      subdivide: s (module docstring); 1: the kernel tiles themselves.
     """
 
     grid: TileGrid
     splits: tuple[int, int]
     overlap: int
     blocks: tuple[Block, ...]
+    subdivide: int = 1
+
+    @property
+    def frame_grid(self) -> TileGrid:
+        """The frame's kernel tile grid (the bank's)."""
+        s = self.subdivide
+        return TileGrid(rows=self.grid.rows // s, cols=self.grid.cols // s,
+                        tile_h=self.grid.tile_h * s, tile_w=self.grid.tile_w * s)
 
     @property
     def block_grid(self) -> TileGrid:
@@ -78,6 +95,7 @@ class BlockPlan:
         """JSON-able record (result.json "blocks")."""
         bg = self.block_grid
         return {"splits": list(self.splits), "overlap_tiles": self.overlap,
+                "subdivide": self.subdivide, "tile": [bg.tile_h, bg.tile_w],
                 "block_tiles": [bg.rows, bg.cols],
                 "block_pixels": list(bg.image_shape), "num_blocks": len(self.blocks)}
 
@@ -97,13 +115,21 @@ def _ranges(n: int, parts: int, overlap: int) -> list[tuple[tuple[int, int], tup
     return out
 
 
-def plan_blocks(grid: TileGrid, splits: tuple[int, int],
-                overlap: int = DEFAULT_OVERLAP) -> BlockPlan:
-    """The blocks of a pr x pc split of `grid` (module docstring).
+def plan_blocks(grid: TileGrid, splits: tuple[int, int], overlap: int = DEFAULT_OVERLAP,
+                subdivide: int = 1) -> BlockPlan:
+    """The blocks of a pr x pc split of `grid` (the frame's kernel grid), its tiles
+    first subdivided `subdivide` times (module docstring).
 
     Raises:
-      ValueError: a split finer than the grid, or a negative overlap.
+      ValueError: a split finer than the (subdivided) grid, a negative overlap, tiles
+        that do not divide by `subdivide`.
     """
+    sub = int(subdivide)
+    if sub < 1 or grid.tile_h % sub or grid.tile_w % sub:
+        raise ValueError(f"tiles of {grid.tile_h}x{grid.tile_w} px cannot be subdivided "
+                         f"{subdivide} times")
+    grid = TileGrid(rows=grid.rows * sub, cols=grid.cols * sub, tile_h=grid.tile_h // sub,
+                    tile_w=grid.tile_w // sub)
     pr, pc = (int(s) for s in splits)
     if pr < 1 or pc < 1 or pr > grid.rows or pc > grid.cols:
         raise ValueError(f"cannot split a {grid.rows}x{grid.cols}-tile grid into {pr}x{pc} "
@@ -113,33 +139,56 @@ def plan_blocks(grid: TileGrid, splits: tuple[int, int],
     blocks = tuple(Block(rows=rs, cols=cs, core_rows=rc, core_cols=cc)
                    for rc, rs in _ranges(grid.rows, pr, overlap)
                    for cc, cs in _ranges(grid.cols, pc, overlap))
-    return BlockPlan(grid=grid, splits=(pr, pc), overlap=int(overlap), blocks=blocks)
+    return BlockPlan(grid=grid, splits=(pr, pc), overlap=int(overlap), blocks=blocks,
+                     subdivide=sub)
 
 
-def choose_plan(grid: TileGrid, fits: Callable[[TileGrid], bool],
-                overlap: int = DEFAULT_OVERLAP) -> BlockPlan | None:
-    """The split with the fewest blocks (then the squarest blocks) whose block grid
-    `fits`; None when no split does (not even one tile plus its overlap).
+def subdivisions(grid: TileGrid, multiple: int = 1, min_tile: int = 1) -> list[int]:
+    """The s for which the tiles of `grid` subdivided s times stay divisible by
+    `multiple` (the pyramid factor) and at least `min_tile` px."""
+    out = []
+    for s in range(1, min(grid.tile_h, grid.tile_w) + 1):
+        th, tw = grid.tile_h / s, grid.tile_w / s
+        if min(th, tw) < min_tile:
+            break
+        if th.is_integer() and tw.is_integer() and th % multiple == 0 and tw % multiple == 0:
+            out.append(s)
+    return out
+
+
+def choose_plan(grid: TileGrid, estimate: Callable[[TileGrid], float], budget: float, *,
+                overlap: int = DEFAULT_OVERLAP,
+                subdivide: Sequence[int] = (1,)) -> BlockPlan | None:
+    """The cheapest split whose blocks fit `budget`; None when none does.
+
+    The cost of a split is its number of blocks times the estimate of one block (the
+    estimate grows with the pixels and the transforms a block solves, the best proxy
+    of its time at hand); ties go to fewer blocks, then to squarer blocks.
 
     Args:
-      fits: whether a solve over a tile grid of that shape fits the memory budget.
+      grid: the frame's kernel tile grid.
+      estimate: predicted peak memory of a solve over a tile grid (bytes).
+      budget: bytes one block may use.
+      subdivide: tile subdivisions to consider (`subdivisions`).
     """
-    candidates = []
-    for pr in range(1, grid.rows + 1):
-        for pc in range(1, grid.cols + 1):
-            bg = plan_blocks(grid, (pr, pc), overlap).block_grid
-            h, w = bg.image_shape
-            candidates.append((pr * pc, max(h, w) / min(h, w), (pr, pc)))
-    seen: set[tuple[int, int]] = set()
-    for _, _, split in sorted(candidates):
-        plan = plan_blocks(grid, split, overlap)
-        shape = (plan.block_grid.rows, plan.block_grid.cols)
-        if shape in seen:  # a finer split with no smaller blocks
-            continue
-        seen.add(shape)
-        if fits(plan.block_grid):
-            return plan
-    return None
+    best = None
+    for sub in subdivide:
+        seen: set[tuple[int, int]] = set()
+        for pr in range(1, grid.rows * sub + 1):
+            for pc in range(1, grid.cols * sub + 1):
+                plan = plan_blocks(grid, (pr, pc), overlap, sub)
+                bg = plan.block_grid
+                if (bg.rows, bg.cols) in seen:  # no smaller blocks than a coarser split
+                    continue
+                seen.add((bg.rows, bg.cols))
+                need = estimate(bg)
+                if need > budget:
+                    continue
+                h, w = bg.image_shape
+                key = (len(plan.blocks) * need, len(plan.blocks), max(h, w) / min(h, w))
+                if best is None or key < best[0]:
+                    best = (key, plan)
+    return None if best is None else best[1]
 
 
 def _weights_1d(core: tuple[int, int], solved: tuple[int, int], n: int, tile: int,
@@ -180,8 +229,10 @@ def _pixels(plan: BlockPlan, block: Block) -> tuple[slice, slice]:
 
 
 def _sub_bank(bank: KernelBank, plan: BlockPlan, block: Block) -> KernelBank:
-    g = plan.grid
-    idx = np.asarray([r * g.cols + c for r in range(*block.rows) for c in range(*block.cols)])
+    """The block's kernels: each subdivided tile takes its kernel tile's pair."""
+    g, s = plan.grid, plan.subdivide
+    idx = np.asarray([(r // s) * (g.cols // s) + c // s
+                      for r in range(*block.rows) for c in range(*block.cols)])
     return KernelBank(kernels=jnp.take(bank.kernels, jnp.asarray(idx), axis=1),
                       grid=plan.block_grid)
 
@@ -205,7 +256,7 @@ def fit_blocks(observation, bank: KernelBank, config: Config, plan: BlockPlan, *
 
     Args:
       observation: [2, H, W, C] left and right views covering `plan.grid`.
-      bank: kernels of the whole frame (`plan.grid`).
+      bank: kernels of the whole frame (`plan.frame_grid`).
       config: the frame's resolved configuration (its layer range serves every block).
       plan: `plan_blocks` / `choose_plan` of bank.grid.
       callback: `fit`'s, with Progress.block / num_blocks set and elapsed_s counted
@@ -225,8 +276,8 @@ def fit_blocks(observation, bank: KernelBank, config: Config, plan: BlockPlan, *
       FloatingPointError: as `fit`, naming the block.
     """
     obs = np.asarray(observation, np.float32)
-    if bank.grid != plan.grid:
-        raise ValueError(f"the kernel grid {bank.grid} is not the plan's {plan.grid}")
+    if bank.grid != plan.frame_grid:
+        raise ValueError(f"the kernel grid {bank.grid} is not the plan's {plan.frame_grid}")
     if obs.ndim != 4 or obs.shape[1:3] != plan.grid.image_shape:
         raise ValueError(f"observation {obs.shape} does not cover the "
                          f"{plan.grid.image_shape} frame of the plan")

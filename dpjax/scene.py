@@ -22,7 +22,13 @@ import numpy as np
 from dpjax import batch, blocks, io, pipeline, presets
 from dpjax import config as config_lib
 from dpjax.kernel_model import render_kernel_pairs
-from dpjax.kernels import KernelBank, TileGrid, parametric_dp_kernels, recenter_kernel_pairs
+from dpjax.kernels import (
+    KernelBank,
+    TileGrid,
+    parametric_dp_kernels,
+    recenter_kernel_pairs,
+    rescaled_radius,
+)
 
 __all__ = [
     "KernelOptions",
@@ -553,12 +559,21 @@ def plan_solve(channels: int, bank: KernelBank, cfg: config_lib.Config,
     whole = estimate(bank.grid)
     if batch.memory_refusal(whole, budget_bytes) is None:
         return None, None, whole
-    plan = blocks.choose_plan(
-        bank.grid, lambda g: batch.memory_refusal(estimate(g), budget_bytes) is None)
+    # Subdivided tiles stay divisible by the pyramid factor, at least the kernel side
+    # (as whole frames' tiles are) and at least 4 rescaled kernel radii: the transform
+    # of a tile pads it by that radius on each side, which must not dominate its cost,
+    # and half a tile of overlap then discards at least two radii at a block's edge.
+    factor = 2 ** (cfg.solver.pyramid_levels - 1)
+    radius = rescaled_radius(bank.kernel_size, float(np.max(np.abs(cfg.mpi.scales()))))
+    subs = blocks.subdivisions(bank.grid, factor,
+                               max(-(-bank.kernel_size // factor) * factor, 4 * radius))
+    plan = blocks.choose_plan(bank.grid, lambda g: estimate(g).total, budget_bytes,
+                              subdivide=subs)
     if plan is None:
-        smallest = estimate(blocks.plan_blocks(bank.grid, (bank.grid.rows, bank.grid.cols))
-                            .block_grid)
-        raise SceneFailure("memory", "even a block of one tile and its overlap "
+        finest = blocks.plan_blocks(bank.grid, (1, 1), subdivide=subs[-1]).grid
+        smallest = estimate(blocks.plan_blocks(bank.grid, (finest.rows, finest.cols),
+                                               subdivide=subs[-1]).block_grid)
+        raise SceneFailure("memory", "even the smallest block (one tile and its overlap) "
                            + batch.memory_refusal(smallest, budget_bytes),
                            memory_estimate_gb=round(whole.gb, 3))
     est = estimate(plan.block_grid)

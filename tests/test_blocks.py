@@ -58,16 +58,47 @@ def test_plan_rejects_splits_finer_than_the_grid():
         blocks.plan_blocks(grid, (3, 1))
 
 
-def test_choose_plan_takes_the_fewest_blocks_that_fit():
+def test_choose_plan_takes_the_cheapest_split_that_fits():
     grid = TileGrid(rows=8, cols=12, tile_h=32, tile_w=32)
-    assert blocks.choose_plan(grid, lambda g: True).splits == (1, 1)
-    # at most 40 tiles: 1x2 gives blocks of 8x8 = 64 tiles, 2x2 6x8 = 48, 1x3 8x6 = 48,
-    # 1x4 8x5 = 40 (2x3 would fit too, with more blocks)
-    plan = blocks.choose_plan(grid, lambda g: g.num_tiles <= 40)
+
+    def pixels(g):  # a cost per pixel: the cheapest plan solves the fewest pixels
+        return float(g.image_shape[0] * g.image_shape[1])
+
+    tile_px = 32 * 32
+    assert blocks.choose_plan(grid, pixels, 1e9).splits == (1, 1)
+    # at most 40 tiles: 1x4 gives blocks of 8x5 (4 x 40 = 160 tiles solved), 2x3 of 6x6
+    # (216): 1x4 is cheaper
+    plan = blocks.choose_plan(grid, pixels, 40 * tile_px)
     assert plan.splits == (1, 4) and plan.block_grid.num_tiles == 40
-    plan = blocks.choose_plan(grid, lambda g: g.num_tiles <= 36)
-    assert plan.splits == (2, 3) and plan.block_grid.num_tiles == 36
-    assert blocks.choose_plan(grid, lambda g: g.num_tiles <= 4) is None  # 3x3 at best
+    assert blocks.choose_plan(grid, pixels, 4 * tile_px) is None  # 3x3 tiles at best
+    # tiles subdivided in two: the overlap halves, fewer pixels are solved twice
+    plan = blocks.choose_plan(grid, pixels, 40 * tile_px, subdivide=(1, 2))
+    assert plan.subdivide == 2 and plan.block_grid.tile_h == 16 and plan.frame_grid == grid
+    assert len(plan.blocks) * pixels(plan.block_grid) < 160 * tile_px
+    assert pixels(plan.block_grid) <= 40 * tile_px
+    assert blocks.subdivisions(grid, multiple=4, min_tile=8) == [1, 2, 4]
+    assert blocks.subdivisions(TileGrid(rows=1, cols=1, tile_h=168, tile_w=168), 4, 64) == [
+        1, 2]
+
+
+@pytest.mark.parametrize("sub", [1, 2])
+def test_subdivided_bank_is_the_same_blur(sub):
+    """Subdividing the tiles leaves the rendered views unchanged (module docstring)."""
+    from dpjax import synthetic
+
+    pair = dpjax.parametric_dp_kernels(radius=3.0)
+    rng = np.random.default_rng(1)
+    kernels = np.stack([np.roll(pair, t % 3, axis=-1) for t in range(4)], axis=1)
+    bank = dpjax.KernelBank.create(kernels, rows=2, cols=2, tile_h=24)
+    plan = blocks.plan_blocks(bank.grid, (1, 1), subdivide=sub)
+    fine = blocks._sub_bank(bank, plan, plan.blocks[0])
+    assert fine.grid == plan.grid
+    colors, alphas, scales = synthetic.random_layers(rng, height=48, width=48, num_layers=2,
+                                                     channels=1, scale_range=(0.5, 1.2),
+                                                     slope=2.0)
+    a = synthetic.render_layers(colors, alphas, scales, bank)
+    b = synthetic.render_layers(colors, alphas, scales, fine)
+    np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def _estimate(bank, cfg, grid, channels=1):
@@ -88,7 +119,7 @@ def test_plan_solve_splits_only_over_budget_and_refuses_what_no_block_fits():
     assert info["chosen"] == "memory budget" and info["num_blocks"] == len(plan.blocks) > 1
     forced, info, _ = scene.plan_solve(1, bank, cfg, (2, 3), None)
     assert forced.splits == (2, 3) and info["chosen"] == "forced"
-    with pytest.raises(scene.SceneFailure, match="even a block of one tile") as e:
+    with pytest.raises(scene.SceneFailure, match="even the smallest block") as e:
         scene.plan_solve(1, bank, cfg, None, 1e6)
     assert e.value.kind == "memory"
     with pytest.raises(scene.SceneFailure, match="cannot split") as e:
