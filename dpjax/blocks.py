@@ -144,10 +144,10 @@ def plan_blocks(grid: TileGrid, splits: tuple[int, int], overlap: int = DEFAULT_
 
 
 def subdivisions(grid: TileGrid, multiple: int = 1, min_tile: int = 1) -> list[int]:
-    """The s for which the tiles of `grid` subdivided s times stay divisible by
-    `multiple` (the pyramid factor) and at least `min_tile` px."""
-    out = []
-    for s in range(1, min(grid.tile_h, grid.tile_w) + 1):
+    """[1] and the s > 1 for which the tiles of `grid` subdivided s times stay divisible
+    by `multiple` (the pyramid factor) and at least `min_tile` px."""
+    out = [1]
+    for s in range(2, min(grid.tile_h, grid.tile_w) + 1):
         th, tw = grid.tile_h / s, grid.tile_w / s
         if min(th, tw) < min_tile:
             break

@@ -79,6 +79,8 @@ def test_choose_plan_takes_the_cheapest_split_that_fits():
     assert blocks.subdivisions(grid, multiple=4, min_tile=8) == [1, 2, 4]
     assert blocks.subdivisions(TileGrid(rows=1, cols=1, tile_h=168, tile_w=168), 4, 64) == [
         1, 2]
+    assert blocks.subdivisions(TileGrid(rows=1, cols=1, tile_h=168, tile_w=168), 4, 200) == [
+        1]
 
 
 @pytest.mark.parametrize("sub", [1, 2])
