@@ -1,0 +1,138 @@
+"""Where one loss-and-gradient step's time and memory go, stage by stage.
+
+The problem of bench_step.py (default: the full 1008x1344 Pixel 4 frame, 12 layers,
+6x8 tiles of 168 px, 61-px kernels, FFT path). Each stage is its own jitted function,
+timed alone (median of --repeats after a warm-up) forward, and where it matters
+forward + backward (a vector-Jacobian product with a random cotangent); the last two
+rows are the whole loss, forward and with its gradient, as the solver runs them. XLA's
+memory report of the compiled whole step (arguments, outputs, temporaries) is included.
+Stages overlap in the fused whole step, so the stages need not add up to it.
+
+  python benchmarks/profile_step.py [--channels=1] [--repeats=3] [--output=FILE.json]
+"""
+
+import json
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from dpjax import conv, kernels, losses, mpi, scene
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("repeats", 3, "Timed calls per stage (after one warm-up).")
+flags.DEFINE_integer("rows", 6, "Tile rows.")
+flags.DEFINE_integer("cols", 8, "Tile columns.")
+flags.DEFINE_integer("tile", 168, "Tile side in pixels.")
+flags.DEFINE_integer("kernel_size", 61, "Reference kernel side.")
+flags.DEFINE_integer("num_layers", 12, "MPI layers.")
+flags.DEFINE_integer("channels", 1, "Colour channels.")
+flags.DEFINE_float("scale_min", 0.2, "Smallest layer scale.")
+flags.DEFINE_float("scale_max", 1.5, "Largest layer scale.")
+flags.DEFINE_string("output", "", "Also write the JSON here.")
+
+
+def _time(fn, *args) -> dict[str, float]:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(FLAGS.repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return {"ms": round(1e3 * float(np.median(times)), 1), "first_call_s": round(first, 2)}
+
+
+def _with_vjp(fn):
+    """fn's forward and backward: its output and the VJP of a constant cotangent (both
+    returned, so that XLA cannot drop the forward pass of a linear stage)."""
+    def both(*args):
+        out, pull = jax.vjp(fn, *args)
+        ct = jax.tree_util.tree_map(lambda o: jnp.full_like(o, 0.5), out)
+        return out, pull(ct)
+    return jax.jit(both)
+
+
+def main(argv):
+    del argv
+    rng = np.random.default_rng(0)
+    source = scene.kernel_source(scene.KernelOptions(
+        kind="parametric", grid=(FLAGS.rows, FLAGS.cols), tile_size=FLAGS.tile,
+        radius=FLAGS.kernel_size / 2 - 3, smooth=1.0, size=FLAGS.kernel_size),
+        pyramid_factor=1)
+    bank = scene.make_bank(source, {})
+    grid = bank.grid
+    h, w = grid.image_shape
+    L, C = FLAGS.num_layers, FLAGS.channels
+    scales = jnp.asarray(np.linspace(FLAGS.scale_max, FLAGS.scale_min, L), jnp.float32)
+    radius = kernels.rescaled_radius(FLAGS.kernel_size, max(abs(FLAGS.scale_min),
+                                                            abs(FLAGS.scale_max)))
+    geom = conv.ConvGeometry.create(grid, radius, "fft")
+    lk = jax.jit(mpi.prepare_layer_kernels, static_argnames="geom")(bank, scales, geom)
+    obs = jnp.asarray(rng.random((2, C, h, w)) * 0.5 + 0.25, jnp.float32)
+    params = mpi.init_params(obs, L)
+    weights = losses.LossWeights()
+    s = 2 * C + 1
+    signals = jnp.asarray(rng.random((L, s, h, w)), jnp.float32)
+    padded = conv.pad_edges(signals, radius)
+    spec = jax.jit(lambda x: conv.tile_spectra(x, geom))(padded)
+    blurred = jnp.asarray(rng.random((2, L, s, h, w)), jnp.float32)
+
+    def forward_fft(x):
+        return conv.tile_spectra(x, geom)
+
+    def multiply_inverse(sp):
+        return conv.apply_spectra(sp[None], lk.spectra[:, :, None], geom)
+
+    def blur(x):
+        return mpi.blur_layers(x, lk)
+
+    def composite(b):  # mpi.render after the blur: visibility and the two views
+        vis = mpi.visibility(b[:, :, C])
+        return jnp.sum(b[:, :, :C] * vis[:, :, None], axis=1), b[:, :, C] * vis
+
+    def loss(p):
+        return losses.loss_terms(p, obs, lk, weights).total
+
+    stages = {
+        "tile_fft_forward": (forward_fft, padded),
+        "multiply_and_inverse_fft": (multiply_inverse, spec),
+        "blur_layers": (blur, signals),
+        "composite": (composite, blurred),
+    }
+    result: dict = {
+        "problem": {"height": h, "width": w, "layers": L, "channels": C, "tiles": grid.num_tiles,
+                    "signals_per_layer": s, "fft_shape": list(geom.fft_shape),
+                    "layer_kernel_size": 2 * radius + 1,
+                    "transforms_per_step_forward": {"forward": L * s * grid.num_tiles,
+                                                    "inverse": 2 * L * s * grid.num_tiles}},
+        "jax_version": jax.__version__, "device": str(jax.devices()[0]),
+        "platform": platform.platform(), "stages": {},
+    }
+    for name, (fn, arg) in stages.items():
+        result["stages"][name] = {"forward": _time(jax.jit(fn), arg),
+                                  "forward_backward": _time(_with_vjp(fn), arg)}
+    step = jax.jit(jax.value_and_grad(loss))
+    result["stages"]["loss"] = {"forward": _time(jax.jit(loss), params),
+                                "forward_backward": _time(step, params)}
+    try:
+        stats = step.lower(params).compile().memory_analysis()
+        result["xla_memory_gib"] = {
+            n: round(getattr(stats, f"{n}_size_in_bytes") / 2**30, 3)
+            for n in ("argument", "output", "temp", "generated_code")
+            if hasattr(stats, f"{n}_size_in_bytes")}
+    except (NotImplementedError, RuntimeError, AttributeError):
+        result["xla_memory_gib"] = None
+    text = json.dumps(result, indent=2)
+    print(text)
+    if FLAGS.output:
+        with open(FLAGS.output, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
