@@ -3,6 +3,7 @@
   python run_solver.py                      # demo -> ./dpjax_out/demo/
   python run_solver.py --input_dir=IN --output_dir=OUT [--calib_dir=CAL] [--preset=auto]
       [--num_iters=N] [--scenes=a,b] [--overwrite] [--batch_size=B] [--memory_budget_gb=G]
+      [--blocks=RxC]
       [--coordinator_address=HOST:PORT --num_processes=N --process_id=K]
   python run_solver.py --input_dir=IN --output_dir=OUT --method=dpanet [--dpanet_checkpoint=C]
 
