@@ -12,7 +12,8 @@ block and noise runs against the reference: PSNR of the all-in-focus images, mea
 99th percentile |defocus difference|; the seam ratio: the mean difference within 8 px
 of a boundary between block cores over the mean elsewhere, 1 = no seam) and OUTPUT.png
 (defocus maps of both runs and their difference x10 with the block boundaries drawn,
-then the all-in-focus images in a window on a boundary crossing and their difference).
+then the all-in-focus images in a window on a boundary crossing, enlarged, and their
+difference x10).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ flags.DEFINE_string("noise", None, "Scene folder of the one-block solve of a per
                     "input (optional).")
 flags.DEFINE_string("output", None, "Output path without extension (.json, .png).")
 flags.DEFINE_integer("band", 8, "Half-width in px of the band around block boundaries.")
-flags.DEFINE_integer("window", 192, "Side of the all-in-focus window in px.")
+flags.DEFINE_integer("window", 0, "Side of the all-in-focus window in px (0: a third of "
+                     "the frame's width, shown at full size).")
 
 _METRICS = ("psnr", "ssim", "aiwe1", "aiwe2", "spearman")
 
@@ -48,7 +50,9 @@ def _load(folder: Path) -> dict:
 
 def _boundaries(result: dict) -> tuple[list[int], list[int]]:
     """Pixel rows and columns of the boundaries between block cores."""
-    th, tw = result["block_plan"]["tile"]
+    plan = result["block_plan"]
+    th, tw = plan.get("tile") or [p // t for p, t in zip(plan["block_pixels"],
+                                                        plan["block_tiles"])]
     rows = sorted({b["core_rows"][0] * th for b in result["blocks"] if b["core_rows"][0] > 0})
     cols = sorted({b["core_cols"][0] * tw for b in result["blocks"] if b["core_cols"][0] > 0})
     return rows, cols
@@ -76,7 +80,7 @@ def _seam_ratio(diff: np.ndarray, rows: list[int], cols: list[int], band: int) -
 
 def _label(img: np.ndarray, text: str) -> np.ndarray:
     pil = Image.fromarray(img)
-    ImageDraw.Draw(pil).text((6, 4), text, fill=(255, 255, 255), font=figures._font(18),
+    ImageDraw.Draw(pil).text((6, 4), text, fill=(255, 255, 255), font=figures._font(28),
                              stroke_width=2, stroke_fill=(0, 0, 0))
     return np.asarray(pil)
 
@@ -102,6 +106,7 @@ def _figure(ref: dict, blk: dict, rows: list[int], cols: list[int], window: int,
                                                        "defocus, blocks (boundaries)"),
            _label(_lines(d_diff, rows, cols), "|difference| x10 (of the range)")]
     h, w = ref["defocus"].shape
+    window = min(window or w // 3, h, w)
     cy = rows[len(rows) // 2] if rows else h // 2
     cx = cols[len(cols) // 2] if cols else w // 2
     y0 = int(np.clip(cy - window // 2, 0, h - window))
@@ -113,13 +118,18 @@ def _figure(ref: dict, blk: dict, rows: list[int], cols: list[int], window: int,
     a_diff = a_diff.mean(axis=-1) if a_diff.ndim == 3 else a_diff
     a_diff = np.clip(10 * a_diff / max(float(np.max(ref["aif"])), 1e-9), 0, 1)
     a_diff = np.repeat((255 * a_diff).astype(np.uint8)[..., None], 3, axis=-1)
-    zoom = max(1, (w // 3) // window)
+    zoom = max(1, w // window)
+    in_rows = [(r - y0) * zoom for r in rows if y0 < r < y0 + window]
+    in_cols = [(c - x0) * zoom for c in cols if x0 < c < x0 + window]
     bottom = []
-    for img, text in ((a_ref, "all-in-focus, one block"), (a_blk, "blocks"),
-                      (a_diff, "|difference| x10")):
+    for img, text, lines in ((a_ref, "all-in-focus, one block", False),
+                             (a_blk, "blocks (boundaries)", True),
+                             (a_diff, "|difference| x10", True)):
         img = figures._rgb(img) if img.ndim == 2 or img.shape[-1] != 3 else img
         img = np.kron(img, np.ones((zoom, zoom, 1), np.uint8))
-        bottom.append(_label(img, f"{text} (window at y{y0} x{x0})"))
+        if lines:
+            img = _lines(img, in_rows, in_cols)
+        bottom.append(_label(img, f"{text}, window y{y0} x{x0}, {window} px, x{zoom}"))
     top_row = np.concatenate(top, axis=1)
     bot_row = np.concatenate(bottom, axis=1)
     width = max(top_row.shape[1], bot_row.shape[1])
