@@ -821,8 +821,14 @@ def _load_dpanet(opts: RunOptions):
     return model, info
 
 
+# The share of the host's RAM a CPU run budgets for its solves: the rest is left to the
+# operating system, the host-side copies of the inputs and the loaded libraries.
+HOST_RAM_SHARE = 0.8
+
+
 def memory_budget_bytes(opts: RunOptions, devices: Sequence[Any]) -> float | None:
-    """--memory_budget_gb, else the device's memory limit, else host RAM / devices."""
+    """--memory_budget_gb, else the device's memory limit, else HOST_RAM_SHARE of the
+    host RAM / devices."""
     if opts.memory_budget_gb is not None:
         return opts.memory_budget_gb * 1e9
     try:
@@ -835,7 +841,7 @@ def memory_budget_bytes(opts: RunOptions, devices: Sequence[Any]) -> float | Non
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
-    return float(ram) / max(1, len(devices))
+    return HOST_RAM_SHARE * float(ram) / max(1, len(devices))
 
 
 def _setup(opts: RunOptions, devices: Sequence[Any], on_event: OnEvent | None,

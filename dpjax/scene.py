@@ -559,6 +559,10 @@ def plan_solve(channels: int, bank: KernelBank, cfg: config_lib.Config,
     whole = estimate(bank.grid)
     if batch.memory_refusal(whole, budget_bytes) is None:
         return None, None, whole
+    # A block shares the budget with the frame's own host arrays: the views and the
+    # blended all-in-focus images (fitted and raw) and defocus map.
+    h, w = bank.grid.image_shape
+    frame_bytes = 4.0 * h * w * (2 * channels + 2 * channels + 1)
     # Subdivided tiles stay divisible by the pyramid factor, at least the kernel side
     # (as whole frames' tiles are) and at least 4 rescaled kernel radii: the transform
     # of a tile pads it by that radius on each side, which must not dominate its cost,
@@ -567,15 +571,18 @@ def plan_solve(channels: int, bank: KernelBank, cfg: config_lib.Config,
     radius = rescaled_radius(bank.kernel_size, float(np.max(np.abs(cfg.mpi.scales()))))
     subs = blocks.subdivisions(bank.grid, factor,
                                max(-(-bank.kernel_size // factor) * factor, 4 * radius))
-    plan = blocks.choose_plan(bank.grid, lambda g: estimate(g).total, budget_bytes,
-                              subdivide=subs)
+    plan = blocks.choose_plan(bank.grid, lambda g: estimate(g).total,
+                              budget_bytes - frame_bytes, subdivide=subs)
     if plan is None:
         finest = blocks.plan_blocks(bank.grid, (1, 1), subdivide=subs[-1]).grid
         smallest = estimate(blocks.plan_blocks(bank.grid, (finest.rows, finest.cols),
                                                subdivide=subs[-1]).block_grid)
-        raise SceneFailure("memory", "even the smallest block (one tile and its overlap) "
-                           + batch.memory_refusal(smallest, budget_bytes),
-                           memory_estimate_gb=round(whole.gb, 3))
+        raise SceneFailure(
+            "memory", f"even the smallest block (one tile and its overlap) needs about "
+            f"{smallest.gb:.2f} GB beside the frame's {frame_bytes / 1e9:.2f} GB of images, "
+            f"over the memory budget of {budget_bytes / 1e9:.2f} GB; raise "
+            "--memory_budget_gb, use fewer layers (--num_layers) or smaller images",
+            memory_estimate_gb=round(whole.gb, 3))
     est = estimate(plan.block_grid)
     return plan, {**plan.as_dict(), "chosen": "memory budget", "budget_gb": budget_gb,
                   "whole_frame_estimate_gb": round(whole.gb, 3)}, est
