@@ -242,10 +242,22 @@ def render_kernel_pairs(model: DpKernelModel, *, rows: int, cols: int, size: int
         raise ValueError(f"kernel size must be odd and positive, got {size}")
     if rows < 1 or cols < 1:
         raise ValueError(f"tile grid must be at least 1x1, got {rows}x{cols}")
-    k = _render_jit(_shape_params(model), tile_positions(rows, cols),
-                    radius=jnp.float32(model.radius), size=size, supersample=supersample)
-    k = np.asarray(k, np.float64)
+    # Rendered in chunks of tiles (all of one size: one compilation), so that the
+    # supersampled temporaries stay bounded on grids of thousands of tiles.
+    pos = np.asarray(tile_positions(rows, cols), np.float32)
+    n = len(pos)
+    chunk = max(1, min(n, _RENDER_CHUNK_SAMPLES // (size * supersample) ** 2))
+    padded = np.concatenate([pos, np.repeat(pos[-1:], -n % chunk, axis=0)])
+    params, radius = _shape_params(model), jnp.float32(model.radius)
+    parts = [np.asarray(_render_jit(params, padded[i:i + chunk], radius=radius, size=size,
+                                    supersample=supersample), np.float64)
+             for i in range(0, len(padded), chunk)]
+    k = np.concatenate(parts, axis=1)[:, :n]
     return (k / k.sum(axis=(-2, -1), keepdims=True)).astype(np.float32)
+
+
+# Supersampled kernel samples rendered at once (per view; ~128 MB per float32 temporary).
+_RENDER_CHUNK_SAMPLES = 2 ** 25
 
 
 def model_bank(model: DpKernelModel, grid: TileGrid, *, size: int | None = None) -> KernelBank:

@@ -101,3 +101,16 @@ def test_recenter_centres_mean_kernel():
     assert abs((mean.sum(axis=0) * x).sum()) < 0.05
     assert abs((mean.sum(axis=1) * x).sum()) < 0.05
     np.testing.assert_allclose(out.sum(axis=(2, 3)), 1.0, rtol=1e-5)
+
+
+def test_render_kernel_pairs_in_chunks_matches_one_pass(monkeypatch):
+    """Large grids are rendered in chunks of tiles (bounded memory): same kernels."""
+    from dpjax import kernel_model
+
+    model = kernel_model.DpKernelModel(radius=4.0, split_gradient=0.3, angle_deg=20.0)
+    whole = kernel_model.render_kernel_pairs(model, rows=3, cols=5)
+    size = model.default_size()
+    monkeypatch.setattr(kernel_model, "_RENDER_CHUNK_SAMPLES", 4 * (size * 8) ** 2)
+    chunked = kernel_model.render_kernel_pairs(model, rows=3, cols=5)  # 4 chunks of 4
+    assert chunked.shape == whole.shape == (2, 15, size, size)
+    np.testing.assert_allclose(chunked, whole, atol=1e-7)
