@@ -203,15 +203,20 @@ class SelfCalResult(NamedTuple):
         }
 
 
-def choose_tile_size(height: int, width: int, target: int = 192) -> int:
+def choose_tile_size(height: int, width: int, target: int | None = None) -> int:
     """The largest common divisor of height and width that is at most `target` (and
     at least 32 when one exists), so that square tiles cover the frame exactly;
     multiples of 8 first, then of 4, so that the solver's pyramid (factor 4 by
     default, 8 with 4 levels) divides the tiles.
 
+    target None: 192 px, or 1/24 of the longer side when that is more (the model
+    varies slowly over the frame: a 24-MP frame needs no 3,750 tiles of kernels).
+
     Examples: 512 x 768 -> 128 (4 x 6 tiles), 1008 x 1344 -> 168 (6 x 8 tiles, the
-    Pixel 4 calibration's grid), 4000 x 6000 -> 80 (not 125).
+    Pixel 4 calibration's grid), 4000 x 6000 -> 200 (20 x 30 tiles; not 125).
     """
+    if target is None:
+        target = max(192, max(int(height), int(width)) // 24)
     g = math.gcd(int(height), int(width))
     divisors = [d for d in range(1, g + 1) if g % d == 0 and d <= target]
     for m in (8, 4, 1):

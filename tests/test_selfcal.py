@@ -213,3 +213,11 @@ def test_calibrate_kernels_cli_refuses_mixed_sizes_and_unknown_scenes(tmp_path):
     res = _run_calibrate(f"--input_dir={tmp_path}", f"--output_dir={out}", "--scenes=a,zz")
     assert res.returncode == 1 and "--scenes zz not found" in res.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("shape,tile", [((512, 768), 128), ((1008, 1344), 168),
+                                        ((4000, 6000), 200), ((100, 150), 50)])
+def test_choose_tile_size_covers_the_frame_with_pyramid_friendly_tiles(shape, tile):
+    got = selfcal.choose_tile_size(*shape)
+    assert got == tile
+    assert shape[0] % got == 0 and shape[1] % got == 0
