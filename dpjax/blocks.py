@@ -328,13 +328,13 @@ def fit_blocks(observation, bank: KernelBank, config: Config, plan: BlockPlan, *
                         "seconds": round(float(res.timings.get("total_s", 0.0)), 3)})
         if res.refine is not None:
             records[-1]["refine"] = res.refine
-        last = res
+        scales = res.scales
+        del res  # its device arrays (a block's logits) must not outlive the block
     timings["total_s"] = time.perf_counter() - t_start
+    refined = [r["refine"] for r in records if "refine" in r]
     return solver.FitResult(
         all_in_focus=aif, all_in_focus_raw=aif_raw, defocus=defocus, params=None,
-        scales=last.scales, loss_history=np.concatenate(histories),
+        scales=scales, loss_history=np.concatenate(histories),
         level_iterations=tuple(max(its) for its in zip(*iterations)), terms=terms,
-        timings=timings,
-        refine=None if last.refine is None else {"blocks": [r["refine"] for r in records]},
-        blocks=records)
+        timings=timings, refine={"blocks": refined} if refined else None, blocks=records)
 
