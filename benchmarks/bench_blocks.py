@@ -21,7 +21,6 @@ blocks x the mean time of the solved blocks after the first (which compiles).
 """
 
 import dataclasses
-import json
 import platform
 import resource
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from absl import app, flags
+from common import emit
 
 from dpjax import batch, blocks, encoding, io, kernels, scene
 from dpjax_apps.flags import resolve_base_config
@@ -120,10 +120,7 @@ def main(argv):
     if len(run.blocks) < len(plan.blocks):
         result["extrapolated_whole_frame_s"] = round(
             len(plan.blocks) * float(np.mean(warm)), 1)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if FLAGS.output:
-        Path(FLAGS.output).write_text(text + "\n")
+    emit(result, FLAGS.output)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ problem (the layer weights are shared across channels, the colours are not) and
 reports the ratio ("colour_over_grey").
 """
 
-import json
 import platform
 import resource
 import time
@@ -20,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from common import emit, step_problem
 
-from dpjax import conv, kernels, losses, mpi, scene
+from dpjax import conv, losses, mpi
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("repeats", 3, "Timed evaluations per method (after one warm-up).")
@@ -62,17 +62,11 @@ def _xla_memory_gib(fn, *args) -> dict[str, float] | None:
 def main(argv):
     del argv
     rng = np.random.default_rng(0)
-    # The parametric model through dpjax.scene, as the apps build their banks.
-    source = scene.kernel_source(scene.KernelOptions(
-        kind="parametric", grid=(FLAGS.rows, FLAGS.cols), tile_size=FLAGS.tile,
-        radius=FLAGS.kernel_size / 2 - 3, smooth=1.0, size=FLAGS.kernel_size), pyramid_factor=1)
-    bank = scene.make_bank(source, {})
+    bank, scales, radius = step_problem(
+        rows=FLAGS.rows, cols=FLAGS.cols, tile=FLAGS.tile, kernel_size=FLAGS.kernel_size,
+        num_layers=FLAGS.num_layers, scale_min=FLAGS.scale_min, scale_max=FLAGS.scale_max)
     grid = bank.grid
     h, w = grid.image_shape
-    scales = jnp.asarray(np.linspace(FLAGS.scale_max, FLAGS.scale_min, FLAGS.num_layers),
-                         jnp.float32)
-    radius = kernels.rescaled_radius(FLAGS.kernel_size, max(abs(FLAGS.scale_min),
-                                                            abs(FLAGS.scale_max)))
     channels = [int(c) for c in FLAGS.channels]
     weights = losses.LossWeights()
     result = {
@@ -118,11 +112,7 @@ def main(argv):
     if "fft" in result and "direct" in result:
         result["direct_over_fft"] = result["direct"]["ms_per_step"] / result["fft"]["ms_per_step"]
     result["peak_rss_gib"] = _peak_rss_gib()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if FLAGS.output:
-        with open(FLAGS.output, "w") as f:
-            f.write(text + "\n")
+    emit(result, FLAGS.output)
 
 
 if __name__ == "__main__":

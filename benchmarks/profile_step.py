@@ -11,7 +11,6 @@ Stages overlap in the fused whole step, so the stages need not add up to it.
   python benchmarks/profile_step.py [--channels=1] [--repeats=3] [--output=FILE.json]
 """
 
-import json
 import platform
 import time
 
@@ -19,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from common import emit, step_problem
 
-from dpjax import conv, kernels, losses, mpi, scene
+from dpjax import conv, losses, mpi
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("repeats", 3, "Timed calls per stage (after one warm-up).")
@@ -60,17 +60,12 @@ def _with_vjp(fn):
 def main(argv):
     del argv
     rng = np.random.default_rng(0)
-    source = scene.kernel_source(scene.KernelOptions(
-        kind="parametric", grid=(FLAGS.rows, FLAGS.cols), tile_size=FLAGS.tile,
-        radius=FLAGS.kernel_size / 2 - 3, smooth=1.0, size=FLAGS.kernel_size),
-        pyramid_factor=1)
-    bank = scene.make_bank(source, {})
+    bank, scales, radius = step_problem(
+        rows=FLAGS.rows, cols=FLAGS.cols, tile=FLAGS.tile, kernel_size=FLAGS.kernel_size,
+        num_layers=FLAGS.num_layers, scale_min=FLAGS.scale_min, scale_max=FLAGS.scale_max)
     grid = bank.grid
     h, w = grid.image_shape
     L, C = FLAGS.num_layers, FLAGS.channels
-    scales = jnp.asarray(np.linspace(FLAGS.scale_max, FLAGS.scale_min, L), jnp.float32)
-    radius = kernels.rescaled_radius(FLAGS.kernel_size, max(abs(FLAGS.scale_min),
-                                                            abs(FLAGS.scale_max)))
     geom = conv.ConvGeometry.create(grid, radius, "fft")
     lk = jax.jit(mpi.prepare_layer_kernels, static_argnames="geom")(bank, scales, geom)
     obs = jnp.asarray(rng.random((2, C, h, w)) * 0.5 + 0.25, jnp.float32)
@@ -127,11 +122,7 @@ def main(argv):
             if hasattr(stats, f"{n}_size_in_bytes")}
     except (NotImplementedError, RuntimeError, AttributeError):
         result["xla_memory_gib"] = None
-    text = json.dumps(result, indent=2)
-    print(text)
-    if FLAGS.output:
-        with open(FLAGS.output, "w") as f:
-            f.write(text + "\n")
+    emit(result, FLAGS.output)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,6 @@ Numbers from a shared machine vary; compare the columns of one run.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -77,6 +76,7 @@ from pathlib import Path
 
 import numpy as np
 from absl import app, flags
+from common import emit
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("workers", 2, "Workers (processes for static, CPUs for Ray).")
@@ -334,11 +334,7 @@ def main(argv):
         "ray_overhead": overhead,
         "wall_s": round(time.perf_counter() - t_all, 1),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if FLAGS.output:
-        with open(FLAGS.output, "w") as f:
-            f.write(text + "\n")
+    emit(result, FLAGS.output)
 
 
 
@@ -620,11 +616,7 @@ def run_scenes() -> None:
                                              overhead_s=extra)}
     if own_dir:
         shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if FLAGS.output:
-        with open(FLAGS.output, "w") as f:
-            f.write(text + "\n")
+    emit(result, FLAGS.output)
 
 
 if __name__ == "__main__":

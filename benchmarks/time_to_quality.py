@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from common import emit
 from PIL import Image, ImageDraw
 
 import dpjax
@@ -209,10 +210,7 @@ def main(argv):
     fast_both = runs["fast"]["time_to_paper_quality_s"]
     summary["fast_fraction_of_paper_time"] = (None if fast_both is None else fast_both / paper_t)
     summary["runs"] = runs
-    text = json.dumps(summary, indent=1)
-    print(text)
-    if FLAGS.output:
-        Path(FLAGS.output).write_text(text + "\n")
+    emit(summary, FLAGS.output, indent=1)
     if FLAGS.plot:
         plot(runs, FLAGS.plot)
 
