@@ -19,22 +19,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from common import emit, step_problem
+from common import define_step_flags, emit, step_problem_of_flags
 
 from dpjax import conv, losses, mpi
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("repeats", 3, "Timed evaluations per method (after one warm-up).")
 flags.DEFINE_list("methods", ["fft", "direct"], "Convolution paths to time.")
-flags.DEFINE_integer("rows", 6, "Tile rows.")
-flags.DEFINE_integer("cols", 8, "Tile columns.")
-flags.DEFINE_integer("tile", 168, "Tile side in pixels.")
-flags.DEFINE_integer("kernel_size", 61, "Reference kernel side.")
-flags.DEFINE_integer("num_layers", 12, "MPI layers.")
-flags.DEFINE_float("scale_min", 0.2, "Smallest layer scale.")
-flags.DEFINE_float("scale_max", 1.5, "Largest layer scale.")
 flags.DEFINE_list("channels", ["1"], "Channel counts to time (e.g. 1,3).")
 flags.DEFINE_string("output", "", "Also write the JSON here.")
+define_step_flags()
 
 
 def _peak_rss_gib() -> float:
@@ -62,9 +56,7 @@ def _xla_memory_gib(fn, *args) -> dict[str, float] | None:
 def main(argv):
     del argv
     rng = np.random.default_rng(0)
-    bank, scales, radius = step_problem(
-        rows=FLAGS.rows, cols=FLAGS.cols, tile=FLAGS.tile, kernel_size=FLAGS.kernel_size,
-        num_layers=FLAGS.num_layers, scale_min=FLAGS.scale_min, scale_max=FLAGS.scale_max)
+    bank, scales, radius = step_problem_of_flags()
     grid = bank.grid
     h, w = grid.image_shape
     channels = [int(c) for c in FLAGS.channels]

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from dpjax import kernels, scene
 
@@ -30,6 +31,25 @@ class StepProblem(NamedTuple):
     bank: kernels.KernelBank
     scales: jnp.ndarray
     radius: int
+
+
+def define_step_flags() -> None:
+    """The step problem's flags (defaults: the paper's full 1008x1344 Pixel 4 frame)."""
+    flags.DEFINE_integer("rows", 6, "Tile rows.")
+    flags.DEFINE_integer("cols", 8, "Tile columns.")
+    flags.DEFINE_integer("tile", 168, "Tile side in pixels.")
+    flags.DEFINE_integer("kernel_size", 61, "Reference kernel side.")
+    flags.DEFINE_integer("num_layers", 12, "MPI layers.")
+    flags.DEFINE_float("scale_min", 0.2, "Smallest layer scale.")
+    flags.DEFINE_float("scale_max", 1.5, "Largest layer scale.")
+
+
+def step_problem_of_flags() -> StepProblem:
+    """`step_problem` of the flags `define_step_flags` defined."""
+    f = flags.FLAGS
+    return step_problem(rows=f.rows, cols=f.cols, tile=f.tile, kernel_size=f.kernel_size,
+                        num_layers=f.num_layers, scale_min=f.scale_min,
+                        scale_max=f.scale_max)
 
 
 def step_problem(*, rows: int, cols: int, tile: int, kernel_size: int, num_layers: int,

@@ -18,21 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from common import emit, step_problem
+from common import define_step_flags, emit, step_problem_of_flags
 
 from dpjax import conv, losses, mpi
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("repeats", 3, "Timed calls per stage (after one warm-up).")
-flags.DEFINE_integer("rows", 6, "Tile rows.")
-flags.DEFINE_integer("cols", 8, "Tile columns.")
-flags.DEFINE_integer("tile", 168, "Tile side in pixels.")
-flags.DEFINE_integer("kernel_size", 61, "Reference kernel side.")
-flags.DEFINE_integer("num_layers", 12, "MPI layers.")
 flags.DEFINE_integer("channels", 1, "Colour channels.")
-flags.DEFINE_float("scale_min", 0.2, "Smallest layer scale.")
-flags.DEFINE_float("scale_max", 1.5, "Largest layer scale.")
 flags.DEFINE_string("output", "", "Also write the JSON here.")
+define_step_flags()
 
 
 def _time(fn, *args) -> dict[str, float]:
@@ -60,9 +54,7 @@ def _with_vjp(fn):
 def main(argv):
     del argv
     rng = np.random.default_rng(0)
-    bank, scales, radius = step_problem(
-        rows=FLAGS.rows, cols=FLAGS.cols, tile=FLAGS.tile, kernel_size=FLAGS.kernel_size,
-        num_layers=FLAGS.num_layers, scale_min=FLAGS.scale_min, scale_max=FLAGS.scale_max)
+    bank, scales, radius = step_problem_of_flags()
     grid = bank.grid
     h, w = grid.image_shape
     L, C = FLAGS.num_layers, FLAGS.channels
