@@ -5,7 +5,7 @@ The frame: a real dual-pixel pair (default: the first Canon R6 Mark II scene of
 4000x6000, the camera's full dual-pixel export size, 24 MP), so the texture and the
 left/right disparity are real but 7.8x enlarged. Kernels: the parametric model with a
 radius matched to that enlargement (--kernel_radius), on tiles of about 256 px
-(`batch.auto_grid`, as the runner chooses them). The configuration: the apps' default
+(`batch.auto_tiles`, as the runner chooses them). The configuration: the apps' default
 (`--preset=auto`'s base; 12 layers, 3 pyramid levels) with the range fixed to
 [--scale_min, --scale_max] and the schedule of --level_iters.
 
@@ -78,8 +78,7 @@ def main(argv):
     factor = 2 ** (cfg.solver.pyramid_levels - 1)
     pair = kernels.parametric_dp_kernels(radius=FLAGS.kernel_radius)
     h, w = views.shape[1:3]
-    grid, (y0, x0) = batch.fit_tiles(h, w, batch.auto_grid(h, w), factor,
-                                     -(-pair.shape[-1] // factor) * factor)
+    grid, (y0, x0) = batch.auto_tiles(h, w, factor, -(-pair.shape[-1] // factor) * factor)
     gh, gw = grid.image_shape
     views = np.ascontiguousarray(views[:, y0:y0 + gh, x0:x0 + gw])
     bank = kernels.KernelBank.create(np.repeat(pair[:, None], grid.num_tiles, axis=1),

@@ -174,6 +174,37 @@ def auto_grid(height: int, width: int, target_tile: int = 256) -> tuple[int, int
     return (max(1, round(height / target_tile)), max(1, round(width / target_tile)))
 
 
+# Frames from this many pixels up get tiles a block split can halve (`auto_tiles`).
+LARGE_FRAME_PIXELS = 8_000_000
+
+
+def auto_tiles(height: int, width: int, factor: int, min_tile: int,
+               grid: tuple[int, int] | None = None) -> tuple[TileGrid, tuple[int, int]]:
+    """The tile grid of a frame without a calibration grid, and its crop's offset.
+
+    `grid` given: that grid (`fit_tiles`, tiles divisible by the pyramid `factor`).
+    Else tiles of about 256 px (`auto_grid`); on frames of LARGE_FRAME_PIXELS or more,
+    which are solved in blocks on most machines, tiles divisible by 2 x factor so that
+    `dpjax.blocks` can subdivide them (a finer overlap), with the tile counts within one
+    of `auto_grid`'s chosen to crop the fewest pixels (6000 x 4000: 16 x 24 tiles of
+    248 px, 3968 x 5952, where 16 x 23 tiles of 248 x 260 px cannot be halved).
+
+    Raises:
+      ValueError: as `fit_tiles`.
+    """
+    if grid is not None:
+        return fit_tiles(height, width, grid, factor, min_tile)
+    rows, cols = auto_grid(height, width)
+    if height * width < LARGE_FRAME_PIXELS:
+        return fit_tiles(height, width, (rows, cols), factor, min_tile)
+    m = 2 * factor
+
+    def best(n: int, size: int) -> int:
+        return max(range(max(1, n - 1), n + 2), key=lambda k: (size // k) // m * m * k)
+
+    return fit_tiles(height, width, (best(rows, height), best(cols, width)), m, min_tile)
+
+
 def fit_tiles(height: int, width: int, grid: tuple[int, int], multiple: int,
               min_tile: int) -> tuple[TileGrid, tuple[int, int]]:
     """The largest grid of equal tiles (sides divisible by `multiple`) inside an image.

@@ -81,7 +81,7 @@ class KernelOptions:
         are read (None: calib_dir's, when it has them).
       recenter: re-centre each calibrated tile's kernel pair (`recenter_kernel_pairs`).
       grid, tile_size: parametric model's tile grid (rows, cols) and tile side in px
-        (None: tiles of about 256 px, chosen per image; `batch.auto_grid`).
+        (None: tiles of about 256 px, chosen per image; `batch.auto_tiles`).
       radius, ramp, smooth, size: `dpjax.parametric_dp_kernels` arguments.
       model: kind "fitted": the `dpjax.kernel_model.DpKernelModel` to render.
       fit_info: kind "fitted": where the model came from (recorded with the kernels).
@@ -315,10 +315,9 @@ def load_views(pair: io.ScenePair, source: KernelSource, opts: SceneOptions,
         info["crop"] = None
     else:
         factor = 2 ** (opts.base.solver.pyramid_levels - 1)
-        grid = source.grid or batch.auto_grid(h, w)
         min_tile = -(-source.kernel_size // factor) * factor
         try:
-            tg, (y0, x0) = batch.fit_tiles(h, w, grid, factor, min_tile)
+            tg, (y0, x0) = batch.auto_tiles(h, w, factor, min_tile, source.grid)
         except ValueError as e:
             raise io.InputError(f"{pair.left}: {e}") from e
         ch, cw = tg.image_shape

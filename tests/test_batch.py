@@ -172,3 +172,23 @@ def test_use_compilation_cache_sets_jax_and_rejects_bad_paths(tmp_path):
     with pytest.raises(ValueError, match="cannot create"):
         batch.use_compilation_cache(a_file / "below")
     assert jax.config.jax_compilation_cache_dir == before
+
+
+@pytest.mark.parametrize("shape", [(512, 768), (1008, 1344), (64, 96)])
+def test_auto_tiles_of_small_frames_are_the_auto_grid(shape):
+    got = batch.auto_tiles(*shape, 4, 8)
+    assert got == batch.fit_tiles(*shape, batch.auto_grid(*shape), 4, 8)
+
+
+@pytest.mark.parametrize("shape", [(4000, 6000), (6000, 4000), (3000, 4000)])
+def test_auto_tiles_of_large_frames_can_be_halved_by_blocks(shape):
+    from dpjax import blocks
+
+    grid, (y0, x0) = batch.auto_tiles(*shape, 4, 36)
+    rows, cols = batch.auto_grid(*shape)
+    assert abs(grid.rows - rows) <= 1 and abs(grid.cols - cols) <= 1
+    assert grid.tile_h % 8 == 0 and grid.tile_w % 8 == 0
+    h, w = grid.image_shape
+    assert h * w >= 0.98 * shape[0] * shape[1]  # crops at most 2% of the frame
+    assert y0 == (shape[0] - h) // 2 and x0 == (shape[1] - w) // 2
+    assert 2 in blocks.subdivisions(grid, 4, 64)
