@@ -261,7 +261,7 @@ class SceneOptions:
       whole_frame: keep the whole frame (no kernel grid: DPANet).
       blocks: solve in a (rows, cols) split of overlapping blocks (`dpjax.blocks`)
         whatever the memory; None: one block when the frame fits the memory budget,
-        else the fewest blocks that do.
+        else the split with the least estimated work whose blocks do (`plan_solve`).
     """
 
     base: config_lib.Config
