@@ -100,14 +100,23 @@ class BlockPlan:
                 "block_pixels": list(bg.image_shape), "num_blocks": len(self.blocks)}
 
 
+def _cores(n: int, parts: int) -> list[tuple[int, int]]:
+    edges = [round(i * n / parts) for i in range(parts + 1)]
+    return list(itertools.pairwise(edges))
+
+
+def _solved_length(n: int, parts: int, overlap: int) -> int:
+    """Tiles every block of `parts` over n tiles solves (`_ranges`)."""
+    if parts == 1:
+        return n
+    return min(n, max(b - a for a, b in _cores(n, parts)) + 2 * overlap)
+
+
 def _ranges(n: int, parts: int, overlap: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """[(core, solved)] ranges of `parts` blocks over n tiles, every solved range the
     same length (module docstring)."""
-    edges = [round(i * n / parts) for i in range(parts + 1)]
-    cores = list(itertools.pairwise(edges))
-    if parts == 1:
-        return [(cores[0], (0, n))]
-    length = min(n, max(b - a for a, b in cores) + 2 * overlap)
+    cores = _cores(n, parts)
+    length = _solved_length(n, parts, overlap)
     out = []
     for a, b in cores:
         start = min(max(a - overlap, 0), n - length)
@@ -173,22 +182,25 @@ def choose_plan(grid: TileGrid, estimate: Callable[[TileGrid], float], budget: f
     """
     best = None
     for sub in subdivide:
+        fine = plan_blocks(grid, (1, 1), overlap, sub).grid
         seen: set[tuple[int, int]] = set()
-        for pr in range(1, grid.rows * sub + 1):
-            for pc in range(1, grid.cols * sub + 1):
-                plan = plan_blocks(grid, (pr, pc), overlap, sub)
-                bg = plan.block_grid
-                if (bg.rows, bg.cols) in seen:  # no smaller blocks than a coarser split
+        for pr in range(1, fine.rows + 1):
+            for pc in range(1, fine.cols + 1):
+                shape = (_solved_length(fine.rows, pr, overlap),
+                         _solved_length(fine.cols, pc, overlap))
+                if shape in seen:  # no smaller blocks than a coarser split
                     continue
-                seen.add((bg.rows, bg.cols))
+                seen.add(shape)
+                bg = TileGrid(rows=shape[0], cols=shape[1], tile_h=fine.tile_h,
+                              tile_w=fine.tile_w)
                 need = estimate(bg)
                 if need > budget:
                     continue
                 h, w = bg.image_shape
-                key = (len(plan.blocks) * need, len(plan.blocks), max(h, w) / min(h, w))
+                key = (pr * pc * need, pr * pc, max(h, w) / min(h, w))
                 if best is None or key < best[0]:
-                    best = (key, plan)
-    return None if best is None else best[1]
+                    best = (key, (pr, pc), sub)
+    return None if best is None else plan_blocks(grid, best[1], overlap, best[2])
 
 
 def _weights_1d(core: tuple[int, int], solved: tuple[int, int], n: int, tile: int,
