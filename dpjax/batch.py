@@ -186,8 +186,8 @@ def auto_tiles(height: int, width: int, factor: int, min_tile: int,
     Else tiles of about 256 px (`auto_grid`); on frames of LARGE_FRAME_PIXELS or more,
     which are solved in blocks on most machines, tiles divisible by 2 x factor so that
     `dpjax.blocks` can subdivide them (a finer overlap), with the tile counts within one
-    of `auto_grid`'s chosen to crop the fewest pixels (6000 x 4000: 16 x 24 tiles of
-    248 px, 3968 x 5952, where 16 x 23 tiles of 248 x 260 px cannot be halved).
+    of `auto_grid`'s chosen to crop the fewest pixels (4000 x 6000: 16 x 22 tiles of
+    248 x 272 px, 3968 x 5984, where 16 x 23 tiles of 248 x 260 px cannot be halved).
 
     Raises:
       ValueError: as `fit_tiles`.
@@ -272,13 +272,20 @@ def estimate_solve_memory(*, height: int, width: int, channels: int, num_layers:
     return MemoryEstimate(total=float(sum(parts.values())), parts=parts)
 
 
-def memory_refusal(estimate: MemoryEstimate, budget_bytes: float | None) -> str | None:
-    """None when the estimate fits the budget, else the reason to refuse the scene."""
-    if budget_bytes is None or estimate.total <= budget_bytes:
+def memory_refusal(estimate: MemoryEstimate, budget_bytes: float | None, *,
+                   held_bytes: float = 0.0) -> str | None:
+    """None when the estimate fits the budget, else the reason to refuse the scene.
+
+    Args:
+      held_bytes: memory the solve shares the budget with (a block solve: the frame's
+        own images, `dpjax.scene.plan_solve`).
+    """
+    if budget_bytes is None or estimate.total + held_bytes <= budget_bytes:
         return None
     big = max((k for k in estimate.parts if k != "overhead"), key=estimate.parts.get)
+    beside = f" beside the frame's {held_bytes / 1e9:.2f} GB of images" if held_bytes else ""
     return (f"needs about {estimate.total / 1e9:.2f} GB (largest part: {big} "
-            f"{estimate.parts[big] / 1e9:.2f} GB), over the memory budget of "
+            f"{estimate.parts[big] / 1e9:.2f} GB){beside}, over the memory budget of "
             f"{budget_bytes / 1e9:.2f} GB; raise --memory_budget_gb, use fewer layers "
             f"(--num_layers) or smaller images")
 

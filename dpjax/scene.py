@@ -535,12 +535,13 @@ def plan_solve(channels: int, bank: KernelBank, cfg: config_lib.Config,
       SceneFailure: kind "memory" when not even the smallest block fits the budget;
         kind "config" for a forced split finer than the tile grid.
     """
+    max_scale = float(np.max(np.abs(cfg.mpi.scales())))
+
     def estimate(grid: TileGrid) -> batch.MemoryEstimate:
         h, w = grid.image_shape
         return batch.estimate_solve_memory(
             height=h, width=w, channels=channels, num_layers=cfg.mpi.num_layers,
-            grid=grid, kernel_size=bank.kernel_size,
-            max_abs_scale=float(np.max(np.abs(cfg.mpi.scales()))),
+            grid=grid, kernel_size=bank.kernel_size, max_abs_scale=max_scale,
             conv_method=cfg.solver.conv_method, round_fft=cfg.solver.round_fft)
 
     budget_gb = None if budget_bytes is None else round(budget_bytes / 1e9, 3)
@@ -567,7 +568,7 @@ def plan_solve(channels: int, bank: KernelBank, cfg: config_lib.Config,
     # of a tile pads it by that radius on each side, which must not dominate its cost,
     # and half a tile of overlap then discards at least two radii at a block's edge.
     factor = 2 ** (cfg.solver.pyramid_levels - 1)
-    radius = rescaled_radius(bank.kernel_size, float(np.max(np.abs(cfg.mpi.scales()))))
+    radius = rescaled_radius(bank.kernel_size, max_scale)
     subs = blocks.subdivisions(bank.grid, factor,
                                max(-(-bank.kernel_size // factor) * factor, 4 * radius))
     plan = blocks.choose_plan(bank.grid, lambda g: estimate(g).total,
@@ -576,12 +577,9 @@ def plan_solve(channels: int, bank: KernelBank, cfg: config_lib.Config,
         finest = blocks.plan_blocks(bank.grid, (1, 1), subdivide=subs[-1]).grid
         smallest = estimate(blocks.plan_blocks(bank.grid, (finest.rows, finest.cols),
                                                subdivide=subs[-1]).block_grid)
-        raise SceneFailure(
-            "memory", f"even the smallest block (one tile and its overlap) needs about "
-            f"{smallest.gb:.2f} GB beside the frame's {frame_bytes / 1e9:.2f} GB of images, "
-            f"over the memory budget of {budget_bytes / 1e9:.2f} GB; raise "
-            "--memory_budget_gb, use fewer layers (--num_layers) or smaller images",
-            memory_estimate_gb=round(whole.gb, 3))
+        why = batch.memory_refusal(smallest, budget_bytes, held_bytes=frame_bytes)
+        raise SceneFailure("memory", f"even the smallest block (one tile and its overlap) "
+                           f"{why}", memory_estimate_gb=round(whole.gb, 3))
     est = estimate(plan.block_grid)
     return plan, {**plan.as_dict(), "chosen": "memory budget", "budget_gb": budget_gb,
                   "whole_frame_estimate_gb": round(whole.gb, 3)}, est
