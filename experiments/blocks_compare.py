@@ -12,7 +12,7 @@ block and noise runs against the reference: PSNR of the all-in-focus images, mea
 99th percentile |defocus difference|; the seam ratio: the mean difference within 8 px
 of a boundary between block cores over the mean elsewhere, 1 = no seam) and OUTPUT.png
 (defocus maps of both runs and their difference x10 with the block boundaries drawn,
-then the all-in-focus images in a window on a boundary crossing, enlarged, and their
+at half resolution, then the all-in-focus images in a window on a boundary crossing, enlarged, and their
 difference x10).
 """
 
@@ -35,8 +35,8 @@ flags.DEFINE_string("noise", None, "Scene folder of the one-block solve of a per
                     "input (optional).")
 flags.DEFINE_string("output", None, "Output path without extension (.json, .png).")
 flags.DEFINE_integer("band", 8, "Half-width in px of the band around block boundaries.")
-flags.DEFINE_integer("window", 0, "Side of the all-in-focus window in px (0: a third of "
-                     "the frame's width, shown at full size).")
+flags.DEFINE_integer("window", 0, "Side of the all-in-focus window in px (0: a quarter "
+                     "of the frame's width, shown enlarged to the panels' width).")
 
 _METRICS = ("psnr", "ssim", "aiwe1", "aiwe2", "spearman")
 
@@ -85,6 +85,13 @@ def _label(img: np.ndarray, text: str) -> np.ndarray:
     return np.asarray(pil)
 
 
+def _half(img: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] -> [H // 2, W // 2, 3], 2x2 averages."""
+    h, w = img.shape[0] // 2 * 2, img.shape[1] // 2 * 2
+    x = img[:h, :w].astype(np.float32).reshape(h // 2, 2, w // 2, 2, -1).mean(axis=(1, 3))
+    return np.round(x).astype(np.uint8)
+
+
 def _lines(img: np.ndarray, rows: list[int], cols: list[int]) -> np.ndarray:
     out = img.copy()
     for r in rows:
@@ -102,11 +109,13 @@ def _figure(ref: dict, blk: dict, rows: list[int], cols: list[int], window: int,
     span = vmax - vmin
     diff = np.clip(10 * np.abs(blk["defocus"] - ref["defocus"]) / max(span, 1e-9), 0, 1)
     d_diff = np.repeat((255 * diff).astype(np.uint8)[..., None], 3, axis=-1)
-    top = [_label(d_ref, "defocus, one block"), _label(_lines(d_blk, rows, cols),
-                                                       "defocus, blocks (boundaries)"),
-           _label(_lines(d_diff, rows, cols), "|difference| x10 (of the range)")]
+    half_rows, half_cols = [r // 2 for r in rows], [c // 2 for c in cols]
+    top = [_label(_half(d_ref), "defocus, one block"),
+           _label(_lines(_half(d_blk), half_rows, half_cols), "defocus, blocks (boundaries)"),
+           _label(_lines(_half(d_diff), half_rows, half_cols),
+                  "|difference| x10 (of the range)")]
     h, w = ref["defocus"].shape
-    window = min(window or w // 3, h, w)
+    window = min(window or w // 4, h, w)
     cy = rows[len(rows) // 2] if rows else h // 2
     cx = cols[len(cols) // 2] if cols else w // 2
     y0 = int(np.clip(cy - window // 2, 0, h - window))
@@ -118,7 +127,7 @@ def _figure(ref: dict, blk: dict, rows: list[int], cols: list[int], window: int,
     a_diff = a_diff.mean(axis=-1) if a_diff.ndim == 3 else a_diff
     a_diff = np.clip(10 * a_diff / max(float(np.max(ref["aif"])), 1e-9), 0, 1)
     a_diff = np.repeat((255 * a_diff).astype(np.uint8)[..., None], 3, axis=-1)
-    zoom = max(1, w // window)
+    zoom = max(1, (w // 2) // window)
     in_rows = [(r - y0) * zoom for r in rows if y0 < r < y0 + window]
     in_cols = [(c - x0) * zoom for c in cols if x0 < c < x0 + window]
     bottom = []
@@ -129,7 +138,9 @@ def _figure(ref: dict, blk: dict, rows: list[int], cols: list[int], window: int,
         img = np.kron(img, np.ones((zoom, zoom, 1), np.uint8))
         if lines:
             img = _lines(img, in_rows, in_cols)
-        bottom.append(_label(img, f"{text}, window y{y0} x{x0}, {window} px, x{zoom}"))
+        if lines and text.startswith("|"):
+            text += f"; window y{y0} x{x0}, {window} px, x{zoom}"
+        bottom.append(_label(img, text))
     top_row = np.concatenate(top, axis=1)
     bot_row = np.concatenate(bottom, axis=1)
     width = max(top_row.shape[1], bot_row.shape[1])
