@@ -62,6 +62,13 @@ class SolverConfig:
       round_fft: round tile FFT sizes up to products of 2, 3 and 5.
       seed: seeds the optional initial noise (the solve is deterministic).
       init_noise: std of Gaussian noise added to the initial logits.
+      colour_levels: how many of the finest pyramid levels solve every channel of a
+        colour observation; the coarser levels solve its channel mean (one shared
+        intensity per layer), which costs what a grey solve costs, and the colours
+        start at the first colour level from that intensity times the observation's
+        local chroma (`solver.expand_channels`). A count >= pyramid_levels solves
+        colour throughout (the behaviour before this option). No effect on
+        one-channel observations.
     """
 
     optimizer: Literal["adam", "lbfgs"] = "adam"
@@ -78,6 +85,7 @@ class SolverConfig:
     round_fft: bool = True
     seed: int = 0
     init_noise: float = 0.0
+    colour_levels: int = 1
 
     def __post_init__(self):
         if self.optimizer not in ("adam", "lbfgs"):
@@ -88,6 +96,9 @@ class SolverConfig:
             raise ValueError("num_iters, chunk_size and pyramid_levels must be >= 1")
         if self.coarse_iters < 0:
             raise ValueError("coarse_iters must be >= 0")
+        if self.colour_levels < 1:
+            raise ValueError(f"colour_levels must be >= 1 (the finest level solves every "
+                             f"channel), got {self.colour_levels}")
         if isinstance(self.refine_lr, list):  # from JSON
             object.__setattr__(self, "refine_lr", tuple(self.refine_lr))
         if self.refine_lr is not None and len(self.refine_lr) != 2:
@@ -242,9 +253,13 @@ def from_dict(d: dict[str, Any]) -> Config:
     """Inverse of to_dict; unknown keys raise TypeError.
 
     A dict without a "refine" section (written before that stage existed) reads as
-    refinement off, which is how it was solved.
+    refinement off, and a solver section without "colour_levels" as colour at every
+    level: that is how they were solved.
     """
     refine = RefineConfig(**d["refine"]) if "refine" in d else RefineConfig(iters=0)
+    solver = dict(d.get("solver", {}))
+    if solver and "colour_levels" not in solver:
+        solver["colour_levels"] = solver.get("pyramid_levels", SolverConfig.pyramid_levels)
     return Config(mpi=MpiConfig(**d.get("mpi", {})), loss=LossWeights(**d.get("loss", {})),
-                  solver=SolverConfig(**d.get("solver", {})), post=PostConfig(**d.get("post", {})),
+                  solver=SolverConfig(**solver), post=PostConfig(**d.get("post", {})),
                   init=InitConfig(**d.get("init", {})), refine=refine)

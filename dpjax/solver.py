@@ -30,6 +30,8 @@ class Progress(NamedTuple):
     """What the host learns after each chunk.
 
     `params` are the current MPI logits at this level's resolution (device arrays,
+    with one channel at the levels that solve a colour observation's channel mean,
+    `SolverConfig.colour_levels`;
     valid only during the callback: their buffers are donated to the next chunk; None
     in `fit_batch`'s reports). `elapsed_s` is the solver's own wall time: time spent
     inside callbacks is excluded. In a batch, `step` and `loss` are the scene's own
@@ -256,6 +258,48 @@ def upsample_params(params: mpi.MpiParams, shape: tuple[int, int]) -> mpi.MpiPar
     return mpi.MpiParams(color_logits=up(params.color_logits), alpha_logits=up(params.alpha_logits))
 
 
+_CHROMA_EPS = 1e-3  # keeps the chroma of near-black pixels near neutral
+
+
+def grey_params(params: mpi.MpiParams) -> mpi.MpiParams:
+    """The MPI with each layer's colours replaced by their mean intensity.
+
+    Works on one scene's logits ([L, C, H, W] colours) and on a batch's ([B, L, C, H, W]).
+    """
+    mean = jnp.mean(jax.nn.sigmoid(params.color_logits), axis=-3, keepdims=True)
+    return params._replace(color_logits=jax.scipy.special.logit(mean))
+
+
+def expand_channels(params: mpi.MpiParams, observation: jax.Array) -> mpi.MpiParams:
+    """One-channel MPI logits turned into the observation's C channels.
+
+    Each layer keeps its intensity and takes the colour of the views around each pixel:
+    c_lk = c_l * m_k / mean_k(m_k) with m the mean of the views (the blurred image's
+    chroma, which the colour levels then sharpen), clipped into (0, 1).
+
+    Args:
+      params: colours [L, 1, H, W] (or [B, L, 1, H, W]).
+      observation: [V, C, H, W] (or [B, V, C, H, W]) at the same resolution.
+    """
+    m = jnp.mean(observation, axis=-4)  # [(B,) C, H, W]
+    chroma = (m + _CHROMA_EPS) / (jnp.mean(m, axis=-3, keepdims=True) + _CHROMA_EPS)
+    color = jax.nn.sigmoid(params.color_logits) * chroma[..., None, :, :, :]
+    color = jnp.clip(color, 1e-3, 1.0 - 1e-3)
+    return params._replace(color_logits=jax.scipy.special.logit(color))
+
+
+def match_channels(params: mpi.MpiParams, observation: jax.Array) -> mpi.MpiParams:
+    """`params` with the observation's channel count (grey_params / expand_channels)."""
+    have, want = params.color_logits.shape[-3], observation.shape[-3]
+    if have == want:
+        return params
+    if want == 1:
+        return grey_params(params)
+    if have == 1:
+        return expand_channels(params, observation)
+    raise ValueError(f"init has {have} channels, the observation {want}")
+
+
 def _level_problem(planar: jax.Array, bank: KernelBank, scales: jax.Array, max_abs: float,
                    factor: int, scfg: SolverConfig, pad_abs: float | None = None):
     """Observation and prepared layer kernels of the pyramid level with this factor.
@@ -461,6 +505,7 @@ def _batch_start(inits: Sequence[mpi.MpiParams | None], observations: jax.Array,
         if p is None:
             out.append(_initial_params(o, num_layers, scfg))
             continue
+        p = match_channels(p, o)
         color = (num_layers, *o.shape[1:])  # mpi.init_params: [L, C, H, W], [L - 1, H, W]
         alpha = (num_layers - 1, *o.shape[2:])
         if np.shape(p.color_logits) != color or np.shape(p.alpha_logits) != alpha:
@@ -529,6 +574,8 @@ def _solve(scenes: Sequence[_Scene], *, batched: bool,
         factor = 2**level
         t0 = time.perf_counter()
         lvl_obs, lk = _problems(scenes, factor, batched)
+        if level >= scfg.colour_levels:  # this level solves the channel mean
+            lvl_obs = jnp.mean(lvl_obs, axis=-3, keepdims=True)
         timings[f"prepare_level{level}_s"] = time.perf_counter() - t0
 
         if batched and isinstance(params, list):
@@ -538,8 +585,7 @@ def _solve(scenes: Sequence[_Scene], *, batched: bool,
                       if batched else _initial_params(lvl_obs, config.mpi.num_layers, scfg))
         elif params.color_logits.shape[-2:] != lvl_obs.shape[-2:]:
             params = upsample_params(params, lvl_obs.shape[-2:])
-        if params.color_logits.shape[-3] != lvl_obs.shape[-3]:
-            raise ValueError("init has a different channel count from the observation")
+        params = match_channels(params, lvl_obs)
         params = jax.tree_util.tree_map(lambda x: jnp.array(x, jnp.float32), params)
 
         budget = scfg.budget(level)
@@ -602,6 +648,7 @@ def _solve(scenes: Sequence[_Scene], *, batched: bool,
         # Stopped early at a coarse level: continue the result at full resolution.
         params = upsample_params(params, full_shape)
         lvl_obs, lk = _problems(scenes, 1, batched)
+    params = match_channels(params, lvl_obs)  # stopped at a level that solved the mean
     outs = []
     for i, s in enumerate(scenes):
         p, o, k = (_take(params, i), lvl_obs[i], _take(lk, i)) if batched else (params, lvl_obs,

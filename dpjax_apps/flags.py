@@ -64,6 +64,10 @@ def define_common(*, output_dir: str, presets: tuple[str, ...] = ("auto", "paper
     d.DEFINE_integer("num_iters", None, "Iterations at the finest level; the coarser "
                      "levels keep the schedule's (not with --level_iters).")
     d.DEFINE_integer("num_layers", None, "MPI layers (default: dpjax.Config's, 12).")
+    d.DEFINE_integer("colour_levels", None, "Colour input: how many of the finest pyramid "
+                     "levels solve every channel; the coarser ones solve the channel mean, "
+                     "at the cost of a grey solve (default: dpjax.SolverConfig's, 1; the "
+                     "pyramid level count or more: colour at every level).")
     d.DEFINE_integer("refine_iters", None, "L-BFGS iterations of the all-in-focus "
                      "refinement with the layer weights frozen (dpjax.refine; default: "
                      "dpjax.RefineConfig's; 0 turns it off).")
@@ -103,7 +107,7 @@ def base_config():
             preset=FLAGS.preset, pyramid_levels=FLAGS.pyramid_levels, level_iters=level_iters,
             num_iters=FLAGS.num_iters, num_layers=FLAGS.num_layers,
             search_init=FLAGS.search_init, defocus_estimator=FLAGS.defocus_estimator,
-            refine_iters=FLAGS.refine_iters)
+            refine_iters=FLAGS.refine_iters, colour_levels=FLAGS.colour_levels)
     except ValueError as e:
         raise app.UsageError(f"invalid solver settings: {e}") from None
 
@@ -123,7 +127,7 @@ def resolve_base_config(*, preset: str, pyramid_levels: int | None = None,
                         level_iters=None, num_iters: int | None = None,
                         num_layers: int | None = None, search_init: bool | None = None,
                         defocus_estimator: str | None = None,
-                        refine_iters: int | None = None):
+                        refine_iters: int | None = None, colour_levels: int | None = None):
     """The base configuration of the shared flags' values: schedule, layers, preset choices.
 
     One place: `dpjax.config.schedule` gives --pyramid_levels / --level_iters /
@@ -141,6 +145,8 @@ def resolve_base_config(*, preset: str, pyramid_levels: int | None = None,
         cfg = cfg.replace(**{"mpi.num_layers": num_layers})
     if refine_iters is not None:
         cfg = cfg.replace(**{"refine.iters": refine_iters})
+    if colour_levels is not None:
+        cfg = cfg.replace(**{"solver.colour_levels": colour_levels})
     return presets.resolve_base(preset, cfg, search_init=search_init,
                                 defocus_estimator_name=defocus_estimator)
 

@@ -35,5 +35,10 @@ def test_init_config_is_part_of_the_config_and_round_trips():
     assert d["init"]["search"] is True and d["init"]["weight"] == 0.25
     assert config_lib.from_dict(d) == cfg
     assert config_lib.from_dict({}) == Config()  # results without an init section
+    old = {"solver": {k: v for k, v in d["solver"].items() if k != "colour_levels"}}
+    old["solver"].update(pyramid_levels=3, level_iters=[200, 120, 20])
+    assert config_lib.from_dict(old).solver.colour_levels == 3  # solved before the option
+    with pytest.raises(ValueError, match="colour_levels must be >= 1"):
+        config_lib.SolverConfig(colour_levels=0)
     with pytest.raises(ValueError):
         InitConfig(weight=1.5)
