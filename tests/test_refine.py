@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,7 +104,7 @@ def test_adjoint_dot_product(scene, layer_kernels, unknown, boundary):
     scale = float(jnp.linalg.norm(ax) * jnp.linalg.norm(y))
     assert abs(lhs - rhs) < 1e-5 * scale, (lhs, rhs)
     # And the data term's autodiff gradient is A^T applied to the scaled residual.
-    cfg0 = refine.RefineConfig(unknown=unknown, boundary=boundary, weight=0.0)
+    cfg0 = refine.RefineConfig(unknown=unknown, boundary=boundary, weight=0.0, robust=0.0)
     grad = jax.grad(lambda z: refine.objective_terms(z, problem, layer_kernels, cfg0)[0])(x)
     n = problem.norm
     resid = ax - problem.observation
@@ -178,9 +180,11 @@ def test_refinement_reduces_its_objective(fits, scene, tiny_bank):
     lk = mpi.prepare_layer_kernels(tiny_bank, jnp.asarray(dpjax.MpiConfig(
         num_layers=8, scale_min=0.0, scale_max=1.6).scales()),
         conv.ConvGeometry.create(tiny_bank.grid, radius))
-    problem = refine.prepare(mpi.alphas(off.params), obs, lk)
-    x0 = refine.initial_unknown(mpi.colors(off.params),
-                                mpi.transmittance(mpi.alphas(off.params)), radius, cfg)
+    alpha, color = mpi.alphas(off.params), mpi.colors(off.params)
+    trans = mpi.transmittance(alpha)
+    problem = refine.prepare(refine.sharpen_alphas(alpha, cfg.sharpen), obs, lk,
+                             mpi.all_in_focus(color, trans))
+    x0 = refine.initial_unknown(color, trans, radius, cfg)
     start = sum(refine.objective_terms(x0, problem, lk, cfg))
     assert float(start) == pytest.approx(rec["objective_start"], rel=1e-4)
 
@@ -203,14 +207,64 @@ def test_with_the_true_layers_the_refinement_deblurs(scene, tiny_bank):
     color_logits = jnp.broadcast_to(jnp.asarray(np.log(blurry / (1 - blurry)).transpose(2, 0, 1)),
                                     (len(scene.scales),) + obs.shape[1:])
     params = mpi.MpiParams(color_logits, jnp.asarray(np.log(alpha / (1 - alpha))))
-    ref = refine.refine_all_in_focus(params, obs, lk, refine.RefineConfig(iters=60,
-                                                                          weight=1e-3))
+    # The plain deconvolution: no pull towards the (blurry) start, no robust data
+    # term, the true alphas as they are.
+    plain = refine.RefineConfig(iters=60, weight=1e-3, anchor=0.0, robust=0.0, nonneg=0.0,
+                                sharpen=1.0)
+    ref = refine.refine_all_in_focus(params, obs, lk, plain)
     gt = scene.all_in_focus
     est = np.transpose(ref.all_in_focus, (1, 2, 0))
     m_in = metrics.image_metrics(scene.views.mean(axis=0), gt, max_shift=2)
     m_ref = metrics.image_metrics(est, gt, max_shift=2)
     assert ref.objective_end < ref.objective_start
     assert m_ref["psnr"] > m_in["psnr"] + 2.5, (m_ref["psnr"], m_in["psnr"])
+
+
+def test_default_terms_robust_nonneg_anchor_sharpen(scene, layer_kernels):
+    """The terms the defaults switch on, each against a direct evaluation."""
+    problem, alpha, rng = _random_problem(scene, layer_kernels, seed=4)
+    plain = refine.RefineConfig(boundary="edge", weight=0.0, robust=0.0, nonneg=0.0,
+                                anchor=0.0)
+    x = jnp.asarray(rng.uniform(0.1, 0.9, size=_unknown_shape(problem, layer_kernels, plain)),
+                    jnp.float32)
+    n = problem.norm
+    resid = n * (refine.render_linear(x, problem, layer_kernels, plain) - problem.observation)
+    data0, prior0 = refine.objective_terms(x, problem, layer_kernels, plain)
+    assert float(prior0) == 0.0
+    # Charbonnier: below the least-squares term, equal to it for small residuals.
+    gamma = 0.02
+    data_r, _ = refine.objective_terms(x, problem, layer_kernels,
+                                       dataclasses.replace(plain, robust=gamma))
+    r2 = resid * resid
+    expect = 0.5 * jnp.sum(jnp.mean(2 * gamma**2 * (jnp.sqrt(1 + r2 / gamma**2) - 1),
+                                    axis=(1, 2, 3)))
+    assert float(data_r) == pytest.approx(float(expect), rel=1e-5)
+    assert float(data_r) < float(data0)
+    big = refine.RefineConfig(boundary="edge", weight=0.0, nonneg=0.0, anchor=0.0, robust=1e3)
+    assert float(refine.objective_terms(x, problem, layer_kernels, big)[0]) == pytest.approx(
+        float(data0), rel=1e-4)
+    # Non-negativity: zero for a positive image, the quadratic penalty below 0.
+    cfg_nn = dataclasses.replace(plain, nonneg=100.0)
+    assert float(refine.objective_terms(x, problem, layer_kernels, cfg_nn)[1]) == 0.0
+    neg = x.at[..., :3, :3].set(-0.2)
+    _, prior_nn = refine.objective_terms(neg, problem, layer_kernels, cfg_nn)
+    assert float(prior_nn) == pytest.approx(
+        0.5 * 100.0 * 9 * float(n * 0.2) ** 2 / problem.observation[0].size, rel=1e-4)
+    # Anchor: zero at the reference, the mean squared normalised distance elsewhere.
+    anchored = problem._replace(reference=x)
+    cfg_a = dataclasses.replace(plain, anchor=0.1)
+    assert float(refine.objective_terms(x, anchored, layer_kernels, cfg_a)[1]) == 0.0
+    _, prior_a = refine.objective_terms(x + 0.1, anchored, layer_kernels, cfg_a)
+    assert float(prior_a) == pytest.approx(0.5 * 0.1 * float(n * 0.1) ** 2, rel=1e-4)
+    # Sharpening keeps the transmittances a partition of one and makes each pixel's
+    # heaviest layer heavier (power 1 leaves the alphas as they are).
+    t0 = mpi.transmittance(alpha)
+    t4 = mpi.transmittance(refine.sharpen_alphas(alpha, 4.0))
+    np.testing.assert_allclose(np.asarray(t4.sum(axis=0)), 1.0, atol=1e-5)
+    top = jnp.argmax(t0, axis=0)[None]
+    assert np.all(np.asarray(jnp.take_along_axis(t4, top, 0))
+                  >= np.asarray(jnp.take_along_axis(t0, top, 0)) - 1e-6)
+    assert refine.sharpen_alphas(alpha, 1.0) is alpha
 
 
 def test_non_finite_input_raises(scene, layer_kernels):
