@@ -77,9 +77,13 @@ def main(argv):
         if not sep:
             raise app.UsageError(f"--runs entries are LABEL=FOLDER, got {item!r}")
         runs.append((label, Path(folder) / FLAGS.scene))
-    opts = rt.Options(data_dir=Path(FLAGS.data_dir), crop=FLAGS.crop)
-    bank, block = rt.load_bank(opts)
-    _, gt, _ = rt.load_scene(opts, FLAGS.scene, bank, block, bank.grid.tile_h)
+    crop = None if FLAGS.crop == "full" else rt.common.parse_rxc(FLAGS.crop, "crop")
+    run = rt.prepare_run(rt.Options(data_dir=Path(FLAGS.data_dir), crop=crop,
+                                    scenes=(FLAGS.scene,), methods=("input",)))
+    if FLAGS.scene not in run.pairs:
+        raise app.UsageError(f"scene {FLAGS.scene} has no pair with ground truth in "
+                             f"{FLAGS.data_dir}")
+    _, _, gt, _, _ = rt.load_scene(run, run.pairs[FLAGS.scene])
     gt = np.asarray(gt, np.float64)
     m = 6  # metrics' default translation search: aligned images lose m px per side
     aligned = []
