@@ -77,13 +77,13 @@ def main(argv):
         if not sep:
             raise app.UsageError(f"--runs entries are LABEL=FOLDER, got {item!r}")
         runs.append((label, Path(folder) / FLAGS.scene))
-    crop = None if FLAGS.crop == "full" else rt.common.parse_rxc(FLAGS.crop, "crop")
-    run = rt.prepare_run(rt.Options(data_dir=Path(FLAGS.data_dir), crop=crop,
-                                    scenes=(FLAGS.scene,), methods=("input",)))
-    if FLAGS.scene not in run.pairs:
-        raise app.UsageError(f"scene {FLAGS.scene} has no pair with ground truth in "
-                             f"{FLAGS.data_dir}")
-    _, _, gt, _, _ = rt.load_scene(run, run.pairs[FLAGS.scene])
+    opts = rt.Options(data_dir=Path(FLAGS.data_dir), crop=rt.common.parse_rxc(FLAGS.crop, "crop"),
+                      scenes=(FLAGS.scene,), methods=("input",))
+    try:  # the table's own checks: a missing pair or ground truth is one clear line
+        run = rt.prepare_run(opts)
+        _, _, gt, _, _ = rt.load_scene(run, run.pairs[FLAGS.scene])
+    except (ValueError, FileNotFoundError, rt.scene.SetupError) as e:
+        raise SystemExit(f"refine_visual: error: {e}") from None
     gt = np.asarray(gt, np.float64)
     m = 6  # metrics' default translation search: aligned images lose m px per side
     aligned = []

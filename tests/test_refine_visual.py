@@ -50,3 +50,12 @@ def test_panels_are_the_runs_aligned_to_the_ground_truth(tmp_path, pixel4_dir,
     assert "window centre" in proc.stderr
     cx = int(proc.stderr.split("window centre (y, x) = (")[1].split(")")[0].split(", ")[1])
     assert abs(cx - w // 2) <= size
+    # A scene without a pair or ground truth is one clear line, not a traceback.
+    bad = subprocess.run(
+        [sys.executable, str(SCRIPT), "--scene=999", "--crop=1x2", f"--data_dir={pixel4_dir}",
+         f"--runs=same={same.parent}", f"--output={tmp_path / 'bad.png'}"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode == 1
+    assert "refine_visual: error: scene 999" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad.png").exists()
