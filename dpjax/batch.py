@@ -29,7 +29,13 @@ of `conv.ConvGeometry` (Fr = Fw // 2 + 1 complex bins per row):
                                                 the backward pass keeps
   work     = ALPHA V L (C + 1) T Fh Fr * 8      tile spectra of every view's blurred
                                                 layer signals (alpha * colour, alpha)
-  total    = OVERHEAD + inputs + kernels + pixels + work
+  refine   = ((2 + V) L P + (2 m + 3) U Pr) * 4   the all-in-focus refinement's own
+                                                arrays (frozen alphas, transmittances,
+                                                blurred visibilities; its unknown of U
+                                                images of Pr = (H + 2r)(W + 2r) values
+                                                and m pairs of L-BFGS history), when
+                                                it runs (refine_images U > 0)
+  total    = OVERHEAD + inputs + kernels + pixels + work + refine
 
 OVERHEAD (compiled code, runtime buffers), ALPHA and BETA are a least-squares fit to
 the peak resident memory of nine single-level 5-step CPU solves on jax 0.10.2
@@ -41,6 +47,14 @@ inverse FFT of `conv.apply_spectra`, which lowered a full-frame step's peak resi
 memory by ~6% (7.2 -> 6.7 GiB, BENCHMARKS.md): the estimate now errs high. On GPU the
 same buffers live in device memory, but XLA's fusion and buffer reuse differ:
 treat the estimate as a guide (+-30%), not a bound.
+
+The refinement runs after the fit, while the fit's results stay allocated: its own
+arrays add to the peak (on a full Pixel 4 frame peak resident memory went from 8.6
+to 9.0 GB with it, the term above gives 0.39 GB), while its working set (the
+spectra of one operator evaluation and its gradient, C instead of the fit's C + 1
+signals) stays below the fit's: REFINE_MEASUREMENTS, the peak resident memory of
+the refinement alone (`benchmarks/bench_refine.py`), is below the fit's estimate on
+every problem but the smallest (256 x 256 px: 723 MB against 652).
 """
 
 from __future__ import annotations
@@ -65,6 +79,7 @@ __all__ = [
     "ALPHA",
     "BETA",
     "MEMORY_MEASUREMENTS",
+    "REFINE_MEASUREMENTS",
     "OVERHEAD_BYTES",
     "STATUSES",
     "THUMBS",
@@ -114,6 +129,16 @@ MEMORY_MEASUREMENTS: tuple[tuple[tuple[float, ...], float], ...] = (
     ((64, 64, 2, 2, 4, 1, 13, 1.45), 292),
     ((768, 768, 3, 3, 12, 1, 23, 1.6), 3129),
     ((1008, 1344, 6, 8, 12, 1, 61, 1.6), 7781),
+)
+# The refinement alone, 10 iterations on random smooth layers (benchmarks/bench_refine.py:
+# its peak_rss_gib, which includes rendering the views, minus the 0.17 GB resident after
+# the imports, as above), same key, MB.
+REFINE_MEASUREMENTS: tuple[tuple[tuple[float, ...], float], ...] = (
+    ((1008, 1344, 6, 8, 12, 1, 61, 1.5), 3903),
+    ((504, 672, 3, 4, 12, 1, 61, 1.5), 1925),
+    ((504, 672, 3, 4, 12, 3, 61, 1.5), 2857),
+    ((256, 256, 2, 2, 12, 1, 23, 1.5), 723),
+    ((512, 768, 4, 6, 12, 3, 13, 1.5), 2754),
 )
 
 
@@ -245,13 +270,18 @@ class MemoryEstimate(NamedTuple):
 
 def estimate_solve_memory(*, height: int, width: int, channels: int, num_layers: int,
                           grid: TileGrid, kernel_size: int, max_abs_scale: float,
-                          conv_method: str = "fft", round_fft: bool = True) -> MemoryEstimate:
+                          conv_method: str = "fft", round_fft: bool = True,
+                          refine_images: int = 0, refine_history: int = 10
+                          ) -> MemoryEstimate:
     """Peak memory of `dpjax.fit` on one [2, height, width, channels] pair.
 
     Args:
       grid: the kernel tile grid covering height x width.
       kernel_size: side K of the calibrated kernels.
       max_abs_scale: largest |layer scale| (sets the rescaled kernel radius).
+      refine_images: C-channel images in the all-in-focus refinement's unknown
+        (`dpjax.refine.unknown_images`); 0 when it does not run.
+      refine_history: its L-BFGS history length m.
 
     Returns:
       MemoryEstimate (bytes; see the module docstring for the formula).
@@ -269,6 +299,10 @@ def estimate_solve_memory(*, height: int, width: int, channels: int, num_layers:
         "pixels": BETA * (L * c + L - 1) * p * 4.0,
         "work": ALPHA * v * L * (c + 1) * t * bins * 8.0,
     }
+    if refine_images > 0:
+        padded = (height + 2 * r) * (width + 2 * r)
+        parts["refine"] = ((2 + v) * L * p
+                           + (2 * refine_history + 3) * refine_images * c * padded) * 4.0
     return MemoryEstimate(total=float(sum(parts.values())), parts=parts)
 
 

@@ -17,9 +17,10 @@ the L C H W per-layer colours are unconstrained wherever a layer is transparent 
 the composite mixes them with the (often spread) transmittances of a short fit. The
 cost is a model error behind occluders: a blurred layer's light from behind a nearer
 layer is that nearer layer's colour in this model. `RefineConfig.unknown = "layers"`
-keeps the per-layer colours instead. What has been measured of it (on the six Pixel 4
-scenes, at full resolution +0.17 dB over the fit's image and ahead of a Wiener filter
-at the same map; off by default for its cost, ~100 s per full frame on a 2-core CPU):
+keeps the per-layer colours instead. It runs by default (15 iterations;
+`RefineConfig.iters = 0` turns it off). What has been measured of it (on the six
+Pixel 4 scenes at full resolution +0.17 dB over the fit's image and ahead of a Wiener
+filter at the same map, better on every scene; its settings and their choice):
 experiments/results/pixel4.md, "All-in-focus refinement".
 
 Objective (intensities scaled by n = 0.5 / mean(I), as in `dpjax.losses`):
@@ -30,8 +31,10 @@ Objective (intensities scaled by n = 0.5 / mean(I), as in `dpjax.losses`):
 
 with |g| the isotropic magnitude of forward differences: p = 1 is a smoothed total
 variation, p < 1 a smoothed hyper-Laplacian (Krishnan & Fergus 2009) prior. It is
-minimised by L-BFGS (optax.lbfgs with its zoom line search) in one compiled
-`while_loop`, starting from the fit's composite.
+minimised by L-BFGS (optax.lbfgs with its zoom line search; scaled so that the step
+of 1 is accepted at once on almost every iteration: one objective-and-gradient
+evaluation per iteration) in one compiled `while_loop`, starting from the fit's
+composite.
 
 Boundary: the fit pads the MPI by edge replication, which is wrong near the frame's
 border (the scene outside the frame is not a copy of the border pixels). With
@@ -91,10 +94,9 @@ class RefineConfig:
         the filter's denoising). Without refinement PostConfig alone decides.
     """
 
-    # The defaults below (with iters = 30) were chosen on three shared scenes' 3x4
-    # crops and checked on the other three: experiments/results/pixel4.md,
-    # "All-in-focus refinement".
-    iters: int = 0
+    # The defaults below were chosen on three shared scenes' 3x4 crops and checked on
+    # the other three: experiments/results/pixel4.md, "All-in-focus refinement".
+    iters: int = 15
     weight: float = 3e-3
     power: float = 1.0
     eps: float = 1e-2
@@ -153,6 +155,8 @@ class RefineResult(NamedTuple):
       objective_start, objective_end: E at the fit's composite and at the result.
       data_end, prior_end: the two terms of E at the result.
       iterations: L-BFGS iterations run.
+      evaluations: objective-and-gradient evaluations of the line searches (an
+        iteration costs about its share of these; ~1 when the scaling is right).
     """
 
     all_in_focus: np.ndarray
@@ -161,6 +165,14 @@ class RefineResult(NamedTuple):
     data_end: float
     prior_end: float
     iterations: int
+    evaluations: int
+
+
+def unknown_images(cfg: RefineConfig, num_layers: int) -> int:
+    """How many C-channel images the refinement's unknown holds (0: it does not run)."""
+    if cfg.iters == 0:
+        return 0
+    return {"image": 1, "hidden": 2, "layers": num_layers}[cfg.unknown]
 
 
 def sharpen_alphas(alpha: jax.Array, power: float) -> jax.Array:
@@ -349,39 +361,51 @@ def _run(x0: jax.Array, problem: Problem, lk: mpi.LayerKernels, *, cfg: RefineCo
     """cfg.iters L-BFGS steps from x0 in one compiled while_loop.
 
     Returns:
-      (x, objective at x0, data and prior at x, iterations run, finite flag). A
-      non-finite value, gradient or iterate stops the loop at the last good iterate.
+      (x, objective at x0, data and prior at x, iterations run, line-search
+      evaluations, finite flag). A non-finite value, gradient or iterate stops the
+      loop at the last good iterate.
     """
+
+    # L-BFGS minimises E times the number of observed values per view (C H W): E is a
+    # mean, so its Hessian is O(1 / CHW) per unknown, while L-BFGS's first step (a
+    # unit-norm gradient step) and the line search's initial step of 1 assume O(1).
+    # At E's scale the first step is ~CHW times too short and its curvature pair is
+    # lost in float32 rounding: the zoom line search then spends 1.5-4 evaluations per
+    # iteration lengthening steps (a backtracking search, which never lengthens one,
+    # stalls), against ~1 at this scale (benchmarks/bench_refine.py).
+    size = problem.observation[0].size
 
     def value_fn(x):
         data, prior = objective_terms(x, problem, lk, cfg)
-        return data + prior
+        return size * (data + prior)
 
     opt = optax.lbfgs(memory_size=cfg.memory)
     value_and_grad = optax.value_and_grad_from_state(value_fn)
 
     def cond(carry):
-        _, _, it, ok = carry
+        _, _, it, _, ok = carry
         return (it < cfg.iters) & ok
 
     def body(carry):
-        x, state, it, _ = carry
+        x, state, it, evals, _ = carry
         value, grad = value_and_grad(x, state=state)
         updates, new_state = opt.update(grad, state, x, value=value, grad=grad,
                                         value_fn=value_fn)
         new_x = optax.apply_updates(x, updates)
         ok = jnp.isfinite(value) & _all_finite(grad) & _all_finite(new_x)
+        evals = evals + optax.tree_utils.tree_get(new_state, "num_linesearch_steps")
         x, state = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b),
                                           (new_x, new_state), (x, state))
-        return x, state, it + jnp.where(ok, 1, 0), ok
+        return x, state, it + jnp.where(ok, 1, 0), evals, ok
 
     start = value_fn(x0)
     state0 = opt.init(x0)
-    x, _, iters, ok = jax.lax.while_loop(cond, body, (x0, state0, jnp.int32(0),
-                                                      jnp.isfinite(start)))
+    x, _, iters, evals, ok = jax.lax.while_loop(
+        cond, body, (x0, state0, jnp.int32(0), jnp.int32(0), jnp.isfinite(start)))
+    start = start / size
     data, prior = objective_terms(x, problem, lk, cfg)
     ok = ok & jnp.isfinite(data + prior) & jnp.all(jnp.isfinite(x))
-    return x, start, data, prior, iters, ok
+    return x, start, data, prior, iters, evals, ok
 
 
 def refine_all_in_focus(params: mpi.MpiParams, observation: jax.Array, lk: mpi.LayerKernels,
@@ -409,7 +433,7 @@ def refine_all_in_focus(params: mpi.MpiParams, observation: jax.Array, lk: mpi.L
                       mpi.all_in_focus(color, trans))
     radius = lk.geom.radius
     x0 = initial_unknown(color, trans, radius, cfg)
-    x, start, data, prior, iters, ok = _run(x0, problem, lk, cfg=cfg)
+    x, start, data, prior, iters, evals, ok = _run(x0, problem, lk, cfg=cfg)
     if not bool(ok):
         raise FloatingPointError(
             f"all-in-focus refinement: non-finite objective, gradient or image after "
@@ -418,4 +442,5 @@ def refine_all_in_focus(params: mpi.MpiParams, observation: jax.Array, lk: mpi.L
     image = composite(x, problem, radius, cfg)
     return RefineResult(all_in_focus=np.asarray(image), objective_start=float(start),
                         objective_end=float(data + prior), data_end=float(data),
-                        prior_end=float(prior), iterations=int(iters))
+                        prior_end=float(prior), iterations=int(iters),
+                        evaluations=int(evals))

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from dpjax import batch, blocks, io, pipeline, presets
+from dpjax import batch, blocks, io, pipeline, presets, refine
 from dpjax import config as config_lib
 from dpjax.kernel_model import render_kernel_pairs
 from dpjax.kernels import (
@@ -542,7 +542,9 @@ def plan_solve(channels: int, bank: KernelBank, cfg: config_lib.Config,
         return batch.estimate_solve_memory(
             height=h, width=w, channels=channels, num_layers=cfg.mpi.num_layers,
             grid=grid, kernel_size=bank.kernel_size, max_abs_scale=max_scale,
-            conv_method=cfg.solver.conv_method, round_fft=cfg.solver.round_fft)
+            conv_method=cfg.solver.conv_method, round_fft=cfg.solver.round_fft,
+            refine_images=refine.unknown_images(cfg.refine, cfg.mpi.num_layers),
+            refine_history=cfg.refine.memory)
 
     budget_gb = None if budget_bytes is None else round(budget_bytes / 1e9, 3)
     if splits is not None and tuple(splits) != (1, 1):

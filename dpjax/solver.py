@@ -703,7 +703,8 @@ def _outputs(params: mpi.MpiParams, observation: jax.Array, lk: mpi.LayerKernels
         image = jnp.asarray(ref.all_in_focus)
         record = {"objective_start": ref.objective_start, "objective_end": ref.objective_end,
                   "data_end": ref.data_end, "prior_end": ref.prior_end,
-                  "iterations": ref.iterations, "seconds": time.perf_counter() - t0}
+                  "iterations": ref.iterations, "evaluations": ref.evaluations,
+                  "seconds": time.perf_counter() - t0}
     raw = jnp.transpose(image, (1, 2, 0))
     aif = raw
     if cfg.post.bilateral and (record is None or cfg.refine.bilateral):

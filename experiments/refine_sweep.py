@@ -52,7 +52,7 @@ def parse_setting(text: str) -> tuple[str, refine.RefineConfig]:
 def run_scene(sid: str, settings, data: Path, crop) -> dict:
     # The apps' defaults (fast coarse-to-fine schedule, auto preset's start and reading);
     # a bare Config() would be the library's single-level 1000-step solver.
-    base = resolve_base_config(preset="auto")
+    base = resolve_base_config(preset="auto", refine_iters=0)  # the fit alone
     source = scene.kernel_source(scene.KernelOptions(calib_dir=data / "calibration"),
                                  2 ** (base.solver.pyramid_levels - 1), crop)
     opts = scene.SceneOptions(base=base, preset="auto", input_dir=data)
