@@ -547,13 +547,17 @@ def plan_solve(channels: int, bank: KernelBank, cfg: config_lib.Config,
             refine_history=cfg.refine.memory)
 
     budget_gb = None if budget_bytes is None else round(budget_bytes / 1e9, 3)
+    # A block shares the budget with the frame's own host arrays: the views and the
+    # blended all-in-focus images (fitted and raw) and defocus map.
+    h, w = bank.grid.image_shape
+    frame_bytes = 4.0 * h * w * (2 * channels + 2 * channels + 1)
     if splits is not None and tuple(splits) != (1, 1):
         try:
             plan = blocks.plan_blocks(bank.grid, splits)
         except ValueError as e:
             raise SceneFailure("config", str(e)) from e
         est = estimate(plan.block_grid)
-        refusal = batch.memory_refusal(est, budget_bytes)
+        refusal = batch.memory_refusal(est, budget_bytes, held_bytes=frame_bytes)
         if refusal is not None:
             raise SceneFailure("memory", f"a block of the {splits[0]}x{splits[1]} split "
                                f"{refusal}", memory_estimate_gb=round(est.gb, 3))
@@ -561,10 +565,6 @@ def plan_solve(channels: int, bank: KernelBank, cfg: config_lib.Config,
     whole = estimate(bank.grid)
     if batch.memory_refusal(whole, budget_bytes) is None:
         return None, None, whole
-    # A block shares the budget with the frame's own host arrays: the views and the
-    # blended all-in-focus images (fitted and raw) and defocus map.
-    h, w = bank.grid.image_shape
-    frame_bytes = 4.0 * h * w * (2 * channels + 2 * channels + 1)
     # Subdivided tiles stay divisible by the pyramid factor, at least the kernel side
     # (as whole frames' tiles are) and at least 4 rescaled kernel radii: the transform
     # of a tile pads it by that radius on each side, which must not dominate its cost,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import dpjax
-from dpjax import batch, blocks, scene
+from dpjax import batch, blocks, refine, scene
 from dpjax.kernels import TileGrid
 
 
@@ -107,7 +107,8 @@ def _estimate(bank, cfg, grid, channels=1):
     h, w = grid.image_shape
     return batch.estimate_solve_memory(
         height=h, width=w, channels=channels, num_layers=cfg.mpi.num_layers, grid=grid,
-        kernel_size=bank.kernel_size, max_abs_scale=float(np.max(np.abs(cfg.mpi.scales()))))
+        kernel_size=bank.kernel_size, max_abs_scale=float(np.max(np.abs(cfg.mpi.scales()))),
+        refine_images=refine.unknown_images(cfg.refine, cfg.mpi.num_layers))
 
 
 def test_plan_solve_splits_only_over_budget_and_refuses_what_no_block_fits():
@@ -119,8 +120,14 @@ def test_plan_solve_splits_only_over_budget_and_refuses_what_no_block_fits():
     plan, info, est = scene.plan_solve(1, bank, cfg, None, whole - 1)
     assert plan is not None and est.total < whole
     assert info["chosen"] == "memory budget" and info["num_blocks"] == len(plan.blocks) > 1
-    forced, info, _ = scene.plan_solve(1, bank, cfg, (2, 3), None)
+    forced, info, est = scene.plan_solve(1, bank, cfg, (2, 3), None)
     assert forced.splits == (2, 3) and info["chosen"] == "forced"
+    # A forced split's block shares the budget with the frame's own arrays, too.
+    frame = 4.0 * 192 * 192 * 5  # views, two blended images and the defocus map
+    assert scene.plan_solve(1, bank, cfg, (2, 3), est.total + frame)[0] is not None
+    with pytest.raises(scene.SceneFailure, match="beside the frame's") as e:
+        scene.plan_solve(1, bank, cfg, (2, 3), est.total + frame / 2)
+    assert e.value.kind == "memory"
     with pytest.raises(scene.SceneFailure, match="even the smallest block") as e:
         scene.plan_solve(1, bank, cfg, None, 1e6)
     assert e.value.kind == "memory"
