@@ -651,9 +651,16 @@ def _solve(scenes: Sequence[_Scene], *, batched: bool,
     params = match_channels(params, lvl_obs)  # stopped at a level that solved the mean
     outs = []
     for i, s in enumerate(scenes):
-        p, o, k = (_take(params, i), lvl_obs[i], _take(lk, i)) if batched else (params, lvl_obs,
-                                                                                 lk)
-        outs.append(_outputs(p, o, k, s, f"scene {i}: " if batched else ""))
+        if not batched:
+            outs.append(_outputs(params, lvl_obs, lk, s, ""))
+            continue
+        # The batch's kernels are padded to the widest scene's radius; the refinement's
+        # unknown extends by that radius beyond the frame (boundary "free"), so it gets the
+        # scene's own geometry and solves exactly what `fit` would.
+        own_lk = _level_problem(s.planar, s.bank, s.scales, s.max_abs, 1,
+                                s.config.solver)[1] if s.config.refine.iters > 0 else None
+        outs.append(_outputs(_take(params, i), lvl_obs[i], _take(lk, i), s, f"scene {i}: ",
+                             own_lk))
     refined = [out[-1] for out in outs if out[-1] is not None]
     if refined:
         timings["refine_s"] = sum(r["seconds"] for r in refined)
@@ -685,9 +692,10 @@ def _divergence(bad: np.ndarray, values: np.ndarray, level: int, factor: int,
 
 
 def _outputs(params: mpi.MpiParams, observation: jax.Array, lk: mpi.LayerKernels,
-             scene: _Scene, prefix: str):
+             scene: _Scene, prefix: str, refine_lk: mpi.LayerKernels | None = None):
     """(params, all-in-focus [H, W, C], raw [H, W, C], defocus [H, W], terms, refine record
-    or None) of one scene at full resolution (observation [V, C, H, W])."""
+    or None) of one scene at full resolution (observation [V, C, H, W]); refine_lk: the
+    refinement's kernels when they differ from lk (a batch's)."""
     cfg = scene.config
     terms = _final_terms(params, observation, lk, cfg.loss)
     color = mpi.colors(params)
@@ -697,7 +705,8 @@ def _outputs(params: mpi.MpiParams, observation: jax.Array, lk: mpi.LayerKernels
     if cfg.refine.iters > 0:
         t0 = time.perf_counter()
         try:
-            ref = refine.refine_all_in_focus(params, observation, lk, cfg.refine)
+            ref = refine.refine_all_in_focus(params, observation,
+                                             lk if refine_lk is None else refine_lk, cfg.refine)
         except FloatingPointError as e:
             raise FloatingPointError(f"{prefix}{e}") from e
         image = jnp.asarray(ref.all_in_focus)
