@@ -1,0 +1,60 @@
+"""The benchmark scripts run end to end on a tiny problem and write what BENCHMARKS.md reads.
+
+They are not timed here (timings are their job, on an idle machine); this catches a
+script that no longer runs against today's library, as experiments/refine_visual.py
+once did unnoticed.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--rows=2", "--cols=2", "--tile=32", "--kernel_size=9", "--num_layers=4",
+        "--scale_min=0.2", "--scale_max=1.2"]
+
+
+def _run(script: str, args: list[str], tmp_path: Path) -> dict:
+    out = tmp_path / f"{script}.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *args,
+                           f"--output={out}"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_bench_step(tmp_path):
+    res = _run("bench_step", [*TINY, "--repeats=1", "--methods=fft,direct"], tmp_path)
+    assert res["problem"]["height"] == res["problem"]["width"] == 64
+    for method in ("fft", "direct"):
+        assert res[method]["ms_per_step"] > 0 and len(res[method]["ms_all"]) == 1
+    assert res["direct_over_fft"] > 0 and res["peak_rss_gib"] > 0
+
+
+def test_bench_refine(tmp_path):
+    res = _run("bench_refine", [*TINY, "--iters=4", "--channels=3"], tmp_path)
+    assert res["problem"]["channels"] == 3 and len(res["runs"]) == 2
+    first, warm = res["runs"]
+    # Same problem twice: the same iterations, evaluations and objectives.
+    assert first["objective_end"] == warm["objective_end"] < warm["objective_start"]
+    assert warm["iterations"] == 4 and warm["evaluations"] >= 4
+    assert res["s_per_iteration"] > 0 and res["evaluations_per_iteration"] >= 1
+
+
+def test_profile_step(tmp_path):
+    res = _run("profile_step", [*TINY, "--repeats=1"], tmp_path)
+    assert "loss" in res["stages"] and len(res["stages"]) > 1
+    for stage in res["stages"].values():
+        assert stage["forward"] is not None
+
+
+def test_colour_solve(tmp_path):
+    res = _run("colour_solve", [*TINY, "--tile=64", "--runs=grey,colour"], tmp_path)
+    grey, colour = res["runs"]["grey"], res["runs"]["colour"]
+    assert (grey["channels"], colour["channels"]) == (1, 3)
+    assert res["colour_over_grey"] == pytest.approx(colour["wall_s"] / grey["wall_s"])
+    for r in (grey, colour):
+        assert r["wall_s"] > 0 and 0 < r["psnr"] < 100 and 0 <= r["aiwe1"]
