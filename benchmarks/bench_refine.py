@@ -4,9 +4,9 @@ Problem: the step benchmarks' (bench_step.py; default the full 1008x1344 Pixel 4
 frame, 12 layers, 6x8 tiles, 61-px kernels), one or three channels, with random
 smooth alphas and colours standing in for a fit. Runs the refinement twice (the first
 call includes compilation) with --iters L-BFGS iterations and reports seconds per
-iteration, line-search evaluations per iteration, XLA's memory report of the
-compiled loop and the process's peak resident memory (run one problem per process
-for a clean peak). Prints one JSON object.
+iteration, line-search evaluations per iteration, the compile time (first run minus
+second) and the process's peak resident memory, rendering of the observation
+included (run one problem per process for a clean peak). Prints one JSON object.
 
   python benchmarks/bench_refine.py [--channels=1] [--iters=10] [--output=...]
 """
