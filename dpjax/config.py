@@ -118,38 +118,58 @@ class SolverConfig:
 
 
 FAST_LEVEL_ITERS = (200, 120, 20)
+# For accelerators, where steps cost milliseconds: 4x the half-resolution steps (the
+# level whose length kept paying off: 80 -> 120 -> 160 each gained PSNR, BENCHMARKS.md
+# "Choosing the schedule") and 3x the full-resolution ones; ~3x the fast schedule's
+# time. On the six shared 3x4 crops (experiments/results/pixel4.md, "--quality=best"):
+# +0.13 dB PSNR, AIWE(1) 0.051 vs 0.063, but 1 - |rho_s| 0.465 vs 0.433.
+BEST_LEVEL_ITERS = (200, 480, 60)
+QUALITY_LEVEL_ITERS = {"fast": FAST_LEVEL_ITERS, "best": BEST_LEVEL_ITERS}
 
 
-def schedule(*, pyramid_levels: int | None = None, level_iters=None,
-             num_iters: int | None = None) -> SolverConfig:
+def schedule(*, quality: str | None = None, pyramid_levels: int | None = None,
+             level_iters=None, num_iters: int | None = None) -> SolverConfig:
     """The solver schedule of the apps and the runner: the one place its defaults live.
 
     Every app flag means the same thing through this function:
       - nothing given: the fast schedule (`fast_solver`, FAST_LEVEL_ITERS over 3 levels);
+      - `quality`: "fast" (the same) or "best" (BEST_LEVEL_ITERS, for accelerators);
       - `level_iters`: every level's budget, coarsest first (`pyramid_levels`, when also
         given, must equal its length);
-      - `num_iters`: the finest level's budget; the coarser levels keep the fast
+      - `num_iters`: the finest level's budget; the coarser levels keep the quality's
         schedule's (or, for a level count other than 3 without `level_iters`,
         SolverConfig's `coarse_iters`);
       - `pyramid_levels` alone, other than 3: SolverConfig's single-level budgets
         (`num_iters` 1000 at the finest level, `coarse_iters` 300 at the others).
 
     Raises:
-      ValueError: `level_iters` and `num_iters` together (both set the finest level),
-        a length that disagrees with `pyramid_levels`, or invalid budgets.
+      ValueError: an unknown quality; `level_iters` together with `num_iters` (both set
+        the finest level) or with `quality` (both set every level); `quality` with a
+        level count other than 3; a length that disagrees with `pyramid_levels`, or
+        invalid budgets.
     """
+    if quality is not None and quality not in QUALITY_LEVEL_ITERS:
+        raise ValueError(f"quality must be one of {', '.join(QUALITY_LEVEL_ITERS)}, got "
+                         f"{quality!r}")
     if level_iters is not None and num_iters is not None:
         raise ValueError("give either level_iters (every level) or num_iters (the finest "
                          "level), not both")
+    if level_iters is not None and quality is not None:
+        raise ValueError("give either level_iters or quality (both set every level's "
+                         "budget), not both")
+    base = QUALITY_LEVEL_ITERS[quality or "fast"]
+    if quality is not None and pyramid_levels is not None and pyramid_levels != len(base):
+        raise ValueError(f"quality {quality} is a {len(base)}-level schedule, "
+                         f"pyramid_levels is {pyramid_levels}")
     if level_iters is not None:
         level_iters = tuple(int(v) for v in level_iters)
         if pyramid_levels is not None and pyramid_levels != len(level_iters):
             raise ValueError(f"level_iters {','.join(map(str, level_iters))} has "
                              f"{len(level_iters)} levels, pyramid_levels is {pyramid_levels}")
         return SolverConfig(pyramid_levels=len(level_iters), level_iters=level_iters)
-    levels = len(FAST_LEVEL_ITERS) if pyramid_levels is None else int(pyramid_levels)
-    if levels == len(FAST_LEVEL_ITERS):
-        its = FAST_LEVEL_ITERS if num_iters is None else FAST_LEVEL_ITERS[:-1] + (num_iters,)
+    levels = len(base) if pyramid_levels is None else int(pyramid_levels)
+    if levels == len(base):
+        its = base if num_iters is None else base[:-1] + (num_iters,)
         return SolverConfig(pyramid_levels=levels, level_iters=tuple(int(v) for v in its))
     if num_iters is None:
         return SolverConfig(pyramid_levels=levels)

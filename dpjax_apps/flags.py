@@ -57,6 +57,9 @@ def define_common(*, output_dir: str, presets: tuple[str, ...] = ("auto", "paper
                     "dpjax.encoding.auto_encoding), linear, srgb or gamma:G. Encoded input "
                     "is linearised before the blur model sees it; the all-in-focus PNG is "
                     "written back in the same encoding.")
+    d.DEFINE_enum("quality", None, ["fast", "best"], "Solver schedule: fast (the default, "
+                  "dpjax.config.FAST_LEVEL_ITERS) or best (BEST_LEVEL_ITERS: ~3x the steps, "
+                  "for accelerators; not with --level_iters).")
     d.DEFINE_integer("pyramid_levels", None, "Coarse-to-fine levels (default: 3, the fast "
                      "schedule; dpjax.config.schedule).")
     d.DEFINE_list("level_iters", None, "Iterations of every pyramid level, coarsest first "
@@ -104,7 +107,8 @@ def base_config():
         raise app.UsageError(f"--level_iters must be integers, got {FLAGS.level_iters}") from None
     try:
         return resolve_base_config(
-            preset=FLAGS.preset, pyramid_levels=FLAGS.pyramid_levels, level_iters=level_iters,
+            preset=FLAGS.preset, quality=FLAGS.quality, pyramid_levels=FLAGS.pyramid_levels,
+            level_iters=level_iters,
             num_iters=FLAGS.num_iters, num_layers=FLAGS.num_layers,
             search_init=FLAGS.search_init, defocus_estimator=FLAGS.defocus_estimator,
             refine_iters=FLAGS.refine_iters, colour_levels=FLAGS.colour_levels)
@@ -123,23 +127,24 @@ def input_encoding() -> str:
     return FLAGS.input_encoding
 
 
-def resolve_base_config(*, preset: str, pyramid_levels: int | None = None,
+def resolve_base_config(*, preset: str, quality: str | None = None,
+                        pyramid_levels: int | None = None,
                         level_iters=None, num_iters: int | None = None,
                         num_layers: int | None = None, search_init: bool | None = None,
                         defocus_estimator: str | None = None,
                         refine_iters: int | None = None, colour_levels: int | None = None):
     """The base configuration of the shared flags' values: schedule, layers, preset choices.
 
-    One place: `dpjax.config.schedule` gives --pyramid_levels / --level_iters /
-    --num_iters their meaning, `dpjax.presets.resolve_base` the preset's start and
+    One place: `dpjax.config.schedule` gives --quality / --pyramid_levels /
+    --level_iters / --num_iters their meaning, `dpjax.presets.resolve_base` the preset's start and
     defocus estimator (explicit --search_init / --defocus_estimator win). Raises
     ValueError for invalid settings (e.g. level_iters with num_iters).
     """
     from dpjax import config as config_lib
     from dpjax import presets
 
-    solver = config_lib.schedule(pyramid_levels=pyramid_levels, level_iters=level_iters,
-                                 num_iters=num_iters)
+    solver = config_lib.schedule(quality=quality, pyramid_levels=pyramid_levels,
+                                 level_iters=level_iters, num_iters=num_iters)
     cfg = config_lib.Config(solver=solver)
     if num_layers is not None:
         cfg = cfg.replace(**{"mpi.num_layers": num_layers})

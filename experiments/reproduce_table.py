@@ -102,6 +102,7 @@ class Options:
     range_probe: bool = False
     defocus_estimator: str | None = None
     search_init: bool | None = None
+    quality: str | None = None
     pyramid_levels: int | None = None
     level_iters: tuple[int, ...] | None = None
     num_iters: int | None = None
@@ -120,7 +121,7 @@ class Options:
     def base_config(self) -> dpjax.Config:
         """The resolved base configuration (ValueError for invalid settings)."""
         return common.resolve_base_config(
-            preset=self.preset, pyramid_levels=self.pyramid_levels,
+            preset=self.preset, quality=self.quality, pyramid_levels=self.pyramid_levels,
             level_iters=self.level_iters, num_iters=self.num_iters,
             num_layers=self.num_layers, search_init=self.search_init,
             defocus_estimator=self.defocus_estimator, refine_iters=self.refine_iters)
@@ -714,7 +715,7 @@ def options_from_flags() -> Options:
                 if FLAGS.scenes else None),
         methods=tuple(FLAGS.methods), preset=FLAGS.preset, range_probe=FLAGS.range_probe,
         defocus_estimator=FLAGS.defocus_estimator, search_init=FLAGS.search_init,
-        pyramid_levels=FLAGS.pyramid_levels, level_iters=level_iters,
+        quality=FLAGS.quality, pyramid_levels=FLAGS.pyramid_levels, level_iters=level_iters,
         num_iters=FLAGS.num_iters, num_layers=FLAGS.num_layers,
         refine_iters=FLAGS.refine_iters, crop=common.parse_rxc(FLAGS.crop, "crop"),
         recenter_kernels=FLAGS.recenter_kernels,

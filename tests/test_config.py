@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dpjax import config as config_lib
-from dpjax.config import FAST_LEVEL_ITERS, Config, InitConfig, schedule
+from dpjax.config import BEST_LEVEL_ITERS, FAST_LEVEL_ITERS, Config, InitConfig, schedule
 
 
 def test_schedule_defaults_and_num_iters_mean_the_finest_level():
@@ -18,6 +18,22 @@ def test_schedule_defaults_and_num_iters_mean_the_finest_level():
     assert (s.budget(1), s.budget(0)) == (300, 1000)  # SolverConfig's own budgets
     s = schedule(level_iters=[10, 4])
     assert s.pyramid_levels == 2 and s.level_iters == (10, 4)
+
+
+def test_schedule_quality():
+    assert schedule(quality="fast").level_iters == FAST_LEVEL_ITERS
+    assert schedule(quality="best").level_iters == BEST_LEVEL_ITERS
+    assert schedule(quality="best", pyramid_levels=3).level_iters == BEST_LEVEL_ITERS
+    assert schedule(quality="best", num_iters=7).level_iters == BEST_LEVEL_ITERS[:-1] + (7,)
+    # "best" spends more steps at every level but the coarsest, none fewer.
+    assert all(b >= f for b, f in zip(BEST_LEVEL_ITERS, FAST_LEVEL_ITERS))
+    assert sum(BEST_LEVEL_ITERS[1:]) > sum(FAST_LEVEL_ITERS[1:])
+    with pytest.raises(ValueError, match="quality must be one of fast, best"):
+        schedule(quality="slow")
+    with pytest.raises(ValueError, match="level_iters or quality"):
+        schedule(quality="best", level_iters=(10, 5, 2))
+    with pytest.raises(ValueError, match="3-level schedule, pyramid_levels is 2"):
+        schedule(quality="best", pyramid_levels=2)
 
 
 def test_schedule_refuses_contradictions():

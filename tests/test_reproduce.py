@@ -140,6 +140,10 @@ def test_num_iters_is_the_finest_level_and_excludes_level_iters(tmp_path, pixel4
                                                           "--level_iters=4,2,2"],)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode != 0 and "not both" in proc.stderr
+    proc = subprocess.run([sys.executable, "-c", code % (["--quality=best"],)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[-2] == f"{dpjax.config.BEST_LEVEL_ITERS} None"
 
 
 def _fake_result(d, fp, **fields):

@@ -40,6 +40,16 @@ def test_cli_batch_flags_need_input_dir(tmp_path):
                           check=False, capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
     assert proc.returncode != 0 and "--calib_dir need(s) --input_dir" in proc.stderr
+    proc = subprocess.run([sys.executable, str(ROOT / "run_solver.py"), "--quality=best"],
+                          check=False, capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode != 0 and "--quality need(s) --input_dir" in proc.stderr
+    proc = subprocess.run([sys.executable, str(ROOT / "run_solver.py"), "--input_dir=.",
+                           "--quality=best", "--level_iters=4,2,2"],
+                          check=False, capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode != 0 and "level_iters or quality" in proc.stderr
+    assert not (tmp_path / "dpjax_out").exists()
 
 
 def test_cli_bad_compilation_cache_dir_is_a_usage_error(tmp_path):
