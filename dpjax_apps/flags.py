@@ -108,8 +108,7 @@ def base_config():
     try:
         return resolve_base_config(
             preset=FLAGS.preset, quality=FLAGS.quality, pyramid_levels=FLAGS.pyramid_levels,
-            level_iters=level_iters,
-            num_iters=FLAGS.num_iters, num_layers=FLAGS.num_layers,
+            level_iters=level_iters, num_iters=FLAGS.num_iters, num_layers=FLAGS.num_layers,
             search_init=FLAGS.search_init, defocus_estimator=FLAGS.defocus_estimator,
             refine_iters=FLAGS.refine_iters, colour_levels=FLAGS.colour_levels)
     except ValueError as e:
@@ -136,9 +135,9 @@ def resolve_base_config(*, preset: str, quality: str | None = None,
     """The base configuration of the shared flags' values: schedule, layers, preset choices.
 
     One place: `dpjax.config.schedule` gives --quality / --pyramid_levels /
-    --level_iters / --num_iters their meaning, `dpjax.presets.resolve_base` the preset's start and
-    defocus estimator (explicit --search_init / --defocus_estimator win). Raises
-    ValueError for invalid settings (e.g. level_iters with num_iters).
+    --level_iters / --num_iters their meaning, `dpjax.presets.resolve_base` the
+    preset's start and defocus estimator (explicit --search_init / --defocus_estimator
+    win). Raises ValueError for invalid settings (e.g. level_iters with num_iters).
     """
     from dpjax import config as config_lib
     from dpjax import presets
