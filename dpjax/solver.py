@@ -655,10 +655,13 @@ def _solve(scenes: Sequence[_Scene], *, batched: bool,
             outs.append(_outputs(params, lvl_obs, lk, s, ""))
             continue
         # The batch's kernels are padded to the widest scene's radius; the refinement's
-        # unknown extends by that radius beyond the frame (boundary "free"), so it gets the
-        # scene's own geometry and solves exactly what `fit` would.
-        own_lk = _level_problem(s.planar, s.bank, s.scales, s.max_abs, 1,
-                                s.config.solver)[1] if s.config.refine.iters > 0 else None
+        # unknown extends by that radius beyond the frame (boundary "free"), so a scene
+        # with a narrower radius gets its own geometry and solves exactly what `fit` would.
+        own_lk = None
+        if (s.config.refine.iters > 0
+                and rescaled_radius(s.bank.kernel_size, s.max_abs) != lk.geom.radius):
+            own_lk = _level_problem(s.planar, s.bank, s.scales, s.max_abs, 1,
+                                    s.config.solver)[1]
         outs.append(_outputs(_take(params, i), lvl_obs[i], _take(lk, i), s, f"scene {i}: ",
                              own_lk))
     refined = [out[-1] for out in outs if out[-1] is not None]
