@@ -1,23 +1,33 @@
-"""Time to quality: the paper's schedule vs dpjax's fast default, in one process.
+"""Time to quality: the paper's schedule against dpjax's schedules, in one process.
 
-On a Pixel 4 scene it runs (a) the paper's schedule (single-scale Adam, lr 0.3 ->
-0.1 over 10,000 iterations, cut off by --paper_budget_s) and (b) the fast default
-(`dpjax.config.fast_solver()`), recording the loss and the metrics against ground
-truth over the solver's wall time (metric evaluation is excluded from the clock).
-Prints JSON with, for each run, the time at which it first reaches the paper run's
-final AIWE(1) and PSNR, and draws loss / AIWE(1) / PSNR against time to a PNG.
+On a Pixel 4 scene it runs, for each --runs name:
+- `paper`: the paper's schedule (single-scale Adam, lr 0.3 -> 0.1 over 10,000
+  iterations, cut off by --paper_budget_s) with the paper's layer range for the scene
+  and no refinement (the published method);
+- `fast`, `best`: dpjax's schedules (`--quality`, `dpjax.config.schedule`), loaded
+  and configured as the apps do it (`dpjax.scene.configure`: the auto preset's range
+  and the search-map start, their time counted), the MPI solved with the refinement
+  off and then finished (`dpjax.solver.finish_fit`) with each --refine_iters count of
+  L-BFGS refinement iterations, every one from the same MPI: a user running with
+  --refine_iters=K pays the MPI's time plus that finish.
+It records the loss and the metrics against ground truth over the solver's wall time
+(metric evaluation is excluded from the clock) and prints JSON with each run's final
+result (the refinement count that is the default when it was run, else the last), the
+Wiener filter at that run's defocus map and, when a paper run is there, the time at
+which each run first reaches the paper run's final AIWE(1) and PSNR; --plot draws
+loss / AIWE(1) / PSNR against time (refinement points as dots).
 
   python benchmarks/time_to_quality.py --scene=008 --crop=2x2 --paper_budget_s=600
-  python benchmarks/time_to_quality.py --scene=008 --crop=full --paper_budget_s=1200
+  python benchmarks/time_to_quality.py --scene=008 --crop=full --runs=fast,best \\
+      --refine_iters=0,5,15,45
 
 --crop=2x2 is the central 336x336 block of kernel tiles (rows 2-3, cols 3-4) with
-its four kernels; --crop=full the whole 1008x1344 crop. The paper run uses the
-paper's layer range for the scene (the published method). The fast run uses
---fast_preset: `auto` (default, what run_solver.py and reproduce_table.py do: the
-range estimated from the pair, whose cost is counted in the fast run's clock) or
-`paper` (the same range as the paper run, so only the schedule differs).
+its four kernels (RxC any central block); --crop=full the whole 1008x1344 crop. --fast_preset=paper gives
+the dpjax runs the paper run's layer range and the usual start instead, so that only
+the schedule differs.
 """
 
+import dataclasses
 import json
 import platform
 import resource
@@ -32,22 +42,29 @@ from common import emit
 from PIL import Image, ImageDraw
 
 import dpjax
+from dpjax import baselines, io, metrics, mpi, postprocess, refine, scene, solver
 from dpjax import config as config_lib
-from dpjax import io, metrics, mpi, postprocess, presets, scene
+from dpjax_apps.flags import parse_rxc, resolve_base_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", str(Path(__file__).resolve().parents[2] / "shared" / "data" /
                                     "pixel4"), "Pixel 4 data folder.")
 flags.DEFINE_string("scene", "008", "Scene id.")
-flags.DEFINE_enum("crop", "2x2", ["2x2", "full"], "Central 2x2 tiles or the full crop.")
+flags.DEFINE_string("crop", "2x2", "The central RxC block of kernel tiles, or full.")
+flags.DEFINE_list("runs", ["paper", "fast"], "Runs, in order: paper and/or the names of "
+                  "dpjax.config.QUALITY_LEVEL_ITERS (fast, best).")
+flags.DEFINE_list("refine_iters", [str(refine.RefineConfig().iters)],
+                  "Refinement iteration counts with which each dpjax run's MPI is finished "
+                  "(0 = the MPI's own image); empty = 0 only.")
 flags.DEFINE_float("paper_budget_s", 600.0, "Wall-time cap for the paper schedule.")
 flags.DEFINE_integer("paper_iters", 10_000, "The paper schedule's iteration count.")
 flags.DEFINE_integer("eval_every", 50, "Paper run: evaluate the metrics every N iterations.")
-flags.DEFINE_integer("fast_eval_every", 20, "Fast run: evaluate the metrics every N iterations.")
+flags.DEFINE_integer("fast_eval_every", 20, "dpjax runs: evaluate the metrics every N "
+                     "iterations.")
 flags.DEFINE_string("paper_json", "", "Reuse the paper run of an earlier output JSON of this "
                     "script (same scene, crop and paper settings) instead of running it again.")
 flags.DEFINE_enum("fast_preset", "auto", ["auto", "paper"],
-                  "Layer range and weights of the fast run (see the module docstring).")
+                  "Layer range and start of the dpjax runs (see the module docstring).")
 flags.DEFINE_string("output", "", "Also write the JSON here.")
 flags.DEFINE_string("plot", "", "PNG plot path.")
 
@@ -56,18 +73,16 @@ PAPER_RANGES = {"001": (0.5, 1.6), "005": (0.1, 1.3), "008": (0.2, 1.5), "011": 
                 "013": (0.3, 1.6), "016": (0.3, 1.5)}
 
 
-def load_problem():
+def load_problem(opts: scene.SceneOptions):
     """Views, kernel bank and ground truth of the scene, loaded as the apps load it
     (dpjax.scene: re-centred calibrated kernels, the central block of tiles)."""
     data = Path(FLAGS.data_dir)
     pairs = {p.name: p for p in io.discover_pairs(data)}
     if FLAGS.scene not in pairs:
         raise app.UsageError(f"scene {FLAGS.scene} not found in {data}")
-    crop = None if FLAGS.crop == "full" else (2, 2)
     source = scene.kernel_source(
         scene.KernelOptions(calib_dir=data / "calibration", recenter=True),
-        2 ** (config_lib.fast_solver().pyramid_levels - 1), crop)
-    opts = scene.SceneOptions(base=dpjax.Config(), crop_tiles=crop)
+        2 ** (opts.base.solver.pyramid_levels - 1), opts.crop_tiles)
     views, info = scene.load_views(pairs[FLAGS.scene], source, opts)
     bank = scene.make_bank(source, info)
     gt_aif, gt_def = scene.load_ground_truth(data, FLAGS.scene, views.shape[1:3], info)
@@ -115,16 +130,18 @@ def first_time(records, key, target, better):
     return None
 
 
+COLOURS = [(200, 40, 40), (30, 90, 200), (30, 150, 60), (150, 90, 20)]
+
+
 def plot(runs, path):
     panels = [("loss", "loss (log)"), ("aiwe1", "AIWE(1)"), ("psnr", "PSNR dB")]
     w, h, pad = 420, 300, 40
     img = Image.new("RGB", (w * len(panels), h), "white")
     draw = ImageDraw.Draw(img)
-    colours = {"paper": (200, 40, 40), "fast": (30, 90, 200)}
     tmax = max(r["t"] for run in runs.values() for r in run["records"])
     for i, (key, title) in enumerate(panels):
         x0 = i * w
-        vals = [r[key] for run in runs.values() for r in run["records"]]
+        vals = [r[key] for run in runs.values() for r in run["records"] if r[key] is not None]
         if key == "loss":
             vals = np.log10(np.maximum(vals, 1e-9))
         lo, hi = float(np.min(vals)), float(np.max(vals))
@@ -133,82 +150,143 @@ def plot(runs, path):
         draw.text((x0 + pad, 10), f"{title} vs solver time (s), t_max={tmax:.0f}", fill=(0, 0, 0))
         draw.text((x0 + 2, pad), f"{hi:.3g}", fill=(0, 0, 0))
         draw.text((x0 + 2, h - pad - 10), f"{lo:.3g}", fill=(0, 0, 0))
-        for name, run in runs.items():
-            pts = []
+        for j, (name, run) in enumerate(runs.items()):
+            colour = COLOURS[j % len(COLOURS)]
+            pts, dots = [], []
             for r in run["records"]:
+                if r[key] is None:
+                    continue
                 v = np.log10(max(r[key], 1e-9)) if key == "loss" else r[key]
                 px = x0 + pad + (w - 10 - pad) * r["t"] / tmax
                 py = h - pad - (h - 2 * pad) * (v - lo) / (hi - lo)
-                pts.append((px, py))
+                (dots if r["level"] == "refine" else pts).append((px, py))
             if len(pts) > 1:
-                draw.line(pts, fill=colours[name], width=2)
-            draw.text((x0 + pad + 5, pad + 5 + 12 * list(runs).index(name)), name,
-                      fill=colours[name])
+                draw.line(pts, fill=colour, width=2)
+            for px, py in dots:
+                draw.ellipse([px - 3, py - 3, px + 3, py + 3], outline=colour, width=2)
+            draw.text((x0 + pad + 5, pad + 5 + 12 * j), name, fill=colour)
     img.save(path)
+
+
+def scores(aif, dmap, gt_aif, gt_defocus):
+    im = metrics.image_metrics(np.asarray(aif)[..., 0], gt_aif)
+    dm = metrics.defocus_metrics(dmap, gt_defocus)
+    return {"aiwe1": dm["aiwe1"], "aiwe2": dm["aiwe2"], "spearman": dm["spearman"],
+            "psnr": im["psnr"], "ssim": im["ssim"], "mae": im["mae"]}
+
+
+def paper_run(views, bank, gt_aif, gt_defocus, base):
+    cfg = base.replace(solver=config_lib.paper_solver(FLAGS.paper_iters)).replace(
+        **{"solver.chunk_size": FLAGS.eval_every, "refine.iters": 0})
+    rec = Recorder(views.shape[1:3], cfg, gt_aif, gt_defocus, stop_after_s=FLAGS.paper_budget_s)
+    res = dpjax.fit(views, bank, cfg, callback=rec)
+    return {"schedule": config_lib.to_dict(cfg)["solver"],
+            "iterations": list(res.level_iterations),
+            "scale_range": [cfg.mpi.scale_min, cfg.mpi.scale_max],
+            "range_estimate_s": 0.0, "solver_time_s": res.timings["total_s"],
+            "final": scores(res.all_in_focus, res.defocus, gt_aif, gt_defocus),
+            "records": rec.records}
+
+
+def dpjax_run(name, views, bank, gt_aif, gt_defocus, opts, paper_base, refine_iters):
+    """A dpjax schedule's run: the MPI without refinement, then each refinement count."""
+    base = resolve_base_config(preset="auto", quality=name, refine_iters=0).replace(
+        **{"solver.chunk_size": FLAGS.fast_eval_every})
+    t0 = time.perf_counter()
+    if FLAGS.fast_preset == "auto":
+        cfg, _, init, _ = scene.configure(FLAGS.scene, views, bank,
+                                          dataclasses.replace(opts, base=base))
+    else:
+        cfg = base.replace(mpi=paper_base.mpi)
+        init = None
+    configure_s = time.perf_counter() - t0
+    rec = Recorder(views.shape[1:3], cfg, gt_aif, gt_defocus, offset_s=configure_s)
+    res = dpjax.fit(views, bank, cfg, callback=rec, init=init, init_is_solution=False)
+    mpi_s = configure_s + res.timings["total_s"]
+    points = {0: (scores(res.all_in_focus, res.defocus, gt_aif, gt_defocus), mpi_s)}
+    finishes = []
+    for k in refine_iters:
+        if k == 0:
+            continue
+        done = solver.finish_fit(views, bank, cfg.replace(**{"refine.iters": k}), res.params)
+        point = scores(done.all_in_focus, done.defocus, gt_aif, gt_defocus)
+        points[k] = (point, mpi_s + done.timings["total_s"])
+        rec.records.append({"t": points[k][1], "level": "refine", "step": k, "loss": None,
+                            **{key: point[key] for key in ("aiwe1", "psnr", "ssim", "spearman")}})
+        finishes.append({"iters": k, "seconds": done.timings["total_s"],
+                         "refine": done.refine, **point})
+    default_k = refine.RefineConfig().iters
+    final_k = default_k if default_k in points else refine_iters[-1]
+    final, solver_s = points[final_k]
+    t0 = time.perf_counter()
+    wiener = scores(baselines.wiener_deconvolve(views, bank, res.defocus, cfg.mpi.scales()),
+                    res.defocus, gt_aif, gt_defocus)
+    wiener["seconds"] = time.perf_counter() - t0
+    return {"schedule": config_lib.to_dict(cfg)["solver"],
+            "iterations": list(res.level_iterations),
+            "scale_range": [cfg.mpi.scale_min, cfg.mpi.scale_max],
+            "range_estimate_s": configure_s, "mpi_time_s": mpi_s, "solver_time_s": solver_s,
+            "final_refine_iters": final_k, "final": final, "refine_curve": finishes, "wiener_at_final_map": wiener,
+            "records": rec.records}
 
 
 def main(argv):
     del argv
-    views, bank, gt_aif, gt_defocus = load_problem()
+    names = list(FLAGS.runs)
+    allowed = ["paper", *config_lib.QUALITY_LEVEL_ITERS]
+    if not names or any(n not in allowed for n in names) or len(set(names)) != len(names):
+        raise app.UsageError(f"--runs must name distinct runs among {', '.join(allowed)}")
+    try:
+        refine_iters = sorted({int(k) for k in FLAGS.refine_iters} | {0})
+    except ValueError as e:
+        raise app.UsageError(f"--refine_iters must be integers: {e}") from None
+    if refine_iters[0] < 0:
+        raise app.UsageError("--refine_iters must be >= 0")
+    crop = parse_rxc(FLAGS.crop, "crop")
+    opts = scene.SceneOptions(base=resolve_base_config(preset="auto"), preset="auto",
+                              crop_tiles=crop)
+    views, bank, gt_aif, gt_defocus = load_problem(opts)
     s_min, s_max = PAPER_RANGES.get(FLAGS.scene, (0.1, 1.6))
-    base = dpjax.Config().replace(**{"mpi.scale_min": s_min, "mpi.scale_max": s_max})
+    paper_base = dpjax.Config().replace(**{"mpi.scale_min": s_min, "mpi.scale_max": s_max})
     runs = {}
-    schedules = {
-        "paper": (config_lib.paper_solver(FLAGS.paper_iters), FLAGS.eval_every,
-                  FLAGS.paper_budget_s),
-        "fast": (config_lib.fast_solver(), FLAGS.fast_eval_every, None),
-    }
     if FLAGS.paper_json:
         earlier = json.loads(Path(FLAGS.paper_json).read_text())
         paper = earlier["runs"]["paper"]
-        expected = json.loads(json.dumps(config_lib.to_dict(base.replace(
-            solver=schedules["paper"][0]).replace(
+        expected = json.loads(json.dumps(config_lib.to_dict(paper_base.replace(
+            solver=config_lib.paper_solver(FLAGS.paper_iters)).replace(
             **{"solver.chunk_size": FLAGS.eval_every}))["solver"]))
         if (earlier["scene"], earlier["crop"]) != (FLAGS.scene, FLAGS.crop) or \
                 paper["schedule"] != expected:
             raise app.UsageError(f"{FLAGS.paper_json} holds a paper run of scene "
                                  f"{earlier['scene']} crop {earlier['crop']} with other settings")
         runs["paper"] = {**paper, "reused_from": FLAGS.paper_json}
-        del schedules["paper"]
-    for name, (solver_cfg, every, budget) in schedules.items():
-        cfg = base.replace(solver=solver_cfg).replace(**{"solver.chunk_size": every})
-        estimate_s = 0.0
-        if name == "fast" and FLAGS.fast_preset == "auto":
-            t0 = time.perf_counter()
-            cfg = presets.auto_config(views, bank, cfg)
-            estimate_s = time.perf_counter() - t0
-        rec = Recorder(views.shape[1:3], cfg, gt_aif, gt_defocus, stop_after_s=budget,
-                       offset_s=estimate_s)
-        res = dpjax.fit(views, bank, cfg, callback=rec)
-        im = metrics.image_metrics(res.all_in_focus[..., 0], gt_aif)
-        dm = metrics.defocus_metrics(res.defocus, gt_defocus)
-        runs[name] = {"schedule": config_lib.to_dict(cfg)["solver"],
-                      "iterations": list(res.level_iterations),
-                      "scale_range": [cfg.mpi.scale_min, cfg.mpi.scale_max],
-                      "range_estimate_s": estimate_s,
-                      "solver_time_s": res.timings["total_s"] + estimate_s,
-                      "final": {"aiwe1": dm["aiwe1"], "aiwe2": dm["aiwe2"],
-                                "spearman": dm["spearman"], "psnr": im["psnr"],
-                                "ssim": im["ssim"], "mae": im["mae"]},
-                      "records": rec.records}
-    target_aiwe, target_psnr = runs["paper"]["final"]["aiwe1"], runs["paper"]["final"]["psnr"]
+    for name in names:
+        if name == "paper":
+            if "paper" not in runs:
+                runs["paper"] = paper_run(views, bank, gt_aif, gt_defocus, paper_base)
+        else:
+            runs[name] = dpjax_run(name, views, bank, gt_aif, gt_defocus, opts, paper_base,
+                                   refine_iters)
     inp = metrics.image_metrics(views.mean(0)[..., 0], gt_aif)
     summary = {"scene": FLAGS.scene, "crop": FLAGS.crop, "shape": list(views.shape),
                "input_psnr": inp["psnr"], "input_ssim": inp["ssim"],
-               "paper_target": {"aiwe1": target_aiwe, "psnr": target_psnr},
+               "refine_iters": refine_iters,
                "jax_version": jax.__version__, "device": str(jax.devices()[0]),
                "platform": platform.platform(),
                "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    for name, run in runs.items():
-        t_a = first_time(run["records"], "aiwe1", target_aiwe, "lower")
-        t_p = first_time(run["records"], "psnr", target_psnr, "higher")
-        run["time_to_paper_aiwe1_s"] = t_a
-        run["time_to_paper_psnr_s"] = t_p
-        both = None if t_a is None or t_p is None else max(t_a, t_p)
-        run["time_to_paper_quality_s"] = both
-    paper_t = runs["paper"]["solver_time_s"]
-    fast_both = runs["fast"]["time_to_paper_quality_s"]
-    summary["fast_fraction_of_paper_time"] = (None if fast_both is None else fast_both / paper_t)
+    if "paper" in runs:
+        target_aiwe, target_psnr = runs["paper"]["final"]["aiwe1"], runs["paper"]["final"]["psnr"]
+        summary["paper_target"] = {"aiwe1": target_aiwe, "psnr": target_psnr}
+        for run in runs.values():
+            t_a = first_time(run["records"], "aiwe1", target_aiwe, "lower")
+            t_p = first_time(run["records"], "psnr", target_psnr, "higher")
+            run["time_to_paper_aiwe1_s"] = t_a
+            run["time_to_paper_psnr_s"] = t_p
+            run["time_to_paper_quality_s"] = None if t_a is None or t_p is None else max(t_a, t_p)
+        if "fast" in runs:
+            fast_both = runs["fast"]["time_to_paper_quality_s"]
+            summary["fast_fraction_of_paper_time"] = (
+                None if fast_both is None else fast_both / runs["paper"]["solver_time_s"])
     summary["runs"] = runs
     emit(summary, FLAGS.output, indent=1)
     if FLAGS.plot:

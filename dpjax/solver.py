@@ -420,6 +420,47 @@ def fit(observation, bank: KernelBank, config: Config = _DEFAULT_CONFIG, *,
                   refine_first=init is not None and init_is_solution)[0]
 
 
+def finish_fit(observation, bank: KernelBank, config: Config,
+               params: mpi.MpiParams) -> FitResult:
+    """The outputs `fit` gives for these full-resolution logits, without solving again.
+
+    Runs only `fit`'s last stage: the all-in-focus refinement (config.refine), the
+    post-processing and the defocus map. For trying refinement settings on one fit
+    (benchmarks/time_to_quality.py, experiments/refine_sweep.py): finishing a
+    `config.refine.iters == 0` fit's params with config gives what `fit` with config
+    would have given from the same MPI.
+
+    Args:
+      observation: [2, H, W, C] the views of the fit.
+      bank: its kernels.
+      config: its configuration, with the refinement settings to use.
+      params: its MPI logits at full resolution ([L, C, H, W] colours, C or 1
+        channels).
+
+    Returns:
+      FitResult with an empty loss history, no level iterations, and timings of
+      this stage (total_s, refine_s when the refinement ran).
+
+    Raises:
+      ValueError: malformed input, or params not at the observation's resolution.
+      FloatingPointError: the refinement or the outputs became non-finite.
+    """
+    t_start = time.perf_counter()
+    s = _scene(observation, bank, config)
+    if params.color_logits.shape[-2:] != s.planar.shape[-2:]:
+        raise ValueError(f"params are {params.color_logits.shape[-2:]}, the observation "
+                         f"{s.planar.shape[-2:]}: finish_fit needs full-resolution params")
+    lvl_obs, lk = _level_problem(s.planar, s.bank, s.scales, s.max_abs, 1, config.solver)
+    p, aif, raw, dmap, terms, ref = _outputs(match_channels(params, lvl_obs), lvl_obs, lk, s,
+                                             "")
+    timings = {"total_s": time.perf_counter() - t_start}
+    if ref is not None:
+        timings["refine_s"] = ref["seconds"]
+    return FitResult(all_in_focus=aif, all_in_focus_raw=raw, defocus=dmap, params=p,
+                     scales=np.asarray(s.scales), loss_history=np.zeros((0,), np.float32),
+                     level_iterations=(), terms=terms, timings=timings, refine=ref)
+
+
 def fit_batch(observations, banks: KernelBank | Sequence[KernelBank],
               configs: Config | Sequence[Config], *,
               callback: Callable[[tuple[Progress, ...]], bool | None] | None = None,

@@ -58,3 +58,29 @@ def test_colour_solve(tmp_path):
     assert res["colour_over_grey"] == pytest.approx(colour["wall_s"] / grey["wall_s"])
     for r in (grey, colour):
         assert r["wall_s"] > 0 and 0 < r["psnr"] < 100 and 0 <= r["aiwe1"]
+
+
+@pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "pixel4" / "008_left.png").exists(),
+                    reason="needs ../shared/data/pixel4")
+def test_time_to_quality(tmp_path):
+    # One tile, a 20-iteration paper run and the fast schedule finished with 0 and 3
+    # refinement iterations: checks the records and the refinement curve, not the times.
+    res = _run("time_to_quality", ["--crop=1x1", "--paper_iters=20", "--eval_every=10",
+                                   "--fast_eval_every=40", "--refine_iters=3",
+                                   f"--plot={tmp_path / 'ttq.png'}"], tmp_path)
+    paper, fast = res["runs"]["paper"], res["runs"]["fast"]
+    assert res["shape"][1:3] == [168, 168] and res["refine_iters"] == [0, 3]
+    assert paper["iterations"] == [20] and len(paper["records"]) == 2
+    assert fast["iterations"] == [200, 120, 20]
+    (curve,) = fast["refine_curve"]
+    assert curve["iters"] == 3 and curve["refine"]["iterations"] == 3
+    # The default (15) was not run, so the final result is the last count's.
+    assert fast["final_refine_iters"] == 3 and fast["final"]["psnr"] == curve["psnr"]
+    assert fast["solver_time_s"] == pytest.approx(fast["mpi_time_s"] + curve["seconds"])
+    last = fast["records"][-1]
+    assert last["level"] == "refine" and last["t"] == pytest.approx(fast["solver_time_s"])
+    ts = [r["t"] for r in fast["records"]]
+    assert ts == sorted(ts)
+    assert res["input_psnr"] < fast["final"]["psnr"] < 60
+    assert 0 < fast["wiener_at_final_map"]["psnr"] < 60
+    assert (tmp_path / "ttq.png").stat().st_size > 0

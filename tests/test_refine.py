@@ -193,6 +193,27 @@ def test_refinement_reduces_its_objective(fits, scene, tiny_bank):
     assert float(start) == pytest.approx(rec["objective_start"], rel=1e-4)
 
 
+def test_finish_fit_gives_what_fit_gives(fits, scene, tiny_bank):
+    cfg, off, on = fits
+    done = dpjax.solver.finish_fit(scene.views, tiny_bank, cfg.replace(**{"refine.iters": 40}),
+                                   off.params)
+    np.testing.assert_allclose(done.all_in_focus, on.all_in_focus, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(done.defocus, on.defocus)
+    assert done.refine["iterations"] == 40
+    assert done.refine["objective_end"] == pytest.approx(on.refine["objective_end"], rel=1e-5)
+    assert done.timings["refine_s"] == done.refine["seconds"] <= done.timings["total_s"]
+    assert done.level_iterations == () and done.loss_history.size == 0
+    # With the refinement off it is the fit's own output.
+    same = dpjax.solver.finish_fit(scene.views, tiny_bank, cfg.replace(**{"refine.iters": 0}),
+                                   off.params)
+    np.testing.assert_array_equal(same.all_in_focus, off.all_in_focus)
+    assert same.refine is None and "refine_s" not in same.timings
+    coarse = mpi.MpiParams(off.params.color_logits[..., ::2, ::2],
+                           off.params.alpha_logits[..., ::2, ::2])
+    with pytest.raises(ValueError, match="full-resolution"):
+        dpjax.solver.finish_fit(scene.views, tiny_bank, cfg, coarse)
+
+
 def test_with_the_true_layers_the_refinement_deblurs(scene, tiny_bank):
     """With the scene's true alphas frozen (an oracle fit) the refinement is a non-blind,
     occlusion-aware deconvolution: starting from the blurry input as every layer's
