@@ -31,8 +31,7 @@ import numpy as np
 from absl import app, flags
 from common import emit
 
-from dpjax import batch, blocks, encoding, io, kernels, scene
-from dpjax_apps.flags import resolve_base_config
+from dpjax import batch, blocks, encoding, io, kernels, presets, scene
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
@@ -73,7 +72,7 @@ def main(argv):
     views = _frame(FLAGS.height, FLAGS.width, FLAGS.grey)
     load_s = time.perf_counter() - t0
     iters = tuple(int(v) for v in FLAGS.level_iters)
-    cfg = resolve_base_config(preset="auto", level_iters=iters)
+    cfg = presets.base_config(preset="auto", level_iters=iters)
     cfg = cfg.replace(**{"mpi.scale_min": FLAGS.scale_min, "mpi.scale_max": FLAGS.scale_max})
     factor = 2 ** (cfg.solver.pyramid_levels - 1)
     pair = kernels.parametric_dp_kernels(radius=FLAGS.kernel_radius)

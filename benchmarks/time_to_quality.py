@@ -42,9 +42,9 @@ from common import emit
 from PIL import Image, ImageDraw
 
 import dpjax
-from dpjax import baselines, io, metrics, mpi, postprocess, refine, scene, solver
+from dpjax import baselines, io, metrics, mpi, postprocess, presets, refine, scene, solver
 from dpjax import config as config_lib
-from dpjax_apps.flags import parse_rxc, resolve_base_config
+from dpjax_apps.flags import parse_rxc
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", str(Path(__file__).resolve().parents[2] / "shared" / "data" /
@@ -190,7 +190,7 @@ def paper_run(views, bank, gt_aif, gt_defocus, base):
 
 def dpjax_run(name, views, bank, gt_aif, gt_defocus, opts, paper_base, refine_iters):
     """A dpjax schedule's run: the MPI without refinement, then each refinement count."""
-    base = resolve_base_config(preset="auto", quality=name, refine_iters=0).replace(
+    base = presets.base_config(preset="auto", quality=name, refine_iters=0).replace(
         **{"solver.chunk_size": FLAGS.fast_eval_every})
     t0 = time.perf_counter()
     if FLAGS.fast_preset == "auto":
@@ -243,7 +243,7 @@ def main(argv):
     if refine_iters[0] < 0:
         raise app.UsageError("--refine_iters must be >= 0")
     crop = parse_rxc(FLAGS.crop, "crop")
-    opts = scene.SceneOptions(base=resolve_base_config(preset="auto"), preset="auto",
+    opts = scene.SceneOptions(base=presets.base_config(preset="auto"), preset="auto",
                               crop_tiles=crop)
     views, bank, gt_aif, gt_defocus = load_problem(opts)
     s_min, s_max = PAPER_RANGES.get(FLAGS.scene, (0.1, 1.6))

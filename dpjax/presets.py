@@ -86,7 +86,7 @@ from typing import NamedTuple
 import numpy as np
 
 from dpjax import baselines, solver
-from dpjax.config import Config, MpiConfig
+from dpjax.config import Config, MpiConfig, schedule
 from dpjax.kernels import KernelBank, downsample_bank
 
 __all__ = [
@@ -214,6 +214,28 @@ def resolve_base(preset: str, base: Config | None = None, *, search_init: bool |
     base = Config() if base is None else base
     return base.replace(**{"init.search": uses_search_init(preset, search_init),
                            "post.defocus": defocus_estimator(preset, defocus_estimator_name)})
+
+
+def base_config(*, preset: str, quality: str | None = None, pyramid_levels: int | None = None,
+                level_iters=None, num_iters: int | None = None, num_layers: int | None = None,
+                search_init: bool | None = None, defocus_estimator: str | None = None,
+                refine_iters: int | None = None, colour_levels: int | None = None) -> Config:
+    """The base configuration of the apps' shared settings: schedule, layers, preset choices.
+
+    One place for what the shared flags (dpjax_apps.flags) mean:
+    `dpjax.config.schedule` gives quality / pyramid_levels / level_iters / num_iters
+    their meaning, `resolve_base` the preset's start and defocus estimator (explicit
+    search_init / defocus_estimator win); None keeps the default. Raises ValueError for
+    invalid settings (e.g. level_iters with num_iters).
+    """
+    cfg = Config(solver=schedule(quality=quality, pyramid_levels=pyramid_levels,
+                                 level_iters=level_iters, num_iters=num_iters))
+    for key, value in (("mpi.num_layers", num_layers), ("refine.iters", refine_iters),
+                       ("solver.colour_levels", colour_levels)):
+        if value is not None:
+            cfg = cfg.replace(**{key: value})
+    return resolve_base(preset, cfg, search_init=search_init,
+                        defocus_estimator_name=defocus_estimator)
 
 
 def resolve(preset: str, scene_id, views, bank: KernelBank, base: Config, *,

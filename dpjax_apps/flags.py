@@ -100,13 +100,15 @@ def parse_rxc(text: str | None, flag: str) -> tuple[int, int] | None:
 
 
 def base_config():
-    """The resolved base configuration of the flags (`resolve_base_config`)."""
+    """The resolved base configuration of the flags (`dpjax.presets.base_config`)."""
+    from dpjax import presets
+
     try:
         level_iters = ([int(v) for v in FLAGS.level_iters] if FLAGS.level_iters else None)
     except ValueError:
         raise app.UsageError(f"--level_iters must be integers, got {FLAGS.level_iters}") from None
     try:
-        return resolve_base_config(
+        return presets.base_config(
             preset=FLAGS.preset, quality=FLAGS.quality, pyramid_levels=FLAGS.pyramid_levels,
             level_iters=level_iters, num_iters=FLAGS.num_iters, num_layers=FLAGS.num_layers,
             search_init=FLAGS.search_init, defocus_estimator=FLAGS.defocus_estimator,
@@ -124,35 +126,6 @@ def input_encoding() -> str:
     except ValueError as e:
         raise app.UsageError(f"--input_encoding: {e}") from None
     return FLAGS.input_encoding
-
-
-def resolve_base_config(*, preset: str, quality: str | None = None,
-                        pyramid_levels: int | None = None,
-                        level_iters=None, num_iters: int | None = None,
-                        num_layers: int | None = None, search_init: bool | None = None,
-                        defocus_estimator: str | None = None,
-                        refine_iters: int | None = None, colour_levels: int | None = None):
-    """The base configuration of the shared flags' values: schedule, layers, preset choices.
-
-    One place: `dpjax.config.schedule` gives --quality / --pyramid_levels /
-    --level_iters / --num_iters their meaning, `dpjax.presets.resolve_base` the
-    preset's start and defocus estimator (explicit --search_init / --defocus_estimator
-    win). Raises ValueError for invalid settings (e.g. level_iters with num_iters).
-    """
-    from dpjax import config as config_lib
-    from dpjax import presets
-
-    solver = config_lib.schedule(quality=quality, pyramid_levels=pyramid_levels,
-                                 level_iters=level_iters, num_iters=num_iters)
-    cfg = config_lib.Config(solver=solver)
-    if num_layers is not None:
-        cfg = cfg.replace(**{"mpi.num_layers": num_layers})
-    if refine_iters is not None:
-        cfg = cfg.replace(**{"refine.iters": refine_iters})
-    if colour_levels is not None:
-        cfg = cfg.replace(**{"solver.colour_levels": colour_levels})
-    return presets.resolve_base(preset, cfg, search_init=search_init,
-                                defocus_estimator_name=defocus_estimator)
 
 
 def path_or_none(value: str | None) -> Path | None:

@@ -36,13 +36,9 @@ from absl import app, flags, logging
 
 import dpjax
 from dpjax import config as config_lib
-from dpjax import dpanet, outputs, pipeline, presets
+from dpjax import dpanet, outputs, pipeline, presets, scene
+from dpjax import reproduce as rt  # the table's scene loading and DPANet helpers
 from dpjax_apps.flags import parse_rxc
-
-# reproduce_table.py's scene loading and DPANet helpers (its flags are defined only when
-# it runs as a program, so importing it defines none).
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import reproduce_table as rt
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", str(rt.DEFAULT_DATA_DIR), "Pixel 4 dataset folder.")
@@ -163,7 +159,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
         summary = run()
-    except (ValueError, FileNotFoundError, rt.scene.SetupError) as e:
+    except (ValueError, FileNotFoundError, scene.SetupError) as e:
         print(f"dpanet_init: error: {e}", file=sys.stderr)
         return 1
     path = Path(FLAGS.output or f"out/dpanet_init/{summary['scene']}.json")

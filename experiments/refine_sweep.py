@@ -25,9 +25,8 @@ import numpy as np
 from absl import app, flags, logging
 
 import dpjax
-from dpjax import baselines, conv, io, mpi, outputs, pipeline, postprocess, refine, scene
-from dpjax.kernels import rescaled_radius
-from dpjax_apps.flags import parse_rxc, resolve_base_config
+from dpjax import baselines, io, outputs, pipeline, postprocess, presets, refine, scene, solver
+from dpjax_apps.flags import parse_rxc
 
 FLAGS = flags.FLAGS
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +51,7 @@ def parse_setting(text: str) -> tuple[str, refine.RefineConfig]:
 def run_scene(sid: str, settings, data: Path, crop) -> dict:
     # The apps' defaults (fast coarse-to-fine schedule, auto preset's start and reading);
     # a bare Config() would be the library's single-level 1000-step solver.
-    base = resolve_base_config(preset="auto", refine_iters=0)  # the fit alone
+    base = presets.base_config(preset="auto", refine_iters=0)  # the fit alone
     source = scene.kernel_source(scene.KernelOptions(calib_dir=data / "calibration"),
                                  2 ** (base.solver.pyramid_levels - 1), crop)
     opts = scene.SceneOptions(base=base, preset="auto", input_dir=data)
@@ -75,24 +74,18 @@ def run_scene(sid: str, settings, data: Path, crop) -> dict:
     rows["wiener"] = sc(baselines.wiener_deconvolve(views, bank, res.defocus,
                                                     cfg.mpi.scales()))
     rows["wiener"]["seconds"] = time.perf_counter() - t0
-    scales = jnp.asarray(cfg.mpi.scales())
-    radius = rescaled_radius(bank.kernel_size, float(jnp.max(jnp.abs(scales))))
-    geom = conv.ConvGeometry.create(bank.grid, radius, cfg.solver.conv_method,
-                                    cfg.solver.round_fft)
-    lk = mpi.prepare_layer_kernels(bank, scales, geom)
-    obs = jnp.asarray(np.transpose(views, (0, 3, 1, 2)))
     for name, rc in settings:
-        t0 = time.perf_counter()
-        ref = refine.refine_all_in_focus(res.params, obs, lk, rc)
-        secs = time.perf_counter() - t0
-        img = np.transpose(ref.all_in_focus, (1, 2, 0))
-        rows[name] = {**sc(img), "seconds": secs, "iterations": ref.iterations,
-                      "objective": [ref.objective_start, ref.objective_end]}
-        filtered = postprocess.bilateral_filter(jnp.asarray(img), sigma_spatial=3.0,
-                                                sigma_value=0.05)
+        done = solver.finish_fit(views, bank, cfg.replace(refine=rc), res.params)
+        ref, img = done.refine, done.all_in_focus_raw
+        rows[name] = {**sc(img), "seconds": ref["seconds"], "iterations": ref["iterations"],
+                      "objective": [ref["objective_start"], ref["objective_end"]]}
+        filtered = postprocess.bilateral_filter(jnp.asarray(img),
+                                                sigma_spatial=cfg.post.sigma_spatial,
+                                                sigma_value=cfg.post.sigma_value)
         rows[name + "+bilateral"] = sc(filtered)
         logging.info("%s %s: PSNR %.2f (fit %.2f, wiener %.2f) in %.0f s", sid, name,
-                     rows[name]["psnr"], rows["fit"]["psnr"], rows["wiener"]["psnr"], secs)
+                     rows[name]["psnr"], rows["fit"]["psnr"], rows["wiener"]["psnr"],
+                     ref["seconds"])
     return {"rows": rows, "fit_s": fit_s, "shape": list(views.shape)}
 
 

@@ -18,16 +18,14 @@ is the order of --runs, then the ground truth, and the log says it.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 from absl import app, flags, logging
 
-from dpjax import io, metrics
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import reproduce_table as rt  # noqa: E402  (its flags are defined only when it runs)
+from dpjax import io, metrics, scene
+from dpjax import reproduce as rt
+from dpjax_apps.flags import parse_rxc
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("scene", "001", "Scene id.")
@@ -77,12 +75,12 @@ def main(argv):
         if not sep:
             raise app.UsageError(f"--runs entries are LABEL=FOLDER, got {item!r}")
         runs.append((label, Path(folder) / FLAGS.scene))
-    opts = rt.Options(data_dir=Path(FLAGS.data_dir), crop=rt.common.parse_rxc(FLAGS.crop, "crop"),
+    opts = rt.Options(data_dir=Path(FLAGS.data_dir), crop=parse_rxc(FLAGS.crop, "crop"),
                       scenes=(FLAGS.scene,), methods=("input",))
     try:  # the table's own checks: a missing pair or ground truth is one clear line
         run = rt.prepare_run(opts)
         _, _, gt, _, _ = rt.load_scene(run, run.pairs[FLAGS.scene])
-    except (ValueError, FileNotFoundError, rt.scene.SetupError) as e:
+    except (ValueError, FileNotFoundError, scene.SetupError) as e:
         raise SystemExit(f"refine_visual: error: {e}") from None
     gt = np.asarray(gt, np.float64)
     m = 6  # metrics' default translation search: aligned images lose m px per side

@@ -1,8 +1,6 @@
-"""Shared fixtures: a tiny synthetic problem, the shared Pixel 4 data location, the
-reproduce_table script as a module, and a two-node local Ray cluster."""
+"""Shared fixtures: a tiny synthetic problem, the shared Pixel 4 data location and a
+two-node local Ray cluster."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +9,6 @@ import pytest
 import dpjax
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pixel4"
-REPRODUCE_TABLE = Path(__file__).resolve().parents[1] / "experiments" / "reproduce_table.py"
 
 
 @pytest.fixture(scope="session")
@@ -29,18 +26,6 @@ def tiny_bank():
              for r in (4.0, 4.5, 5.0, 5.5)]
     kernels = np.stack(pairs, axis=1)  # [2, T, K, K]
     return dpjax.KernelBank.create(kernels, rows=2, cols=2, tile_h=32, tile_w=48)
-
-
-@pytest.fixture(scope="session")
-def reproduce_table():
-    """experiments/reproduce_table.py imported once (its absl flags are global)."""
-    name = "reproduce_table"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPRODUCE_TABLE)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ import tifffile
 
 import dpjax
 from dpjax import dpanet, io, mpi, outputs, pipeline
+from dpjax import reproduce as rt
 from dpjax.dpanet import inference, train
 from dpjax.solver import downsample_image
 
@@ -299,8 +300,7 @@ def test_fit_accepts_the_warm_start(tiny_bank):
 # ----------------------------------------------------------------------------- reproduce_table
 
 
-def test_reproduce_table_input_and_dpanet(tmp_path, pixel4_dir, ckpt_dir, reproduce_table):
-    rt = reproduce_table
+def test_reproduce_table_input_and_dpanet(tmp_path, pixel4_dir, ckpt_dir):
     out = tmp_path / "out"
     opts = rt.Options(data_dir=pixel4_dir, scenes=("011",), methods=("input", "dpanet"),
                       crop=(1, 1), output_dir=out, quiet=True, dpanet_checkpoint=ckpt_dir,
@@ -326,8 +326,7 @@ def test_reproduce_table_input_and_dpanet(tmp_path, pixel4_dir, ckpt_dir, reprod
     assert "DPANet:" in (out / "table.md").read_text()
 
 
-def test_reproduce_table_dpanet_errors(tmp_path, pixel4_dir, monkeypatch, reproduce_table):
-    rt = reproduce_table
+def test_reproduce_table_dpanet_errors(tmp_path, pixel4_dir, monkeypatch):
     base = rt.Options(data_dir=pixel4_dir, scenes=("011",), methods=("dpanet",), crop=(1, 1),
                       output_dir=tmp_path / "out")
     monkeypatch.setattr(rt, "DEFAULT_DPANET_CHECKPOINT", tmp_path / "absent")

@@ -8,13 +8,13 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from dpjax import reproduce as rt
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "refine_visual.py"
 
 
-def test_panels_are_the_runs_aligned_to_the_ground_truth(tmp_path, pixel4_dir,
-                                                         reproduce_table):
-    rt = reproduce_table
+def test_panels_are_the_runs_aligned_to_the_ground_truth(tmp_path, pixel4_dir):
     run = rt.prepare_run(rt.Options(data_dir=pixel4_dir, crop=(1, 2), scenes=("001",),
                                     methods=("input",), output_dir=tmp_path / "unused"))
     _, _, gt, _, _ = rt.load_scene(run, run.pairs["001"])

@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import tifffile
 
 import dpjax
 from dpjax import io, outputs, presets, runner, scene
+from dpjax import reproduce as rt
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "reproduce_table.py"
@@ -45,8 +47,7 @@ def _tiny_dataset(tmp_path, pixel4_dir, *, calibration=True, gt=True, sid="011",
     return d
 
 
-def test_script_missing_calibration_is_clear(tmp_path, pixel4_dir, reproduce_table):
-    rt = reproduce_table
+def test_script_missing_calibration_is_clear(tmp_path, pixel4_dir):
     data = _tiny_dataset(tmp_path, pixel4_dir, calibration=False)
     opts = rt.Options(data_dir=data, output_dir=tmp_path / "out", crop=(1, 1))
     with pytest.raises(scene.SetupError, match="calibration file not found"):
@@ -54,8 +55,7 @@ def test_script_missing_calibration_is_clear(tmp_path, pixel4_dir, reproduce_tab
     assert not (tmp_path / "out").exists()  # failed before any work
 
 
-def test_script_missing_ground_truth_is_clear(tmp_path, pixel4_dir, reproduce_table):
-    rt = reproduce_table
+def test_script_missing_ground_truth_is_clear(tmp_path, pixel4_dir):
     data = _tiny_dataset(tmp_path, pixel4_dir, gt=False)
     opts = rt.Options(data_dir=data, output_dir=tmp_path / "out", crop=(1, 1))
     with pytest.raises(io.MissingFileError, match="no scene in .* has ground truth"):
@@ -67,9 +67,7 @@ def test_script_missing_ground_truth_is_clear(tmp_path, pixel4_dir, reproduce_ta
     assert not (tmp_path / "out").exists()
 
 
-def test_script_rejects_dpanet_unknown_methods_and_bad_crop(tmp_path, pixel4_dir,
-                                                            reproduce_table):
-    rt = reproduce_table
+def test_script_rejects_dpanet_unknown_methods_and_bad_crop(tmp_path, pixel4_dir):
     base = rt.Options(data_dir=pixel4_dir, output_dir=tmp_path / "out", scenes=("011",))
     with pytest.raises(FileNotFoundError, match="DPANet checkpoint not found"):
         rt.run(dataclasses.replace(base, methods=("mpi", "dpanet"),
@@ -84,16 +82,14 @@ def test_script_rejects_dpanet_unknown_methods_and_bad_crop(tmp_path, pixel4_dir
     assert not (tmp_path / "out").exists()
 
 
-def test_script_wiener_needs_mpi(tmp_path, pixel4_dir, reproduce_table):
-    rt = reproduce_table
+def test_script_wiener_needs_mpi(tmp_path, pixel4_dir):
     opts = rt.Options(data_dir=pixel4_dir, output_dir=tmp_path / "out", scenes=("011",),
                       methods=("wiener",), crop=(1, 1))
     with pytest.raises(FileNotFoundError, match="include mpi in --methods"):
         rt.run(opts)
 
 
-def test_registry_order_puts_readers_after_their_sources(reproduce_table):
-    rt = reproduce_table
+def test_registry_order_puts_readers_after_their_sources():
     assert rt.run_order(("wiener", "input", "mpi")) == ("mpi", "input", "wiener")
     assert rt.run_order(("dpanet", "wiener", "dp_stereo", "mpi"))[:1] == ("mpi",)
     assert rt.run_order(("wiener",)) == ("wiener",)  # its source's result must exist
@@ -115,9 +111,7 @@ def test_registry_order_puts_readers_after_their_sources(reproduce_table):
         rt.run_order(("magic",))
 
 
-def test_num_iters_is_the_finest_level_and_excludes_level_iters(tmp_path, pixel4_dir,
-                                                               reproduce_table):
-    rt = reproduce_table
+def test_num_iters_is_the_finest_level_and_excludes_level_iters(tmp_path, pixel4_dir):
     solver = rt.Options(num_iters=7).base_config().solver
     assert solver.pyramid_levels == 3
     assert solver.level_iters == dpjax.config.FAST_LEVEL_ITERS[:-1] + (7,)
@@ -128,9 +122,9 @@ def test_num_iters_is_the_finest_level_and_excludes_level_iters(tmp_path, pixel4
         rt.run(opts)
     assert not (tmp_path / "out").exists()
     # The command line: the same flags, the same meaning (dpjax_apps.flags).
-    code = ("import sys; sys.argv = ['reproduce_table']; import reproduce_table as rt; "
-            "from absl import flags; rt.define_flags(); flags.FLAGS(sys.argv + %r); "
-            "o = rt.options_from_flags(); print(o.base_config().solver.level_iters, o.crop)")
+    code = ("import sys; sys.argv = ['reproduce_table']; import reproduce_table as app; "
+            "from absl import flags; flags.FLAGS(sys.argv + %r); "
+            "o = app.options_from_flags(); print(o.base_config().solver.level_iters, o.crop)")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'experiments'}"}
     proc = subprocess.run([sys.executable, "-c", code % (["--num_iters=7", "--crop=full"],)],
                           capture_output=True, text=True, timeout=300, env=env)
@@ -151,13 +145,22 @@ def _fake_result(d, fp, **fields):
                          result={"fingerprint": fp, **fields})
 
 
-def test_changed_settings_are_solved_again_with_the_reason(tmp_path, pixel4_dir,
-                                                           reproduce_table, caplog):
-    rt = reproduce_table
+def _recorder():
+    """A `dpjax.reproduce.Log` keeping (level, message) pairs, and those pairs."""
+    lines: list[tuple[int, str]] = []
+    return (lambda level, msg: lines.append((level, msg))), lines
+
+
+def _warned(lines, text: str) -> bool:
+    return any(level == logging.WARNING and text in msg for level, msg in lines)
+
+
+def test_changed_settings_are_solved_again_with_the_reason(tmp_path, pixel4_dir):
     out = tmp_path / "out"
     opts = rt.Options(data_dir=pixel4_dir, output_dir=out, scenes=("011",), crop=(1, 1),
                       methods=("mpi", "wiener"))
-    run = rt.prepare_run(opts)
+    log, lines = _recorder()
+    run = rt.prepare_run(opts, log)
     pair = run.pairs["011"]
     fp = rt.fingerprint(run, "mpi", pair)
     assert fp["config"]["post"]["defocus"] == "sharpened"  # the auto preset's
@@ -171,16 +174,14 @@ def test_changed_settings_are_solved_again_with_the_reason(tmp_path, pixel4_dir,
     for change, why in ((dict(defocus_estimator="mean"), "post.defocus sharpened -> mean"),
                         (dict(search_init=False), "init.search true -> false"),
                         (dict(num_iters=7), "solver.level_iters")):
-        other = rt.prepare_run(dataclasses.replace(opts, **change))
-        caplog.clear()
-        with caplog.at_level("WARNING"):
-            assert rt._needs_solve(other, "mpi", "011", rt.fingerprint(other, "mpi", pair))
-        assert f"mpi/011: solving again, settings changed: {why}" in caplog.text
+        other = rt.prepare_run(dataclasses.replace(opts, **change), log)
+        lines.clear()
+        assert rt._needs_solve(other, "mpi", "011", rt.fingerprint(other, "mpi", pair))
+        assert _warned(lines, f"mpi/011: solving again, settings changed: {why}")
     # A result of an older version (no fingerprint) is solved again too.
     _fake_result(out / "mpi" / "011", None)
-    with caplog.at_level("WARNING"):
-        assert rt._needs_solve(run, "mpi", "011", fp)
-    assert "no settings fingerprint" in caplog.text
+    assert rt._needs_solve(run, "mpi", "011", fp)
+    assert _warned(lines, "no settings fingerprint")
 
     # wiener's fingerprint holds the fingerprint of the mpi result it reads.
     _fake_result(out / "mpi" / "011", fp)
@@ -190,9 +191,7 @@ def test_changed_settings_are_solved_again_with_the_reason(tmp_path, pixel4_dir,
     assert rt.fingerprint(run, "wiener", pair)["digest"] != w["digest"]
 
 
-def test_changed_crop_resolves_input_end_to_end(tmp_path, pixel4_dir, reproduce_table,
-                                                caplog):
-    rt = reproduce_table
+def test_changed_crop_resolves_input_end_to_end(tmp_path, pixel4_dir):
     out = tmp_path / "out"
     opts = rt.Options(data_dir=pixel4_dir, output_dir=out, scenes=("011",), crop=(1, 1),
                       methods=("input",), quiet=True)
@@ -202,9 +201,10 @@ def test_changed_crop_resolves_input_end_to_end(tmp_path, pixel4_dir, reproduce_
     assert first["crop"] == "1x1" and first["fingerprint"]["preprocessing"]["crop_tiles"] == [1, 1]
     stamp = path.stat().st_mtime_ns
     assert rt.run(opts) == rows and path.stat().st_mtime_ns == stamp  # kept
-    with caplog.at_level("WARNING"):
-        rt.run(dataclasses.replace(opts, crop=(1, 2)))
-    assert "input/011: solving again, settings changed: preprocessing.crop_tiles" in caplog.text
+    log, lines = _recorder()
+    rt.run(dataclasses.replace(opts, crop=(1, 2)), log)
+    assert _warned(lines, "input/011: solving again, settings changed: preprocessing.crop_tiles")
+    assert any("wrote" in msg and "table.md" in msg for _, msg in lines)
     assert tifffile.imread(out / "input" / "011" / "all_in_focus.tif").shape == (168, 336)
     assert not (out / runner.LOCK_FILE).exists()  # the lock is released
 
@@ -263,8 +263,7 @@ def test_reproduce_table_end_to_end(tmp_path, pixel4_dir):
     assert (out / "mpi" / "011" / "result.json").stat().st_mtime_ns == stamp
 
 
-def test_range_probe_serves_mpi_only(tmp_path, pixel4_dir, reproduce_table):
-    rt = reproduce_table
+def test_range_probe_serves_mpi_only(tmp_path, pixel4_dir):
     out = tmp_path / "out"
     rt.run(rt.Options(data_dir=pixel4_dir, output_dir=out, scenes=("011",), crop=(1, 1),
                       methods=("mpi", "dp_stereo"), level_iters=(4, 2, 2),
@@ -280,9 +279,8 @@ def test_range_probe_serves_mpi_only(tmp_path, pixel4_dir, reproduce_table):
     assert st["candidates"][-1] == pytest.approx(search["s_max"])
 
 
-def test_search_init_is_recorded_and_shared(tmp_path, pixel4_dir, reproduce_table,
+def test_search_init_is_recorded_and_shared(tmp_path, pixel4_dir,
                                             monkeypatch):
-    rt = reproduce_table
     out = tmp_path / "out"
     calls = []
     search = presets.search_defocus
