@@ -7,6 +7,7 @@ alphas and transmittances [L, H, W].
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -33,6 +34,12 @@ class LossWeights:
       charbonnier_gamma: gamma of rho(e) = sqrt(e / gamma^2 + 1) - 1.
       noise_sigma: sigma of the data-term bias correction.
       edge_beta: beta of the edge-aware mask.
+      noise_power: p of the data terms' per-pixel weight w = (m + floor)^-p, m the
+        views' mean intensity at the pixel, floor = noise_floor times its frame mean,
+        w normalised to mean 1 (`intensity_weight`): residuals count relative to the
+        signal's noise (shot noise: variance ~ m, p = 1), not in absolute units, so dark
+        texture is not drowned by bright. 0 (the paper's) = unweighted.
+      noise_floor: see noise_power.
     """
 
     data: float = 2.5e4
@@ -43,6 +50,13 @@ class LossWeights:
     charbonnier_gamma: float = 0.1
     noise_sigma: float = 5e-3
     edge_beta: float = 1.0 / 32.0
+    noise_power: float = 0.0
+    noise_floor: float = 0.05
+
+    def __post_init__(self):
+        if not self.noise_power >= 0 or not self.noise_floor > 0:
+            raise ValueError(f"noise_power must be >= 0 and noise_floor > 0, got "
+                             f"{self.noise_power} and {self.noise_floor}")
 
 
 class LossTerms(NamedTuple):
@@ -97,6 +111,14 @@ def _crop1(x: jax.Array) -> jax.Array:
     return x[..., 1:-1, 1:-1]
 
 
+def intensity_weight(observation: jax.Array, power: float, floor: float) -> jax.Array:
+    """(m + floor mean(m))^-power normalised to mean 1: [V, C, H, W] -> [H, W], m the
+    mean over views and channels (LossWeights.noise_power)."""
+    m = jnp.mean(observation, axis=(0, 1))
+    w = (m + floor * jnp.mean(m)) ** (-power)
+    return w / jnp.mean(w)
+
+
 def tile_map(values: jax.Array, grid: TileGrid) -> jax.Array:
     """Expands per-tile values [..., T] to a piecewise-constant map [..., H, W]."""
     lead = values.shape[:-1]
@@ -139,10 +161,14 @@ def loss_terms(params: mpi.MpiParams, observation: jax.Array, lk: mpi.LayerKerne
     bt = rendering.blurred_transmittance  # [V, L, H, W]
     bias = jnp.sum(bt * beta[None], axis=1)  # [V, H, W]
     err = (rendering.views - observation) ** 2 - bias[:, None]
+    # Residuals relative to the noise level (exactly the paper's terms when power is 0).
+    weigh = ((lambda e: e) if weights.noise_power == 0 else functools.partial(
+        jnp.multiply, intensity_weight(observation, weights.noise_power, weights.noise_floor)))
+    err = weigh(err)
     data = weights.data * norm * jnp.mean(charbonnier(err, g))
 
     # Term 2: each layer alone, blurred, should match where it is visible.
-    layer_err = (rendering.layer_views - observation[:, None]) ** 2 - beta[None, :, None]
+    layer_err = weigh((rendering.layer_views - observation[:, None]) ** 2 - beta[None, :, None])
     aux_w = stop_gradient(bt)[:, :, None]  # [V, L, 1, H, W]
     aux = weights.aux * norm * num_layers * jnp.mean(aux_w * charbonnier(layer_err, g))
 

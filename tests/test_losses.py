@@ -76,3 +76,30 @@ def test_collision_entropy_bounds():
 def test_local_variance_zero_on_constant():
     x = jnp.full((2, 9, 9), 0.7)
     np.testing.assert_allclose(np.asarray(losses.local_variance(x)), 0.0, atol=1e-7)
+
+
+def test_intensity_weight():
+    # Left half dark (0.05), right half bright (0.8): weights (m + f mean m)^-p, mean 1.
+    obs = jnp.concatenate([jnp.full((2, 3, 4, 4), 0.05), jnp.full((2, 3, 4, 4), 0.8)], axis=-1)
+    w = np.asarray(losses.intensity_weight(obs, 1.0, 0.05))
+    assert w.shape == (4, 8) and w.mean() == pytest.approx(1.0, rel=1e-6)
+    floor = 0.05 * (0.05 + 0.8) / 2
+    assert w[0, 0] / w[0, -1] == pytest.approx((0.8 + floor) / (0.05 + floor), rel=1e-5)
+    with pytest.raises(ValueError, match="noise_power"):
+        losses.LossWeights(noise_power=-0.5)
+
+
+def test_noise_power_weighs_the_data_terms_only(tiny_bank):
+    rng = np.random.default_rng(1)
+    params, obs, lk = _problem(jnp.float32, tiny_bank, rng)
+    terms = jax.jit(losses.loss_terms, static_argnums=3)
+    plain = terms(params, obs, lk, losses.LossWeights())
+    weighted = terms(params, obs, lk, losses.LossWeights(noise_power=1.0))
+    # The priors do not see the weight; the data terms do.
+    for k in ("image_tv", "alpha_tv", "entropy"):
+        assert float(getattr(weighted, k)) == float(getattr(plain, k))
+    assert abs(float(weighted.data) / float(plain.data) - 1) > 1e-3
+    # On a uniform observation the weight is 1 everywhere: the paper's terms.
+    flat = jnp.full_like(obs, 0.4)
+    np.testing.assert_allclose(terms(params, flat, lk, losses.LossWeights(noise_power=1.0)),
+                               terms(params, flat, lk, losses.LossWeights()), rtol=1e-5)
