@@ -177,7 +177,7 @@ def scores(aif, dmap, gt_aif, gt_defocus):
 
 def paper_run(views, bank, gt_aif, gt_defocus, base):
     cfg = base.replace(solver=config_lib.paper_solver(FLAGS.paper_iters)).replace(
-        **{"solver.chunk_size": FLAGS.eval_every, "refine.iters": 0})
+        **{"solver.chunk_size": FLAGS.eval_every, "refine.iters": 0, "loss.noise_power": 0.0})
     rec = Recorder(views.shape[1:3], cfg, gt_aif, gt_defocus, stop_after_s=FLAGS.paper_budget_s)
     res = dpjax.fit(views, bank, cfg, callback=rec)
     return {"schedule": config_lib.to_dict(cfg)["solver"],

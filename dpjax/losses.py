@@ -22,7 +22,7 @@ from dpjax.kernels import TileGrid
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LossWeights:
-    """Weights and constants of the objective (defaults: the paper's).
+    """Weights and constants of the objective (defaults: the paper's, but noise_power).
 
     Attributes:
       data: bias-corrected data term weight.
@@ -38,7 +38,9 @@ class LossWeights:
         views' mean intensity at the pixel, floor = noise_floor times its frame mean,
         w normalised to mean 1 (`intensity_weight`): residuals count relative to the
         signal's noise (shot noise: variance ~ m, p = 1), not in absolute units, so dark
-        texture is not drowned by bright. 0 (the paper's) = unweighted.
+        texture is not drowned by bright. 0 (the paper's) = unweighted; the default 1
+        (chosen from the noise model, then measured on both real data sets:
+        experiments/results/own_camera.md, "Data terms relative to the noise").
       noise_floor: see noise_power.
     """
 
@@ -50,7 +52,7 @@ class LossWeights:
     charbonnier_gamma: float = 0.1
     noise_sigma: float = 5e-3
     edge_beta: float = 1.0 / 32.0
-    noise_power: float = 0.0
+    noise_power: float = 1.0
     noise_floor: float = 0.05
 
     def __post_init__(self):

@@ -299,7 +299,8 @@ def paper_config(scene_id, base: Config | None = None) -> Config:
     p = PAPER_SCENES[key]
     base = Config() if base is None else base
     return base.replace(**{"mpi.scale_min": p["s_min"], "mpi.scale_max": p["s_max"],
-                           "loss.alpha_tv": p["alpha_tv"], "loss.entropy": p["entropy"]})
+                           "loss.alpha_tv": p["alpha_tv"], "loss.entropy": p["entropy"],
+                           "loss.noise_power": 0.0})  # the published, unweighted data terms
 
 
 def kernel_base_disparity(bank: KernelBank) -> float:

@@ -93,7 +93,7 @@ def test_noise_power_weighs_the_data_terms_only(tiny_bank):
     rng = np.random.default_rng(1)
     params, obs, lk = _problem(jnp.float32, tiny_bank, rng)
     terms = jax.jit(losses.loss_terms, static_argnums=3)
-    plain = terms(params, obs, lk, losses.LossWeights())
+    plain = terms(params, obs, lk, losses.LossWeights(noise_power=0.0))  # the paper's
     weighted = terms(params, obs, lk, losses.LossWeights(noise_power=1.0))
     # The priors do not see the weight; the data terms do.
     for k in ("image_tv", "alpha_tv", "entropy"):
@@ -102,4 +102,5 @@ def test_noise_power_weighs_the_data_terms_only(tiny_bank):
     # On a uniform observation the weight is 1 everywhere: the paper's terms.
     flat = jnp.full_like(obs, 0.4)
     np.testing.assert_allclose(terms(params, flat, lk, losses.LossWeights(noise_power=1.0)),
-                               terms(params, flat, lk, losses.LossWeights()), rtol=1e-5)
+                               terms(params, flat, lk, losses.LossWeights(noise_power=0.0)),
+                               rtol=1e-5)
