@@ -7,7 +7,6 @@ alphas and transmittances [L, H, W].
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -162,15 +161,14 @@ def loss_terms(params: mpi.MpiParams, observation: jax.Array, lk: mpi.LayerKerne
         lk.inverse_power, lk.geom.grid)  # [L, H, W]
     bt = rendering.blurred_transmittance  # [V, L, H, W]
     bias = jnp.sum(bt * beta[None], axis=1)  # [V, H, W]
-    err = (rendering.views - observation) ** 2 - bias[:, None]
-    # Residuals relative to the noise level (exactly the paper's terms when power is 0).
-    weigh = ((lambda e: e) if weights.noise_power == 0 else functools.partial(
-        jnp.multiply, intensity_weight(observation, weights.noise_power, weights.noise_floor)))
-    err = weigh(err)
+    # Residuals relative to the noise level; 1 (the paper's terms) when noise_power is 0.
+    w = (1.0 if weights.noise_power == 0 else
+         intensity_weight(observation, weights.noise_power, weights.noise_floor))  # [H, W]
+    err = w * ((rendering.views - observation) ** 2 - bias[:, None])
     data = weights.data * norm * jnp.mean(charbonnier(err, g))
 
     # Term 2: each layer alone, blurred, should match where it is visible.
-    layer_err = weigh((rendering.layer_views - observation[:, None]) ** 2 - beta[None, :, None])
+    layer_err = w * ((rendering.layer_views - observation[:, None]) ** 2 - beta[None, :, None])
     aux_w = stop_gradient(bt)[:, :, None]  # [V, L, 1, H, W]
     aux = weights.aux * norm * num_layers * jnp.mean(aux_w * charbonnier(layer_err, g))
 

@@ -99,18 +99,24 @@ def parse_rxc(text: str | None, flag: str) -> tuple[int, int] | None:
     return r, c
 
 
+def level_iters() -> tuple[int, ...] | None:
+    """--level_iters as integers (None when not given; UsageError otherwise)."""
+    if not FLAGS.level_iters:
+        return None
+    try:
+        return tuple(int(v) for v in FLAGS.level_iters)
+    except ValueError:
+        raise app.UsageError(f"--level_iters must be integers, got {FLAGS.level_iters}") from None
+
+
 def base_config():
     """The resolved base configuration of the flags (`dpjax.presets.base_config`)."""
     from dpjax import presets
 
     try:
-        level_iters = ([int(v) for v in FLAGS.level_iters] if FLAGS.level_iters else None)
-    except ValueError:
-        raise app.UsageError(f"--level_iters must be integers, got {FLAGS.level_iters}") from None
-    try:
         return presets.base_config(
             preset=FLAGS.preset, quality=FLAGS.quality, pyramid_levels=FLAGS.pyramid_levels,
-            level_iters=level_iters, num_iters=FLAGS.num_iters, num_layers=FLAGS.num_layers,
+            level_iters=level_iters(), num_iters=FLAGS.num_iters, num_layers=FLAGS.num_layers,
             search_init=FLAGS.search_init, defocus_estimator=FLAGS.defocus_estimator,
             refine_iters=FLAGS.refine_iters, colour_levels=FLAGS.colour_levels)
     except ValueError as e:

@@ -36,18 +36,14 @@ flags.DEFINE_bool("dpanet_init", False, "Start the mpi method's layer colours fr
 
 def options_from_flags() -> reproduce.Options:
     """Options of the flags (UsageError for bad values)."""
-    try:
-        level_iters = (tuple(int(v) for v in FLAGS.level_iters)
-                       if FLAGS.level_iters else None)
-    except ValueError:
-        raise app.UsageError(f"--level_iters must be integers, got {FLAGS.level_iters}") from None
     opts = reproduce.Options(
         data_dir=Path(FLAGS.data_dir), calib_dir=common.path_or_none(FLAGS.calib_dir),
         scenes=(tuple(s.zfill(3) if s.isdigit() else s for s in FLAGS.scenes)
                 if FLAGS.scenes else None),
         methods=tuple(FLAGS.methods), preset=FLAGS.preset, range_probe=FLAGS.range_probe,
         defocus_estimator=FLAGS.defocus_estimator, search_init=FLAGS.search_init,
-        quality=FLAGS.quality, pyramid_levels=FLAGS.pyramid_levels, level_iters=level_iters,
+        quality=FLAGS.quality, pyramid_levels=FLAGS.pyramid_levels,
+        level_iters=common.level_iters(),
         num_iters=FLAGS.num_iters, num_layers=FLAGS.num_layers,
         refine_iters=FLAGS.refine_iters, crop=common.parse_rxc(FLAGS.crop, "crop"),
         recenter_kernels=FLAGS.recenter_kernels,
