@@ -88,7 +88,8 @@ def main(argv):
     whole = batch.estimate_solve_memory(
         height=gh, width=gw, channels=views.shape[-1], num_layers=cfg.mpi.num_layers,
         grid=grid, kernel_size=bank.kernel_size,
-        max_abs_scale=float(np.max(np.abs(cfg.mpi.scales()))))
+        max_abs_scale=float(np.max(np.abs(cfg.mpi.scales()))),
+        kernel_support=kernels.support_radius(bank.kernels, cfg.solver.kernel_mass_cut))
     if plan is None:
         plan = blocks.plan_blocks(grid, (1, 1))
     run = plan if FLAGS.max_blocks <= 0 else dataclasses.replace(

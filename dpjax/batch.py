@@ -19,7 +19,7 @@ Pure functions and small classes that return data; the app logs and writes.
 Memory model of one solve (finest pyramid level, which dominates: every coarser
 level has a quarter of the pixels of the next). With V = 2 views, L layers, C
 channels, P = H * W pixels, T tiles, K' = 2r + 1 the side of the largest rescaled
-kernel (r = `kernels.rescaled_radius(K, max |scale|)`) and Fh x Fw the tile FFT size
+kernel (r = `kernels.layer_kernel_radius`) and Fh x Fw the tile FFT size
 of `conv.ConvGeometry` (Fr = Fw // 2 + 1 complex bins per row):
 
   inputs   = V C P * 4                          observation (float32)
@@ -73,7 +73,7 @@ import numpy as np
 from PIL import Image
 
 from dpjax import conv
-from dpjax.kernels import TileGrid, rescaled_radius
+from dpjax.kernels import TileGrid, layer_kernel_radius
 
 __all__ = [
     "ALPHA",
@@ -270,6 +270,7 @@ class MemoryEstimate(NamedTuple):
 
 def estimate_solve_memory(*, height: int, width: int, channels: int, num_layers: int,
                           grid: TileGrid, kernel_size: int, max_abs_scale: float,
+                          kernel_support: int | None = None,
                           conv_method: str = "fft", round_fft: bool = True,
                           refine_images: int = 0, refine_history: int = 10
                           ) -> MemoryEstimate:
@@ -278,7 +279,9 @@ def estimate_solve_memory(*, height: int, width: int, channels: int, num_layers:
     Args:
       grid: the kernel tile grid covering height x width.
       kernel_size: side K of the calibrated kernels.
-      max_abs_scale: largest |layer scale| (sets the rescaled kernel radius).
+      max_abs_scale: largest |layer scale|; with `kernel_support` (the reference
+        kernels' `kernels.support_radius` at the solve's `kernel_mass_cut`) it sets
+        the layer kernels' radius (`kernels.layer_kernel_radius`).
       refine_images: C-channel images in the all-in-focus refinement's unknown
         (`dpjax.refine.unknown_images`); 0 when it does not run.
       refine_history: its L-BFGS history length m.
@@ -287,7 +290,7 @@ def estimate_solve_memory(*, height: int, width: int, channels: int, num_layers:
       MemoryEstimate (bytes; see the module docstring for the formula).
     """
     v, L, c, p, t = 2, num_layers, channels, height * width, grid.num_tiles
-    r = rescaled_radius(kernel_size, max_abs_scale)
+    r = layer_kernel_radius(kernel_size, max_abs_scale, kernel_support)
     geom = conv.ConvGeometry.create(grid, r, "fft", round_fft)
     fh, fw = geom.fft_shape
     bins = fh * (fw // 2 + 1)

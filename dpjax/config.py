@@ -69,6 +69,14 @@ class SolverConfig:
         local chroma (`solver.expand_channels`). A count >= pyramid_levels solves
         colour throughout (the behaviour before this option). No effect on
         one-channel observations.
+      kernel_mass_cut: the layer kernels are cut to the smallest centred window that
+        holds all but this fraction of every reference kernel's mass, rescaled with
+        the layer (and renormalised), so the transforms' size, hence a step's time and
+        memory, follow the kernels' support rather than their calibration window.
+        0 keeps the whole window. 0.015 is about what the published code drops by
+        cutting its layer kernels to the calibration's 61 px (up to 1.7% of a Pixel 4
+        kernel at the paper's widest scale, 1.6; `docs/implementation.md`, "Kernel
+        window").
     """
 
     optimizer: Literal["adam", "lbfgs"] = "adam"
@@ -86,6 +94,7 @@ class SolverConfig:
     seed: int = 0
     init_noise: float = 0.0
     colour_levels: int = 1
+    kernel_mass_cut: float = 0.015
 
     def __post_init__(self):
         if self.optimizer not in ("adam", "lbfgs"):
@@ -99,6 +108,8 @@ class SolverConfig:
         if self.colour_levels < 1:
             raise ValueError(f"colour_levels must be >= 1 (the finest level solves every "
                              f"channel), got {self.colour_levels}")
+        if not 0 <= self.kernel_mass_cut < 1:
+            raise ValueError(f"kernel_mass_cut must be in [0, 1), got {self.kernel_mass_cut}")
         if isinstance(self.refine_lr, list):  # from JSON
             object.__setattr__(self, "refine_lr", tuple(self.refine_lr))
         if self.refine_lr is not None and len(self.refine_lr) != 2:
@@ -272,14 +283,20 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 def from_dict(d: dict[str, Any]) -> Config:
     """Inverse of to_dict; unknown keys raise TypeError.
 
-    A dict without a "refine" section (written before that stage existed) reads as
-    refinement off, and a solver section without "colour_levels" as colour at every
-    level: that is how they were solved.
+    A dict written before an option existed reads as solved without it: no "refine"
+    section as refinement off, a solver section without "colour_levels" as colour at
+    every level, one without "kernel_mass_cut" as uncut kernels, a loss section
+    without "noise_power" as the unweighted data terms.
     """
     refine = RefineConfig(**d["refine"]) if "refine" in d else RefineConfig(iters=0)
     solver = dict(d.get("solver", {}))
     if solver and "colour_levels" not in solver:
         solver["colour_levels"] = solver.get("pyramid_levels", SolverConfig.pyramid_levels)
-    return Config(mpi=MpiConfig(**d.get("mpi", {})), loss=LossWeights(**d.get("loss", {})),
+    if solver:
+        solver.setdefault("kernel_mass_cut", 0.0)
+    loss = dict(d.get("loss", {}))
+    if loss:
+        loss.setdefault("noise_power", 0.0)
+    return Config(mpi=MpiConfig(**d.get("mpi", {})), loss=LossWeights(**loss),
                   solver=SolverConfig(**solver), post=PostConfig(**d.get("post", {})),
                   init=InitConfig(**d.get("init", {})), refine=refine)

@@ -105,6 +105,46 @@ def rescaled_radius(kernel_size: int, max_abs_scale: float) -> int:
     return max(0, math.ceil(max_abs_scale * (r + 0.5) - 0.5 - 1e-9))
 
 
+def support_radius(kernels, mass_cut: float) -> int:
+    """Half-width of the smallest centred square window holding all but `mass_cut` of
+    every kernel's mass (host-side, on concrete arrays).
+
+    Args:
+      kernels: [..., K, K] non-negative kernels, K odd.
+      mass_cut: the largest fraction of any kernel's sum allowed outside; 0 keeps the
+        whole K x K window.
+
+    Returns:
+      r in [0, (K - 1) // 2].
+    """
+    side = kernels.shape[-1]
+    r_full = (side - 1) // 2
+    if mass_cut <= 0:
+        return r_full
+    k = np.asarray(kernels, np.float64).reshape((-1, side, side))
+    total = k.sum(axis=(-2, -1))
+    for r in range(r_full):
+        inside = k[:, r_full - r:r_full + r + 1, r_full - r:r_full + r + 1].sum(axis=(-2, -1))
+        if np.all(inside >= (1.0 - mass_cut) * total):
+            return r
+    return r_full
+
+
+def layer_kernel_radius(kernel_size: int, max_abs_scale: float, support: int | None = None
+                        ) -> int:
+    """Half-width of the layer kernels of a solve (`SolverConfig.kernel_mass_cut`).
+
+    The whole rescaled window (`rescaled_radius`), or, with `support` (the reference
+    kernels' `support_radius`), the rescaled support window when it is smaller; the
+    layer kernels are then cropped to it (`rescale_kernel`), losing the same small
+    fraction of their mass at every scale.
+    """
+    r = rescaled_radius(kernel_size, max_abs_scale)
+    if support is not None:
+        r = min(r, rescaled_radius(2 * support + 1, max_abs_scale))
+    return r
+
+
 def _area_resample_matrix(scale: jax.Array, in_size: int, out_size: int) -> jax.Array:
     """[out_size, in_size] weights: overlap of output boxes with scaled input boxes.
 
@@ -125,7 +165,9 @@ def rescale_kernel(kernel: jax.Array, scale: jax.Array, out_size: int) -> jax.Ar
     Args:
         kernel: [K, K] reference kernel (s = 1).
         scale: scalar signed defocus scale.
-        out_size: odd output side; must hold the scaled support (see rescaled_radius).
+        out_size: odd output side. When it is smaller than the scaled support (see
+            rescaled_radius) the kernel is cropped to its centred window, then
+            renormalised.
 
     Returns:
         [out_size, out_size] kernel with the same sum as `kernel`.

@@ -75,32 +75,32 @@ BIAS_FREQ_CONSTANT = 5e-3
 
 
 def prepare_layer_kernels(bank: KernelBank, scales: jax.Array, geom: conv.ConvGeometry, *,
-                          power_radius: int | None = None) -> LayerKernels:
+                          own_radius: int | None = None) -> LayerKernels:
     """Rescales the kernel bank to the layer scales and computes spectra once.
 
     Args:
       bank: reference kernels [V, T, K0, K0].
       scales: [L] signed layer scales, back to front.
-      geom: geometry whose radius holds the largest rescaled kernel.
-      power_radius: half-width of the centred K x K window whose DFT gives
-        `inverse_power` (default geom.radius). The mean over that DFT grid depends on
-        its size, not only on the kernel: a batch of scenes padded to a common, larger
-        radius passes each scene's own radius so that its data term is unchanged.
+      geom: geometry whose radius holds the layer kernels.
+      own_radius: the layer kernels' own half-width (default geom.radius): they are
+        rescaled into that window (cropped to it where the rescaled kernel is larger,
+        `kernels.rescale_kernel`) and zero-padded to the geometry's, and the DFT grid
+        of `inverse_power` is that window's. The mean over that grid depends on its
+        size, not only on the kernel: a batch of scenes sized for the widest scene's
+        radius passes each scene's own radius, so its blur and data term are unchanged.
 
     Returns:
       LayerKernels.
     """
-    size = 2 * geom.radius + 1
-    k = rescale_kernels(bank.kernels, scales, size)  # [L, V, T, K, K]
-    k = jnp.swapaxes(k, 0, 1)  # [V, L, T, K, K]
-    kp = k  # kernels are centred: a smaller radius is a centre crop (zeros outside)
-    if power_radius is not None and power_radius != geom.radius:
-        if not 0 <= power_radius < geom.radius:
-            raise ValueError(f"power_radius {power_radius} must be in [0, {geom.radius}]")
-        lo = geom.radius - power_radius
-        kp = k[..., lo:size - lo, lo:size - lo]
-    power = jnp.sum(jnp.abs(jnp.fft.fft2(kp)) ** 2, axis=0)  # [L, T, K, K]
+    own = geom.radius if own_radius is None else own_radius
+    if not 0 <= own <= geom.radius:
+        raise ValueError(f"own_radius {own} must be in [0, {geom.radius}]")
+    k = rescale_kernels(bank.kernels, scales, 2 * own + 1)  # [L, V, T, k, k]
+    k = jnp.swapaxes(k, 0, 1)  # [V, L, T, k, k]
+    power = jnp.sum(jnp.abs(jnp.fft.fft2(k)) ** 2, axis=0)  # [L, T, k, k]
     inverse_power = jnp.mean(BIAS_FREQ_CONSTANT / (power + BIAS_FREQ_CONSTANT), axis=(-2, -1))
+    pad = geom.radius - own
+    k = jnp.pad(k, [(0, 0)] * 3 + [(pad, pad)] * 2)  # centred in the geometry's window
     if geom.method == "fft":
         spectra = conv.kernel_spectra(k, geom)
     else:

@@ -25,9 +25,10 @@ from dpjax.kernel_model import render_kernel_pairs
 from dpjax.kernels import (
     KernelBank,
     TileGrid,
+    layer_kernel_radius,
     parametric_dp_kernels,
     recenter_kernel_pairs,
-    rescaled_radius,
+    support_radius,
 )
 
 __all__ = [
@@ -536,13 +537,14 @@ def plan_solve(channels: int, bank: KernelBank, cfg: config_lib.Config,
         kind "config" for a forced split finer than the tile grid.
     """
     max_scale = float(np.max(np.abs(cfg.mpi.scales())))
+    support = support_radius(bank.kernels, cfg.solver.kernel_mass_cut)
 
     def estimate(grid: TileGrid) -> batch.MemoryEstimate:
         h, w = grid.image_shape
         return batch.estimate_solve_memory(
             height=h, width=w, channels=channels, num_layers=cfg.mpi.num_layers,
             grid=grid, kernel_size=bank.kernel_size, max_abs_scale=max_scale,
-            conv_method=cfg.solver.conv_method, round_fft=cfg.solver.round_fft,
+            kernel_support=support, conv_method=cfg.solver.conv_method, round_fft=cfg.solver.round_fft,
             refine_images=refine.unknown_images(cfg.refine, cfg.mpi.num_layers),
             refine_history=cfg.refine.memory)
 
@@ -570,7 +572,7 @@ def plan_solve(channels: int, bank: KernelBank, cfg: config_lib.Config,
     # of a tile pads it by that radius on each side, which must not dominate its cost,
     # and half a tile of overlap then discards at least two radii at a block's edge.
     factor = 2 ** (cfg.solver.pyramid_levels - 1)
-    radius = rescaled_radius(bank.kernel_size, max_scale)
+    radius = layer_kernel_radius(bank.kernel_size, max_scale, support)
     subs = blocks.subdivisions(bank.grid, factor,
                                max(-(-bank.kernel_size // factor) * factor, 4 * radius))
     plan = blocks.choose_plan(bank.grid, lambda g: estimate(g).total,

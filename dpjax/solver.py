@@ -23,7 +23,7 @@ import optax
 
 from dpjax import conv, losses, mpi, postprocess, refine
 from dpjax.config import Config, SolverConfig
-from dpjax.kernels import KernelBank, downsample_bank, rescaled_radius
+from dpjax.kernels import KernelBank, downsample_bank, layer_kernel_radius, support_radius
 
 
 class Progress(NamedTuple):
@@ -226,11 +226,11 @@ _run_chunk = jax.jit(_chunk, static_argnames=_STATIC, donate_argnums=(0, 1))
 _run_chunk_batch = jax.jit(_chunk_batch, static_argnames=_STATIC, donate_argnums=(0, 1))
 
 
-@functools.partial(jax.jit, static_argnames=("geom", "power_radius"))
+@functools.partial(jax.jit, static_argnames=("geom", "own_radius"))
 def _prepare(kernels: jax.Array, scales: jax.Array, geom: conv.ConvGeometry,
-             power_radius: int):
+             own_radius: int):
     bank = KernelBank(kernels=kernels, grid=geom.grid)
-    return mpi.prepare_layer_kernels(bank, scales, geom, power_radius=power_radius)
+    return mpi.prepare_layer_kernels(bank, scales, geom, own_radius=own_radius)
 
 
 @functools.partial(jax.jit, static_argnames=("weights",))
@@ -300,26 +300,33 @@ def match_channels(params: mpi.MpiParams, observation: jax.Array) -> mpi.MpiPara
     raise ValueError(f"init has {have} channels, the observation {want}")
 
 
+def _kernel_radius(lvl_bank: KernelBank, max_abs: float, scfg: SolverConfig) -> int:
+    """Half-width of one level's layer kernels (SolverConfig.kernel_mass_cut)."""
+    support = support_radius(lvl_bank.kernels, scfg.kernel_mass_cut)
+    return layer_kernel_radius(lvl_bank.kernel_size, max_abs, support)
+
+
 def _level_problem(planar: jax.Array, bank: KernelBank, scales: jax.Array, max_abs: float,
-                   factor: int, scfg: SolverConfig, pad_abs: float | None = None):
+                   factor: int, scfg: SolverConfig, pad_radius: int | None = None):
     """Observation and prepared layer kernels of the pyramid level with this factor.
 
     Args:
       planar: [V, C, H, W] full-resolution views.
       scales: [L] layer scales; max_abs = max |scales|.
-      pad_abs: size the convolution for kernels up to this |scale| instead (a batch's
-        common geometry). Zero-padded kernels and a wider edge padding give the same
-        blur, and the data term's bias factor keeps this scene's own kernel window
-        (`power_radius`), so only float rounding changes.
+      pad_radius: size the convolution for this kernel half-width instead (a batch's
+        common geometry, at least this scene's own). Zero-padded kernels and a wider
+        edge padding give the same blur, and the data term's bias factor keeps this
+        scene's own kernel window (`own_radius`), so only float rounding changes.
 
     Returns:
       (observation [V, C, H/f, W/f], LayerKernels).
     """
     lvl_bank = downsample_bank(bank, factor)
     lvl_obs = downsample_image(planar, factor)
-    own = rescaled_radius(lvl_bank.kernel_size, max_abs)
-    radius = own if pad_abs is None else rescaled_radius(lvl_bank.kernel_size,
-                                                          max(pad_abs, max_abs))
+    own = _kernel_radius(lvl_bank, max_abs, scfg)
+    radius = own if pad_radius is None else pad_radius
+    if radius < own:
+        raise ValueError(f"pad_radius {radius} is below the scene's kernel radius {own}")
     geom = conv.ConvGeometry.create(lvl_bank.grid, radius, scfg.conv_method, scfg.round_fft)
     lk = _prepare(lvl_bank.kernels, scales, geom, own)
     jax.block_until_ready(lk.kernels)
@@ -584,9 +591,10 @@ def _problems(scenes: Sequence[_Scene], factor: int, batched: bool):
     if not batched:
         s = scenes[0]
         return _level_problem(s.planar, s.bank, s.scales, s.max_abs, factor, s.config.solver)
-    pad_abs = max(s.max_abs for s in scenes)
+    pad = max(_kernel_radius(downsample_bank(s.bank, factor), s.max_abs, s.config.solver)
+              for s in scenes)
     obs, lks = zip(*(_level_problem(s.planar, s.bank, s.scales, s.max_abs, factor,
-                                    s.config.solver, pad_abs) for s in scenes))
+                                    s.config.solver, pad) for s in scenes))
     return jnp.stack(obs), _stack(lks)
 
 
@@ -700,7 +708,7 @@ def _solve(scenes: Sequence[_Scene], *, batched: bool,
         # with a narrower radius gets its own geometry and solves exactly what `fit` would.
         own_lk = None
         if (s.config.refine.iters > 0
-                and rescaled_radius(s.bank.kernel_size, s.max_abs) != lk.geom.radius):
+                and _kernel_radius(s.bank, s.max_abs, s.config.solver) != lk.geom.radius):
             own_lk = _level_problem(s.planar, s.bank, s.scales, s.max_abs, 1,
                                     s.config.solver)[1]
         outs.append(_outputs(_take(params, i), lvl_obs[i], _take(lk, i), s, f"scene {i}: ",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import dpjax
-from dpjax import batch, blocks, refine, scene
+from dpjax import batch, blocks, kernels, refine, scene
 from dpjax.kernels import TileGrid
 
 
@@ -108,6 +108,7 @@ def _estimate(bank, cfg, grid, channels=1):
     return batch.estimate_solve_memory(
         height=h, width=w, channels=channels, num_layers=cfg.mpi.num_layers, grid=grid,
         kernel_size=bank.kernel_size, max_abs_scale=float(np.max(np.abs(cfg.mpi.scales()))),
+        kernel_support=kernels.support_radius(bank.kernels, cfg.solver.kernel_mass_cut),
         refine_images=refine.unknown_images(cfg.refine, cfg.mpi.num_layers))
 
 

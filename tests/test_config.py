@@ -55,6 +55,15 @@ def test_init_config_is_part_of_the_config_and_round_trips():
     old = {"solver": {k: v for k, v in d["solver"].items() if k != "colour_levels"}}
     old["solver"].update(pyramid_levels=3, level_iters=[200, 120, 20])
     assert config_lib.from_dict(old).solver.colour_levels == 3  # solved before the option
+    assert config_lib.from_dict(old).solver.kernel_mass_cut == 0.015  # it was there
+    del old["solver"]["kernel_mass_cut"]
+    assert config_lib.from_dict(old).solver.kernel_mass_cut == 0.0  # solved before it
+    assert Config().solver.kernel_mass_cut > 0
+    old_loss = {"loss": {k: v for k, v in d["loss"].items() if k != "noise_power"}}
+    assert config_lib.from_dict(old_loss).loss.noise_power == 0.0
+    assert config_lib.from_dict(d).loss.noise_power == Config().loss.noise_power
+    with pytest.raises(ValueError, match="kernel_mass_cut must be in"):
+        config_lib.SolverConfig(kernel_mass_cut=-0.1)
     with pytest.raises(ValueError, match="colour_levels must be >= 1"):
         config_lib.SolverConfig(colour_levels=0)
     with pytest.raises(ValueError):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import dpjax
-from dpjax import losses, mpi, pipeline, solver
+from dpjax import kernels, losses, mpi, pipeline, solver
 
 
 @pytest.fixture(scope="module")
@@ -186,10 +186,13 @@ def test_rejects_what_cannot_share_a_batch(bank, views):
         dpjax.fit_batch([], bank, _cfg())
 
 
-def test_wider_padding_changes_only_rounding(bank, views):
-    """The batch's common geometry (radius of the largest |scale|) gives the same loss and
-    gradient as the scene's own, smaller one, up to float rounding."""
-    cfg = _cfg(**{"mpi.scale_min": 0.05, "mpi.scale_max": 0.7})
+@pytest.mark.parametrize("mass_cut", [0.0, 0.2])
+def test_wider_padding_changes_only_rounding(bank, views, mass_cut):
+    """A batch's common geometry (the widest scene's kernel radius) gives the same loss and
+    gradient as the scene's own, smaller one, up to float rounding, with whole kernels
+    and with kernels cut to their support (which must stay cut in the wider window)."""
+    cfg = _cfg(**{"mpi.scale_min": 0.05, "mpi.scale_max": 0.7,
+                  "solver.kernel_mass_cut": mass_cut})
     scene = solver._scene(views[1], bank, cfg)
     params = mpi.init_params(scene.planar, 4)
     keys = jax.random.split(jax.random.PRNGKey(0))
@@ -197,14 +200,18 @@ def test_wider_padding_changes_only_rounding(bank, views):
                              for x, k in zip(params, keys)))
     value_and_grad = jax.jit(jax.value_and_grad(
         lambda p, obs, lk: losses.loss_terms(p, obs, lk, cfg.loss).total))
-    out = []
-    for pad_abs in (None, 1.3):
-        obs, lk = solver._level_problem(scene.planar, bank, scene.scales, scene.max_abs, 1,
-                                        cfg.solver, pad_abs)
-        out.append((lk.geom.radius, *value_and_grad(params, obs, lk)))
-    (r0, v0, g0), *padded = out
-    for r, v, g in padded:
-        assert r > r0
-        assert abs(float(v) - float(v0)) <= 1e-5 * abs(float(v0))
-        for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g0)):
-            assert _rel(np.asarray(a), np.asarray(b)) < 1e-5  # measured 2e-6
+    obs, lk = solver._level_problem(scene.planar, bank, scene.scales, scene.max_abs, 1,
+                                    cfg.solver)
+    r0 = lk.geom.radius
+    assert (r0 < kernels.rescaled_radius(bank.kernel_size, scene.max_abs)) == (mass_cut > 0)
+    v0, g0 = value_and_grad(params, obs, lk)
+    obs, lk = solver._level_problem(scene.planar, bank, scene.scales, scene.max_abs, 1,
+                                    cfg.solver, r0 + 3)
+    assert lk.geom.radius == r0 + 3
+    v, g = value_and_grad(params, obs, lk)
+    assert abs(float(v) - float(v0)) <= 1e-5 * abs(float(v0))
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g0)):
+        assert _rel(np.asarray(a), np.asarray(b)) < 1e-5  # measured 2e-6
+    with pytest.raises(ValueError, match="below the scene's kernel radius"):
+        solver._level_problem(scene.planar, bank, scene.scales, scene.max_abs, 1,
+                              cfg.solver, r0 - 1)

@@ -39,6 +39,36 @@ def test_negative_scale_is_rotation(scale):
     np.testing.assert_allclose(neg, np.rot90(pos, 2), atol=1e-7)
 
 
+@pytest.mark.parametrize("scale", [1.6, -1.3])
+def test_rescale_into_smaller_window_is_renormalised_centre_crop(scale):
+    rng = np.random.default_rng(4)
+    k = jnp.asarray(_random_kernel(rng) * 0.9)
+    full = 2 * kernels.rescaled_radius(15, abs(scale)) + 1
+    whole = np.asarray(kernels.rescale_kernel(k, jnp.float32(scale), full))
+    lo = (full - 15) // 2
+    centre = whole[lo:lo + 15, lo:lo + 15]
+    cropped = np.asarray(kernels.rescale_kernel(k, jnp.float32(scale), 15))
+    assert centre.sum() < 0.9 * 0.999  # the rim held mass: this is a real crop
+    np.testing.assert_allclose(cropped, centre * (0.9 / centre.sum()), rtol=1e-4, atol=1e-7)
+
+
+def test_support_radius_holds_all_but_the_cut_of_every_kernel():
+    k = np.zeros((2, 3, 21, 21), np.float32)
+    k[..., 8:13, 8:13] = 1.0  # 25 units within radius 2
+    k[0, 1, 10, 17] = 0.5  # one kernel has 2% of its mass at radius 7
+    assert kernels.support_radius(k, 0.0) == 10  # the whole window
+    assert kernels.support_radius(k, 0.05) == 2
+    assert kernels.support_radius(k, 0.01) == 7  # every kernel counts
+    assert kernels.support_radius(k[:, ::2], 0.01) == 2
+
+
+def test_layer_kernel_radius_follows_the_support():
+    assert kernels.layer_kernel_radius(61, 1.5) == kernels.rescaled_radius(61, 1.5) == 46
+    assert kernels.layer_kernel_radius(61, 1.5, 30) == 46  # the whole window: no cut
+    assert kernels.layer_kernel_radius(61, 1.5, 20) == kernels.rescaled_radius(41, 1.5) == 31
+    assert kernels.layer_kernel_radius(61, 0.5, 20) == kernels.rescaled_radius(41, 0.5)
+
+
 def _area_reference(k, scale, out_size, sub=20):
     """Brute-force area integration: supersample the kernel as a box function."""
     kk = k.shape[0]

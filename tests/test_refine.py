@@ -7,7 +7,7 @@ import pytest
 
 import dpjax
 from dpjax import conv, metrics, mpi, postprocess, refine
-from dpjax.kernels import rescaled_radius
+from dpjax.kernels import layer_kernel_radius, rescaled_radius, support_radius
 
 NUM_LAYERS = 6
 SCALES = np.linspace(1.5, 0.1, NUM_LAYERS).astype(np.float32)
@@ -180,7 +180,8 @@ def test_refinement_reduces_its_objective(fits, scene, tiny_bank):
     # The start is the fit's composite: E there equals a direct evaluation.
     cfg = refine.RefineConfig(iters=40)
     obs = jnp.asarray(np.transpose(scene.views, (0, 3, 1, 2)))
-    radius = rescaled_radius(tiny_bank.kernel_size, 1.6)
+    radius = layer_kernel_radius(tiny_bank.kernel_size, 1.6, support_radius(
+        tiny_bank.kernels, dpjax.SolverConfig().kernel_mass_cut))  # as the solver sizes it
     lk = mpi.prepare_layer_kernels(tiny_bank, jnp.asarray(dpjax.MpiConfig(
         num_layers=8, scale_min=0.0, scale_max=1.6).scales()),
         conv.ConvGeometry.create(tiny_bank.grid, radius))
