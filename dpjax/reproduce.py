@@ -67,7 +67,6 @@ from dpjax import config as config_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "pixel4"
-DEFAULT_DPANET_CHECKPOINT = ROOT / "experiments" / "checkpoints" / "dpanet_w8"
 STEREO_CANDIDATES = 25
 GT_DIRS = ("gt_all_in_focus_im", "gt_defocus_map")
 
@@ -115,7 +114,7 @@ class Options:
     output_dir: Path = Path("out/pixel4")
     overwrite: bool = False
     quiet: bool = False
-    dpanet_checkpoint: Path | None = None  # default DEFAULT_DPANET_CHECKPOINT
+    dpanet_checkpoint: Path | None = None  # default runner.DEFAULT_DPANET_CHECKPOINT
     dpanet_init: bool = False
     dpanet_tile: int = dpanet.DEFAULT_TILE
     dpanet_overlap: int = dpanet.DEFAULT_OVERLAP
@@ -171,7 +170,7 @@ def load_dpanet(opts: Options, log: Log = _silent) -> DpanetModel:
         dpanet.inference.check_tiling(opts.dpanet_tile, opts.dpanet_overlap)
     except ValueError as e:
         raise ValueError(f"--dpanet_tile/--dpanet_overlap: {e}") from e
-    path = Path(opts.dpanet_checkpoint or DEFAULT_DPANET_CHECKPOINT)
+    path = Path(opts.dpanet_checkpoint or runner.DEFAULT_DPANET_CHECKPOINT)
     if opts.dpanet_checkpoint is None and not path.exists():
         raise FileNotFoundError(
             f"DPANet needs a trained checkpoint and the default {path} does not exist. "

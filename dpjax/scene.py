@@ -544,7 +544,8 @@ def plan_solve(channels: int, bank: KernelBank, cfg: config_lib.Config,
         return batch.estimate_solve_memory(
             height=h, width=w, channels=channels, num_layers=cfg.mpi.num_layers,
             grid=grid, kernel_size=bank.kernel_size, max_abs_scale=max_scale,
-            kernel_support=support, conv_method=cfg.solver.conv_method, round_fft=cfg.solver.round_fft,
+            kernel_support=support, conv_method=cfg.solver.conv_method,
+            round_fft=cfg.solver.round_fft,
             refine_images=refine.unknown_images(cfg.refine, cfg.mpi.num_layers),
             refine_history=cfg.refine.memory)
 

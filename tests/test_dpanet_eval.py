@@ -24,7 +24,7 @@ import pytest
 import tifffile
 
 import dpjax
-from dpjax import dpanet, io, mpi, outputs, pipeline
+from dpjax import dpanet, io, mpi, outputs, pipeline, runner
 from dpjax import reproduce as rt
 from dpjax.dpanet import inference, train
 from dpjax.solver import downsample_image
@@ -329,7 +329,7 @@ def test_reproduce_table_input_and_dpanet(tmp_path, pixel4_dir, ckpt_dir):
 def test_reproduce_table_dpanet_errors(tmp_path, pixel4_dir, monkeypatch):
     base = rt.Options(data_dir=pixel4_dir, scenes=("011",), methods=("dpanet",), crop=(1, 1),
                       output_dir=tmp_path / "out")
-    monkeypatch.setattr(rt, "DEFAULT_DPANET_CHECKPOINT", tmp_path / "absent")
+    monkeypatch.setattr(runner, "DEFAULT_DPANET_CHECKPOINT", tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match="train_dpanet.py"):
         rt.run(base)
     with pytest.raises(FileNotFoundError, match="--dpanet_checkpoint: DPANet checkpoint not "
@@ -411,7 +411,6 @@ def test_run_solver_dpanet_batch(tmp_path, ckpt_dir):
 
 def test_run_solver_dpanet_setup_errors(tmp_path, monkeypatch):
     _write_pair(tmp_path / "in", "a", _views(64, 64))
-    from dpjax import runner
 
     opts = _runner_opts(tmp_path / "in", tmp_path / "out", method="dpanet",
                         dpanet_checkpoint=tmp_path / "none")
