@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from common import define_step_flags, emit, step_problem_of_flags
+from common import define_step_flags, emit, kernel_record, step_problem_of_flags
 
 from dpjax import conv, mpi, refine
 
@@ -65,7 +65,7 @@ def main(argv):
     warm = runs[1]
     emit({
         "problem": {"height": h, "width": w, "layers": num_l, "channels": c,
-                    "tiles": bank.grid.num_tiles, "kernel_size": FLAGS.kernel_size,
+                    "tiles": bank.grid.num_tiles, **kernel_record(bank),
                     "layer_kernel_size": 2 * radius + 1, "fft_shape": list(geom.fft_shape)},
         "iters": FLAGS.iters,
         "runs": runs,

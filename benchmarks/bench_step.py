@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from common import define_step_flags, emit, step_problem_of_flags
+from common import define_step_flags, emit, kernel_record, step_problem_of_flags
 
 from dpjax import conv, losses, mpi
 
@@ -63,7 +63,7 @@ def main(argv):
     weights = losses.LossWeights()
     result = {
         "problem": {"height": h, "width": w, "layers": FLAGS.num_layers, "tiles": grid.num_tiles,
-                    "kernel_size": FLAGS.kernel_size, "layer_kernel_size": 2 * radius + 1,
+                    **kernel_record(bank), "layer_kernel_size": 2 * radius + 1,
                     "views": 2, "channels": channels[0] if len(channels) == 1 else channels},
         "jax_version": jax.__version__,
         "device": str(jax.devices()[0]),

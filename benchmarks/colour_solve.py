@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 from absl import app, flags
-from common import define_step_flags, emit, step_problem_of_flags
+from common import define_step_flags, emit, kernel_record, step_problem_of_flags
 
 import dpjax
 from dpjax import config as config_lib
@@ -57,7 +57,7 @@ def main(argv):
     base = dpjax.Config(mpi=config_lib.MpiConfig(num_layers=FLAGS.num_layers,
                                                  scale_min=FLAGS.scale_min,
                                                  scale_max=FLAGS.scale_max),
-                        solver=schedule)
+                        solver=dataclasses.replace(schedule, kernel_mass_cut=FLAGS.kernel_mass_cut))
     runs = {
         "grey": (synth.views.mean(axis=-1, keepdims=True), synth.all_in_focus.mean(
             axis=-1, keepdims=True), base),
@@ -67,7 +67,7 @@ def main(argv):
     }
     result = {"benchmark": "colour_solve", "machine": platform.platform(),
               "processor": platform.processor(), "frame": list(bank.grid.image_shape),
-              "grid": [bank.grid.rows, bank.grid.cols], "kernel_size": FLAGS.kernel_size,
+              "grid": [bank.grid.rows, bank.grid.cols], **kernel_record(bank),
               "num_layers": FLAGS.num_layers, "level_iters": list(schedule.level_iters),
               "runs": {}}
     for name in FLAGS.runs:

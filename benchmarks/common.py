@@ -50,6 +50,13 @@ def define_step_flags() -> None:
                        "their mass (SolverConfig.kernel_mass_cut; 0: the whole window).")
 
 
+def kernel_record(bank: kernels.KernelBank) -> dict[str, Any]:
+    """What a benchmark's JSON records of the step problem's kernels (the flags')."""
+    f = flags.FLAGS
+    return {"kernel_size": bank.kernel_size, "calib_dir": f.calib_dir,
+            "kernel_mass_cut": f.kernel_mass_cut}
+
+
 def step_problem_of_flags() -> StepProblem:
     """`step_problem` of the flags `define_step_flags` defined."""
     f = flags.FLAGS
@@ -72,9 +79,9 @@ def step_problem(*, rows: int, cols: int, tile: int, kernel_size: int, num_layer
         opts = scene.KernelOptions(calib_dir=Path(calib_dir), grid=(rows, cols),
                                    tile_size=tile)
     source = scene.kernel_source(opts, pyramid_factor=1)
-    if source.fixed_shape is not None and source.grid != (rows, cols):
-        raise ValueError(f"{calib_dir} has a {source.grid} kernel grid, the problem "
-                         f"{rows}x{cols} tiles")
+    if calib_dir is not None and (source.grid, source.tile_size) != ((rows, cols), tile):
+        raise ValueError(f"{calib_dir} has {source.grid[0]}x{source.grid[1]} kernel tiles of "
+                         f"{source.tile_size} px, the problem {rows}x{cols} of {tile} px")
     bank = scene.make_bank(source, {})
     scales = jnp.asarray(np.linspace(scale_max, scale_min, num_layers), jnp.float32)
     radius = kernels.layer_kernel_radius(bank.kernel_size,

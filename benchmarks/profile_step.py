@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from common import define_step_flags, emit, step_problem_of_flags
+from common import define_step_flags, emit, kernel_record, step_problem_of_flags
 
 from dpjax import conv, losses, mpi
 
@@ -94,7 +94,7 @@ def main(argv):
     result: dict = {
         "problem": {"height": h, "width": w, "layers": L, "channels": C, "tiles": grid.num_tiles,
                     "signals_per_layer": s, "fft_shape": list(geom.fft_shape),
-                    "layer_kernel_size": 2 * radius + 1,
+                    "layer_kernel_size": 2 * radius + 1, **kernel_record(bank),
                     "transforms_per_step_forward": {"forward": L * s * grid.num_tiles,
                                                     "inverse": 2 * L * s * grid.num_tiles}},
         "jax_version": jax.__version__, "device": str(jax.devices()[0]),

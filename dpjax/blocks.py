@@ -5,7 +5,8 @@ contiguous range of tiles (its core) and is solved over its core widened by `ove
 tiles on every side that has a neighbour; all blocks have the same size (an edge block
 takes its extra tiles on its inner side), so one compiled solve serves them all. Every
 block is solved alone by `dpjax.fit` with the frame's configuration: one layer range,
-so the blocks' defocus maps are in the same units.
+so the blocks' defocus maps are in the same units, and the frame's kernel support (the
+layer kernels' window, `SolverConfig.kernel_mass_cut`).
 
 Tiles may first be subdivided (`subdivide` s: every kernel tile becomes s x s tiles
 with the same kernel), which leaves the blur model exactly as it was (each output tile
@@ -39,7 +40,7 @@ import numpy as np
 
 from dpjax import mpi, solver
 from dpjax.config import Config
-from dpjax.kernels import KernelBank, TileGrid
+from dpjax.kernels import KernelBank, TileGrid, support_radius
 
 __all__ = ["DEFAULT_OVERLAP", "Block", "BlockPlan", "block_weights", "choose_plan",
            "fit_blocks", "plan_blocks", "subdivisions"]
@@ -294,6 +295,9 @@ def fit_blocks(observation, bank: KernelBank, config: Config, plan: BlockPlan, *
         raise ValueError(f"observation {obs.shape} does not cover the "
                          f"{plan.grid.image_shape} frame of the plan")
     t_start = time.perf_counter()
+    # The frame's kernel support sizes every block's layer kernels: one geometry, and
+    # the tiles two blocks share are cut alike.
+    support = support_radius(bank.kernels, config.solver.kernel_mass_cut)
     h, w, c = obs.shape[1], obs.shape[2], obs.shape[3]
     aif = np.zeros((h, w, c), np.float32)
     aif_raw = np.zeros((h, w, c), np.float32)
@@ -315,7 +319,7 @@ def fit_blocks(observation, bank: KernelBank, config: Config, plan: BlockPlan, *
             res = solver.fit(obs[:, ys, xs], _sub_bank(bank, plan, block), config,
                              callback=report,
                              init=None if init is None else _sub_init(init, plan, block),
-                             init_is_solution=init_is_solution)
+                             init_is_solution=init_is_solution, kernel_support=support)
         except FloatingPointError as e:
             raise FloatingPointError(f"block {i + 1}/{n} (tile rows {block.rows}, cols "
                                      f"{block.cols}): {e}") from e

@@ -136,8 +136,9 @@ def layer_kernel_radius(kernel_size: int, max_abs_scale: float, support: int | N
 
     The whole rescaled window (`rescaled_radius`), or, with `support` (the reference
     kernels' `support_radius`), the rescaled support window when it is smaller; the
-    layer kernels are then cropped to it (`rescale_kernel`), losing the same small
-    fraction of their mass at every scale.
+    layer kernels are then cropped to it (`rescale_kernel`). The window is set by the
+    widest layer, which loses at most the support's mass cut; narrower layers lose
+    less, usually nothing.
     """
     r = rescaled_radius(kernel_size, max_abs_scale)
     if support is not None:

@@ -219,7 +219,8 @@ def resolve_base(preset: str, base: Config | None = None, *, search_init: bool |
 def base_config(*, preset: str, quality: str | None = None, pyramid_levels: int | None = None,
                 level_iters=None, num_iters: int | None = None, num_layers: int | None = None,
                 search_init: bool | None = None, defocus_estimator: str | None = None,
-                refine_iters: int | None = None, colour_levels: int | None = None) -> Config:
+                refine_iters: int | None = None, colour_levels: int | None = None,
+                kernel_mass_cut: float | None = None) -> Config:
     """The base configuration of the apps' shared settings: schedule, layers, preset choices.
 
     One place for what the shared flags (dpjax_apps.flags) mean:
@@ -231,7 +232,8 @@ def base_config(*, preset: str, quality: str | None = None, pyramid_levels: int 
     cfg = Config(solver=schedule(quality=quality, pyramid_levels=pyramid_levels,
                                  level_iters=level_iters, num_iters=num_iters))
     for key, value in (("mpi.num_layers", num_layers), ("refine.iters", refine_iters),
-                       ("solver.colour_levels", colour_levels)):
+                       ("solver.colour_levels", colour_levels),
+                       ("solver.kernel_mass_cut", kernel_mass_cut)):
         if value is not None:
             cfg = cfg.replace(**{key: value})
     return resolve_base(preset, cfg, search_init=search_init,

@@ -278,7 +278,7 @@ def _image(x: jax.Array, problem: Problem, radius: int, cfg: RefineConfig) -> ja
         return x[0]
     trans = problem.trans
     if cfg.boundary == "edge":
-        trans = trans[:, radius:-radius, radius:-radius]
+        trans = trans[:, radius:trans.shape[1] - radius, radius:trans.shape[2] - radius]
     return mpi.all_in_focus(x, trans)
 
 

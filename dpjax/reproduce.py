@@ -109,6 +109,7 @@ class Options:
     num_iters: int | None = None
     num_layers: int | None = None
     refine_iters: int | None = None
+    kernel_mass_cut: float | None = None
     crop: tuple[int, int] | None = None
     recenter_kernels: bool = True
     output_dir: Path = Path("out/pixel4")
@@ -125,7 +126,8 @@ class Options:
             preset=self.preset, quality=self.quality, pyramid_levels=self.pyramid_levels,
             level_iters=self.level_iters, num_iters=self.num_iters,
             num_layers=self.num_layers, search_init=self.search_init,
-            defocus_estimator=self.defocus_estimator, refine_iters=self.refine_iters)
+            defocus_estimator=self.defocus_estimator, refine_iters=self.refine_iters,
+            kernel_mass_cut=self.kernel_mass_cut)
 
 
 # ----------------------------------------------------------------------------------------

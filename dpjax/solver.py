@@ -23,7 +23,13 @@ import optax
 
 from dpjax import conv, losses, mpi, postprocess, refine
 from dpjax.config import Config, SolverConfig
-from dpjax.kernels import KernelBank, downsample_bank, layer_kernel_radius, support_radius
+from dpjax.kernels import (
+    KernelBank,
+    downsample_bank,
+    layer_kernel_radius,
+    rescaled_radius,
+    support_radius,
+)
 
 
 class Progress(NamedTuple):
@@ -300,19 +306,22 @@ def match_channels(params: mpi.MpiParams, observation: jax.Array) -> mpi.MpiPara
     raise ValueError(f"init has {have} channels, the observation {want}")
 
 
-def _kernel_radius(lvl_bank: KernelBank, max_abs: float, scfg: SolverConfig) -> int:
-    """Half-width of one level's layer kernels (SolverConfig.kernel_mass_cut)."""
-    support = support_radius(lvl_bank.kernels, scfg.kernel_mass_cut)
-    return layer_kernel_radius(lvl_bank.kernel_size, max_abs, support)
+def _kernel_radius(s: _Scene, factor: int) -> int:
+    """Half-width of the layer kernels at the pyramid level with this factor.
+
+    The scene's support window (full resolution, `_Scene.support`) shrunk to the level
+    as `downsample_bank` shrinks the kernels: it holds the same mass of them.
+    """
+    lvl_size = 2 * rescaled_radius(s.bank.kernel_size, 1.0 / factor) + 1  # downsample_bank's
+    lvl_support = rescaled_radius(2 * s.support + 1, 1.0 / factor)
+    return layer_kernel_radius(lvl_size, s.max_abs, lvl_support)
 
 
-def _level_problem(planar: jax.Array, bank: KernelBank, scales: jax.Array, max_abs: float,
-                   factor: int, scfg: SolverConfig, pad_radius: int | None = None):
+def _level_problem(s: _Scene, factor: int, pad_radius: int | None = None):
     """Observation and prepared layer kernels of the pyramid level with this factor.
 
     Args:
-      planar: [V, C, H, W] full-resolution views.
-      scales: [L] layer scales; max_abs = max |scales|.
+      s: the scene.
       pad_radius: size the convolution for this kernel half-width instead (a batch's
         common geometry, at least this scene's own). Zero-padded kernels and a wider
         edge padding give the same blur, and the data term's bias factor keeps this
@@ -321,14 +330,15 @@ def _level_problem(planar: jax.Array, bank: KernelBank, scales: jax.Array, max_a
     Returns:
       (observation [V, C, H/f, W/f], LayerKernels).
     """
-    lvl_bank = downsample_bank(bank, factor)
-    lvl_obs = downsample_image(planar, factor)
-    own = _kernel_radius(lvl_bank, max_abs, scfg)
+    lvl_bank = downsample_bank(s.bank, factor)
+    lvl_obs = downsample_image(s.planar, factor)
+    own = _kernel_radius(s, factor)
     radius = own if pad_radius is None else pad_radius
     if radius < own:
         raise ValueError(f"pad_radius {radius} is below the scene's kernel radius {own}")
+    scfg = s.config.solver
     geom = conv.ConvGeometry.create(lvl_bank.grid, radius, scfg.conv_method, scfg.round_fft)
-    lk = _prepare(lvl_bank.kernels, scales, geom, own)
+    lk = _prepare(lvl_bank.kernels, s.scales, geom, own)
     jax.block_until_ready(lk.kernels)
     return lvl_obs, lk
 
@@ -376,14 +386,21 @@ class _Scene(NamedTuple):
     scales: jax.Array  # [L]
     max_abs: float  # max |scales|
     config: Config
+    support: int  # the reference kernels' support radius (kernels.support_radius)
 
 
-def _scene(observation, bank: KernelBank, config: Config) -> _Scene:
+def _scene(observation, bank: KernelBank, config: Config,
+           kernel_support: int | None = None) -> _Scene:
     obs = validate_observation(observation, bank)
     scales = config.mpi.scales()
+    if kernel_support is None:
+        kernel_support = support_radius(bank.kernels, config.solver.kernel_mass_cut)
+    if not 0 <= kernel_support <= (bank.kernel_size - 1) // 2:
+        raise ValueError(f"kernel_support {kernel_support} must be in "
+                         f"[0, {(bank.kernel_size - 1) // 2}] for {bank.kernel_size}-px kernels")
     return _Scene(planar=jnp.asarray(np.transpose(obs, (0, 3, 1, 2))), bank=bank,
                   scales=jnp.asarray(scales), max_abs=float(np.max(np.abs(scales))),
-                  config=config)
+                  config=config, support=int(kernel_support))
 
 
 def batch_key(config: Config):
@@ -398,7 +415,8 @@ def batch_key(config: Config):
 
 def fit(observation, bank: KernelBank, config: Config = _DEFAULT_CONFIG, *,
         callback: Callable[[Progress], None] | None = None,
-        init: mpi.MpiParams | None = None, init_is_solution: bool = True) -> FitResult:
+        init: mpi.MpiParams | None = None, init_is_solution: bool = True,
+        kernel_support: int | None = None) -> FitResult:
     """Estimates the defocus map and the all-in-focus image of one DP capture.
 
     Args:
@@ -412,6 +430,11 @@ def fit(observation, bank: KernelBank, config: Config = _DEFAULT_CONFIG, *,
         its first level already refines (SolverConfig.refine_lr); False when it is
         only a better starting image (e.g. a network's all-in-focus estimate with the
         usual initial alphas), so the first level runs the normal schedule.
+      kernel_support: the support radius that sizes the layer kernels
+        (`kernels.support_radius` at config.solver.kernel_mass_cut); default `bank`'s
+        own. The blocks of one frame pass the frame's (`dpjax.blocks.fit_blocks`), so
+        that they share one compiled geometry and cut their overlapping tiles' kernels
+        alike.
 
     Returns:
       FitResult.
@@ -421,7 +444,7 @@ def fit(observation, bank: KernelBank, config: Config = _DEFAULT_CONFIG, *,
       FloatingPointError: when the loss or a gradient becomes non-finite.
     """
     t_start = time.perf_counter()
-    scene = _scene(observation, bank, config)
+    scene = _scene(observation, bank, config, kernel_support)
     report = None if callback is None else (lambda progress: callback(progress[0]))
     return _solve([scene], batched=False, report=report, init=init, t_start=t_start,
                   refine_first=init is not None and init_is_solution)[0]
@@ -457,7 +480,7 @@ def finish_fit(observation, bank: KernelBank, config: Config,
     if params.color_logits.shape[-2:] != s.planar.shape[-2:]:
         raise ValueError(f"params are {params.color_logits.shape[-2:]}, the observation "
                          f"{s.planar.shape[-2:]}: finish_fit needs full-resolution params")
-    lvl_obs, lk = _level_problem(s.planar, s.bank, s.scales, s.max_abs, 1, config.solver)
+    lvl_obs, lk = _level_problem(s, 1)
     p, aif, raw, dmap, terms, ref = _outputs(match_channels(params, lvl_obs), lvl_obs, lk, s,
                                              "")
     timings = {"total_s": time.perf_counter() - t_start}
@@ -589,12 +612,9 @@ def _take(tree, i: int):
 def _problems(scenes: Sequence[_Scene], factor: int, batched: bool):
     """The level's observation and layer kernels: one scene's, or stacked [B, ...]."""
     if not batched:
-        s = scenes[0]
-        return _level_problem(s.planar, s.bank, s.scales, s.max_abs, factor, s.config.solver)
-    pad = max(_kernel_radius(downsample_bank(s.bank, factor), s.max_abs, s.config.solver)
-              for s in scenes)
-    obs, lks = zip(*(_level_problem(s.planar, s.bank, s.scales, s.max_abs, factor,
-                                    s.config.solver, pad) for s in scenes))
+        return _level_problem(scenes[0], factor)
+    pad = max(_kernel_radius(s, factor) for s in scenes)
+    obs, lks = zip(*(_level_problem(s, factor, pad) for s in scenes))
     return jnp.stack(obs), _stack(lks)
 
 
@@ -708,9 +728,8 @@ def _solve(scenes: Sequence[_Scene], *, batched: bool,
         # with a narrower radius gets its own geometry and solves exactly what `fit` would.
         own_lk = None
         if (s.config.refine.iters > 0
-                and _kernel_radius(s.bank, s.max_abs, s.config.solver) != lk.geom.radius):
-            own_lk = _level_problem(s.planar, s.bank, s.scales, s.max_abs, 1,
-                                    s.config.solver)[1]
+                and _kernel_radius(s, 1) != lk.geom.radius):
+            own_lk = _level_problem(s, 1)[1]
         outs.append(_outputs(_take(params, i), lvl_obs[i], _take(lk, i), s, f"scene {i}: ",
                              own_lk))
     refined = [out[-1] for out in outs if out[-1] is not None]

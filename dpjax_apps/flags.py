@@ -71,6 +71,9 @@ def define_common(*, output_dir: str, presets: tuple[str, ...] = ("auto", "paper
                      "levels solve every channel; the coarser ones solve the channel mean, "
                      "at the cost of a grey solve (default: dpjax.SolverConfig's, 1; the "
                      "pyramid level count or more: colour at every level).")
+    d.DEFINE_float("kernel_mass_cut", None, "Cut the layer kernels to the window holding "
+                   "all but this fraction of every calibrated kernel's mass (default: "
+                   "dpjax.SolverConfig's, 0.015; 0 keeps the whole calibration window).")
     d.DEFINE_integer("refine_iters", None, "L-BFGS iterations of the all-in-focus "
                      "refinement with the layer weights frozen (dpjax.refine; default: "
                      "dpjax.RefineConfig's; 0 turns it off).")
@@ -118,7 +121,8 @@ def base_config():
             preset=FLAGS.preset, quality=FLAGS.quality, pyramid_levels=FLAGS.pyramid_levels,
             level_iters=level_iters(), num_iters=FLAGS.num_iters, num_layers=FLAGS.num_layers,
             search_init=FLAGS.search_init, defocus_estimator=FLAGS.defocus_estimator,
-            refine_iters=FLAGS.refine_iters, colour_levels=FLAGS.colour_levels)
+            refine_iters=FLAGS.refine_iters, colour_levels=FLAGS.colour_levels,
+            kernel_mass_cut=FLAGS.kernel_mass_cut)
     except ValueError as e:
         raise app.UsageError(f"invalid solver settings: {e}") from None
 

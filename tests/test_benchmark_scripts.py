@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,28 @@ def test_bench_step(tmp_path):
     for method in ("fft", "direct"):
         assert res[method]["ms_per_step"] > 0 and len(res[method]["ms_all"]) == 1
     assert res["direct_over_fft"] > 0 and res["peak_rss_gib"] > 0
+
+
+def test_bench_step_on_calibrated_kernels_with_the_cut(tmp_path):
+    """--calib_dir: the calibration's kernels (their own side); the mass cut sizes the
+    layer kernels, 0 keeps the whole window."""
+    from dpjax import io
+
+    y, x = np.mgrid[-7:8, -7:8]
+    k = np.exp(-(x ** 2 + y ** 2) / 4.0).astype(np.float32)  # narrow in a 15-px window
+    pair = np.stack([k / k.sum()] * 4)[None].repeat(2, axis=0)  # [2, 4, 15, 15]
+    io.save_calibration_kernels(tmp_path / "calib", io.CalibratedKernels(pair, (2, 2), 32))
+    args = [*TINY, "--repeats=1", "--methods=fft", f"--calib_dir={tmp_path / 'calib'}"]
+    cut = _run("bench_step", args, tmp_path)["problem"]
+    whole = _run("bench_step", [*args, "--kernel_mass_cut=0"], tmp_path)["problem"]
+    assert cut["kernel_size"] == whole["kernel_size"] == 15  # not --kernel_size
+    assert whole["layer_kernel_size"] == 2 * 9 + 1  # the whole window at scale 1.2
+    assert cut["layer_kernel_size"] < whole["layer_kernel_size"]
+    assert cut["kernel_mass_cut"] > 0 and whole["kernel_mass_cut"] == 0
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"),
+                          "--rows=1", "--cols=2", "--tile=32", f"--calib_dir={tmp_path / 'calib'}"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode != 0 and "2x2 kernel tiles of 32 px" in bad.stderr
 
 
 def test_bench_refine(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import dpjax
-from dpjax import batch, blocks, kernels, refine, scene
+from dpjax import batch, blocks, kernels, refine, scene, solver
 from dpjax.kernels import TileGrid
 
 
@@ -170,3 +170,34 @@ def test_block_solve_matches_whole_frame_solve_without_seams():
     diff = np.abs(res.all_in_focus - whole.all_in_focus)[..., 0]
     seam = diff[72 - 4:72 + 4].mean()
     assert seam < 3 * diff.mean() + 1e-4
+
+
+def test_blocks_share_the_frames_kernel_window(monkeypatch):
+    """Tiles whose kernels differ in size: every block's layer kernels get the frame's
+    window (one compiled geometry; overlapping tiles cut alike), not its own tiles'."""
+    radii = [1.0] * 10 + [6.0] * 2  # 6 x 2 tiles: the bottom row blurs more
+    pairs = [dpjax.parametric_dp_kernels(radius=r, ramp=0.4, smooth_sigma=0.5, size=17)
+             for r in radii]
+    bank = dpjax.KernelBank.create(np.stack(pairs, axis=1), rows=6, cols=2, tile_h=16)
+    cfg = dpjax.Config(mpi=dpjax.MpiConfig(num_layers=3, scale_min=0.2, scale_max=1.2),
+                       solver=dpjax.SolverConfig(num_iters=2, chunk_size=2)
+                       ).replace(**{"refine.iters": 0})
+    cut = cfg.solver.kernel_mass_cut
+    plan = blocks.plan_blocks(bank.grid, (2, 1))
+    own = {kernels.support_radius(blocks._sub_bank(bank, plan, b).kernels, cut)
+           for b in plan.blocks}
+    frame = kernels.support_radius(bank.kernels, cut)
+    assert min(own) < frame  # the blocks' own supports differ from the frame's
+    seen = []
+    level_problem = solver._level_problem
+
+    def record(s, factor, pad_radius=None):
+        out = level_problem(s, factor, pad_radius)
+        seen.append(out[1].geom.radius)
+        return out
+
+    monkeypatch.setattr(solver, "_level_problem", record)
+    views = np.random.default_rng(0).uniform(0.2, 0.8, (2, 96, 32, 1)).astype(np.float32)
+    blocks.fit_blocks(views, bank, cfg, plan)
+    assert len(seen) == 2
+    assert set(seen) == {kernels.layer_kernel_radius(bank.kernel_size, 1.2, frame)}

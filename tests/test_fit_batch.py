@@ -200,18 +200,15 @@ def test_wider_padding_changes_only_rounding(bank, views, mass_cut):
                              for x, k in zip(params, keys)))
     value_and_grad = jax.jit(jax.value_and_grad(
         lambda p, obs, lk: losses.loss_terms(p, obs, lk, cfg.loss).total))
-    obs, lk = solver._level_problem(scene.planar, bank, scene.scales, scene.max_abs, 1,
-                                    cfg.solver)
+    obs, lk = solver._level_problem(scene, 1)
     r0 = lk.geom.radius
     assert (r0 < kernels.rescaled_radius(bank.kernel_size, scene.max_abs)) == (mass_cut > 0)
     v0, g0 = value_and_grad(params, obs, lk)
-    obs, lk = solver._level_problem(scene.planar, bank, scene.scales, scene.max_abs, 1,
-                                    cfg.solver, r0 + 3)
+    obs, lk = solver._level_problem(scene, 1, r0 + 3)
     assert lk.geom.radius == r0 + 3
     v, g = value_and_grad(params, obs, lk)
     assert abs(float(v) - float(v0)) <= 1e-5 * abs(float(v0))
     for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g0)):
         assert _rel(np.asarray(a), np.asarray(b)) < 1e-5  # measured 2e-6
     with pytest.raises(ValueError, match="below the scene's kernel radius"):
-        solver._level_problem(scene.planar, bank, scene.scales, scene.max_abs, 1,
-                              cfg.solver, r0 - 1)
+        solver._level_problem(scene, 1, r0 - 1)

@@ -116,6 +116,11 @@ def test_num_iters_is_the_finest_level_and_excludes_level_iters(tmp_path, pixel4
     assert solver.pyramid_levels == 3
     assert solver.level_iters == dpjax.config.FAST_LEVEL_ITERS[:-1] + (7,)
     assert rt.Options().base_config().solver.level_iters == dpjax.config.FAST_LEVEL_ITERS
+    assert rt.Options(kernel_mass_cut=0.0).base_config().solver.kernel_mass_cut == 0.0
+    assert (rt.Options().base_config().solver.kernel_mass_cut
+            == dpjax.SolverConfig().kernel_mass_cut)
+    with pytest.raises(ValueError, match="kernel_mass_cut must be in"):
+        rt.Options(kernel_mass_cut=1.5).base_config()
     opts = rt.Options(data_dir=pixel4_dir, output_dir=tmp_path / "out", scenes=("011",),
                       crop=(1, 1), num_iters=7, level_iters=(4, 2, 2))
     with pytest.raises(ValueError, match="not both"):

@@ -19,7 +19,7 @@ import pytest
 import tifffile
 
 import dpjax
-from dpjax import batch, io, outputs, pipeline, presets, runner, scene
+from dpjax import batch, io, kernels, outputs, pipeline, presets, runner, scene
 from dpjax.config import Config, schedule
 from dpjax.scene import KernelOptions, SceneOptions
 
@@ -357,7 +357,9 @@ def test_blocks_forced_or_by_memory_budget(tmp_path):
             height=TILE, width=cols * TILE, channels=1, num_layers=4,
             grid=dpjax.TileGrid(rows=1, cols=cols, tile_h=TILE, tile_w=TILE),
             kernel_size=bank.kernel_size,
-            max_abs_scale=float(np.max(np.abs(opts.scene.base.mpi.scales())))).total
+            max_abs_scale=float(np.max(np.abs(opts.scene.base.mpi.scales()))),
+            kernel_support=kernels.support_radius(
+                bank.kernels, opts.scene.base.solver.kernel_mass_cut)).total
 
     budget_gb = (need(6) + need(5)) / 2 / 1e9
     out = tmp_path / "budget"
