@@ -198,6 +198,11 @@ def rescale_kernels(kernels: jax.Array, scales: jax.Array, out_size: int) -> jax
     return per_scale.reshape((scales.shape[0],) + lead + (out_size, out_size))
 
 
+def downsampled_kernel_size(kernel_size: int, factor: int) -> int:
+    """Side of `kernel_size` kernels in `downsample_bank`'s bank for this factor."""
+    return 2 * rescaled_radius(kernel_size, 1.0 / factor) + 1
+
+
 def downsample_bank(bank: KernelBank, factor: int) -> KernelBank:
     """The kernel bank of an image area-downsampled by `factor` (pyramid level).
 
@@ -206,7 +211,7 @@ def downsample_bank(bank: KernelBank, factor: int) -> KernelBank:
     """
     if factor == 1:
         return bank
-    out_size = 2 * rescaled_radius(bank.kernel_size, 1.0 / factor) + 1
+    out_size = downsampled_kernel_size(bank.kernel_size, factor)
     small = rescale_kernels(bank.kernels, jnp.asarray([1.0 / factor], jnp.float32), out_size)[0]
     return KernelBank(kernels=small, grid=bank.grid.downsampled(factor))
 

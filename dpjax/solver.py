@@ -26,6 +26,7 @@ from dpjax.config import Config, SolverConfig
 from dpjax.kernels import (
     KernelBank,
     downsample_bank,
+    downsampled_kernel_size,
     layer_kernel_radius,
     rescaled_radius,
     support_radius,
@@ -312,7 +313,7 @@ def _kernel_radius(s: _Scene, factor: int) -> int:
     The scene's support window (full resolution, `_Scene.support`) shrunk to the level
     as `downsample_bank` shrinks the kernels: it holds the same mass of them.
     """
-    lvl_size = 2 * rescaled_radius(s.bank.kernel_size, 1.0 / factor) + 1  # downsample_bank's
+    lvl_size = downsampled_kernel_size(s.bank.kernel_size, factor)
     lvl_support = rescaled_radius(2 * s.support + 1, 1.0 / factor)
     return layer_kernel_radius(lvl_size, s.max_abs, lvl_support)
 
