@@ -102,6 +102,17 @@ def parse_rxc(text: str | None, flag: str) -> tuple[int, int] | None:
     return r, c
 
 
+def parse_named(items: list[str] | None, flag: str) -> dict[str, Path]:
+    """NAME=FOLDER list items as {name: folder}, in order (UsageError for a bad item)."""
+    out = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise app.UsageError(f"--{flag} takes NAME=FOLDER items, got {item!r}")
+        out[name] = Path(path)
+    return out
+
+
 def level_iters() -> tuple[int, ...] | None:
     """--level_iters as integers (None when not given; UsageError otherwise)."""
     if not FLAGS.level_iters:

@@ -34,20 +34,11 @@ import numpy as np
 from absl import app, flags, logging
 
 from dpjax import baselines, io, metrics, outputs, scene
+from dpjax_apps.flags import parse_named
 
 FLAGS = flags.FLAGS
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CANON = ROOT.parent / "shared" / "data" / "canon_r6ii"
-
-
-def _parse_named(items: list[str] | None, flag: str) -> dict[str, Path]:
-    out = {}
-    for item in items or []:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise app.UsageError(f"--{flag} takes NAME=FOLDER items, got {item!r}")
-        out[name] = Path(path)
-    return out
 
 
 def _crop(arr: np.ndarray, result: dict[str, Any]) -> np.ndarray:
@@ -190,14 +181,14 @@ def main(argv):
     if (FLAGS.results or FLAGS.flat_results) and not (canon / "casual" / "orbbec").is_dir():
         logging.error("%s has no casual/orbbec scenes (set --canon_dir)", canon)
         return 2
-    results = _parse_named(FLAGS.results, "results")
-    flats = _parse_named(FLAGS.flat_results, "flat_results")
+    results = parse_named(FLAGS.results, "results")
+    flats = parse_named(FLAGS.flat_results, "flat_results")
     report: dict[str, Any] = {"depth": {}, "flat": {}}
     for name, folder in results.items():
         report["depth"][name] = score_depth_results(folder, canon)
     from dpjax.config import Config
 
-    for name, where in _parse_named(FLAGS.stereo, "stereo").items():
+    for name, where in parse_named(FLAGS.stereo, "stereo").items():
         kopts = (scene.KernelOptions(kind="parametric") if str(where) == "parametric" else
                  scene.KernelOptions(calib_dir=where))
         source = scene.kernel_source(kopts, 1)
@@ -205,7 +196,7 @@ def main(argv):
     for name, folder in flats.items():
         report["flat"][name] = flat_scores(folder, canon)
     report["pixel4"] = {name: pixel_scores(folder)
-                        for name, folder in _parse_named(FLAGS.pixel_results,
+                        for name, folder in parse_named(FLAGS.pixel_results,
                                                          "pixel_results").items()}
     if FLAGS.pixel_reference:
         path, _, preset = FLAGS.pixel_reference.partition(":")

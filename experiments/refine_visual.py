@@ -25,7 +25,7 @@ from absl import app, flags, logging
 
 from dpjax import io, metrics, scene
 from dpjax import reproduce as rt
-from dpjax_apps.flags import parse_rxc
+from dpjax_apps.flags import parse_named, parse_rxc
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("scene", "001", "Scene id.")
@@ -69,12 +69,8 @@ def main(argv):
     import tifffile
     from PIL import Image
 
-    runs = []
-    for item in FLAGS.runs:
-        label, sep, folder = item.partition("=")
-        if not sep:
-            raise app.UsageError(f"--runs entries are LABEL=FOLDER, got {item!r}")
-        runs.append((label, Path(folder) / FLAGS.scene))
+    runs = [(label, folder / FLAGS.scene)
+            for label, folder in parse_named(FLAGS.runs, "runs").items()]
     opts = rt.Options(data_dir=Path(FLAGS.data_dir), crop=parse_rxc(FLAGS.crop, "crop"),
                       scenes=(FLAGS.scene,), methods=("input",))
     try:  # the table's own checks: a missing pair or ground truth is one clear line

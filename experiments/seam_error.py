@@ -27,7 +27,7 @@ from absl import app, flags, logging
 
 from dpjax import metrics
 from dpjax import reproduce as rt
-from dpjax_apps.flags import parse_rxc
+from dpjax_apps.flags import parse_named, parse_rxc
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("scenes", None, "Scene ids (default: every scene with ground truth).")
@@ -89,7 +89,7 @@ def main(argv):
     del argv
     if not FLAGS.runs:
         raise app.UsageError("--runs=LABEL=FOLDER[,...] is required")
-    runs = dict(r.split("=", 1) for r in FLAGS.runs)
+    runs = parse_named(FLAGS.runs, "runs")
     opts = rt.Options(data_dir=Path(FLAGS.data_dir), crop=parse_rxc(FLAGS.crop, "crop"),
                       scenes=tuple(FLAGS.scenes) if FLAGS.scenes else None,
                       methods=("input",), output_dir=Path("unused"))
