@@ -20,7 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dpjax import conv
+from dpjax import conv, layer_ops
 from dpjax.kernels import KernelBank, rescale_kernels
 
 
@@ -108,6 +108,21 @@ def prepare_layer_kernels(bank: KernelBank, scales: jax.Array, geom: conv.ConvGe
     return LayerKernels(kernels=k, spectra=spectra, inverse_power=inverse_power, geom=geom)
 
 
+def layer_kernel_slices(lk: LayerKernels) -> LayerKernels:
+    """The layer kernels stacked per layer, for a `lax.scan` over the layers.
+
+    Returns:
+      LayerKernels whose arrays lead with the layer axis: kernels [L, V, 1, T, K, K],
+      spectra [L, V, 1, T, Fh, Fw'] (or [L, 0] for the direct method), inverse_power
+      [L, 1, T]; slice l is layer l's own LayerKernels (one layer).
+    """
+    num_layers = lk.inverse_power.shape[0]
+    spectra = (jnp.moveaxis(lk.spectra, 1, 0)[:, :, None] if lk.spectra.size
+               else jnp.zeros((num_layers, 0), lk.spectra.dtype))
+    return LayerKernels(kernels=jnp.moveaxis(lk.kernels, 1, 0)[:, :, None], spectra=spectra,
+                        inverse_power=lk.inverse_power[:, None], geom=lk.geom)
+
+
 def alphas(params: MpiParams) -> jax.Array:
     """[L, H, W] alphas with the back layer fixed opaque."""
     front = jax.nn.sigmoid(params.alpha_logits)
@@ -129,13 +144,7 @@ def visibility(alpha: jax.Array) -> jax.Array:
     Returns:
       [..., L, H, W]; the front layer has visibility 1.
     """
-    clear = 1.0 - alpha
-    # Exclusive product over the layers in front: reverse, cumulative product, shift.
-    rev = jnp.flip(clear, axis=-3)
-    prod = jnp.cumprod(rev, axis=-3)
-    ones = jnp.ones_like(prod[..., :1, :, :])
-    excl = jnp.concatenate([ones, prod[..., :-1, :, :]], axis=-3)
-    return jnp.flip(excl, axis=-3)
+    return layer_ops.front_products(1.0 - alpha)
 
 
 def transmittance(alpha: jax.Array) -> jax.Array:
@@ -145,7 +154,7 @@ def transmittance(alpha: jax.Array) -> jax.Array:
 
 def all_in_focus(color: jax.Array, trans: jax.Array) -> jax.Array:
     """A = sum_l T_l c_l: [L, C, H, W], [L, H, W] -> [C, H, W]."""
-    return jnp.sum(color * trans[:, None], axis=0)
+    return layer_ops.sum_axis(color * trans[:, None], 0)
 
 
 def defocus_map(trans: jax.Array, scales: jax.Array) -> jax.Array:
@@ -230,7 +239,7 @@ def render(params: MpiParams, lk: LayerKernels) -> Rendering:
     blurred_alpha = blurred[:, :, num_c]
     layer_views = blurred[:, :, num_c + 1:]
     vis = visibility(blurred_alpha)  # [V, L, H, W]
-    views = jnp.sum(premult * vis[:, :, None], axis=1)  # [V, C, H, W]
+    views = layer_ops.sum_axis(premult * vis[:, :, None], 1)  # [V, C, H, W]
     return Rendering(views=views, blurred_transmittance=blurred_alpha * vis,
                      layer_views=layer_views)
 
@@ -251,7 +260,7 @@ def render_views(color: jax.Array, alpha: jax.Array, lk: LayerKernels) -> jax.Ar
     signals = jnp.concatenate([alpha[:, None] * color, alpha[:, None]], axis=1)
     blurred = blur_layers(signals, lk)
     vis = visibility(blurred[:, :, num_c])
-    return jnp.sum(blurred[:, :, :num_c] * vis[:, :, None], axis=1)
+    return layer_ops.sum_axis(blurred[:, :, :num_c] * vis[:, :, None], 1)
 
 
 def init_params(observation: jax.Array, num_layers: int) -> MpiParams:

@@ -104,3 +104,52 @@ def test_noise_power_weighs_the_data_terms_only(tiny_bank):
     np.testing.assert_allclose(terms(params, flat, lk, losses.LossWeights(noise_power=1.0)),
                                terms(params, flat, lk, losses.LossWeights(noise_power=0.0)),
                                rtol=1e-5)
+
+
+def _reference_data_terms(params, obs, lk, weights):
+    """Terms 1 and 2 written over whole [V, L, ...] arrays from `mpi.render`, the way
+    METHOD.md states them; loss_terms computes them one layer at a time."""
+    g = weights.charbonnier_gamma
+    num_layers = params.color_logits.shape[0]
+    mean_i = jnp.mean(obs)
+    norm = 0.5 / mean_i
+    r = mpi.render(params, lk)
+    beta = (mean_i / 0.5) * 2.0 * weights.noise_sigma**2 * losses.tile_map(
+        lk.inverse_power, lk.geom.grid)  # [L, H, W]
+    bt = r.blurred_transmittance  # [V, L, H, W]
+    bias = jnp.sum(bt * beta[None], axis=1)
+    w = (1.0 if weights.noise_power == 0 else
+         losses.intensity_weight(obs, weights.noise_power, weights.noise_floor))
+    err = w * ((r.views - obs) ** 2 - bias[:, None])
+    data = weights.data * norm * jnp.mean(losses.charbonnier(err, g))
+    layer_err = w * ((r.layer_views - obs[:, None]) ** 2 - beta[None, :, None])
+    aux = weights.aux * norm * num_layers * jnp.mean(
+        jax.lax.stop_gradient(bt)[:, :, None] * losses.charbonnier(layer_err, g))
+    return data, aux
+
+
+@pytest.mark.parametrize("method", ["fft", "direct"])
+@pytest.mark.parametrize("noise_power", [0.0, 1.0])
+def test_layer_loop_matches_the_whole_array_formula(tiny_bank, method, noise_power):
+    rng = np.random.default_rng(5)
+    with jax.enable_x64(True):
+        params, obs, lk = _problem(jnp.float64, tiny_bank, rng)
+        if method == "direct":
+            geom = conv.ConvGeometry.create(lk.geom.grid, lk.geom.radius, "direct")
+            lk = mpi.LayerKernels(kernels=lk.kernels, spectra=jnp.zeros((0,), jnp.complex128),
+                                  inverse_power=lk.inverse_power, geom=geom)
+        weights = losses.LossWeights(noise_power=noise_power)
+        terms = losses.loss_terms(params, obs, lk, weights)
+        data, aux = _reference_data_terms(params, obs, lk, weights)
+        assert float(terms.data) == pytest.approx(float(data), rel=1e-12)
+        assert float(terms.aux) == pytest.approx(float(aux), rel=1e-12)
+
+        def ref_total(p):
+            t = losses.loss_terms(p, obs, lk, weights)
+            return sum(_reference_data_terms(p, obs, lk, weights)) + (
+                t.image_tv + t.alpha_tv + t.entropy)
+
+        got = jax.grad(lambda p: losses.loss_terms(p, obs, lk, weights).total)(params)
+        want = jax.grad(ref_total)(params)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12 * float(jnp.max(jnp.abs(b))))
