@@ -6,7 +6,9 @@ timed alone (median of --repeats after a warm-up) forward, and where it matters
 forward + backward (a vector-Jacobian product with a random cotangent); the last two
 rows are the whole loss, forward and with its gradient, as the solver runs them. XLA's
 memory report of the compiled whole step (arguments, outputs, temporaries) is included.
-Stages overlap in the fused whole step, so the stages need not add up to it.
+The FFT stages are one layer's (the loss loops over the layers, `losses.data_terms`);
+the data and prior terms are all layers'. Stages overlap in the fused whole step, so
+they need not add up to it.
 
   python benchmarks/profile_step.py [--channels=1] [--repeats=3] [--output=FILE.json]
 """
@@ -64,45 +66,53 @@ def main(argv):
     params = mpi.init_params(obs, L)
     weights = losses.LossWeights()
     s = 2 * C + 1
-    signals = jnp.asarray(rng.random((L, s, h, w)), jnp.float32)
+    # The loss blurs one layer at a time (losses.data_terms): the FFT stages are timed
+    # for one layer's S signals and both views; the loss runs them L times.
+    signals = jnp.asarray(rng.random((1, s, h, w)), jnp.float32)
     padded = conv.pad_edges(signals, radius)
     spec = jax.jit(lambda x: conv.tile_spectra(x, geom))(padded)
-    blurred = jnp.asarray(rng.random((2, L, s, h, w)), jnp.float32)
+    one_layer = jax.tree_util.tree_map(lambda x: x[0], mpi.layer_kernel_slices(lk))
+    color, alpha = mpi.colors(params), mpi.alphas(params)
+    norm = 0.5 / jnp.mean(obs)
 
     def forward_fft(x):
         return conv.tile_spectra(x, geom)
 
     def multiply_inverse(sp):
-        return conv.apply_spectra(sp[None], lk.spectra[:, :, None], geom)
+        return conv.apply_spectra(sp[None], one_layer.spectra[:, :, None], geom)
 
     def blur(x):
-        return mpi.blur_layers(x, lk)
+        return mpi.blur_layers(x, one_layer)
 
-    def composite(b):  # mpi.render after the blur: visibility and the two views
-        vis = mpi.visibility(b[:, :, C])
-        return jnp.sum(b[:, :, :C] * vis[:, :, None], axis=1), b[:, :, C] * vis
+    def data(c, a):  # all layers: blur, composite, terms 1 and 2
+        return sum(losses.data_terms(c, a, obs, lk, weights))
+
+    def priors(c, a):  # terms 3 to 5
+        return sum(losses.prior_terms(c, a, norm, weights))
 
     def loss(p):
         return losses.loss_terms(p, obs, lk, weights).total
 
     stages = {
-        "tile_fft_forward": (forward_fft, padded),
-        "multiply_and_inverse_fft": (multiply_inverse, spec),
-        "blur_layers": (blur, signals),
-        "composite": (composite, blurred),
+        "tile_fft_forward_one_layer": (forward_fft, (padded,)),
+        "multiply_and_inverse_fft_one_layer": (multiply_inverse, (spec,)),
+        "blur_one_layer": (blur, (signals,)),
+        "data_terms": (data, (color, alpha)),
+        "prior_terms": (priors, (color, alpha)),
     }
     result: dict = {
         "problem": {"height": h, "width": w, "layers": L, "channels": C, "tiles": grid.num_tiles,
                     "signals_per_layer": s, "fft_shape": list(geom.fft_shape),
                     "layer_kernel_size": 2 * radius + 1, **kernel_record(bank),
                     "transforms_per_step_forward": {"forward": L * s * grid.num_tiles,
-                                                    "inverse": 2 * L * s * grid.num_tiles}},
+                                                    "inverse": 2 * L * s * grid.num_tiles},
+                    "layers_per_step": L},
         "jax_version": jax.__version__, "device": str(jax.devices()[0]),
         "platform": platform.platform(), "stages": {},
     }
-    for name, (fn, arg) in stages.items():
-        result["stages"][name] = {"forward": _time(jax.jit(fn), arg),
-                                  "forward_backward": _time(_with_vjp(fn), arg)}
+    for name, (fn, args) in stages.items():
+        result["stages"][name] = {"forward": _time(jax.jit(fn), *args),
+                                  "forward_backward": _time(_with_vjp(fn), *args)}
     step = jax.jit(jax.value_and_grad(loss))
     result["stages"]["loss"] = {"forward": _time(jax.jit(loss), params),
                                 "forward_backward": _time(step, params)}

@@ -208,27 +208,69 @@ def loss_terms(params: mpi.MpiParams, observation: jax.Array, lk: mpi.LayerKerne
     Returns:
       LossTerms of scalars.
     """
-    g = weights.charbonnier_gamma
-    num_layers = params.color_logits.shape[0]
-    mean_i = jnp.mean(observation)
-    norm = 0.5 / mean_i  # n, the intensity normaliser
-
     color = mpi.colors(params)
     alpha = mpi.alphas(params)
-    trans = mpi.transmittance(alpha)  # [L, H, W]
+    data, aux = data_terms(color, alpha, observation, lk, weights, stop_gradient)
+    norm = 0.5 / jnp.mean(observation)  # n, the intensity normaliser
+    image_tv, alpha_tv, entropy = prior_terms(color, alpha, norm, weights, stop_gradient)
+    total = data + aux + image_tv + alpha_tv + entropy
+    return LossTerms(data=data, aux=aux, image_tv=image_tv, alpha_tv=alpha_tv,
+                     entropy=entropy, total=total)
 
-    # Terms 1 and 2, rendered and scored one layer at a time (`_layer_loop`).
+
+def data_terms(color: jax.Array, alpha: jax.Array, observation: jax.Array,
+               lk: mpi.LayerKernels, weights: LossWeights,
+               stop_gradient: Callable[[jax.Array], jax.Array] = jax.lax.stop_gradient
+               ) -> tuple[jax.Array, jax.Array]:
+    """Terms 1 and 2 (weighted): the bias-corrected data term and the auxiliary term.
+
+    Args:
+      color: [L, C, H, W] layer intensities.
+      alpha: [L, H, W] alphas (layer 0 opaque).
+      observation: [V, C, H, W].
+      lk: layer kernels.
+      weights: weights and constants.
+      stop_gradient: the sg(.) on the auxiliary term's weights.
+
+    Returns:
+      (data, aux) scalars.
+    """
+    g = weights.charbonnier_gamma
+    mean_i = jnp.mean(observation)
+    norm = 0.5 / mean_i
     beta = (mean_i / 0.5) * 2.0 * weights.noise_sigma**2 * lk.inverse_power  # [L, T]
+    # Residuals relative to the noise level; 1 (the paper's terms) when noise_power is 0.
     w = (jnp.ones(observation.shape[-2:], observation.dtype) if weights.noise_power == 0
          else intensity_weight(observation, weights.noise_power, weights.noise_floor))
     views, bias, aux_sum = _layer_loop(color, alpha, observation, lk, beta, w, g,
                                        stop_gradient)
-    # Term 1: bias-corrected data term, residuals relative to the noise level (w is 1,
-    # the paper's term, when noise_power is 0).
+    # Term 1: bias-corrected data term.
     err = w * ((views - observation) ** 2 - bias[:, None])
     data = weights.data * norm * jnp.mean(charbonnier(err, g))
-    # Term 2: each layer alone, blurred, should match where it is visible.
-    aux = weights.aux * norm * num_layers * aux_sum / (observation.size * num_layers)
+    # Term 2: each layer alone, blurred, should match where it is visible; the paper's
+    # L times the mean over [V, L, C, H, W].
+    aux = weights.aux * norm * aux_sum / observation.size
+    return data, aux
+
+
+def prior_terms(color: jax.Array, alpha: jax.Array, norm: jax.Array, weights: LossWeights,
+                stop_gradient: Callable[[jax.Array], jax.Array] = jax.lax.stop_gradient
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Terms 3-5 (weighted): intensity smoothness, alpha smoothness, collision entropy.
+
+    Args:
+      color: [L, C, H, W] layer intensities.
+      alpha: [L, H, W] alphas (layer 0 opaque).
+      norm: the intensity normaliser 0.5 / mean(observation).
+      weights: weights and constants.
+      stop_gradient: the sg(.) on the layer-TV weights and the edge mask.
+
+    Returns:
+      (image_tv, alpha_tv, entropy) scalars.
+    """
+    g = weights.charbonnier_gamma
+    num_layers = color.shape[0]
+    trans = mpi.transmittance(alpha)  # [L, H, W]
 
     # Term 3: intensity smoothness, edge-aware with a mask from the image itself.
     aif = mpi.all_in_focus(color, trans)  # [C, H, W]
@@ -251,10 +293,7 @@ def loss_terms(params: mpi.MpiParams, observation: jax.Array, lk: mpi.LayerKerne
     # Term 5: collision entropy pushes each pixel towards a single layer.
     entropy = weights.entropy / math.log(num_layers) * (
         jnp.mean(collision_entropy(sqrt_a[1:])) + jnp.mean(collision_entropy(sqrt_t)))
-
-    total = data + aux + image_tv + alpha_tv + entropy
-    return LossTerms(data=data, aux=aux, image_tv=image_tv, alpha_tv=alpha_tv,
-                     entropy=entropy, total=total)
+    return image_tv, alpha_tv, entropy
 
 
 _ENTROPY_TINY = 1e-12  # floor of the weight sum and of sum_l p_l^2 (all-zero pixels)
