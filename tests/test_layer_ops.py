@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpjax import layer_ops, losses
+from dpjax import layer_ops
 
 
 def _plain_front_products(clear):
@@ -11,11 +11,6 @@ def _plain_front_products(clear):
     prod = jnp.cumprod(jnp.flip(clear, axis=-3), axis=-3)
     ones = jnp.ones_like(prod[..., :1, :, :])
     return jnp.flip(jnp.concatenate([ones, prod[..., :-1, :, :]], axis=-3), axis=-3)
-
-
-def _plain_entropy(w):
-    p = w / jnp.maximum(jnp.sum(w, axis=0, keepdims=True), 1e-12)
-    return -jnp.log(jnp.maximum(jnp.sum(p * p, axis=0), 1e-12))
 
 
 @pytest.mark.parametrize("axis", [0, 1, -3])
@@ -43,18 +38,3 @@ def test_front_products_match_cumprod_and_its_gradient():
         got = jax.grad(lambda c: jnp.sum(jnp.cos(layer_ops.front_products(c)) * weight))(clear)
         want = jax.grad(lambda c: jnp.sum(jnp.cos(_plain_front_products(c)) * weight))(clear)
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
-
-
-def test_collision_entropy_gradient_matches_the_plain_formula():
-    rng = np.random.default_rng(2)
-    with jax.enable_x64(True):
-        w = jnp.asarray(rng.random((5, 4, 6)))
-        w = w.at[:, 0, 0].set(0.0)  # an all-zero pixel: the floors' branch, gradient 0
-        np.testing.assert_allclose(losses.collision_entropy(w), _plain_entropy(w), rtol=1e-12)
-        weight = jnp.asarray(rng.normal(size=w.shape[1:]))
-        got = jax.grad(lambda w: jnp.sum(losses.collision_entropy(w) * weight))(w)
-        want = jax.grad(lambda w: jnp.sum(_plain_entropy(w) * weight))(w)
-        assert np.all(np.isfinite(got))
-        np.testing.assert_allclose(got[:, 1:], want[:, 1:], rtol=1e-10)
-        np.testing.assert_allclose(got[:, 0, 1:], want[:, 0, 1:], rtol=1e-10)
-        np.testing.assert_array_equal(got[:, 0, 0], 0.0)

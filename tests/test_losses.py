@@ -153,3 +153,39 @@ def test_layer_loop_matches_the_whole_array_formula(tiny_bank, method, noise_pow
         want = jax.grad(ref_total)(params)
         for a, b in zip(got, want):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12 * float(jnp.max(jnp.abs(b))))
+
+
+def _plain_entropy(w):
+    p = w / jnp.maximum(jnp.sum(w, axis=0, keepdims=True), 1e-12)
+    return -jnp.log(jnp.maximum(jnp.sum(p * p, axis=0), 1e-12))
+
+
+def test_collision_entropy_gradient_matches_the_plain_formula():
+    rng = np.random.default_rng(2)
+    with jax.enable_x64(True):
+        w = jnp.asarray(rng.random((5, 4, 6)))
+        w = w.at[:, 0, 0].set(0.0)  # an all-zero pixel: the floors' branch, gradient 0
+        np.testing.assert_allclose(losses.collision_entropy(w), _plain_entropy(w), rtol=1e-12)
+        weight = jnp.asarray(rng.normal(size=w.shape[1:]))
+        got = jax.grad(lambda w: jnp.sum(losses.collision_entropy(w) * weight))(w)
+        want = jax.grad(lambda w: jnp.sum(_plain_entropy(w) * weight))(w)
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got[:, 1:], want[:, 1:], rtol=1e-10)
+        np.testing.assert_allclose(got[:, 0, 1:], want[:, 0, 1:], rtol=1e-10)
+        np.testing.assert_array_equal(got[:, 0, 0], 0.0)
+
+
+def test_binomial_blur_gradient_is_its_adjoint():
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=(2, 7, 9)))
+        y = jnp.asarray(rng.normal(size=(2, 5, 7)))
+        # Dot-product identity <G x, y> = <x, G^T y> with G^T from the custom gradient.
+        _, pull = jax.vjp(losses.binomial_blur_valid, x)
+        lhs = jnp.vdot(losses.binomial_blur_valid(x), y)
+        assert float(lhs) == pytest.approx(float(jnp.vdot(x, pull(y)[0])), rel=1e-12)
+        # And against the dense matrix of the filter built from unit impulses.
+        basis = jnp.eye(7 * 9).reshape(63, 7, 9)
+        dense = jax.vmap(losses.binomial_blur_valid)(basis).reshape(63, 35)  # [in, out]
+        got = pull(y)[0].reshape(2, 63)
+        np.testing.assert_allclose(got, y.reshape(2, 35) @ dense.T, rtol=1e-12, atol=1e-14)
