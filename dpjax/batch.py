@@ -27,8 +27,11 @@ of `conv.ConvGeometry` (Fr = Fw // 2 + 1 complex bins per row):
   pixels   = BETA (L C + L - 1) P * 4           MPI-sized buffers: logits, gradient,
                                                 Adam state and the per-layer images
                                                 the backward pass keeps
-  work     = ALPHA V L (C + 1) T Fh Fr * 8      tile spectra of every view's blurred
-                                                layer signals (alpha * colour, alpha)
+  work     = ALPHA V (2C + 1) T Fh Fr * 8       tile spectra of one layer's blurred
+                                                signals (alpha * colour, alpha, colour)
+                                                in both views: the loss blurs and
+                                                scores one layer at a time
+                                                (`losses.data_terms`)
   refine   = ((2 + V) L P + (2 m + 3) U Pr) * 4   the all-in-focus refinement's own
                                                 arrays (frozen alphas, transmittances,
                                                 blurred visibilities; its unknown of U
@@ -300,7 +303,7 @@ def estimate_solve_memory(*, height: int, width: int, channels: int, num_layers:
         "inputs": v * c * p * 4.0,
         "kernels": v * L * t * (kside * kside * 4.0 + (bins * 8.0 if conv_method == "fft" else 0)),
         "pixels": BETA * (L * c + L - 1) * p * 4.0,
-        "work": ALPHA * v * L * (c + 1) * t * bins * 8.0,
+        "work": ALPHA * v * (2 * c + 1) * t * bins * 8.0,
     }
     if refine_images > 0:
         padded = (height + 2 * r) * (width + 2 * r)

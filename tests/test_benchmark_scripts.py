@@ -28,10 +28,12 @@ def _run(script: str, args: list[str], tmp_path: Path) -> dict:
 
 
 def test_bench_step(tmp_path):
-    res = _run("bench_step", [*TINY, "--repeats=1", "--methods=fft,direct"], tmp_path)
+    res = _run("bench_step", [*TINY, "--repeats=1", "--methods=fft,direct", "--scan_steps=2"],
+               tmp_path)
     assert res["problem"]["height"] == res["problem"]["width"] == 64
     for method in ("fft", "direct"):
         assert res[method]["ms_per_step"] > 0 and len(res[method]["ms_all"]) == 1
+        assert res[method]["ms_per_step_in_scan"] > 0
     assert res["direct_over_fft"] > 0 and res["peak_rss_gib"] > 0
 
 

@@ -189,3 +189,43 @@ def test_binomial_blur_gradient_is_its_adjoint():
         dense = jax.vmap(losses.binomial_blur_valid)(basis).reshape(63, 35)  # [in, out]
         got = pull(y)[0].reshape(2, 63)
         np.testing.assert_allclose(got, y.reshape(2, 35) @ dense.T, rtol=1e-12, atol=1e-14)
+
+
+def _reference_prior_terms(color, alpha, norm, weights):
+    """Terms 3-5 over whole [L, ...] arrays, as METHOD.md states them."""
+    g, sg = weights.charbonnier_gamma, jax.lax.stop_gradient
+    num_layers = color.shape[0]
+    trans = mpi.transmittance(alpha)
+    aif = jnp.sum(color * trans[:, None], axis=0)
+    var_img = losses.local_variance(norm * aif)
+    tv_img = losses.charbonnier(var_img, g)
+    keep = sg(1.0 - jnp.mean(1.0 - jnp.exp(-var_img / (2.0 * weights.edge_beta**2)), axis=0))
+    tv_layers = losses.tv(norm * color, g)
+    lw = num_layers * sg(trans[:, 1:-1, 1:-1])[:, None]
+    image_tv = weights.image_tv * (jnp.mean(tv_img * keep) + jnp.mean(tv_img)
+                                   + jnp.mean(lw * tv_layers * keep) + jnp.mean(lw * tv_layers))
+    sqrt_a, sqrt_t = jnp.sqrt(jnp.maximum(alpha, 1e-10)), jnp.sqrt(jnp.maximum(trans, 1e-10))
+    alpha_tv = weights.alpha_tv * (num_layers / 12.0) ** 2 * jnp.mean(
+        (losses.tv(sqrt_a, g) + losses.tv(sqrt_t, g)) * keep)
+    entropy = weights.entropy / np.log(num_layers) * (
+        jnp.mean(_plain_entropy(sqrt_a[1:])) + jnp.mean(_plain_entropy(sqrt_t)))
+    return image_tv, alpha_tv, entropy
+
+
+def test_prior_terms_match_the_whole_array_formula(tiny_bank):
+    rng = np.random.default_rng(6)
+    with jax.enable_x64(True):
+        params, obs, _ = _problem(jnp.float64, tiny_bank, rng)
+        params = params._replace(color_logits=jnp.concatenate([params.color_logits] * 3, 1))
+        weights = losses.LossWeights()
+        norm = 0.5 / jnp.mean(obs)
+
+        def both(p, fn):
+            return fn(mpi.colors(p), mpi.alphas(p), norm, weights)
+
+        got, want = both(params, losses.prior_terms), both(params, _reference_prior_terms)
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+        grads = [jax.grad(lambda p, fn=fn: sum(both(p, fn)))(params)
+                 for fn in (losses.prior_terms, _reference_prior_terms)]
+        for a, b in zip(*grads):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12 * float(jnp.max(jnp.abs(b))))
