@@ -301,30 +301,15 @@ def prior_terms(color: jax.Array, alpha: jax.Array, norm: jax.Array, weights: Lo
     edge = 1.0 - jnp.exp(-var_img / (2.0 * weights.edge_beta**2))
     keep = stop_gradient(1.0 - jnp.mean(edge, axis=0))  # [H-2, W-2], 1 in flat areas
     img_term = jnp.mean(tv_img * keep) + jnp.mean(tv_img)
-    sqrt_a = sqrt_finite_grad(alpha)
-    sqrt_t = sqrt_finite_grad(trans)
-
-    # The per-layer smoothness sums of terms 3 and 4, one layer at a time (as the data
-    # terms: each layer's intermediates stay small; BENCHMARKS.md, "Layer loop").
-    def layer_sums(totals, xs):
-        c, sa, st, t = xs  # [C, H, W], [H, W], [H, W], [H, W]
-        tv_layer = tv(norm * c, g)  # [C, H-2, W-2]
-        lw = stop_gradient(_crop1(t))  # the layer-TV weight T_l
-        layer = jnp.sum(lw * tv_layer * keep) + jnp.sum(lw * tv_layer)
-        a = jnp.sum((tv(sa, g) + tv(st, g)) * keep)
-        return (totals[0] + layer, totals[1] + a), None
-
-    zero = jnp.zeros((), color.dtype)
-    (layer_sum, a_sum), _ = jax.lax.scan(layer_sums, (zero, zero),
-                                         (color, sqrt_a, sqrt_t, trans))
-    valid = (color.shape[-2] - 2) * (color.shape[-1] - 2)
-    # Term 3's layer part: the paper's L times the mean over [L, C, H-2, W-2].
-    layer_term = layer_sum / (valid * color.shape[1])
+    tv_layers = tv(norm * color, g)  # [L, C, H-2, W-2]
+    lw = num_layers * stop_gradient(_crop1(trans))[:, None]
+    layer_term = jnp.mean(lw * tv_layers * keep) + jnp.mean(lw * tv_layers)
     image_tv = weights.image_tv * (img_term + layer_term)
 
-    # Term 4: alpha smoothness on sqrt(alpha) and sqrt(T), edge-aware (mean over layers
-    # and pixels).
-    a_tv = a_sum / (valid * num_layers)
+    # Term 4: alpha smoothness on sqrt(alpha) and sqrt(T), edge-aware.
+    sqrt_a = sqrt_finite_grad(alpha)
+    sqrt_t = sqrt_finite_grad(trans)
+    a_tv = jnp.mean((tv(sqrt_a, g) + tv(sqrt_t, g)) * keep)
     alpha_tv = weights.alpha_tv * (num_layers / 12.0) ** 2 * a_tv
 
     # Term 5: collision entropy pushes each pixel towards a single layer.
