@@ -52,7 +52,7 @@ def main(argv):
     alpha_logit = 3.0 * _smooth(rng, (num_l - 1, h, w), 30.0)
     params = mpi.MpiParams(color_logits=jnp.asarray(np.log(colour / (1 - colour)), jnp.float32),
                            alpha_logits=jnp.asarray(alpha_logit, jnp.float32))
-    obs = mpi.render(params, lk).views
+    obs = mpi.render_views(mpi.colors(params), mpi.alphas(params), lk)
     obs = obs + jnp.asarray(0.005 * rng.standard_normal(obs.shape), jnp.float32)
     cfg = refine.RefineConfig(iters=FLAGS.iters)
     runs = []

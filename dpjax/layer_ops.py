@@ -61,8 +61,8 @@ def _exclusive_front_products(clear: jax.Array) -> jax.Array:
     """[..., L, H, W] -> P_l = prod_{j>l} clear_j, stacked on axis -3."""
     parts = _slices(clear, clear.ndim - 3)
     out = [jnp.ones_like(parts[0])]
-    for l in range(len(parts) - 1, 0, -1):
-        out.append(out[-1] * parts[l])
+    for j in range(len(parts) - 1, 0, -1):
+        out.append(out[-1] * parts[j])
     return jnp.stack(out[::-1], axis=-3)
 
 

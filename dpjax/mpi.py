@@ -210,13 +210,25 @@ def blur_layers(signals: jax.Array, lk: LayerKernels) -> jax.Array:
     Returns:
       [V, L, S, H, W].
     """
+    return blur_padded_layers(conv.pad_edges(signals, lk.geom.radius), lk)
+
+
+def blur_padded_layers(padded: jax.Array, lk: LayerKernels) -> jax.Array:
+    """`blur_layers` of signals already padded by the kernel radius r.
+
+    Args:
+      padded: [L, S, H + 2r, W + 2r].
+      lk: prepared layer kernels.
+
+    Returns:
+      [V, L, S, H, W] (the valid part).
+    """
     geom = lk.geom
-    padded = conv.pad_edges(signals, geom.radius)
     if geom.method == "fft":
         spec = conv.tile_spectra(padded, geom)  # [L, S, T, Fh, Fw'] computed once for both views
         # Broadcast the views' kernel spectra over the S signals of each layer.
         return conv.apply_spectra(spec[None], lk.spectra[:, :, None], geom)
-    num_layers, num_signals = signals.shape[:2]
+    num_layers, num_signals = padded.shape[:2]
 
     def per_view(kernels):  # kernels: [L, T, K, K]
         k = jnp.repeat(kernels[:, None], num_signals, axis=1)
@@ -247,7 +259,9 @@ def render(params: MpiParams, lk: LayerKernels) -> Rendering:
 def render_views(color: jax.Array, alpha: jax.Array, lk: LayerKernels) -> jax.Array:
     """Renders both views of an MPI given directly by colours and alphas.
 
-    Used to synthesise observations with known ground truth.
+    Used to synthesise observations with known ground truth. One layer at a time, front
+    to back (as `losses.data_terms`), so a large frame never holds every layer's blurred
+    signals at once; equal to `render(...).views` (tested).
 
     Args:
       color: [L, C, H, W] layer intensities.
@@ -258,9 +272,19 @@ def render_views(color: jax.Array, alpha: jax.Array, lk: LayerKernels) -> jax.Ar
     """
     num_c = color.shape[1]
     signals = jnp.concatenate([alpha[:, None] * color, alpha[:, None]], axis=1)
-    blurred = blur_layers(signals, lk)
-    vis = visibility(blurred[:, :, num_c])
-    return layer_ops.sum_axis(blurred[:, :, :num_c] * vis[:, :, None], 1)
+
+    def step(carry, xs):
+        vis, views = carry  # [V, H, W], [V, C, H, W]
+        sig, lk_l = xs
+        blurred = blur_layers(sig[None], lk_l)[:, 0]  # [V, C + 1, H, W]
+        views = views + blurred[:, :num_c] * vis[:, None]
+        return (vis * (1.0 - blurred[:, num_c]), views), None
+
+    v = lk.kernels.shape[0]
+    init = (jnp.ones((v,) + color.shape[-2:], color.dtype),
+            jnp.zeros((v,) + color.shape[1:], color.dtype))
+    (_, views), _ = jax.lax.scan(step, init, (signals, layer_kernel_slices(lk)), reverse=True)
+    return views
 
 
 def init_params(observation: jax.Array, num_layers: int) -> MpiParams:

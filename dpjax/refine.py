@@ -242,21 +242,19 @@ def render_linear(x: jax.Array, problem: Problem, lk: mpi.LayerKernels,
     Returns:
       [V, C, H, W].
     """
-    geom = lk.geom
-    signals = _layer_signals(x, problem, geom.radius, cfg)
-    if geom.method == "fft":
-        spec = conv.tile_spectra(signals, geom)  # [L, C, T, Fh, Fw']
-        blurred = conv.apply_spectra(spec[None], lk.spectra[:, :, None], geom)
-    else:
-        num_l, num_c = signals.shape[:2]
-        flat = signals.reshape((num_l * num_c,) + signals.shape[2:])
+    signals = _layer_signals(x, problem, lk.geom.radius, cfg)  # [L, C, Hp, Wp]
 
-        def per_view(kernels):  # [L, T, K, K] -> [L, C, H, W]
-            out = conv.convolve_tiles_direct(flat, jnp.repeat(kernels, num_c, axis=0), geom)
-            return out.reshape((num_l, num_c) + out.shape[1:])
+    # One layer at a time (as the fit's loss): no all-layers FFT products are held.
+    def step(views, xs):
+        sig, lk_l, vis = xs  # [C, Hp, Wp], one layer's kernels, [V, H, W]
+        blurred = mpi.blur_padded_layers(sig[None], lk_l)[:, 0]  # [V, C, H, W]
+        return views + blurred * vis[:, None], None
 
-        blurred = jax.vmap(per_view)(lk.kernels)  # [V, L, C, H, W]
-    return jnp.sum(blurred * problem.visibility[:, :, None], axis=1)  # [V, C, H, W]
+    obs = problem.observation
+    views, _ = jax.lax.scan(step, jnp.zeros(obs.shape, signals.dtype),
+                            (signals, mpi.layer_kernel_slices(lk),
+                             jnp.moveaxis(problem.visibility, 1, 0)))
+    return views  # [V, C, H, W]
 
 
 def adjoint(problem: Problem, lk: mpi.LayerKernels, cfg: RefineConfig, like: jax.Array):

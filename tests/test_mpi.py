@@ -115,3 +115,15 @@ def test_unknown_estimator_is_named():
         mpi.estimate_defocus(jnp.ones((2, 1, 1)) / 2, jnp.asarray([1.0, 0.0]), "median")
     with pytest.raises(ValueError, match="unknown defocus estimator 'median'"):
         PostConfig(defocus="median")
+
+
+@pytest.mark.parametrize("method", ["fft", "direct"])
+def test_render_views_one_layer_at_a_time_equals_render(tiny_bank, method):
+    rng = np.random.default_rng(7)
+    h, w = tiny_bank.grid.image_shape
+    p = _random_params(rng, num_layers=3, c=2, h=h, w=w, spread=1.5)
+    geom = conv.ConvGeometry.create(tiny_bank.grid, 6, method)
+    lk = mpi.prepare_layer_kernels(tiny_bank, jnp.asarray([1.2, 0.4, -0.6]), geom)
+    want = mpi.render(p, lk).views
+    got = mpi.render_views(mpi.colors(p), mpi.alphas(p), lk)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
