@@ -33,31 +33,33 @@ of `conv.ConvGeometry` (Fr = Fw // 2 + 1 complex bins per row):
                                                 scores one layer at a time
                                                 (`losses.data_terms`)
   refine   = ((2 + V) L P + (2 m + 3) U Pr) * 4   the all-in-focus refinement's own
-                                                arrays (frozen alphas, transmittances,
-                                                blurred visibilities; its unknown of U
+           + REFINE_OVERHEAD                    arrays (frozen alphas, transmittances,
+           + GAMMA L (C + 1) P * 4              blurred visibilities; its unknown of U
                                                 images of Pr = (H + 2r)(W + 2r) values
-                                                and m pairs of L-BFGS history), when
-                                                it runs (refine_images U > 0)
+                                                and m pairs of L-BFGS history) and its
+                                                working set, when it runs
+                                                (refine_images U > 0)
   total    = OVERHEAD + inputs + kernels + pixels + work + refine
 
 OVERHEAD (compiled code, runtime buffers), ALPHA and BETA are a least-squares fit to
 the peak resident memory of nine single-level 5-step CPU solves on jax 0.10.2
-(ru_maxrss minus the resident size after `import dpjax`, which is ~0.22 GB and not
-included), from 64x64 px / 4 layers to a full 1008x1344 Pixel 4 frame with the
-61-px calibrated kernels (7.8 GB); MEMORY_MEASUREMENTS lists them. The fit is within
-6% on every problem except the smallest (64x64 px, +19%). They predate the split
-inverse FFT of `conv.apply_spectra`, which lowered a full-frame step's peak resident
-memory by ~6% (7.2 -> 6.7 GiB, BENCHMARKS.md): the estimate now errs high. On GPU the
-same buffers live in device memory, but XLA's fusion and buffer reuse differ:
-treat the estimate as a guide (+-30%), not a bound.
+(ru_maxrss minus the resident size after the imports), from 64x64 px / 4 layers to a
+full 1008x1344 Pixel 4 frame with 61-px kernels and their whole window (3.76 GB);
+MEMORY_MEASUREMENTS lists them, `benchmarks/memory_fit.py` re-measures them and
+refits the constants (last run 2026-12-05, after the loss became a loop over the
+layers: the full frame needed 7.8 GB before). The fit is within 7% on every problem
+but the 128x128 one (-11%). On GPU the same buffers live in device memory, but XLA's
+fusion and buffer reuse differ: treat the estimate as a guide (+-30%), not a bound.
 
-The refinement runs after the fit, while the fit's results stay allocated: its own
-arrays add to the peak (on a full Pixel 4 frame peak resident memory went from 8.6
-to 9.0 GB with it, the term above gives 0.39 GB), while its working set (the
-spectra of one operator evaluation and its gradient, C instead of the fit's C + 1
-signals) stays below the fit's: REFINE_MEASUREMENTS, the peak resident memory of
-the refinement alone (`benchmarks/bench_refine.py`), is below the fit's estimate on
-every problem but the smallest (256 x 256 px: 723 MB against 652).
+The refinement runs after the fit, while the fit's results stay allocated. Since the
+fit became a loop over the layers the refinement alone needs more than the fit's
+working set (a full Pixel 4 frame: 4.35 GB against the fit's 3.76 GB), so its term
+holds its own arrays and its working set: REFINE_OVERHEAD and GAMMA are a
+least-squares fit of the latter to REFINE_MEASUREMENTS, the peak resident memory of
+the refinement alone (`benchmarks/bench_refine.py`, 10 iterations; within -17%/+19%
+of the working set, within 15% of the total on every problem). Adding the fit's
+working set and the refinement's is conservative: a whole solve never holds both (the
+six full Pixel 4 frames in one process peaked at 5.6 GB; the estimate says 7.1 GB).
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ __all__ = [
     "BETA",
     "MEMORY_MEASUREMENTS",
     "REFINE_MEASUREMENTS",
+    "REFINE_OVERHEAD_BYTES",
+    "GAMMA",
     "OVERHEAD_BYTES",
     "STATUSES",
     "THUMBS",
@@ -118,30 +122,33 @@ THUMBS = {"input": "thumb_input.png", "all_in_focus": "thumb_all_in_focus.png",
           "defocus": "thumb_defocus_map.png"}
 
 # Memory model constants (module docstring), fitted to MEMORY_MEASUREMENTS.
-OVERHEAD_BYTES = 340e6
-ALPHA = 3.5
-BETA = 38.0
+OVERHEAD_BYTES = 343e6
+ALPHA = 6.7
+BETA = 19.7
+# The refinement's working set (module docstring), fitted to REFINE_MEASUREMENTS.
+REFINE_OVERHEAD_BYTES = 270e6
+GAMMA = 21.9
 # ((H, W, rows, cols, layers, channels, kernel side, max |scale|), measured MB).
 MEMORY_MEASUREMENTS: tuple[tuple[tuple[float, ...], float], ...] = (
-    ((128, 128, 2, 2, 12, 1, 23, 1.6), 456),
-    ((256, 256, 2, 2, 12, 1, 23, 1.6), 671),
-    ((512, 512, 2, 2, 12, 1, 23, 1.6), 1527),
-    ((512, 512, 2, 2, 12, 3, 23, 1.6), 2608),
-    ((384, 384, 4, 4, 8, 1, 15, 1.6), 824),
-    ((336, 448, 2, 2, 12, 1, 61, 1.6), 1168),
-    ((64, 64, 2, 2, 4, 1, 13, 1.45), 292),
-    ((768, 768, 3, 3, 12, 1, 23, 1.6), 3129),
-    ((1008, 1344, 6, 8, 12, 1, 61, 1.6), 7781),
+    ((128, 128, 2, 2, 12, 1, 23, 1.6), 429),
+    ((256, 256, 2, 2, 12, 1, 23, 1.6), 497),
+    ((512, 512, 2, 2, 12, 1, 23, 1.6), 919),
+    ((512, 512, 2, 2, 12, 3, 23, 1.6), 1400),
+    ((384, 384, 4, 4, 8, 1, 15, 1.6), 541),
+    ((336, 448, 2, 2, 12, 1, 61, 1.6), 711),
+    ((64, 64, 2, 2, 4, 1, 13, 1.45), 341),
+    ((768, 768, 3, 3, 12, 1, 23, 1.6), 1691),
+    ((1008, 1344, 6, 8, 12, 1, 61, 1.6), 3761),
 )
-# The refinement alone, 10 iterations on random smooth layers (benchmarks/bench_refine.py:
-# its peak_rss_gib, which includes rendering the views, minus the 0.17 GB resident after
-# the imports, as above), same key, MB.
+# The refinement alone, 10 iterations on random smooth layers (benchmarks/bench_refine.py
+# --kernel_mass_cut=0: its peak_rss_gib, which includes rendering the views, minus the
+# 0.17 GB resident after the imports), same key, MB; 2026-12-05, commit 9d10aeb.
 REFINE_MEASUREMENTS: tuple[tuple[tuple[float, ...], float], ...] = (
-    ((1008, 1344, 6, 8, 12, 1, 61, 1.5), 3903),
-    ((504, 672, 3, 4, 12, 1, 61, 1.5), 1925),
-    ((504, 672, 3, 4, 12, 3, 61, 1.5), 2857),
-    ((256, 256, 2, 2, 12, 1, 23, 1.5), 723),
-    ((512, 768, 4, 6, 12, 3, 13, 1.5), 2754),
+    ((1008, 1344, 6, 8, 12, 1, 61, 1.5), 4354),
+    ((504, 672, 3, 4, 12, 1, 61, 1.5), 1736),
+    ((504, 672, 3, 4, 12, 3, 61, 1.5), 2401),
+    ((256, 256, 2, 2, 12, 1, 23, 1.5), 719),
+    ((512, 768, 4, 6, 12, 3, 13, 1.5), 2214),
 )
 
 
@@ -308,7 +315,8 @@ def estimate_solve_memory(*, height: int, width: int, channels: int, num_layers:
     if refine_images > 0:
         padded = (height + 2 * r) * (width + 2 * r)
         parts["refine"] = ((2 + v) * L * p
-                           + (2 * refine_history + 3) * refine_images * c * padded) * 4.0
+                           + (2 * refine_history + 3) * refine_images * c * padded) * 4.0 + (
+                               REFINE_OVERHEAD_BYTES + GAMMA * L * (c + 1) * p * 4.0)
     return MemoryEstimate(total=float(sum(parts.values())), parts=parts)
 
 
