@@ -19,7 +19,7 @@ import pytest
 import tifffile
 
 import dpjax
-from dpjax import batch, io, kernels, outputs, pipeline, presets, runner, scene
+from dpjax import batch, io, kernels, outputs, pipeline, presets, refine, runner, scene
 from dpjax.config import Config, schedule
 from dpjax.scene import KernelOptions, SceneOptions
 
@@ -352,14 +352,16 @@ def test_blocks_forced_or_by_memory_budget(tmp_path):
     bank = dpjax.KernelBank.create(np.repeat(src.kernels, 6, axis=1), rows=1, cols=6,
                                    tile_h=TILE)
 
-    def need(cols):
+    cfg = opts.scene.base
+
+    def need(cols):  # as dpjax.scene.plan_solve estimates a solve
         return batch.estimate_solve_memory(
-            height=TILE, width=cols * TILE, channels=1, num_layers=4,
+            height=TILE, width=cols * TILE, channels=1, num_layers=cfg.mpi.num_layers,
             grid=dpjax.TileGrid(rows=1, cols=cols, tile_h=TILE, tile_w=TILE),
-            kernel_size=bank.kernel_size,
-            max_abs_scale=float(np.max(np.abs(opts.scene.base.mpi.scales()))),
-            kernel_support=kernels.support_radius(
-                bank.kernels, opts.scene.base.solver.kernel_mass_cut)).total
+            kernel_size=bank.kernel_size, max_abs_scale=float(np.max(np.abs(cfg.mpi.scales()))),
+            kernel_support=kernels.support_radius(bank.kernels, cfg.solver.kernel_mass_cut),
+            refine_images=refine.unknown_images(cfg.refine, cfg.mpi.num_layers),
+            refine_history=cfg.refine.memory).total
 
     budget_gb = (need(6) + need(5)) / 2 / 1e9
     out = tmp_path / "budget"
