@@ -241,7 +241,12 @@ def blur_padded_layers(padded: jax.Array, lk: LayerKernels) -> jax.Array:
 
 
 def render(params: MpiParams, lk: LayerKernels) -> Rendering:
-    """Occlusion-aware rendering of both dual-pixel views (METHOD.md)."""
+    """Occlusion-aware rendering of both dual-pixel views (METHOD.md), all layers at once.
+
+    Holds every layer's blurred signals: for inspecting a solve and for tests. The loss
+    computes the same views one layer at a time (`losses.data_terms`), as does
+    `render_views`.
+    """
     c = colors(params)  # [L, C, H, W]
     a = alphas(params)  # [L, H, W]
     num_c = c.shape[1]
