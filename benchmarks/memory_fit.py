@@ -34,12 +34,12 @@ flags.DEFINE_string("output", "", "Also write the JSON here.")
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # MB (10^6 B)
 
 
 def _current_mb() -> float:
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+        return int(f.read().split()[1]) * resource.getpagesize() / 1e6
 
 
 def _solve_one(key: tuple[float, ...], steps: int) -> float:

@@ -44,7 +44,7 @@ of `conv.ConvGeometry` (Fr = Fw // 2 + 1 complex bins per row):
 OVERHEAD (compiled code, runtime buffers), ALPHA and BETA are a least-squares fit to
 the peak resident memory of nine single-level 5-step CPU solves on jax 0.10.2
 (ru_maxrss minus the resident size after the imports), from 64x64 px / 4 layers to a
-full 1008x1344 Pixel 4 frame with 61-px kernels and their whole window (3.76 GB);
+full 1008x1344 Pixel 4 frame with 61-px kernels and their whole window (3.94 GB);
 MEMORY_MEASUREMENTS lists them, `benchmarks/memory_fit.py` re-measures them and
 refits the constants (last run 2026-12-05, after the loss became a loop over the
 layers: the full frame needed 7.8 GB before). The fit is within 7% on every problem
@@ -53,7 +53,7 @@ fusion and buffer reuse differ: treat the estimate as a guide (+-30%), not a bou
 
 The refinement runs after the fit, while the fit's results stay allocated. Since the
 fit became a loop over the layers the refinement alone needs more than the fit's
-working set (a full Pixel 4 frame: 4.35 GB against the fit's 3.76 GB), so its term
+working set (a full Pixel 4 frame: 4.35 GB against the fit's 3.94 GB), so its term
 holds its own arrays and its working set: REFINE_OVERHEAD and GAMMA are a
 least-squares fit of the latter to REFINE_MEASUREMENTS, the peak resident memory of
 the refinement alone (`benchmarks/bench_refine.py`, 10 iterations; within -17%/+19%
@@ -122,23 +122,23 @@ THUMBS = {"input": "thumb_input.png", "all_in_focus": "thumb_all_in_focus.png",
           "defocus": "thumb_defocus_map.png"}
 
 # Memory model constants (module docstring), fitted to MEMORY_MEASUREMENTS.
-OVERHEAD_BYTES = 343e6
-ALPHA = 6.7
-BETA = 19.7
+OVERHEAD_BYTES = 359e6
+ALPHA = 7.3
+BETA = 20.6
 # The refinement's working set (module docstring), fitted to REFINE_MEASUREMENTS.
 REFINE_OVERHEAD_BYTES = 270e6
 GAMMA = 21.9
 # ((H, W, rows, cols, layers, channels, kernel side, max |scale|), measured MB).
 MEMORY_MEASUREMENTS: tuple[tuple[tuple[float, ...], float], ...] = (
-    ((128, 128, 2, 2, 12, 1, 23, 1.6), 429),
-    ((256, 256, 2, 2, 12, 1, 23, 1.6), 497),
-    ((512, 512, 2, 2, 12, 1, 23, 1.6), 919),
-    ((512, 512, 2, 2, 12, 3, 23, 1.6), 1400),
-    ((384, 384, 4, 4, 8, 1, 15, 1.6), 541),
-    ((336, 448, 2, 2, 12, 1, 61, 1.6), 711),
-    ((64, 64, 2, 2, 4, 1, 13, 1.45), 341),
-    ((768, 768, 3, 3, 12, 1, 23, 1.6), 1691),
-    ((1008, 1344, 6, 8, 12, 1, 61, 1.6), 3761),
+    ((128, 128, 2, 2, 12, 1, 23, 1.6), 450),
+    ((256, 256, 2, 2, 12, 1, 23, 1.6), 521),
+    ((512, 512, 2, 2, 12, 1, 23, 1.6), 964),
+    ((512, 512, 2, 2, 12, 3, 23, 1.6), 1468),
+    ((384, 384, 4, 4, 8, 1, 15, 1.6), 567),
+    ((336, 448, 2, 2, 12, 1, 61, 1.6), 746),
+    ((64, 64, 2, 2, 4, 1, 13, 1.45), 358),
+    ((768, 768, 3, 3, 12, 1, 23, 1.6), 1773),
+    ((1008, 1344, 6, 8, 12, 1, 61, 1.6), 3944),
 )
 # The refinement alone, 10 iterations on random smooth layers (benchmarks/bench_refine.py
 # --kernel_mass_cut=0: its peak_rss_gib, which includes rendering the views, minus the
