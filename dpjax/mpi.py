@@ -240,6 +240,30 @@ def blur_padded_layers(padded: jax.Array, lk: LayerKernels) -> jax.Array:
     return jax.vmap(per_view)(lk.kernels)
 
 
+def blurred_visibility(alpha: jax.Array, lk: LayerKernels) -> jax.Array:
+    """Vis~_vl = prod_{j>l} (1 - k_vj * a_j), one layer at a time (front to back).
+
+    Equal to `visibility(blur_layers(alpha[:, None], lk)[:, :, 0])` without holding
+    every layer's FFT products at once.
+
+    Args:
+      alpha: [L, H, W] alphas.
+      lk: prepared layer kernels.
+
+    Returns:
+      [V, L, H, W].
+    """
+    def step(vis, xs):  # vis: [V, H, W], the product over the layers in front
+        a, lk_l = xs
+        blurred = blur_layers(a[None, None], lk_l)[:, 0, 0]  # [V, H, W]  k_vl * a_l
+        return vis * (1.0 - blurred), vis
+
+    v = lk.kernels.shape[0]
+    init = jnp.ones((v,) + alpha.shape[1:], alpha.dtype)
+    _, vis = jax.lax.scan(step, init, (alpha, layer_kernel_slices(lk)), reverse=True)
+    return jnp.moveaxis(vis, 0, 1)
+
+
 def render(params: MpiParams, lk: LayerKernels) -> Rendering:
     """Occlusion-aware rendering of both dual-pixel views (METHOD.md), all layers at once.
 

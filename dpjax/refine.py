@@ -206,10 +206,9 @@ def prepare(alpha: jax.Array, observation: jax.Array, lk: mpi.LayerKernels,
     """
     if reference is None:
         reference = jnp.zeros(observation.shape[1:], observation.dtype)
-    blurred = mpi.blur_layers(alpha[:, None], lk)[:, :, 0]  # [V, L, H, W]  k_vl * a_l
     padded = conv.pad_edges(alpha, lk.geom.radius)
     return Problem(alpha=padded, trans=mpi.transmittance(padded),
-                   visibility=mpi.visibility(blurred), observation=observation,
+                   visibility=mpi.blurred_visibility(alpha, lk), observation=observation,
                    norm=0.5 / jnp.mean(observation), reference=reference)
 
 

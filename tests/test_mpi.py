@@ -127,3 +127,16 @@ def test_render_views_one_layer_at_a_time_equals_render(tiny_bank, method):
     want = mpi.render(p, lk).views
     got = mpi.render_views(mpi.colors(p), mpi.alphas(p), lk)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["fft", "direct"])
+def test_blurred_visibility_one_layer_at_a_time(tiny_bank, method):
+    rng = np.random.default_rng(8)
+    h, w = tiny_bank.grid.image_shape
+    alpha = mpi.alphas(_random_params(rng, num_layers=3, c=1, h=h, w=w, spread=1.5))
+    geom = conv.ConvGeometry.create(tiny_bank.grid, 6, method)
+    lk = mpi.prepare_layer_kernels(tiny_bank, jnp.asarray([1.2, 0.4, -0.6]), geom)
+    want = mpi.visibility(mpi.blur_layers(alpha[:, None], lk)[:, :, 0])
+    got = mpi.blurred_visibility(alpha, lk)
+    assert got.shape == want.shape == (2, 3, h, w)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
