@@ -65,13 +65,13 @@ def _solve_one(key: tuple[float, ...], steps: int) -> float:
     return _rss_mb() - base
 
 
-def _estimate(key, **constants) -> float:
+def _estimate(key) -> batch.MemoryEstimate:
     h, w, rows, cols, layers, channels, k, s = key
     grid = batch.TileGrid(rows=int(rows), cols=int(cols), tile_h=int(h) // int(rows),
                           tile_w=int(w) // int(cols))
     est = batch.estimate_solve_memory(height=int(h), width=int(w), channels=int(channels),
                                       num_layers=int(layers), grid=grid, kernel_size=int(k),
-                                      max_abs_scale=float(s), **constants)
+                                      max_abs_scale=float(s))
     return est
 
 
@@ -103,12 +103,13 @@ def main(argv):
               "current": {"OVERHEAD_BYTES": batch.OVERHEAD_BYTES, "BETA": batch.BETA,
                           "ALPHA": batch.ALPHA},
               "problems": []}
-    for (key, mb), row, t in zip(rows, design, target):
-        parts = _estimate(key).parts
-        fitted = parts["inputs"] + parts["kernels"] + overhead + beta * row[1] + alpha * row[2]
+    for (key, mb), row in zip(rows, design):
+        current = _estimate(key)
+        fitted = (current.parts["inputs"] + current.parts["kernels"] + overhead
+                  + beta * row[1] + alpha * row[2])
         result["problems"].append({
             "key": list(key), "measured_mb": round(mb),
-            "estimate_current_mb": round(_estimate(key).total / 1e6),
+            "estimate_current_mb": round(current.total / 1e6),
             "estimate_fitted_mb": round(fitted / 1e6)})
     emit(result, FLAGS.output)
 

@@ -7,7 +7,7 @@ automatic gradient of the unrolled form (a pad per slice) gives the time back. T
 functions here unroll the forward pass over the axis, whose length is static and small
 (the MPI's 8-32 layers, the two views), and write the backward pass as the few
 elementwise passes it needs, so both directions run at memory bandwidth
-(BENCHMARKS.md, "Layer sums"). They compute exactly what their `jnp` equivalents do
+(BENCHMARKS.md, "Layer loop"). They compute exactly what their `jnp` equivalents do
 (tests/test_layer_ops.py compares values and gradients). Being `jax.custom_vjp`
 functions, they support reverse mode only: no jax.jvp / jacfwd / linearize through the
 loss (`mpi.visibility`, `mpi.all_in_focus` and the refinement's objective use them).
