@@ -202,9 +202,9 @@ def _layer_loop(color: jax.Array, alpha: jax.Array, observation: jax.Array,
 
     v, c = observation.shape[:2]
     hw = observation.shape[-2:]
-    zeros = jnp.zeros((v,) + hw, observation.dtype)
-    init = (jnp.ones_like(zeros), jnp.zeros((v, c) + hw, observation.dtype), zeros,
-            jnp.zeros((), observation.dtype))
+    dtype = mpi.loop_dtype(lk, signals, observation, beta, w)
+    zeros = jnp.zeros((v,) + hw, dtype)
+    init = (jnp.ones_like(zeros), jnp.zeros((v, c) + hw, dtype), zeros, jnp.zeros((), dtype))
     # The backward pass keeps each layer's blurred signals (its FFTs are not redone) and
     # recomputes the cheap pixelwise rest from them.
     step = jax.checkpoint(step, policy=jax.checkpoint_policies.save_only_these_names(_BLURRED))

@@ -123,6 +123,18 @@ def layer_kernel_slices(lk: LayerKernels) -> LayerKernels:
                         inverse_power=lk.inverse_power[:, None], geom=lk.geom)
 
 
+def loop_dtype(lk: LayerKernels, *arrays: jax.Array) -> jnp.dtype:
+    """The real dtype of a layer loop's running sums over `arrays` blurred by `lk`.
+
+    A `lax.scan` carry keeps one dtype, so the loops (`render_views`,
+    `blurred_visibility`, `losses.data_terms`, `refine.render_linear`) start their sums
+    in the dtype that jnp's promotion gives the whole-array formula: float32 kernels
+    with float64 parameters sum in float64, as `render` would.
+    """
+    kernel_arrays = [x for x in jax.tree_util.tree_leaves(lk) if x.size]
+    return jnp.result_type(*(jnp.finfo(x.dtype).dtype for x in (*arrays, *kernel_arrays)))
+
+
 def alphas(params: MpiParams) -> jax.Array:
     """[L, H, W] alphas with the back layer fixed opaque."""
     front = jax.nn.sigmoid(params.alpha_logits)
@@ -259,7 +271,7 @@ def blurred_visibility(alpha: jax.Array, lk: LayerKernels) -> jax.Array:
         return vis * (1.0 - blurred), vis
 
     v = lk.kernels.shape[0]
-    init = jnp.ones((v,) + alpha.shape[1:], alpha.dtype)
+    init = jnp.ones((v,) + alpha.shape[1:], loop_dtype(lk, alpha))
     _, vis = jax.lax.scan(step, init, (alpha, layer_kernel_slices(lk)), reverse=True)
     return jnp.moveaxis(vis, 0, 1)
 
@@ -310,8 +322,8 @@ def render_views(color: jax.Array, alpha: jax.Array, lk: LayerKernels) -> jax.Ar
         return (vis * (1.0 - blurred[:, num_c]), views), None
 
     v = lk.kernels.shape[0]
-    init = (jnp.ones((v,) + color.shape[-2:], color.dtype),
-            jnp.zeros((v,) + color.shape[1:], color.dtype))
+    dtype = loop_dtype(lk, color, alpha)
+    init = (jnp.ones((v,) + color.shape[-2:], dtype), jnp.zeros((v,) + color.shape[1:], dtype))
     (_, views), _ = jax.lax.scan(step, init, (signals, layer_kernel_slices(lk)), reverse=True)
     return views
 

@@ -250,7 +250,8 @@ def render_linear(x: jax.Array, problem: Problem, lk: mpi.LayerKernels,
         return views + blurred * vis[:, None], None
 
     obs = problem.observation
-    views, _ = jax.lax.scan(step, jnp.zeros(obs.shape, signals.dtype),
+    dtype = mpi.loop_dtype(lk, signals, problem.visibility)
+    views, _ = jax.lax.scan(step, jnp.zeros(obs.shape, dtype),
                             (signals, mpi.layer_kernel_slices(lk),
                              jnp.moveaxis(problem.visibility, 1, 0)))
     return views  # [V, C, H, W]

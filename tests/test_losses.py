@@ -7,7 +7,7 @@ from dpjax import conv, losses, mpi
 from dpjax.kernels import KernelBank
 
 
-def _problem(dtype, tiny_bank, rng):
+def _problem(dtype, tiny_bank, rng, channels=1):
     h, w = 16, 24
     pair = np.asarray(tiny_bank.kernels)[:, :4, 4:11, 4:11]
     bank = KernelBank.create(pair, rows=2, cols=2, tile_h=8, tile_w=12)
@@ -15,8 +15,8 @@ def _problem(dtype, tiny_bank, rng):
     geom = conv.ConvGeometry.create(bank.grid, 5, "fft")
     lk = mpi.prepare_layer_kernels(KernelBank(kernels=bank.kernels.astype(dtype), grid=bank.grid),
                                    scales, geom)
-    obs = jnp.asarray(rng.random((2, 1, h, w)) * 0.6 + 0.2, dtype)
-    params = mpi.MpiParams(jnp.asarray(rng.normal(size=(3, 1, h, w)), dtype),
+    obs = jnp.asarray(rng.random((2, channels, h, w)) * 0.6 + 0.2, dtype)
+    params = mpi.MpiParams(jnp.asarray(rng.normal(size=(3, channels, h, w)), dtype),
                            jnp.asarray(rng.normal(size=(2, h, w)), dtype))
     return params, obs, lk
 
@@ -130,10 +130,11 @@ def _reference_data_terms(params, obs, lk, weights):
 
 @pytest.mark.parametrize("method", ["fft", "direct"])
 @pytest.mark.parametrize("noise_power", [0.0, 1.0])
-def test_layer_loop_matches_the_whole_array_formula(tiny_bank, method, noise_power):
+@pytest.mark.parametrize("channels", [1, 3])
+def test_layer_loop_matches_the_whole_array_formula(tiny_bank, method, noise_power, channels):
     rng = np.random.default_rng(5)
     with jax.enable_x64(True):
-        params, obs, lk = _problem(jnp.float64, tiny_bank, rng)
+        params, obs, lk = _problem(jnp.float64, tiny_bank, rng, channels)
         if method == "direct":
             geom = conv.ConvGeometry.create(lk.geom.grid, lk.geom.radius, "direct")
             lk = mpi.LayerKernels(kernels=lk.kernels, spectra=jnp.zeros((0,), jnp.complex128),
@@ -153,6 +154,21 @@ def test_layer_loop_matches_the_whole_array_formula(tiny_bank, method, noise_pow
         want = jax.grad(ref_total)(params)
         for a, b in zip(got, want):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12 * float(jnp.max(jnp.abs(b))))
+
+
+def test_mixed_precision_promotes_like_the_whole_array_formula(tiny_bank):
+    # float32 observation and kernels, float64 parameters: the layer loop's running sums
+    # take the promoted dtype (float64), as jnp's arithmetic on the whole arrays would.
+    rng = np.random.default_rng(6)
+    with jax.enable_x64(True):
+        params, obs, lk = _problem(jnp.float32, tiny_bank, rng, channels=3)
+        params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), params)
+        weights = losses.LossWeights()
+        terms = losses.loss_terms(params, obs, lk, weights)
+        data, aux = _reference_data_terms(params, obs, lk, weights)
+        assert terms.data.dtype == jnp.float64 and terms.aux.dtype == jnp.float64
+        assert float(terms.data) == pytest.approx(float(data), rel=1e-5)
+        assert float(terms.aux) == pytest.approx(float(aux), rel=1e-5)
 
 
 def _plain_entropy(w):
