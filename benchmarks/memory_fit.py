@@ -69,10 +69,9 @@ def _estimate(key) -> batch.MemoryEstimate:
     h, w, rows, cols, layers, channels, k, s = key
     grid = batch.TileGrid(rows=int(rows), cols=int(cols), tile_h=int(h) // int(rows),
                           tile_w=int(w) // int(cols))
-    est = batch.estimate_solve_memory(height=int(h), width=int(w), channels=int(channels),
-                                      num_layers=int(layers), grid=grid, kernel_size=int(k),
-                                      max_abs_scale=float(s))
-    return est
+    return batch.estimate_solve_memory(height=int(h), width=int(w), channels=int(channels),
+                                       num_layers=int(layers), grid=grid, kernel_size=int(k),
+                                       max_abs_scale=float(s))
 
 
 def main(argv):

@@ -48,7 +48,9 @@ full 1008x1344 Pixel 4 frame with 61-px kernels and their whole window (3.94 GB)
 MEMORY_MEASUREMENTS lists them, `benchmarks/memory_fit.py` re-measures them and
 refits the constants (last run 2026-12-05, after the loss became a loop over the
 layers: the full frame needed 7.8 GB before). The fit is within 7% on every problem
-but the 128x128 one (-11%). On GPU the same buffers live in device memory, but XLA's
+but the 128x128 one (-11%). A re-measurement at commit b81cda3
+(benchmarks/results/memory_fit.json) came within 6% of MEMORY_MEASUREMENTS on every
+problem, so the constants were kept. On GPU the same buffers live in device memory, but XLA's
 fusion and buffer reuse differ: treat the estimate as a guide (+-30%), not a bound.
 
 The refinement runs after the fit, while the fit's results stay allocated. Since the
