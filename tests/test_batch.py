@@ -83,9 +83,10 @@ def test_memory_estimate_with_the_refinement():
 
 
 def test_memory_estimate_matches_measurements_and_scales():
+    # The fit is within 7% of every measurement but the 128x128 one (-11%, batch.py).
     for (h, w, rows, cols, layers, c, k, s), mb in batch.MEMORY_MEASUREMENTS:
         est = _estimate(h, w, layers, c, k, rows, cols, s)
-        assert abs(est.total / 1e6 / mb - 1) < 0.25, (h, w, est.total / 1e6, mb)
+        assert abs(est.total / 1e6 / mb - 1) < 0.15, (h, w, est.total / 1e6, mb)
     small, big = _estimate(), _estimate(512, 512)
     assert big.total > 2.5 * (small.total - batch.OVERHEAD_BYTES)
     assert _estimate(layers=24).total > small.total

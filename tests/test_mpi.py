@@ -140,3 +140,27 @@ def test_blurred_visibility_one_layer_at_a_time(tiny_bank, method):
     got = mpi.blurred_visibility(alpha, lk)
     assert got.shape == want.shape == (2, 3, h, w)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_layer_loops_promote_mixed_precision_like_whole_arrays(tiny_bank):
+    # float32 kernels, float64 colours and alphas: `render_views` and `blurred_visibility`
+    # start their running products and sums in the promoted dtype (`mpi.loop_dtype`), so
+    # they return float64 and match the whole-array `render`, as jnp's arithmetic would.
+    rng = np.random.default_rng(9)
+    h, w = tiny_bank.grid.image_shape
+    with jax.enable_x64(True):
+        p = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64),
+                                   _random_params(rng, num_layers=3, c=2, h=h, w=w, spread=1.5))
+        geom = conv.ConvGeometry.create(tiny_bank.grid, 6, "fft")
+        lk = mpi.prepare_layer_kernels(tiny_bank, jnp.asarray([1.2, 0.4, -0.6], jnp.float32),
+                                       geom)
+        assert lk.kernels.dtype == jnp.float32 and lk.spectra.dtype == jnp.complex64
+        color, alpha = mpi.colors(p), mpi.alphas(p)
+        views = mpi.render_views(color, alpha, lk)
+        vis = mpi.blurred_visibility(alpha, lk)
+        assert views.dtype == jnp.float64 and vis.dtype == jnp.float64
+        want = mpi.render(p, lk)
+        np.testing.assert_allclose(np.asarray(views), np.asarray(want.views), rtol=1e-5,
+                                   atol=1e-6)
+        want_vis = mpi.visibility(mpi.blur_layers(alpha[:, None], lk)[:, :, 0])
+        np.testing.assert_allclose(np.asarray(vis), np.asarray(want_vis), rtol=1e-5, atol=1e-6)

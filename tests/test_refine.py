@@ -324,3 +324,22 @@ def test_config_validation_and_round_trip():
     old = dpjax.config.to_dict(cfg)
     old.pop("refine")
     assert dpjax.config.from_dict(old).refine.iters == 0
+
+
+def test_operator_promotes_mixed_precision_like_whole_arrays(scene, layer_kernels):
+    # float32 kernels, a float64 unknown and alphas: render_linear's running sums start in
+    # the promoted dtype (`mpi.loop_dtype`) and it equals the whole-array rendering.
+    with jax.enable_x64(True):
+        problem, alpha, rng = _random_problem(scene, layer_kernels, seed=5)
+        alpha = alpha.astype(jnp.float64)
+        problem = refine.prepare(alpha, problem.observation.astype(jnp.float64),
+                                 layer_kernels)
+        x = jnp.asarray(rng.uniform(size=problem.observation.shape[1:]), jnp.float64)
+        assert layer_kernels.spectra.dtype == jnp.complex64
+        cfg = refine.RefineConfig(iters=1, boundary="edge")
+        got = refine.render_linear(x, problem, layer_kernels, cfg)
+        assert got.dtype == jnp.float64
+        colors = jnp.broadcast_to(x, (NUM_LAYERS,) + x.shape)
+        # render_views is checked against the whole-array render in test_mpi.py.
+        want = mpi.render_views(colors, alpha, layer_kernels)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
