@@ -80,7 +80,10 @@ class KernelOptions:
         kernels_meta.json and Pixel white sheets).
       white_dir: where white_sheet_{left,right}.png for the Pixel vignetting correction
         are read (None: calib_dir's, when it has them).
-      recenter: re-centre each calibrated tile's kernel pair (`recenter_kernel_pairs`).
+      recenter: re-centre each tile's kernel pair (`recenter_kernel_pairs`), calibrated
+        or fitted: a fitted model's mean kernel moves off centre where its split does
+        (split, split_gradient), which would displace the all-in-focus image by an
+        amount that grows with defocus, differently across the frame.
       grid, tile_size: parametric model's tile grid (rows, cols) and tile side in px
         (None: tiles of about 256 px, chosen per image; `batch.auto_tiles`).
       radius, ramp, smooth, size: `dpjax.parametric_dp_kernels` arguments.
@@ -128,6 +131,7 @@ class KernelSource:
     info: dict[str, Any]
     white_sheets: tuple[Path, Path] | None = None
     model: Any = None  # fitted: the DpKernelModel rendered on each scene's tiles
+    recenter: bool = False  # fitted: re-centre each tile's rendered pair
 
     @property
     def kernel_size(self) -> int:
@@ -223,7 +227,8 @@ def kernel_source(opts: KernelOptions, pyramid_factor: int,
         if kind == "fitted":
             pair = render_kernel_pairs(opts.model, rows=1, cols=1)
             info = {"model": "fitted", "kernel_model": opts.model.to_dict(),
-                    "kernel_size": int(pair.shape[-1]), **(opts.fit_info or {})}
+                    "kernel_size": int(pair.shape[-1]), "recentered": opts.recenter,
+                    **(opts.fit_info or {})}
         else:
             try:
                 pair = parametric_dp_kernels(radius=opts.radius, ramp=opts.ramp,
@@ -236,7 +241,8 @@ def kernel_source(opts: KernelOptions, pyramid_factor: int,
                     tile_size=opts.tile_size, vignetting_white_sheets=whites is not None)
         source = KernelSource(kernels=pair, grid=opts.grid, tile_size=opts.tile_size,
                               white_sheets=whites, info=info,
-                              model=opts.model if kind == "fitted" else None)
+                              model=opts.model if kind == "fitted" else None,
+                              recenter=kind == "fitted" and opts.recenter)
     if source.tile_size is not None and source.tile_size % pyramid_factor:
         raise SetupError(f"kernel tiles of {source.tile_size} px do not divide by the pyramid "
                          f"factor {pyramid_factor}; use fewer --pyramid_levels")
@@ -393,6 +399,8 @@ def make_bank(source: KernelSource, info: dict[str, Any]) -> KernelBank:
     if source.model is not None:  # fitted: the model's kernels at each tile's position
         kernels = render_kernel_pairs(source.model, rows=rows, cols=cols,
                                       size=source.kernel_size)
+        if source.recenter:
+            kernels = recenter_kernel_pairs(kernels)
     elif source.kernels.shape[1] == 1:  # parametric: one pair for every tile
         kernels = np.repeat(source.kernels, rows * cols, axis=1)
     else:

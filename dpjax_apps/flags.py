@@ -29,8 +29,9 @@ def define_common(*, output_dir: str, presets: tuple[str, ...] = ("auto", "paper
     d.DEFINE_string("calib_dir", None, "Calibrated kernels (blur_kernels_{left,right}.npy, "
                     "optional kernels_meta.json and white_sheet_{left,right}.png for Pixel "
                     "vignetting).")
-    d.DEFINE_bool("recenter_kernels", True, "Re-centre each tile's calibrated kernel pair "
-                  "(dpjax.recenter_kernel_pairs).")
+    d.DEFINE_bool("recenter_kernels", True, "Re-centre each tile's kernel pair, calibrated "
+                  "or self-calibrated, so that the all-in-focus image stays registered "
+                  "with the input (dpjax.recenter_kernel_pairs).")
     d.DEFINE_list("scenes", None, "Only these scene names (comma-separated).")
     d.DEFINE_bool("overwrite", False, "Solve again even when a complete result was made "
                   "with the same settings (results of other settings are always redone).")

@@ -20,7 +20,7 @@ import pytest
 import tifffile
 
 import dpjax
-from dpjax import auto_kernels, io, outputs, runner, synthetic
+from dpjax import auto_kernels, io, outputs, runner, scene, synthetic
 from dpjax.config import Config, schedule
 from dpjax.kernel_model import DpKernelModel, model_bank, render_kernel_pairs
 from dpjax.scene import KernelOptions, SceneOptions
@@ -164,3 +164,32 @@ def test_cli_refuses_contradicting_kernel_flags(tmp_path, args, message):
     proc = _cli(f"--input_dir={tmp_path}", f"--output_dir={tmp_path / 'o'}", *args)
     assert proc.returncode == 1 and message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def _mean_kernel_centroids(k: np.ndarray) -> np.ndarray:
+    """[2, T, K, K] -> [T, 2] (x, y) centroid of each tile's (k_L + k_R) / 2, px."""
+    m = k.mean(axis=0)
+    c = (m.shape[-1] - 1) / 2
+    y, x = np.mgrid[: m.shape[-2], : m.shape[-1]] - c
+    s = m.sum(axis=(-2, -1))
+    return np.stack([(m * x).sum(axis=(-2, -1)) / s, (m * y).sum(axis=(-2, -1)) / s], -1)
+
+
+def test_fitted_kernels_are_recentred_like_calibrated_ones():
+    # TRUE's split moves across the frame, so its mean kernel sits off centre by up to
+    # ~1 px at the frame's sides: the solver's fitted source re-centres every tile's pair
+    # (as a calibration folder's are), keeping each pair's disparity, unless told not to.
+    info = {"tile_grid": [GRID.rows, GRID.cols, GRID.tile_h, GRID.tile_w]}
+    banks = {}
+    for recenter in (True, False):
+        src = scene.kernel_source(KernelOptions(kind="fitted", model=TRUE, recenter=recenter),
+                                  1)
+        assert src.info["recentered"] is recenter
+        banks[recenter] = np.asarray(scene.make_bank(src, info).kernels, np.float64)
+    off = np.abs(_mean_kernel_centroids(banks[False])).max()
+    assert off > 0.3, off
+    assert np.abs(_mean_kernel_centroids(banks[True])).max() < 0.05 * off
+    def disparity(k):
+        return _mean_kernel_centroids(k[:1]) - _mean_kernel_centroids(k[1:])
+    # (kept to the sub-pixel shift's interpolation: 1.5% of ~4.5 px here)
+    np.testing.assert_allclose(disparity(banks[True]), disparity(banks[False]), atol=0.1)
