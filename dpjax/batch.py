@@ -39,7 +39,7 @@ of `conv.ConvGeometry` (Fr = Fw // 2 + 1 complex bins per row):
                                                 and m pairs of L-BFGS history) and its
                                                 working set, when it runs
                                                 (refine_images U > 0)
-  total    = OVERHEAD + inputs + kernels + pixels + work + refine
+  total    = OVERHEAD + inputs + kernels + max(pixels + work, refine)
 
 OVERHEAD (compiled code, runtime buffers), ALPHA and BETA are a least-squares fit to
 the peak resident memory of nine single-level 5-step CPU solves on jax 0.10.2
@@ -53,15 +53,22 @@ but the 128x128 one (-11%). A re-measurement at commit b81cda3
 problem, so the constants were kept. On GPU the same buffers live in device memory, but XLA's
 fusion and buffer reuse differ: treat the estimate as a guide (+-30%), not a bound.
 
-The refinement runs after the fit, while the fit's results stay allocated. Since the
-fit became a loop over the layers the refinement alone needs more than the fit's
-working set (a full Pixel 4 frame: 4.35 GB against the fit's 3.94 GB), so its term
-holds its own arrays and its working set: REFINE_OVERHEAD and GAMMA are a
-least-squares fit of the latter to REFINE_MEASUREMENTS, the peak resident memory of
-the refinement alone (`benchmarks/bench_refine.py`, 10 iterations; within -17%/+19%
-of the working set, within 15% of the total on every problem). Adding the fit's
-working set and the refinement's is conservative: a whole solve never holds both (the
-six full Pixel 4 frames in one process peaked at 5.6 GB; the estimate says 7.1 GB).
+The refinement runs after the fit; the fit's working set is free by then and the
+refinement's term holds what it keeps of the fit (the frozen alphas and colours) with
+its own arrays, so a solve's peak is the larger of the two working sets, not their sum.
+Since the fit became a loop over the layers the refinement is usually the larger (a
+full Pixel 4 frame: 4.35 GB against the fit's 3.94 GB). REFINE_OVERHEAD and GAMMA are a
+least-squares fit of the refinement's working set to REFINE_MEASUREMENTS, the peak
+resident memory of the refinement alone (`benchmarks/bench_refine.py`, 10 iterations),
+with the overhead then raised by the fit's largest shortfall, so that the estimate
+covers every one of them (by 0-38%, most on the smallest problem, where the overhead
+dominates). SOLVE_MEASUREMENTS checks the whole formula on whole solves (fit and
+refinement in one process, `benchmarks/bench_blocks.py` with a budget that keeps the
+frame in one block): the estimate is 8-15% above every one of them, and 3% above a
+full Pixel 4 frame solved by `run_solver.py` with the lab kernels (4.34 GB measured,
+the fit's level peaking at 4.14 GB; 4.46 GB estimated). Until 2026-12-05 the two
+working sets were added, which overestimated those solves 1.6-1.9x and made the block
+planner cut large frames into needlessly small blocks.
 """
 
 from __future__ import annotations
@@ -87,6 +94,7 @@ __all__ = [
     "BETA",
     "MEMORY_MEASUREMENTS",
     "REFINE_MEASUREMENTS",
+    "SOLVE_MEASUREMENTS",
     "REFINE_OVERHEAD_BYTES",
     "GAMMA",
     "OVERHEAD_BYTES",
@@ -127,8 +135,10 @@ THUMBS = {"input": "thumb_input.png", "all_in_focus": "thumb_all_in_focus.png",
 OVERHEAD_BYTES = 359e6
 ALPHA = 7.3
 BETA = 20.6
-# The refinement's working set (module docstring), fitted to REFINE_MEASUREMENTS.
-REFINE_OVERHEAD_BYTES = 270e6
+# The refinement's working set (module docstring), fitted to REFINE_MEASUREMENTS; the
+# least-squares overhead (270 MB) raised by the fit's largest shortfall (191 MB, the
+# 504x672 grey problem) so that the estimate covers every measurement.
+REFINE_OVERHEAD_BYTES = 461e6
 GAMMA = 21.9
 # ((H, W, rows, cols, layers, channels, kernel side, max |scale|), measured MB).
 MEMORY_MEASUREMENTS: tuple[tuple[tuple[float, ...], float], ...] = (
@@ -151,6 +161,19 @@ REFINE_MEASUREMENTS: tuple[tuple[tuple[float, ...], float], ...] = (
     ((504, 672, 3, 4, 12, 3, 61, 1.5), 2401),
     ((256, 256, 2, 2, 12, 1, 23, 1.5), 719),
     ((512, 768, 4, 6, 12, 3, 13, 1.5), 2214),
+)
+# Whole solves (fit and refinement, the auto preset's schedule shortened to 3/3/3
+# iterations, which leaves the buffers unchanged) of the first Canon R6 II pair enlarged
+# to H x W (cropped to the tile grid), parametric kernels of radius 16 px (35-px window), layer scales -0.6 ... 1.0
+# (benchmarks/bench_blocks.py --height=H --width=W [--grey] --memory_budget_gb=200
+# --level_iters=3,3,3): peak_rss_gib minus the 0.17 GB resident after the imports, MB;
+# 2026-12-05, commit 127cb64. Key: ((H, W, rows, cols, channels), measured MB).
+SOLVE_MEASUREMENTS: tuple[tuple[tuple[int, ...], float], ...] = (
+    ((512, 768, 2, 3, 3), 2504),
+    ((744, 816, 3, 3, 3), 3491),
+    ((1008, 1340, 4, 5, 1), 3674),
+    ((992, 1488, 4, 6, 3), 7389),
+    ((1512, 2016, 6, 8, 1), 7518),
 )
 
 
@@ -319,7 +342,10 @@ def estimate_solve_memory(*, height: int, width: int, channels: int, num_layers:
         parts["refine"] = ((2 + v) * L * p
                            + (2 * refine_history + 3) * refine_images * c * padded) * 4.0 + (
                                REFINE_OVERHEAD_BYTES + GAMMA * L * (c + 1) * p * 4.0)
-    return MemoryEstimate(total=float(sum(parts.values())), parts=parts)
+    # The fit's working set and the refinement's are never held at once.
+    held = parts["overhead"] + parts["inputs"] + parts["kernels"]
+    working = max(parts["pixels"] + parts["work"], parts.get("refine", 0.0))
+    return MemoryEstimate(total=float(held + working), parts=parts)
 
 
 def memory_refusal(estimate: MemoryEstimate, budget_bytes: float | None, *,

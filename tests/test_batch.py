@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from dpjax import batch
+from dpjax import batch, kernels, presets, refine
 from dpjax.kernels import TileGrid
 
 
@@ -66,20 +66,44 @@ def _estimate(h=256, w=256, layers=12, channels=1, k=23, rows=2, cols=2, scale=1
 
 
 def test_memory_estimate_with_the_refinement():
-    # The refinement's own arrays and working set add to the fit's estimate ...
+    # The refinement's working set replaces the fit's when it is the larger (they are
+    # never held at once) ...
     plain = _estimate(1008, 1344, 12, 1, 61, 6, 8)
     with_refine = _estimate(1008, 1344, 12, 1, 61, 6, 8, refine_images=1)
     assert "refine" not in plain.parts
-    assert with_refine.total == pytest.approx(plain.total + with_refine.parts["refine"])
+    p = with_refine.parts
+    fit_ws = p["pixels"] + p["work"]
+    assert p["refine"] > fit_ws  # a full Pixel 4 frame since the layer loop
+    assert with_refine.total == pytest.approx(plain.total - fit_ws + p["refine"])
+    assert _estimate(1008, 1344, 12, 1, 61, 6, 8, refine_images=1,
+                     refine_history=0).total >= plain.total
     assert (_estimate(refine_images=2).parts["refine"] > _estimate(refine_images=1).parts["refine"]
             < _estimate(refine_images=1, refine_history=20).parts["refine"])
-    # ... its share (without the fit's working set) matches the refinement measured alone
-    # within 20%, and the whole estimate covers it.
+    # ... and the estimate of the refinement alone (without the fit's working set) covers
+    # every refinement measured alone, by 0-38% (batch.py).
     for (h, w, rows, cols, layers, c, k, s), mb in batch.REFINE_MEASUREMENTS:
         est = _estimate(h, w, layers, c, k, rows, cols, s, refine_images=1)
-        alone = est.total - est.parts["pixels"] - est.parts["work"]
-        assert abs(alone / 1e6 / mb - 1) < 0.2, (h, w, c, alone / 1e6, mb)
-        assert est.total / 1e6 > mb
+        p = est.parts
+        alone = p["overhead"] + p["inputs"] + p["kernels"] + p["refine"]
+        assert 1.0 <= alone / 1e6 / mb < 1.4, (h, w, c, alone / 1e6, mb)
+        assert est.total >= alone
+
+
+def test_memory_estimate_covers_whole_solves():
+    # Fit and refinement in one process (batch.SOLVE_MEASUREMENTS): the estimate is above
+    # every measured peak, by 8-15%.
+    pair = kernels.parametric_dp_kernels(radius=16.0)
+    cfg = presets.base_config(preset="auto").replace(
+        **{"mpi.scale_min": -0.6, "mpi.scale_max": 1.0})  # as bench_blocks.py solves
+    support = kernels.support_radius(pair[:, None], cfg.solver.kernel_mass_cut)
+    for (h, w, rows, cols, c), mb in batch.SOLVE_MEASUREMENTS:
+        grid = TileGrid(rows=rows, cols=cols, tile_h=h // rows, tile_w=w // cols)
+        est = batch.estimate_solve_memory(
+            height=h, width=w, channels=c, num_layers=cfg.mpi.num_layers, grid=grid,
+            kernel_size=pair.shape[-1], max_abs_scale=1.0, kernel_support=support,
+            refine_images=refine.unknown_images(cfg.refine, cfg.mpi.num_layers),
+            refine_history=cfg.refine.memory)
+        assert 1.0 < est.total / 1e6 / mb < 1.2, (h, w, c, est.total / 1e6, mb)
 
 
 def test_memory_estimate_matches_measurements_and_scales():
