@@ -27,6 +27,7 @@ Rules a user can rely on (docs/batch.md):
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import hashlib
@@ -75,6 +76,7 @@ __all__ = [
     "fingerprint_changes",
     "kernel_record",
     "make_fingerprint",
+    "release_host_memory",
     "run",
     "run_scene",
 ]
@@ -844,6 +846,24 @@ def memory_budget_bytes(opts: RunOptions, devices: Sequence[Any]) -> float | Non
     return HOST_RAM_SHARE * float(ram) / max(1, len(devices))
 
 
+def release_host_memory() -> bool:
+    """Hands the heap's free pages back to the operating system (glibc's malloc_trim).
+
+    XLA's CPU buffers come from malloc, and glibc keeps what a solve frees in its
+    arenas, so a batch's resident memory creeps up from scene to scene and its peak
+    with it; this removes a part of that creep (six Canon scenes in one process: peak
+    by the sixth 3.18 -> 2.99 GB; BENCHMARKS.md, "Memory across the scenes of a
+    batch"). Called after every scene. Returns False, doing nothing, where the C
+    library has no malloc_trim (macOS, musl).
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)
+    return True
+
+
 def _setup(opts: RunOptions, devices: Sequence[Any], on_event: OnEvent | None,
            process_index: int = 0) -> _State:
     """Validates the options and loads what every scene shares; raises SetupError."""
@@ -1304,6 +1324,7 @@ def _run_locked(opts, st, pairs, devices, on_event, process_index, process_count
         if on_event is not None:
             on_event(Event("scene", rec["scene"], rec))
         save_share("running")
+        release_host_memory()
 
     nested = nested_scene_problems(names)
     todo: list[str] = []

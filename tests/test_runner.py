@@ -323,6 +323,19 @@ def test_memory_budget_refuses_scene(tmp_path, calib_dir):
     assert not (out / "a").exists()
 
 
+def test_heap_is_trimmed_after_every_scene(tmp_path, calib_dir, monkeypatch):
+    import platform
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert runner.release_host_memory()
+    calls = []
+    monkeypatch.setattr(runner, "release_host_memory", lambda: calls.append(1) or True)
+    inp, out = tmp_path / "in", tmp_path / "out"
+    for name in ("a", "b"):
+        _write_tiff_pair(inp, name, _texture(0))
+    run_solver.run_batch(_opts(inp, out, calib_dir=calib_dir, memory_budget_gb=0.01))
+    assert len(calls) == 2
+
+
 def test_blocks_forced_or_by_memory_budget(tmp_path):
     """A 32x192 frame of 1x6 tiles: split by --blocks, then by the memory budget; a
     budget change re-solves a scene whose split it set."""
