@@ -164,10 +164,11 @@ REFINE_MEASUREMENTS: tuple[tuple[tuple[float, ...], float], ...] = (
 )
 # Whole solves (fit and refinement, the auto preset's schedule shortened to 3/3/3
 # iterations, which leaves the buffers unchanged) of the first Canon R6 II pair enlarged
-# to H x W (cropped to the tile grid), parametric kernels of radius 16 px (35-px window), layer scales -0.6 ... 1.0
-# (benchmarks/bench_blocks.py --height=H --width=W [--grey] --memory_budget_gb=200
-# --level_iters=3,3,3): peak_rss_gib minus the 0.17 GB resident after the imports, MB;
-# 2026-12-05, commit 127cb64. Key: ((H, W, rows, cols, channels), measured MB).
+# to H x W (cropped to the tile grid), parametric kernels of radius 16 px (35-px
+# window), layer scales -0.6 ... 1.0 (benchmarks/bench_blocks.py --height=H --width=W
+# [--grey] --memory_budget_gb=200 --level_iters=3,3,3): peak_rss_gib minus the 0.17 GB
+# resident after the imports, MB; 2026-12-05, commit 127cb64.
+# Key: ((H, W, rows, cols, channels), measured MB).
 SOLVE_MEASUREMENTS: tuple[tuple[tuple[int, ...], float], ...] = (
     ((512, 768, 2, 3, 3), 2504),
     ((744, 816, 3, 3, 3), 3491),
