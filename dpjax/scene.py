@@ -47,6 +47,7 @@ __all__ = [
     "make_bank",
     "plan_solve",
     "prepare",
+    "solve_memory",
 ]
 
 
@@ -528,6 +529,33 @@ def prepare(name: str, pair: io.ScenePair, source: KernelSource, opts: SceneOpti
                          plan_info=plan_info)
 
 
+def _solve_memory(channels: int, bank: KernelBank, cfg: config_lib.Config, grid: TileGrid,
+                  support: int) -> batch.MemoryEstimate:
+    h, w = grid.image_shape
+    return batch.estimate_solve_memory(
+        height=h, width=w, channels=channels, num_layers=cfg.mpi.num_layers, grid=grid,
+        kernel_size=bank.kernel_size, max_abs_scale=float(np.max(np.abs(cfg.mpi.scales()))),
+        kernel_support=support, conv_method=cfg.solver.conv_method,
+        round_fft=cfg.solver.round_fft,
+        refine_images=refine.unknown_images(cfg.refine, cfg.mpi.num_layers),
+        refine_history=cfg.refine.memory)
+
+
+def solve_memory(channels: int, bank: KernelBank, cfg: config_lib.Config,
+                 grid: TileGrid | None = None) -> batch.MemoryEstimate:
+    """`batch.estimate_solve_memory` of one solve with `cfg` on `bank`'s kernels, as
+    `plan_solve` estimates it.
+
+    Args:
+      channels: C of the views.
+      grid: the tile grid solved (default: the bank's, the whole frame); a block's
+        grid for a block.
+    """
+    grid = bank.grid if grid is None else grid
+    return _solve_memory(channels, bank, cfg, grid,
+                         support_radius(bank.kernels, cfg.solver.kernel_mass_cut))
+
+
 def plan_solve(channels: int, bank: KernelBank, cfg: config_lib.Config,
                splits: tuple[int, int] | None, budget_bytes: float | None,
                ) -> tuple[blocks.BlockPlan | None, dict[str, Any] | None, batch.MemoryEstimate]:
@@ -548,14 +576,7 @@ def plan_solve(channels: int, bank: KernelBank, cfg: config_lib.Config,
     support = support_radius(bank.kernels, cfg.solver.kernel_mass_cut)
 
     def estimate(grid: TileGrid) -> batch.MemoryEstimate:
-        h, w = grid.image_shape
-        return batch.estimate_solve_memory(
-            height=h, width=w, channels=channels, num_layers=cfg.mpi.num_layers,
-            grid=grid, kernel_size=bank.kernel_size, max_abs_scale=max_scale,
-            kernel_support=support, conv_method=cfg.solver.conv_method,
-            round_fft=cfg.solver.round_fft,
-            refine_images=refine.unknown_images(cfg.refine, cfg.mpi.num_layers),
-            refine_history=cfg.refine.memory)
+        return _solve_memory(channels, bank, cfg, grid, support)
 
     budget_gb = None if budget_bytes is None else round(budget_bytes / 1e9, 3)
     # A block shares the budget with the frame's own host arrays: the views and the

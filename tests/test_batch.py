@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from dpjax import batch, kernels, presets, refine
+from dpjax import batch, kernels, presets, scene
 from dpjax.kernels import TileGrid
 
 
@@ -95,14 +95,11 @@ def test_memory_estimate_covers_whole_solves():
     pair = kernels.parametric_dp_kernels(radius=16.0)
     cfg = presets.base_config(preset="auto").replace(
         **{"mpi.scale_min": -0.6, "mpi.scale_max": 1.0})  # as bench_blocks.py solves
-    support = kernels.support_radius(pair[:, None], cfg.solver.kernel_mass_cut)
     for (h, w, rows, cols, c), mb in batch.SOLVE_MEASUREMENTS:
-        grid = TileGrid(rows=rows, cols=cols, tile_h=h // rows, tile_w=w // cols)
-        est = batch.estimate_solve_memory(
-            height=h, width=w, channels=c, num_layers=cfg.mpi.num_layers, grid=grid,
-            kernel_size=pair.shape[-1], max_abs_scale=1.0, kernel_support=support,
-            refine_images=refine.unknown_images(cfg.refine, cfg.mpi.num_layers),
-            refine_history=cfg.refine.memory)
+        bank = kernels.KernelBank.create(np.repeat(pair[:, None], rows * cols, axis=1),
+                                         rows=rows, cols=cols, tile_h=h // rows,
+                                         tile_w=w // cols)
+        est = scene.solve_memory(c, bank, cfg)
         assert 1.0 < est.total / 1e6 / mb < 1.2, (h, w, c, est.total / 1e6, mb)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import dpjax
-from dpjax import batch, blocks, kernels, refine, scene, solver
+from dpjax import blocks, kernels, scene, solver
 from dpjax.kernels import TileGrid
 
 
@@ -103,19 +103,10 @@ def test_subdivided_bank_is_the_same_blur(sub):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def _estimate(bank, cfg, grid, channels=1):
-    h, w = grid.image_shape
-    return batch.estimate_solve_memory(
-        height=h, width=w, channels=channels, num_layers=cfg.mpi.num_layers, grid=grid,
-        kernel_size=bank.kernel_size, max_abs_scale=float(np.max(np.abs(cfg.mpi.scales()))),
-        kernel_support=kernels.support_radius(bank.kernels, cfg.solver.kernel_mass_cut),
-        refine_images=refine.unknown_images(cfg.refine, cfg.mpi.num_layers))
-
-
 def test_plan_solve_splits_only_over_budget_and_refuses_what_no_block_fits():
     bank = dpjax.parametric_bank(rows=6, cols=6, tile_h=32, radius=3.0)
     cfg = dpjax.Config()
-    whole = _estimate(bank, cfg, bank.grid).total
+    whole = scene.solve_memory(1, bank, cfg).total
     assert scene.plan_solve(1, bank, cfg, None, None)[0] is None
     assert scene.plan_solve(1, bank, cfg, None, whole)[0] is None
     plan, info, est = scene.plan_solve(1, bank, cfg, None, whole - 1)

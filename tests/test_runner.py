@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 import tifffile
 
 import dpjax
-from dpjax import batch, io, kernels, outputs, pipeline, presets, refine, runner, scene
+from dpjax import batch, io, outputs, pipeline, presets, runner, scene
 from dpjax.config import Config, schedule
 from dpjax.scene import KernelOptions, SceneOptions
 
@@ -324,7 +325,6 @@ def test_memory_budget_refuses_scene(tmp_path, calib_dir):
 
 
 def test_heap_is_trimmed_after_every_scene(tmp_path, calib_dir, monkeypatch):
-    import platform
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert runner.release_host_memory()
     calls = []
@@ -368,13 +368,8 @@ def test_blocks_forced_or_by_memory_budget(tmp_path):
     cfg = opts.scene.base
 
     def need(cols):  # as dpjax.scene.plan_solve estimates a solve
-        return batch.estimate_solve_memory(
-            height=TILE, width=cols * TILE, channels=1, num_layers=cfg.mpi.num_layers,
-            grid=dpjax.TileGrid(rows=1, cols=cols, tile_h=TILE, tile_w=TILE),
-            kernel_size=bank.kernel_size, max_abs_scale=float(np.max(np.abs(cfg.mpi.scales()))),
-            kernel_support=kernels.support_radius(bank.kernels, cfg.solver.kernel_mass_cut),
-            refine_images=refine.unknown_images(cfg.refine, cfg.mpi.num_layers),
-            refine_history=cfg.refine.memory).total
+        grid = dpjax.TileGrid(rows=1, cols=cols, tile_h=TILE, tile_w=TILE)
+        return scene.solve_memory(1, bank, cfg, grid).total
 
     budget_gb = (need(6) + need(5)) / 2 / 1e9
     out = tmp_path / "budget"
