@@ -85,11 +85,7 @@ def main(argv):
                                      tile_w=grid.tile_w)
     budget = FLAGS.memory_budget_gb * 1e9
     plan, plan_info, est = scene.plan_solve(views.shape[-1], bank, cfg, None, budget)
-    whole = batch.estimate_solve_memory(
-        height=gh, width=gw, channels=views.shape[-1], num_layers=cfg.mpi.num_layers,
-        grid=grid, kernel_size=bank.kernel_size,
-        max_abs_scale=float(np.max(np.abs(cfg.mpi.scales()))),
-        kernel_support=kernels.support_radius(bank.kernels, cfg.solver.kernel_mass_cut))
+    whole = scene.solve_memory(views.shape[-1], bank, cfg)  # refinement included
     if plan is None:
         plan = blocks.plan_blocks(grid, (1, 1))
     run = plan if FLAGS.max_blocks <= 0 else dataclasses.replace(

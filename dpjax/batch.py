@@ -18,9 +18,10 @@ Pure functions and small classes that return data; the app logs and writes.
 
 Memory model of one solve (finest pyramid level, which dominates: every coarser
 level has a quarter of the pixels of the next). With V = 2 views, L layers, C
-channels, P = H * W pixels, T tiles, K' = 2r + 1 the side of the largest rescaled
-kernel (r = `kernels.layer_kernel_radius`) and Fh x Fw the tile FFT size
-of `conv.ConvGeometry` (Fr = Fw // 2 + 1 complex bins per row):
+channels, P = H * W pixels, T tiles, r = `kernels.layer_kernel_radius` the half-width
+of the largest rescaled kernel, Fh x Fw the tile FFT size of `conv.ConvGeometry`
+(Fr = Fw // 2 + 1 complex bins per row) and K' = 2r' + 1 the side of the window that
+FFT holds (`conv.ConvGeometry.shared`, r' >= r), where the fit keeps its kernels:
 
   inputs   = V C P * 4                          observation (float32)
   kernels  = V L T (K'^2 * 4 + Fh Fr * 8)       layer kernels and their spectra
@@ -330,7 +331,8 @@ def estimate_solve_memory(*, height: int, width: int, channels: int, num_layers:
     geom = conv.ConvGeometry.create(grid, r, "fft", round_fft)
     fh, fw = geom.fft_shape
     bins = fh * (fw // 2 + 1)
-    kside = 2 * r + 1
+    # The fit's layer kernels fill the window its FFT holds (`conv.ConvGeometry.shared`).
+    kside = 2 * conv.ConvGeometry.shared(grid, r, conv_method, round_fft).radius + 1
     parts = {
         "overhead": OVERHEAD_BYTES,
         "inputs": v * c * p * 4.0,

@@ -67,6 +67,25 @@ class ConvGeometry:
             n_h, n_w = good_fft_size(n_h), good_fft_size(n_w)
         return cls(grid=grid, radius=radius, fft_shape=(n_h, n_w), method=method)
 
+    @classmethod
+    def shared(cls, grid: TileGrid, radius: int, method: ConvMethod = "fft",
+               round_fft: bool = True) -> ConvGeometry:
+        """The geometry every kernel of half-width <= `radius` with the same FFT size
+        can share: `create`'s, with the radius widened to the largest the FFT holds.
+
+        Kernels zero-padded to the wider window blur exactly as before (the transforms
+        are the same size; only the discarded border sees more of the image), while
+        scenes whose radii differ but round to one FFT size get equal shapes and so
+        reuse one compiled solver. The direct method, whose cost grows with the
+        window, and an unrounded FFT keep the radius as given.
+        """
+        geom = cls.create(grid, radius, method, round_fft)
+        if method != "fft" or not round_fft:
+            return geom
+        fh, fw = geom.fft_shape
+        wide = min((fh - grid.tile_h) // 2, (fw - grid.tile_w) // 2)
+        return dataclasses.replace(geom, radius=wide)
+
     @property
     def padded_tile(self) -> tuple[int, int]:
         return (self.grid.tile_h + 2 * self.radius, self.grid.tile_w + 2 * self.radius)

@@ -318,15 +318,19 @@ def _kernel_radius(s: _Scene, factor: int) -> int:
     return layer_kernel_radius(lvl_size, s.max_abs, lvl_support)
 
 
-def _level_problem(s: _Scene, factor: int, pad_radius: int | None = None):
+def _level_problem(s: _Scene, factor: int, at_least: int = 0, exact: bool = False):
     """Observation and prepared layer kernels of the pyramid level with this factor.
 
     Args:
       s: the scene.
-      pad_radius: size the convolution for this kernel half-width instead (a batch's
-        common geometry, at least this scene's own). Zero-padded kernels and a wider
-        edge padding give the same blur, and the data term's bias factor keeps this
-        scene's own kernel window (`own_radius`), so only float rounding changes.
+      at_least: size the convolution for at least this kernel half-width (a batch's
+        widest scene's), not only for the scene's own.
+      exact: use that half-width as it is. By default it is widened to the largest
+        with the same FFT size (`conv.ConvGeometry.shared`), so that scenes whose
+        layer ranges differ a little share one compiled solver. Zero-padded kernels
+        and a wider edge padding give the same blur, and the data term's bias factor
+        keeps this scene's own kernel window (`own_radius`), so only float rounding
+        changes.
 
     Returns:
       (observation [V, C, H/f, W/f], LayerKernels).
@@ -334,14 +338,26 @@ def _level_problem(s: _Scene, factor: int, pad_radius: int | None = None):
     lvl_bank = downsample_bank(s.bank, factor)
     lvl_obs = downsample_image(s.planar, factor)
     own = _kernel_radius(s, factor)
-    radius = own if pad_radius is None else pad_radius
-    if radius < own:
-        raise ValueError(f"pad_radius {radius} is below the scene's kernel radius {own}")
     scfg = s.config.solver
-    geom = conv.ConvGeometry.create(lvl_bank.grid, radius, scfg.conv_method, scfg.round_fft)
+    make = conv.ConvGeometry.create if exact else conv.ConvGeometry.shared
+    geom = make(lvl_bank.grid, max(own, at_least), scfg.conv_method, scfg.round_fft)
     lk = _prepare(lvl_bank.kernels, s.scales, geom, own)
     jax.block_until_ready(lk.kernels)
     return lvl_obs, lk
+
+
+def _refine_kernels(s: _Scene, lk: mpi.LayerKernels) -> mpi.LayerKernels | None:
+    """The refinement's full-resolution kernels when they differ from the fit's `lk`.
+
+    The refinement's unknown extends by the geometry's radius beyond the frame
+    (boundary "free"), so it is not indifferent to a widened window: it gets the
+    scene's own radius and solves the same problem whatever geometry the fit shared.
+    None when `lk` already has it or the refinement is off.
+    """
+    own = _kernel_radius(s, 1)
+    if s.config.refine.iters <= 0 or own == lk.geom.radius:
+        return None
+    return _level_problem(s, 1, exact=True)[1]
 
 
 def validate_observation(observation, bank: KernelBank) -> np.ndarray:
@@ -483,7 +499,7 @@ def finish_fit(observation, bank: KernelBank, config: Config,
                          f"{s.planar.shape[-2:]}: finish_fit needs full-resolution params")
     lvl_obs, lk = _level_problem(s, 1)
     p, aif, raw, dmap, terms, ref = _outputs(match_channels(params, lvl_obs), lvl_obs, lk, s,
-                                             "")
+                                             "", _refine_kernels(s, lk))
     timings = {"total_s": time.perf_counter() - t_start}
     if ref is not None:
         timings["refine_s"] = ref["seconds"]
@@ -614,8 +630,8 @@ def _problems(scenes: Sequence[_Scene], factor: int, batched: bool):
     """The level's observation and layer kernels: one scene's, or stacked [B, ...]."""
     if not batched:
         return _level_problem(scenes[0], factor)
-    pad = max(_kernel_radius(s, factor) for s in scenes)
-    obs, lks = zip(*(_level_problem(s, factor, pad) for s in scenes))
+    widest = max(_kernel_radius(s, factor) for s in scenes)
+    obs, lks = zip(*(_level_problem(s, factor, widest) for s in scenes))
     return jnp.stack(obs), _stack(lks)
 
 
@@ -721,18 +737,14 @@ def _solve(scenes: Sequence[_Scene], *, batched: bool,
     params = match_channels(params, lvl_obs)  # stopped at a level that solved the mean
     outs = []
     for i, s in enumerate(scenes):
+        # The fit's kernels are padded to a shared (a batch's: the widest scene's)
+        # radius; the refinement gets the scene's own (`_refine_kernels`).
         if not batched:
-            outs.append(_outputs(params, lvl_obs, lk, s, ""))
+            outs.append(_outputs(params, lvl_obs, lk, s, "", _refine_kernels(s, lk)))
             continue
-        # The batch's kernels are padded to the widest scene's radius; the refinement's
-        # unknown extends by that radius beyond the frame (boundary "free"), so a scene
-        # with a narrower radius gets its own geometry and solves exactly what `fit` would.
-        own_lk = None
-        if (s.config.refine.iters > 0
-                and _kernel_radius(s, 1) != lk.geom.radius):
-            own_lk = _level_problem(s, 1)[1]
-        outs.append(_outputs(_take(params, i), lvl_obs[i], _take(lk, i), s, f"scene {i}: ",
-                             own_lk))
+        lk_i = _take(lk, i)
+        outs.append(_outputs(_take(params, i), lvl_obs[i], lk_i, s, f"scene {i}: ",
+                             _refine_kernels(s, lk_i)))
     refined = [out[-1] for out in outs if out[-1] is not None]
     if refined:
         timings["refine_s"] = sum(r["seconds"] for r in refined)

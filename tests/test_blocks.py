@@ -182,10 +182,9 @@ def test_blocks_share_the_frames_kernel_window(monkeypatch):
     seen = []
     level_problem = solver._level_problem
 
-    def record(s, factor, pad_radius=None):
-        out = level_problem(s, factor, pad_radius)
-        seen.append(out[1].geom.radius)
-        return out
+    def record(s, factor, *args, **kwargs):
+        seen.append(solver._kernel_radius(s, factor))
+        return level_problem(s, factor, *args, **kwargs)
 
     monkeypatch.setattr(solver, "_level_problem", record)
     views = np.random.default_rng(0).uniform(0.2, 0.8, (2, 96, 32, 1)).astype(np.float32)

@@ -73,6 +73,34 @@ def test_unrounded_fft_size_also_exact():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
+def test_shared_geometry_widens_to_the_fft_and_blurs_the_same():
+    """`ConvGeometry.shared`: the widest radius the same FFT holds; kernels zero-padded
+    to it blur exactly as the narrower window does; radii that round to one FFT size
+    share one geometry (and so one compiled solver)."""
+    grid = TileGrid(rows=2, cols=2, tile_h=40, tile_w=40)
+    for r in range(1, 12):
+        geom = conv.ConvGeometry.create(grid, r)
+        shared = conv.ConvGeometry.shared(grid, r)
+        assert shared.fft_shape == geom.fft_shape and shared.radius >= r
+        wider = conv.ConvGeometry.create(grid, shared.radius + 1)
+        assert wider.fft_shape != geom.fft_shape  # it is the widest
+    # 40 + 2r: 46 and 48 both round to 48, so radii 3 and 4 share; 42 rounds to 45.
+    assert conv.ConvGeometry.shared(grid, 3) == conv.ConvGeometry.shared(grid, 4)
+    assert conv.ConvGeometry.shared(grid, 3).radius == 4
+    assert conv.ConvGeometry.shared(grid, 1).radius == 2
+    for method, round_fft in (("direct", True), ("fft", False)):
+        assert conv.ConvGeometry.shared(grid, 1, method, round_fft).radius == 1
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.random((1,) + grid.image_shape), jnp.float32)
+    k = rng.random((1, grid.num_tiles, 3, 3))
+    shared = conv.ConvGeometry.shared(grid, 1)  # radius 2
+    pad = shared.radius - 1
+    k_wide = np.pad(k, [(0, 0), (0, 0), (pad, pad), (pad, pad)])
+    a = conv.convolve(x, jnp.asarray(k, jnp.float32), conv.ConvGeometry.create(grid, 1))
+    b = conv.convolve(x, jnp.asarray(k_wide, jnp.float32), shared)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
 def test_unknown_method_rejected():
     with pytest.raises(ValueError, match="unknown convolution method"):
         conv.ConvGeometry.create(TileGrid(rows=1, cols=1, tile_h=4, tile_w=4), 1, "spectral")

@@ -200,18 +200,20 @@ def test_wider_padding_changes_only_rounding(bank, views, mass_cut):
                              for x, k in zip(params, keys)))
     value_and_grad = jax.jit(jax.value_and_grad(
         lambda p, obs, lk: losses.loss_terms(p, obs, lk, cfg.loss).total))
-    obs, lk = solver._level_problem(scene, 1)
+    obs, lk = solver._level_problem(scene, 1, exact=True)
     r0 = lk.geom.radius
+    assert r0 == solver._kernel_radius(scene, 1)
     assert (r0 < kernels.rescaled_radius(bank.kernel_size, scene.max_abs)) == (mass_cut > 0)
     v0, g0 = value_and_grad(params, obs, lk)
-    obs, lk = solver._level_problem(scene, 1, r0 + 3)
-    assert lk.geom.radius == r0 + 3
-    v, g = value_and_grad(params, obs, lk)
-    assert abs(float(v) - float(v0)) <= 1e-5 * abs(float(v0))
-    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g0)):
-        assert _rel(np.asarray(a), np.asarray(b)) < 1e-5  # measured 2e-6
-    with pytest.raises(ValueError, match="below the scene's kernel radius"):
-        solver._level_problem(scene, 1, r0 - 1)
+    shared = solver._level_problem(scene, 1)[1].geom  # the default: widened, same FFT
+    assert shared.radius >= r0 and shared.fft_shape == lk.geom.fft_shape
+    for pad, exact in ((r0 + 3, True), (0, False)):
+        obs, lk = solver._level_problem(scene, 1, pad, exact=exact)
+        assert lk.geom.radius == (r0 + 3 if exact else shared.radius)
+        v, g = value_and_grad(params, obs, lk)
+        assert abs(float(v) - float(v0)) <= 1e-5 * abs(float(v0))
+        for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g0)):
+            assert _rel(np.asarray(a), np.asarray(b)) < 1e-5  # measured 2e-6
 
 
 def test_cut_kernels_batch_matches_separate_fits(bank, views):
@@ -230,3 +232,21 @@ def test_cut_kernels_batch_matches_separate_fits(bank, views):
         assert _mean_rel(b.all_in_focus, s.all_in_focus) < 1e-4
         for key in ("objective_start", "objective_end"):
             assert abs(b.refine[key] - s.refine[key]) < 1e-4 * s.refine[key], key
+
+
+def test_nearby_layer_ranges_share_one_compiled_solver(bank, views):
+    """Two scenes whose layer kernels' radii differ but round to one FFT size solve with
+    one compiled chunk (`conv.ConvGeometry.shared`): a batch of one camera's photos
+    does not recompile for every scene's layer range."""
+    cfgs = [_cfg(**{"mpi.scale_max": m, "solver.kernel_mass_cut": 0.0,
+                    "refine.iters": 0}) for m in (0.6, 0.7)]
+    scenes = [solver._scene(views[0], bank, c) for c in cfgs]
+    own = [solver._kernel_radius(s, 1) for s in scenes]
+    assert own[0] < own[1]  # the premise: different windows ...
+    for factor in (1, 2):  # ... but one shared geometry at every level
+        geoms = {solver._level_problem(s, factor)[1].geom for s in scenes}
+        assert len(geoms) == 1
+    dpjax.fit(views[0], bank, cfgs[0])
+    compiled = solver._run_chunk._cache_size()
+    dpjax.fit(views[0], bank, cfgs[1])
+    assert solver._run_chunk._cache_size() == compiled
