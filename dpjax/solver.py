@@ -346,18 +346,19 @@ def _level_problem(s: _Scene, factor: int, at_least: int = 0, exact: bool = Fals
     return lvl_obs, lk
 
 
-def _refine_kernels(s: _Scene, lk: mpi.LayerKernels) -> mpi.LayerKernels | None:
-    """The refinement's full-resolution kernels when they differ from the fit's `lk`.
+def _refine_needs_own(s: _Scene, lk: mpi.LayerKernels) -> bool:
+    """Whether the refinement must not use the fit's kernels `lk` (a widened window).
 
     The refinement's unknown extends by the geometry's radius beyond the frame
     (boundary "free"), so it is not indifferent to a widened window: it gets the
     scene's own radius and solves the same problem whatever geometry the fit shared.
-    None when `lk` already has it or the refinement is off.
     """
-    own = _kernel_radius(s, 1)
-    if s.config.refine.iters <= 0 or own == lk.geom.radius:
-        return None
-    return _level_problem(s, 1, exact=True)[1]
+    return s.config.refine.iters > 0 and _kernel_radius(s, 1) != lk.geom.radius
+
+
+def _refine_kernels(s: _Scene, lk: mpi.LayerKernels) -> mpi.LayerKernels | None:
+    """The refinement's kernels (the scene's own window) where they differ from `lk`."""
+    return _level_problem(s, 1, exact=True)[1] if _refine_needs_own(s, lk) else None
 
 
 def validate_observation(observation, bank: KernelBank) -> np.ndarray:
@@ -497,9 +498,9 @@ def finish_fit(observation, bank: KernelBank, config: Config,
     if params.color_logits.shape[-2:] != s.planar.shape[-2:]:
         raise ValueError(f"params are {params.color_logits.shape[-2:]}, the observation "
                          f"{s.planar.shape[-2:]}: finish_fit needs full-resolution params")
-    lvl_obs, lk = _level_problem(s, 1)
+    lvl_obs, lk = _level_problem(s, 1, exact=True)  # no fit to share: the scene's own
     p, aif, raw, dmap, terms, ref = _outputs(match_channels(params, lvl_obs), lvl_obs, lk, s,
-                                             "", _refine_kernels(s, lk))
+                                             "")
     timings = {"total_s": time.perf_counter() - t_start}
     if ref is not None:
         timings["refine_s"] = ref["seconds"]
@@ -735,12 +736,16 @@ def _solve(scenes: Sequence[_Scene], *, batched: bool,
         params = upsample_params(params, full_shape)
         lvl_obs, lk = _problems(scenes, 1, batched)
     params = match_channels(params, lvl_obs)  # stopped at a level that solved the mean
+    # The fit's kernels are padded to a shared (a batch's: the widest scene's) radius;
+    # the refinement gets the scene's own (`_refine_kernels`). One scene: swap them
+    # rather than hold both sets of kernels and spectra at once.
+    if not batched and _refine_needs_own(scenes[0], lk):
+        del lk
+        lk = _level_problem(scenes[0], 1, exact=True)[1]
     outs = []
     for i, s in enumerate(scenes):
-        # The fit's kernels are padded to a shared (a batch's: the widest scene's)
-        # radius; the refinement gets the scene's own (`_refine_kernels`).
         if not batched:
-            outs.append(_outputs(params, lvl_obs, lk, s, "", _refine_kernels(s, lk)))
+            outs.append(_outputs(params, lvl_obs, lk, s, ""))
             continue
         lk_i = _take(lk, i)
         outs.append(_outputs(_take(params, i), lvl_obs[i], lk_i, s, f"scene {i}: ",

@@ -250,3 +250,24 @@ def test_nearby_layer_ranges_share_one_compiled_solver(bank, views):
     compiled = solver._run_chunk._cache_size()
     dpjax.fit(views[0], bank, cfgs[1])
     assert solver._run_chunk._cache_size() == compiled
+
+
+def test_refinement_keeps_the_scenes_own_window(bank, views, monkeypatch):
+    """The fit solves in the widened window, the refinement (whose unknown extends by
+    the radius beyond the frame) in the scene's own, in `fit` and in `fit_batch`."""
+    from dpjax import refine
+    cfg = _cfg(**{"mpi.scale_max": 0.6, "solver.kernel_mass_cut": 0.0, "refine.iters": 2})
+    scene = solver._scene(views[0], bank, cfg)
+    own = solver._kernel_radius(scene, 1)
+    assert solver._level_problem(scene, 1)[1].geom.radius > own  # the premise
+    seen = []
+    real = refine.refine_all_in_focus
+
+    def record(params, observation, lk, rcfg):
+        seen.append(lk.geom.radius)
+        return real(params, observation, lk, rcfg)
+
+    monkeypatch.setattr(refine, "refine_all_in_focus", record)
+    dpjax.fit(views[0], bank, cfg)
+    dpjax.fit_batch([views[0]] * 2, bank, cfg)
+    assert seen == [own] * 3
