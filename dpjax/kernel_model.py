@@ -35,8 +35,10 @@ the aperture radius in pixels, at the resolution of the images the kernels are
 for, at scale 1. A calibration fitted from photos (`dpjax.selfcal`) sets it to the
 90th percentile of the blur radius it saw, so that the auto preset's range search
 (scales -2 ... 2.5, `dpjax.presets.SEARCH_SCALES`) covers those photos and ones
-with twice their blur. Any other choice works as long as one calibration folder is
-used with one unit (the auto preset estimates each scene's range in that unit).
+with twice their blur. One calibration folder must be used with one unit (the auto
+preset estimates each scene's range in that unit). The choice is not neutral: the
+range search's candidate grid is fixed in this unit (experiments/results/
+own_camera.md, "The kernels' unit").
 
 Orientation and sign. At theta = 0 the left view sees the left (x < c) part of the
 aperture, as in `parametric_dp_kernels`; theta = 90 deg is the transpose (the left
