@@ -737,15 +737,18 @@ def _solve(scenes: Sequence[_Scene], *, batched: bool,
         lvl_obs, lk = _problems(scenes, 1, batched)
     params = match_channels(params, lvl_obs)  # stopped at a level that solved the mean
     # The fit's kernels are padded to a shared (a batch's: the widest scene's) radius;
-    # the refinement gets the scene's own (`_refine_kernels`). One scene: swap them
-    # rather than hold both sets of kernels and spectra at once.
-    if not batched and _refine_needs_own(scenes[0], lk):
-        del lk
-        lk = _level_problem(scenes[0], 1, exact=True)[1]
+    # the refinement gets the scene's own (`_refine_kernels`). One scene: score with
+    # the fit's kernels (shared shapes, shared compilation), then swap them for the
+    # scene's own rather than hold both sets of kernels and spectra at once.
     outs = []
     for i, s in enumerate(scenes):
         if not batched:
-            outs.append(_outputs(params, lvl_obs, lk, s, ""))
+            terms = None
+            if _refine_needs_own(s, lk):
+                terms = _final_terms(params, lvl_obs, lk, config.loss)
+                del lk
+                lk = _level_problem(s, 1, exact=True)[1]
+            outs.append(_outputs(params, lvl_obs, lk, s, "", terms=terms))
             continue
         lk_i = _take(lk, i)
         outs.append(_outputs(_take(params, i), lvl_obs[i], lk_i, s, f"scene {i}: ",
@@ -781,12 +784,15 @@ def _divergence(bad: np.ndarray, values: np.ndarray, level: int, factor: int,
 
 
 def _outputs(params: mpi.MpiParams, observation: jax.Array, lk: mpi.LayerKernels,
-             scene: _Scene, prefix: str, refine_lk: mpi.LayerKernels | None = None):
+             scene: _Scene, prefix: str, refine_lk: mpi.LayerKernels | None = None,
+             terms: losses.LossTerms | None = None):
     """(params, all-in-focus [H, W, C], raw [H, W, C], defocus [H, W], terms, refine record
     or None) of one scene at full resolution (observation [V, C, H, W]); refine_lk: the
-    refinement's kernels when they differ from lk (a batch's)."""
+    refinement's kernels when they differ from lk (a batch's); terms: the final loss
+    terms when the caller scored them already (with other kernels than lk)."""
     cfg = scene.config
-    terms = _final_terms(params, observation, lk, cfg.loss)
+    if terms is None:
+        terms = _final_terms(params, observation, lk, cfg.loss)
     color = mpi.colors(params)
     trans = mpi.transmittance(mpi.alphas(params))
     image = mpi.all_in_focus(color, trans)  # [C, H, W]

@@ -235,11 +235,11 @@ def test_cut_kernels_batch_matches_separate_fits(bank, views):
 
 
 def test_nearby_layer_ranges_share_one_compiled_solver(bank, views):
-    """Two scenes whose layer kernels' radii differ but round to one FFT size solve with
-    one compiled chunk (`conv.ConvGeometry.shared`): a batch of one camera's photos
-    does not recompile for every scene's layer range."""
+    """Two scenes whose layer kernels' radii differ but round to one FFT size solve and
+    score with one compiled chunk (`conv.ConvGeometry.shared`): a batch of one camera's
+    photos does not recompile the solver for every scene's layer range."""
     cfgs = [_cfg(**{"mpi.scale_max": m, "solver.kernel_mass_cut": 0.0,
-                    "refine.iters": 0}) for m in (0.6, 0.7)]
+                    "refine.iters": 2}) for m in (0.6, 0.7)]
     scenes = [solver._scene(views[0], bank, c) for c in cfgs]
     own = [solver._kernel_radius(s, 1) for s in scenes]
     assert own[0] < own[1]  # the premise: different windows ...
@@ -247,9 +247,9 @@ def test_nearby_layer_ranges_share_one_compiled_solver(bank, views):
         geoms = {solver._level_problem(s, factor)[1].geom for s in scenes}
         assert len(geoms) == 1
     dpjax.fit(views[0], bank, cfgs[0])
-    compiled = solver._run_chunk._cache_size()
-    dpjax.fit(views[0], bank, cfgs[1])
-    assert solver._run_chunk._cache_size() == compiled
+    compiled = solver._run_chunk._cache_size(), solver._final_terms._cache_size()
+    dpjax.fit(views[0], bank, cfgs[1])  # (only the refinement, in its own window, compiles)
+    assert (solver._run_chunk._cache_size(), solver._final_terms._cache_size()) == compiled
 
 
 def test_refinement_keeps_the_scenes_own_window(bank, views, monkeypatch):
