@@ -234,32 +234,22 @@ def test_cut_kernels_batch_matches_separate_fits(bank, views):
             assert abs(b.refine[key] - s.refine[key]) < 1e-4 * s.refine[key], key
 
 
-def test_nearby_layer_ranges_share_one_compiled_solver(bank, views):
+def test_nearby_layer_ranges_share_one_compiled_solver(bank, views, monkeypatch):
     """Two scenes whose layer kernels' radii differ but round to one FFT size solve and
     score with one compiled chunk (`conv.ConvGeometry.shared`): a batch of one camera's
-    photos does not recompile the solver for every scene's layer range."""
+    photos does not recompile the solver for every scene's layer range. The refinement,
+    whose unknown extends by the radius beyond the frame, keeps each scene's own window
+    (in `fit_batch` too: `test_cut_kernels_batch_matches_separate_fits`)."""
+    from dpjax import refine
     cfgs = [_cfg(**{"mpi.scale_max": m, "solver.kernel_mass_cut": 0.0,
                     "refine.iters": 2}) for m in (0.6, 0.7)]
     scenes = [solver._scene(views[0], bank, c) for c in cfgs]
     own = [solver._kernel_radius(s, 1) for s in scenes]
     assert own[0] < own[1]  # the premise: different windows ...
-    for factor in (1, 2):  # ... but one shared geometry at every level
+    for factor in (1, 2):  # ... but one shared geometry at every level, wider than own[0]
         geoms = {solver._level_problem(s, factor)[1].geom for s in scenes}
         assert len(geoms) == 1
-    dpjax.fit(views[0], bank, cfgs[0])
-    compiled = solver._run_chunk._cache_size(), solver._final_terms._cache_size()
-    dpjax.fit(views[0], bank, cfgs[1])  # (only the refinement, in its own window, compiles)
-    assert (solver._run_chunk._cache_size(), solver._final_terms._cache_size()) == compiled
-
-
-def test_refinement_keeps_the_scenes_own_window(bank, views, monkeypatch):
-    """The fit solves in the widened window, the refinement (whose unknown extends by
-    the radius beyond the frame) in the scene's own, in `fit` and in `fit_batch`."""
-    from dpjax import refine
-    cfg = _cfg(**{"mpi.scale_max": 0.6, "solver.kernel_mass_cut": 0.0, "refine.iters": 2})
-    scene = solver._scene(views[0], bank, cfg)
-    own = solver._kernel_radius(scene, 1)
-    assert solver._level_problem(scene, 1)[1].geom.radius > own  # the premise
+    assert solver._level_problem(scenes[0], 1)[1].geom.radius > own[0]
     seen = []
     real = refine.refine_all_in_focus
 
@@ -268,6 +258,8 @@ def test_refinement_keeps_the_scenes_own_window(bank, views, monkeypatch):
         return real(params, observation, lk, rcfg)
 
     monkeypatch.setattr(refine, "refine_all_in_focus", record)
-    dpjax.fit(views[0], bank, cfg)
-    dpjax.fit_batch([views[0]] * 2, bank, cfg)
-    assert seen == [own] * 3
+    dpjax.fit(views[0], bank, cfgs[0])
+    compiled = solver._run_chunk._cache_size(), solver._final_terms._cache_size()
+    dpjax.fit(views[0], bank, cfgs[1])  # (only the refinement, in its own window, compiles)
+    assert (solver._run_chunk._cache_size(), solver._final_terms._cache_size()) == compiled
+    assert seen == own
