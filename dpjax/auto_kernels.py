@@ -86,7 +86,8 @@ class GroupFit(NamedTuple):
         return {"group": self.key, "fit_pairs": list(self.pairs),
                 "fallback": self.fallback, "note": self.note,
                 "gain": self.summary.get("gain"),
-                "angle_margin": self.summary.get("angle_margin")}
+                "angle_margin": self.summary.get("angle_margin"),
+                "blur_p90": selfcal.blur_p90(self.summary)}
 
 
 def _slug(text: str) -> str:

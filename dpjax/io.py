@@ -155,11 +155,18 @@ class Pixel4Scene(NamedTuple):
 
 
 class CalibratedKernels(NamedTuple):
-    """kernels: [2, T, K, K] float32 (left, right), T = rows * cols, each summing to 1."""
+    """kernels: [2, T, K, K] float32 (left, right), T = rows * cols, each summing to 1.
+
+    blur_p90: the 90th-percentile blur radius of the photos the kernels were fitted to,
+    in units of the kernels' scale 1, when known (a self-calibration records it; the
+    auto preset's range search scales its candidates by it, `presets.search_scales`);
+    None for a lab calibration.
+    """
 
     kernels: np.ndarray
     grid: tuple[int, int]
     tile_size: int
+    blur_p90: float | None = None
 
 
 class ScenePair(NamedTuple):
@@ -748,17 +755,23 @@ def load_calibration_kernels(calib_dir, *, grid: tuple[int, int] | None = None,
     """Load blur_kernels_left.npy / blur_kernels_right.npy ([T, K, K] each).
 
     grid / tile_size default to kernels_meta.json in calib_dir when present (written
-    by `save_calibration_kernels`), else to the Pixel 4 values (6, 8) and 168.
+    by `save_calibration_kernels`), else to the Pixel 4 values (6, 8) and 168; its
+    optional "blur_p90" becomes CalibratedKernels.blur_p90.
     Explicit values that contradict kernels_meta.json raise ValueError.
     """
     calib_dir = Path(calib_dir)
     meta_path = calib_dir / KERNELS_META
     meta = {}
+    blur_p90 = None
     if meta_path.is_file():
         try:
-            meta = json.loads(meta_path.read_text())
-            meta = {"grid": tuple(int(v) for v in meta["grid"]),
-                        "tile_size": int(meta["tile_size"])}
+            raw = json.loads(meta_path.read_text())
+            meta = {"grid": tuple(int(v) for v in raw["grid"]),
+                    "tile_size": int(raw["tile_size"])}
+            if raw.get("blur_p90") is not None:
+                blur_p90 = float(raw["blur_p90"])
+                if not (np.isfinite(blur_p90) and blur_p90 > 0):
+                    raise ValueError(f"blur_p90 must be a positive number, not {blur_p90}")
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{meta_path}: unreadable kernel metadata ({e})") from e
     for key, value in (("grid", None if grid is None else tuple(grid)), ("tile_size", tile_size)):
@@ -781,21 +794,24 @@ def load_calibration_kernels(calib_dir, *, grid: tuple[int, int] | None = None,
                          f"{views[1].shape} differ in shape")
     kernels = _validate_kernels(np.stack(views), grid, str(calib_dir))
     return CalibratedKernels(kernels=kernels, grid=(int(grid[0]), int(grid[1])),
-                             tile_size=int(tile_size))
+                             tile_size=int(tile_size), blur_p90=blur_p90)
 
 
 def save_calibration_kernels(calib_dir, calib: CalibratedKernels, *,
                              extra_meta: dict | None = None) -> None:
-    """Write blur_kernels_{left,right}.npy and kernels_meta.json (grid, tile size), atomically.
+    """Write blur_kernels_{left,right}.npy and kernels_meta.json (grid, tile size and
+    blur_p90 when known), atomically.
 
     extra_meta: more kernels_meta.json entries (how the kernels were estimated, ...);
-    they may not redefine "grid" or "tile_size". Loaders read only those two.
+    they may not redefine "grid", "tile_size" or "blur_p90". Loaders read only those.
     """
     from dpjax.outputs import atomic_write, write_json
 
     calib_dir = Path(calib_dir)
     meta = {"grid": list(calib.grid), "tile_size": calib.tile_size}
-    clash = sorted(set(meta) & set(extra_meta or {}))
+    if calib.blur_p90 is not None:
+        meta["blur_p90"] = float(calib.blur_p90)
+    clash = sorted({"grid", "tile_size", "blur_p90"} & set(extra_meta or {}))
     if clash:
         raise ValueError(f"extra_meta may not redefine {clash}")
     kernels = _validate_kernels(np.asarray(calib.kernels), tuple(calib.grid), "save")

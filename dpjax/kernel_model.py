@@ -33,12 +33,13 @@ Gauge. Only (defocus scale) x (radius) reaches the data: a kernel of radius r at
 scale s looks like one of radius 2r at scale s/2. `radius` fixes the unit: it is
 the aperture radius in pixels, at the resolution of the images the kernels are
 for, at scale 1. A calibration fitted from photos (`dpjax.selfcal`) sets it to the
-90th percentile of the blur radius it saw, so that the auto preset's range search
-(scales -2 ... 2.5, `dpjax.presets.SEARCH_SCALES`) covers those photos and ones
-with twice their blur. One calibration folder must be used with one unit (the auto
-preset estimates each scene's range in that unit). The choice is not neutral: the
-range search's candidate grid is fixed in this unit (experiments/results/
-own_camera.md, "The kernels' unit").
+90th percentile of the blur radius it saw and records that blur in this unit
+(`io.CalibratedKernels.blur_p90`, ~1); the auto preset's range search scales its
+candidate grid by it (`dpjax.presets.search_scales`), so its candidates are the same
+pixels of blur whatever the unit (experiments/results/own_camera.md, "The kernels'
+unit"). The unit still matters where layer kernels are rescaled from one rendered
+reference (a reference only a few pixels wide loses shape). One calibration folder
+must be used with one unit (the auto preset estimates each scene's range in it).
 
 Orientation and sign. At theta = 0 the left view sees the left (x < c) part of the
 aperture, as in `parametric_dp_kernels`; theta = 90 deg is the transpose (the left

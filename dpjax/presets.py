@@ -16,7 +16,11 @@ resolution and keeps robust percentiles of the confident pixels:
 1. resolution: half resolution when the pair's base disparity (centroid distance of
    the left and right kernels at s = 1, ~5.3 px for the Pixel 4) stays >= 2 px there
    and the tiles divide evenly, else full resolution;
-2. candidates: -2 ... 2.5 in steps of 1/8 (SEARCH_SCALES);
+2. candidates: -2 ... 2.5 in steps of 1/8 (SEARCH_SCALES), in units of the
+   blur the rule was developed with (`search_scales`): a calibration that records the
+   blur of the photos it was fitted to (`blur_p90`, the self-calibration's) gets the
+   grid scaled so that it spans the same multiples of that blur as with the Pixel 4
+   lab kernels (DEVELOPED_BLUR_P90), whatever unit its kernels are in;
 3. confident pixels: confidence (1 - min cost / median cost) > 0.7, windowed gradient
    energy above its 10th percentile over the image (drops flat windows: sky, walls),
    and an argmin strictly inside the candidate grid (an argmin at either end means
@@ -99,6 +103,7 @@ __all__ = [
     "PROBE_ITERS",
     "SCALE_LIMITS",
     "SEARCH_SCALES",
+    "DEVELOPED_BLUR_P90",
     "RangeEstimate",
     "SearchMap",
     "analyze_scale_range",
@@ -111,6 +116,7 @@ __all__ = [
     "paper_config",
     "probe_scale_range",
     "search_defocus",
+    "search_scales",
 ]
 
 
@@ -140,6 +146,12 @@ AUTO_ENTROPY = 20.0
 # Candidate scales of the range search and the interval a range is clamped to.
 SCALE_LIMITS = (-2.0, 2.5)
 SEARCH_SCALES = tuple(float(s) for s in np.arange(SCALE_LIMITS[0], SCALE_LIMITS[1] + 1e-6, 0.125))
+# The 90th-percentile blur radius of the photos the range rule was developed on, in the
+# unit of the kernels it was developed with: the six shared Pixel 4 scenes' blur is
+# 16.6 px (their self-calibration), the lab kernels' scale 1 is about 12 px (the
+# self-calibrated model matches them best at that radius, experiments/results/
+# selfcal.md). Why it matters: experiments/results/own_camera.md, "The kernels' unit".
+DEVELOPED_BLUR_P90 = 16.6 / 12.0
 
 # Range rule constants (see the module docstring).
 _CONFIDENCE_MIN = 0.7
@@ -259,7 +271,8 @@ def resolve(preset: str, scene_id, views, bank: KernelBank, base: Config, *,
 
     Returns:
       (config, record): record has "name", "scale_range", "seconds" and, for auto,
-      "range_estimate" (and "range_probe").
+      "range_estimate", "range_probe" and "search_span" (the candidate grid's factor,
+      `search_scales`).
 
     Raises:
       ValueError: an unknown preset, or a scene the paper preset does not know.
@@ -275,6 +288,7 @@ def resolve(preset: str, scene_id, views, bank: KernelBank, base: Config, *,
         cfg = auto_config_from_estimate(est, base)
         info["range_estimate"] = est._asdict()
         info["range_probe"] = bool(probe)
+        info["search_span"] = 1.0 if search is None else search.span
     else:
         raise ValueError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
     info["scale_range"] = [cfg.mpi.scale_min, cfg.mpi.scale_max]
@@ -368,21 +382,51 @@ class SearchMap(NamedTuple):
 
     defocus: [h, w] float32 signed scale per pixel at the search resolution;
     confident: [h, w] bool, the pixels the range rule uses (module docstring, step 3);
-    factor: h = H / factor, w = W / factor.
+    factor: h = H / factor, w = W / factor; span: the candidate grid's factor on
+    SEARCH_SCALES (`search_scales`).
     """
 
     defocus: np.ndarray
     confident: np.ndarray
     factor: int
+    span: float = 1.0
 
 
-def search_defocus(views, bank: KernelBank) -> SearchMap:
-    """The calibrated kernel-symmetry search over SEARCH_SCALES (module docstring, 1-3).
+def search_scales(blur_p90: float | None = None) -> tuple[np.ndarray, float]:
+    """The range search's candidate scales and their factor on SEARCH_SCALES.
+
+    Args:
+      blur_p90: the 90th-percentile blur radius of the photos the kernels were fitted
+        to, in the kernels' unit (`io.CalibratedKernels.blur_p90`); None (a lab
+        calibration, the parametric model): the grid as developed, SEARCH_SCALES.
+
+    Returns:
+      ([N] float32 candidates, span): SEARCH_SCALES * span with span = blur_p90 /
+      DEVELOPED_BLUR_P90, so that the candidates are the same multiples of the photos'
+      blur as they were for the lab kernels (the confidence rule compares a pixel's
+      best cost with the median over the candidates, which depends on how far they
+      reach).
+
+    Raises:
+      ValueError: blur_p90 not a positive finite number.
+    """
+    span = 1.0
+    if blur_p90 is not None:
+        if not (math.isfinite(blur_p90) and blur_p90 > 0):
+            raise ValueError(f"blur_p90 must be a positive number; got {blur_p90}")
+        span = float(blur_p90) / DEVELOPED_BLUR_P90
+    return np.asarray(SEARCH_SCALES, np.float32) * np.float32(span), span
+
+
+def search_defocus(views, bank: KernelBank, *, blur_p90: float | None = None) -> SearchMap:
+    """The calibrated kernel-symmetry search (module docstring, 1-3).
 
     Args:
       views: [2, H, W, C] left/right views.
       bank: calibrated kernels covering H x W (re-centred or not: a common shift of
         a tile's pair leaves the symmetry identity unchanged).
+      blur_p90: the photos' blur in the kernels' unit, when the calibration records
+        it (`search_scales`).
 
     Returns:
       SearchMap at half resolution where the base disparity allows, else full.
@@ -394,13 +438,13 @@ def search_defocus(views, bank: KernelBank) -> SearchMap:
     small_bank = downsample_bank(bank, f)
     small = _downsample_views(views, f)
     window = max(3, baselines.STEREO_WINDOW // f) | 1  # odd
-    cands = np.asarray(SEARCH_SCALES, np.float32)
+    cands, span = search_scales(blur_p90)
     res = baselines.dp_stereo_defocus(small, small_bank, cands, window=window)
     d = np.asarray(res.defocus, np.float32)
     interior = (d > cands[0] + 1e-4) & (d < cands[-1] - 1e-4)
     textured = res.texture > np.percentile(res.texture, _TEXTURE_QUANTILE)
     conf = (res.confidence > _CONFIDENCE_MIN) & textured & interior
-    return SearchMap(d, conf, f)
+    return SearchMap(d, conf, f, span)
 
 
 def analyze_scale_range(views, bank: KernelBank, *,
@@ -419,7 +463,7 @@ def analyze_scale_range(views, bank: KernelBank, *,
       RangeEstimate.
     """
     search = search_defocus(views, bank) if search is None else search
-    d, conf, f = search
+    d, conf, f = search.defocus, search.confident, search.factor
     frac = float(conf.mean())
     if frac < MIN_CONFIDENT_FRACTION:
         if default is None:

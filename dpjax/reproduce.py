@@ -236,7 +236,7 @@ class Scene:
         seconds: run once per scene."""
         views, bank, *_ = self.loaded
         t0 = time.perf_counter()
-        found = presets.search_defocus(views, bank)
+        found = presets.search_defocus(views, bank, blur_p90=self.run.source.blur_p90)
         return found, time.perf_counter() - t0
 
     @functools.cached_property

@@ -133,6 +133,9 @@ class KernelSource:
     white_sheets: tuple[Path, Path] | None = None
     model: Any = None  # fitted: the DpKernelModel rendered on each scene's tiles
     recenter: bool = False  # fitted: re-centre each tile's rendered pair
+    # The fitted photos' blur in the kernels' unit, when known (io.CalibratedKernels):
+    # scales the auto preset's search grid (presets.search_scales).
+    blur_p90: float | None = None
 
     @property
     def kernel_size(self) -> int:
@@ -213,13 +216,15 @@ def kernel_source(opts: KernelOptions, pyramid_factor: int,
                 "grid": list(grid), "tile_size": calib.tile_size,
                 "kernel_size": int(kernels.shape[-1]), "recentered": opts.recenter,
                 "vignetting_white_sheets": whites is not None}
+        if calib.blur_p90 is not None:  # a self-calibration's folder
+            info["blur_p90"] = calib.blur_p90
         if any(have) and not all(have) and opts.white_dir is None:
             info["warning"] = ("the calibration has only one white sheet: Pixel pairs are "
                                "not corrected for vignetting")
         if block is not None:
             info.update(crop_tiles=list(block), full_grid=list(calib.grid))
         source = KernelSource(kernels=kernels, grid=grid, tile_size=calib.tile_size,
-                              white_sheets=whites, info=info)
+                              white_sheets=whites, info=info, blur_p90=calib.blur_p90)
     else:
         if crop_tiles is not None:
             raise SetupError("a crop of kernel tiles needs a calibration (--calib_dir)")
@@ -243,7 +248,9 @@ def kernel_source(opts: KernelOptions, pyramid_factor: int,
         source = KernelSource(kernels=pair, grid=opts.grid, tile_size=opts.tile_size,
                               white_sheets=whites, info=info,
                               model=opts.model if kind == "fitted" else None,
-                              recenter=kind == "fitted" and opts.recenter)
+                              recenter=kind == "fitted" and opts.recenter,
+                              blur_p90=(opts.fit_info or {}).get("blur_p90")
+                              if kind == "fitted" else None)
     if source.tile_size is not None and source.tile_size % pyramid_factor:
         raise SetupError(f"kernel tiles of {source.tile_size} px do not divide by the pyramid "
                          f"factor {pyramid_factor}; use fewer --pyramid_levels")
@@ -520,7 +527,8 @@ def prepare(name: str, pair: io.ScenePair, source: KernelSource, opts: SceneOpti
     if warnings:
         info.setdefault("warnings", []).extend(warnings)
     bank = make_bank(source, info)
-    cfg, preset_info, init, init_info = configure(name, views, bank, opts, timings)
+    cfg, preset_info, init, init_info = configure(name, views, bank, opts, timings,
+                                                  blur_p90=source.blur_p90)
     plan, plan_info, est = plan_solve(views.shape[3], bank, cfg, opts.blocks, budget_bytes)
     gt_aif, gt_def = load_ground_truth(opts.input_dir, name, views.shape[1:3], info)
     return PreparedScene(name=name, views=views, info=info, bank=bank, cfg=cfg,
@@ -621,7 +629,8 @@ def plan_solve(channels: int, bank: KernelBank, cfg: config_lib.Config,
 
 def configure(name: str, views: np.ndarray, bank: KernelBank, opts: SceneOptions,
               timings: dict[str, float] | None = None, *,
-              search: tuple[presets.SearchMap, float] | None = None):
+              search: tuple[presets.SearchMap, float] | None = None,
+              blur_p90: float | None = None):
     """The scene's configuration and start: (cfg, preset record, init, init record).
 
     One kernel-symmetry search serves both the auto preset's range and the search start.
@@ -629,22 +638,24 @@ def configure(name: str, views: np.ndarray, bank: KernelBank, opts: SceneOptions
     Args:
       search: (`presets.search_defocus(views, bank)`, its seconds) when the caller has
         already run it (experiments/reproduce_table.py shares it with its dp_stereo
-        baseline); None: run here when the start needs it.
+        baseline); None: run here when the auto preset or the start needs it.
+      blur_p90: the kernel source's (`KernelSource.blur_p90`), for the search's grid.
     """
     timings = {} if timings is None else timings
     search_s = 0.0
     if search is not None:
         search, search_s = search
-    elif opts.base.init.search:
+    elif opts.base.init.search or opts.preset == "auto":
         t0 = time.perf_counter()
-        search = presets.search_defocus(views, bank)
+        search = presets.search_defocus(views, bank, blur_p90=blur_p90)
         search_s = time.perf_counter() - t0
     try:
         cfg, preset_info = presets.resolve(opts.preset, name, views, bank, opts.base,
                                            probe=opts.range_probe, search=search)
     except ValueError as e:
         raise SceneFailure("config", str(e)) from e
-    timings["preset_s"] = preset_info["seconds"]
+    # The search is timed with the start when it makes one, else with the preset.
+    timings["preset_s"] = preset_info["seconds"] + (0.0 if opts.base.init.search else search_s)
     init = init_info = None
     if opts.base.init.search:
         t0 = time.perf_counter()

@@ -78,6 +78,7 @@ from dpjax.kernels import rescale_kernel, rescale_kernels, rescaled_radius
 __all__ = [
     "SelfCalConfig",
     "SelfCalResult",
+    "blur_p90",
     "calibration_kernels",
     "check_same_camera",
     "choose_tile_size",
@@ -652,6 +653,20 @@ def check_same_camera(settings: Sequence[dict], names: Sequence[str]) -> None:
                                  "aperture; calibrate them separately")
 
 
+def blur_p90(summary: dict) -> float | None:
+    """The 90th-percentile blur radius the fit saw, in units of its model's radius
+    (about 1 by the gauge, exactly so before the radius is rounded to 0.1 px), from a
+    `SelfCalResult.summary()`; None when the fit fell back or saw no blur.
+
+    What `io.CalibratedKernels.blur_p90` records for the auto preset's range search.
+    """
+    try:
+        p90 = float(summary["blur_radius_px"][2]) / float(summary["model"]["radius"])
+    except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    return p90 if not summary.get("fallback") and math.isfinite(p90) and p90 > 0 else None
+
+
 def calibration_kernels(model: DpKernelModel, *, height: int, width: int,
                         tile_size: int | None = None) -> io.CalibratedKernels:
     """The model rendered as a calibration for height x width images.
@@ -679,7 +694,8 @@ def save_self_calibration(calib_dir, result: SelfCalResult, *, height: int, widt
     """Writes `result.model` as a calibration folder that `io.load_calibration_kernels`
     (and run_solver.py --calib_dir) reads.
 
-    kernels_meta.json gets, besides grid and tile size: "source": "dpjax.selfcal",
+    kernels_meta.json gets, besides grid, tile size and "blur_p90" (`blur_p90`; absent
+    when the fit fell back): "source": "dpjax.selfcal",
     "image_size", "model" (the parameters of the kernels written), "self_calibration"
     (`SelfCalResult.summary()`: fitted parameters, costs, quality, fallback), "sources"
     (the pairs used) and "camera" (their shared EXIF settings, when any), plus
@@ -689,6 +705,7 @@ def save_self_calibration(calib_dir, result: SelfCalResult, *, height: int, widt
       The calibration written.
     """
     calib = calibration_kernels(result.model, height=height, width=width, tile_size=tile_size)
+    calib = calib._replace(blur_p90=blur_p90(result.summary()))
     meta = {"source": "dpjax.selfcal", "image_size": [int(height), int(width)],
             "model": result.model.to_dict(), "self_calibration": result.summary(),
             "sources": [str(s) for s in sources], "camera": dict(settings or {}),

@@ -20,7 +20,7 @@ import pytest
 import tifffile
 
 import dpjax
-from dpjax import auto_kernels, io, outputs, runner, scene, synthetic
+from dpjax import auto_kernels, io, outputs, runner, scene, selfcal, synthetic
 from dpjax.config import Config, schedule
 from dpjax.kernel_model import DpKernelModel, model_bank, render_kernel_pairs
 from dpjax.scene import KernelOptions, SceneOptions
@@ -93,6 +93,14 @@ def test_auto_fits_the_true_kernels_and_writes_a_calibration_folder(first_run):
     # The calibration folder is reusable with --calib_dir for the same frame size.
     calib = io.load_calibration_kernels(out / auto_kernels.FOLDER / "288x384")
     io.check_kernels_match_image(calib, 288, 384)
+    # It records the blur it saw in its own unit (the radius is that blur, rounded),
+    # and so does each scene's record, for the auto preset's search grid.
+    assert calib.blur_p90 == pytest.approx(1.0, abs=0.05)
+    assert result["kernels"]["blur_p90"] == pytest.approx(calib.blur_p90, rel=1e-6)
+    fit = {"blur_radius_px": [1.0, 2.0, 5.2], "model": {"radius": 5.0}, "fallback": False}
+    assert selfcal.blur_p90(fit) == pytest.approx(1.04)
+    assert selfcal.blur_p90({**fit, "fallback": True}) is None  # the default kernels
+    assert selfcal.blur_p90({"fallback": True, "note": "no pair"}) is None
     meta = json.loads((out / auto_kernels.FOLDER / "288x384" / io.KERNELS_META).read_text())
     assert meta["pairs"] == ["s0", "s1"] and meta["model"] == group["kernel_model"]
     # The summary lists only scenes, not the calibration folder.

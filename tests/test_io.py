@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -251,6 +252,21 @@ def test_kernel_save_load_roundtrip_and_metadata(tmp_path):
     with pytest.raises(ValueError, match="grid"):
         dio.load_calibration_kernels(tmp_path / "calib", grid=(3, 2))
     assert not list((tmp_path / "calib").glob("*.tmp"))
+    assert loaded.blur_p90 is None  # a lab calibration does not know its photos' blur
+
+
+def test_calibration_blur_p90_round_trip_and_errors(tmp_path):
+    calib = dio.CalibratedKernels(kernels=_kernels(np.random.default_rng(0)), grid=(2, 3),
+                                  tile_size=16, blur_p90=1.04)
+    dio.save_calibration_kernels(tmp_path / "calib", calib, extra_meta={"source": "test"})
+    assert dio.load_calibration_kernels(tmp_path / "calib").blur_p90 == pytest.approx(1.04)
+    with pytest.raises(ValueError, match="may not redefine"):
+        dio.save_calibration_kernels(tmp_path / "c2", calib, extra_meta={"blur_p90": 2.0})
+    meta_path = tmp_path / "calib" / dio.KERNELS_META
+    for bad in (-1.0, "wide", 0):
+        meta_path.write_text(json.dumps({"grid": [2, 3], "tile_size": 16, "blur_p90": bad}))
+        with pytest.raises(ValueError, match="unreadable kernel metadata"):
+            dio.load_calibration_kernels(tmp_path / "calib")
 
 
 def test_kernels_are_renormalised_exactly(tmp_path):

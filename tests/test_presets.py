@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import dpjax
-from dpjax import presets
+from dpjax import baselines, presets
 from dpjax.config import Config, schedule
 
 
@@ -184,3 +184,64 @@ def test_estimate_scale_range_falls_back_on_flat_input(bank):
     assert est.fallback and (est.s_min, est.s_max) == (0.1, 1.6)
 
 
+
+
+def test_search_scales_follow_the_recorded_blur():
+    cands, span = presets.search_scales()
+    np.testing.assert_array_equal(cands, np.asarray(presets.SEARCH_SCALES, np.float32))
+    assert span == 1.0
+    # Photos as blurred (in the kernels' unit) as the rule's development photos: the
+    # grid as developed; half as blurred: half the reach.
+    cands, span = presets.search_scales(presets.DEVELOPED_BLUR_P90)
+    np.testing.assert_allclose(cands, presets.SEARCH_SCALES, rtol=1e-6)
+    cands, span = presets.search_scales(presets.DEVELOPED_BLUR_P90 / 2)
+    assert span == pytest.approx(0.5)
+    np.testing.assert_allclose(cands, np.asarray(presets.SEARCH_SCALES) / 2, rtol=1e-6)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="blur_p90"):
+            presets.search_scales(bad)
+
+
+def test_search_is_the_same_in_pixels_whatever_the_kernels_unit():
+    # One two-layer scene, searched with kernels of radius 8 and of radius 6 px at
+    # scale 1. With the photos' blur recorded in each unit (1.2 and 1.6) both grids
+    # reach the same pixels of blur, so the confidence the range rule thresholds (best
+    # cost against the median over the candidates) is the same: measured |difference|
+    # 90th percentile 0.0007 (left: the parametric kernels' 0.5-px smoothing, which
+    # does not scale with the radius). With the grid fixed in each unit, as before,
+    # it is 0.028.
+    b8 = dpjax.parametric_bank(rows=2, cols=2, tile_h=64, tile_w=80, radius=8.0)
+    b6 = dpjax.parametric_bank(rows=2, cols=2, tile_h=64, tile_w=80, radius=6.0)
+    scene = dpjax.make_scene(np.random.default_rng(3), b8, num_layers=2,
+                             scale_range=(0.4, 1.2))
+    (c8, span8), (c6, span6) = presets.search_scales(1.2), presets.search_scales(1.6)
+    np.testing.assert_allclose(c8 * 8, c6 * 6, rtol=1e-5)
+    r8 = baselines.dp_stereo_defocus(scene.views, b8, c8)
+    r6 = baselines.dp_stereo_defocus(scene.views, b6, c6)
+    diff = np.abs(np.asarray(r8.confidence) - np.asarray(r6.confidence))
+    assert np.percentile(diff, 90) < 0.005
+    np.testing.assert_allclose(np.asarray(r8.defocus) * 8, np.asarray(r6.defocus) * 6,
+                               atol=0.125 * span8 * 8 + 1e-3)
+    # search_defocus uses that grid and says so.
+    s6 = presets.search_defocus(scene.views, b6, blur_p90=1.6)
+    assert s6.span == pytest.approx(span6) and span6 == pytest.approx(span8 * 4 / 3)
+
+
+@pytest.mark.parametrize("start", [False, True])
+def test_configure_searches_with_the_kernels_recorded_blur(bank, start):
+    from dpjax import scene as scene_lib
+
+    views = dpjax.make_scene(np.random.default_rng(1), bank, num_layers=1,
+                             scale_range=(0.8, 0.8)).views
+    opts = scene_lib.SceneOptions(base=Config().replace(**{"init.search": start}),
+                                  preset="auto")
+    timings = {}
+    cfg, info, init, _ = scene_lib.configure("a", views, bank, opts, timings,
+                                             blur_p90=presets.DEVELOPED_BLUR_P90 / 2)
+    assert info["search_span"] == pytest.approx(0.5)
+    assert (init is not None) == start
+    # The range is the one a search over the halved grid finds.
+    search = presets.search_defocus(views, bank, blur_p90=presets.DEVELOPED_BLUR_P90 / 2)
+    est = presets.analyze_scale_range(views, bank, search=search)
+    assert (cfg.mpi.scale_min, cfg.mpi.scale_max) == (est.s_min, est.s_max)
+    assert timings["preset_s"] > 0
