@@ -236,7 +236,7 @@ class Scene:
         seconds: run once per scene."""
         views, bank, *_ = self.loaded
         t0 = time.perf_counter()
-        found = presets.search_defocus(views, bank, blur_p90=self.run.source.blur_p90)
+        found = presets.search_defocus(views, bank)
         return found, time.perf_counter() - t0
 
     @functools.cached_property
@@ -247,7 +247,8 @@ class Scene:
         search = self.search if run.base.init.search or run.opts.preset == "auto" else None
         timings: dict[str, float] = {}
         cfg, info, init, init_info = scene.configure(self.name, views, bank, run.scene_opts,
-                                                     timings, search=search)
+                                                     timings, search=search,
+                                                     blur_p90=run.source.blur_p90)
         seconds = timings["preset_s"] + timings.get(
             "search_init_s", search[1] if search else 0.0)
         return cfg, info, init, init_info, seconds
@@ -255,9 +256,15 @@ class Scene:
     @functools.cached_property
     def stereo_config(self) -> tuple[dpjax.Config, dict, float]:
         """(cfg, preset record, seconds) of dp_stereo: the preset's range without the
-        probe, from the same search."""
+        probe, from the same search (again over the range's grid when the kernels
+        record their photos' blur, as `scene.configure` does)."""
         views, bank, *_ = self.loaded
         search = self.search if self.run.opts.preset == "auto" else None
+        blur_p90 = self.run.source.blur_p90
+        if search is not None and blur_p90 is not None:
+            t0 = time.perf_counter()
+            found = presets.search_defocus(views, bank, blur_p90=blur_p90)
+            search = found, search[1] + time.perf_counter() - t0
         cfg, info = presets.resolve(self.run.opts.preset, self.name, views, bank,
                                     self.run.base, search=search[0] if search else None)
         return cfg, info, info["seconds"] + (search[1] if search else 0.0)

@@ -633,13 +633,16 @@ def configure(name: str, views: np.ndarray, bank: KernelBank, opts: SceneOptions
               blur_p90: float | None = None):
     """The scene's configuration and start: (cfg, preset record, init, init record).
 
-    One kernel-symmetry search serves both the auto preset's range and the search start.
+    The kernel-symmetry search serves both the auto preset's range and the search start.
+    When the kernels record their photos' blur (`blur_p90`), the range is searched again
+    over the grid scaled to it (`presets.search_scales`); the start keeps the grid as
+    developed (experiments/results/own_camera.md, "The kernels' unit").
 
     Args:
       search: (`presets.search_defocus(views, bank)`, its seconds) when the caller has
         already run it (experiments/reproduce_table.py shares it with its dp_stereo
         baseline); None: run here when the auto preset or the start needs it.
-      blur_p90: the kernel source's (`KernelSource.blur_p90`), for the search's grid.
+      blur_p90: the kernel source's (`KernelSource.blur_p90`), for the range's grid.
     """
     timings = {} if timings is None else timings
     search_s = 0.0
@@ -647,11 +650,16 @@ def configure(name: str, views: np.ndarray, bank: KernelBank, opts: SceneOptions
         search, search_s = search
     elif opts.base.init.search or opts.preset == "auto":
         t0 = time.perf_counter()
-        search = presets.search_defocus(views, bank, blur_p90=blur_p90)
+        search = presets.search_defocus(views, bank)
         search_s = time.perf_counter() - t0
+    range_search = search
+    if opts.preset == "auto" and blur_p90 is not None:
+        t0 = time.perf_counter()
+        range_search = presets.search_defocus(views, bank, blur_p90=blur_p90)
+        search_s += time.perf_counter() - t0
     try:
         cfg, preset_info = presets.resolve(opts.preset, name, views, bank, opts.base,
-                                           probe=opts.range_probe, search=search)
+                                           probe=opts.range_probe, search=range_search)
     except ValueError as e:
         raise SceneFailure("config", str(e)) from e
     # The search is timed with the start when it makes one, else with the preset.
