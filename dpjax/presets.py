@@ -16,11 +16,14 @@ resolution and keeps robust percentiles of the confident pixels:
 1. resolution: half resolution when the pair's base disparity (centroid distance of
    the left and right kernels at s = 1, ~5.3 px for the Pixel 4) stays >= 2 px there
    and the tiles divide evenly, else full resolution;
-2. candidates: -2 ... 2.5 in steps of 1/8 (SEARCH_SCALES), in units of the
-   blur the rule was developed with (`search_scales`): a calibration that records the
-   blur of the photos it was fitted to (`blur_p90`, the self-calibration's) gets the
-   grid scaled so that it spans the same multiples of that blur as with the Pixel 4
-   lab kernels (DEVELOPED_BLUR_P90), whatever unit its kernels are in;
+2. candidates: -2 ... 2.5 in steps of 1/8 (SEARCH_SCALES). For the range, a
+   calibration that records the blur of the photos it was fitted to (`blur_p90`, the
+   self-calibration's) gets the grid scaled so that it spans the same multiples of
+   that blur as with the Pixel 4 lab kernels the rule was developed with
+   (`search_scales`, DEVELOPED_BLUR_P90), whatever unit its kernels are in;
+   `dpjax.scene.configure` then searches twice, the search start keeping the grid as
+   developed (scaled for both, the Canon's depth got worse through the start:
+   experiments/results/own_camera.md, "The kernels' unit");
 3. confident pixels: confidence (1 - min cost / median cost) > 0.7, windowed gradient
    energy above its 10th percentile over the image (drops flat windows: sky, walls),
    and an argmin strictly inside the candidate grid (an argmin at either end means

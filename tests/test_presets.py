@@ -228,20 +228,29 @@ def test_search_is_the_same_in_pixels_whatever_the_kernels_unit():
 
 
 @pytest.mark.parametrize("start", [False, True])
-def test_configure_searches_with_the_kernels_recorded_blur(bank, start):
+def test_configure_searches_the_range_with_the_kernels_recorded_blur(bank, start):
+    # The range comes from the grid scaled to the recorded blur, the start from the
+    # grid as developed (on this two-layer scene the halved grid leaves 67% of the
+    # pixels confident, the developed one 86%: the two are told apart).
     from dpjax import scene as scene_lib
 
-    views = dpjax.make_scene(np.random.default_rng(1), bank, num_layers=1,
-                             scale_range=(0.8, 0.8)).views
+    views = dpjax.make_scene(np.random.default_rng(0), bank, num_layers=2,
+                             scale_range=(0.2, 1.4)).views
     opts = scene_lib.SceneOptions(base=Config().replace(**{"init.search": start}),
                                   preset="auto")
     timings = {}
-    cfg, info, init, _ = scene_lib.configure("a", views, bank, opts, timings,
-                                             blur_p90=presets.DEVELOPED_BLUR_P90 / 2)
+    half = presets.DEVELOPED_BLUR_P90 / 2
+    cfg, info, init, init_info = scene_lib.configure("a", views, bank, opts, timings,
+                                                     blur_p90=half)
     assert info["search_span"] == pytest.approx(0.5)
-    assert (init is not None) == start
-    # The range is the one a search over the halved grid finds.
-    search = presets.search_defocus(views, bank, blur_p90=presets.DEVELOPED_BLUR_P90 / 2)
-    est = presets.analyze_scale_range(views, bank, search=search)
+    est = presets.analyze_scale_range(
+        views, bank, search=presets.search_defocus(views, bank, blur_p90=half))
     assert (cfg.mpi.scale_min, cfg.mpi.scale_max) == (est.s_min, est.s_max)
+    assert (init is not None) == start
+    if start:
+        developed = presets.search_defocus(views, bank)
+        assert init_info["confident_fraction"] == pytest.approx(developed.confident.mean())
     assert timings["preset_s"] > 0
+    # Without a recorded blur: one search, the grid as developed, for both.
+    cfg, info, _, _ = scene_lib.configure("a", views, bank, opts)
+    assert info["search_span"] == 1.0
