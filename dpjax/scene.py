@@ -645,15 +645,16 @@ def configure(name: str, views: np.ndarray, bank: KernelBank, opts: SceneOptions
       blur_p90: the kernel source's (`KernelSource.blur_p90`), for the range's grid.
     """
     timings = {} if timings is None else timings
+    auto = opts.preset == "auto"
     search_s = 0.0
     if search is not None:
         search, search_s = search
-    elif opts.base.init.search or opts.preset == "auto":
+    elif opts.base.init.search or (auto and blur_p90 is None):
         t0 = time.perf_counter()
         search = presets.search_defocus(views, bank)
         search_s = time.perf_counter() - t0
     range_search = search
-    if opts.preset == "auto" and blur_p90 is not None:
+    if auto and blur_p90 is not None:
         t0 = time.perf_counter()
         range_search = presets.search_defocus(views, bank, blur_p90=blur_p90)
         search_s += time.perf_counter() - t0
