@@ -9,6 +9,7 @@ import pytest
 
 import dpjax
 from dpjax import baselines, presets
+from dpjax import scene as scene_lib
 from dpjax.config import Config, schedule
 
 
@@ -184,8 +185,6 @@ def test_estimate_scale_range_falls_back_on_flat_input(bank):
     assert est.fallback and (est.s_min, est.s_max) == (0.1, 1.6)
 
 
-
-
 def test_search_scales_follow_the_recorded_blur():
     cands, span = presets.search_scales()
     np.testing.assert_array_equal(cands, np.asarray(presets.SEARCH_SCALES, np.float32))
@@ -232,8 +231,6 @@ def test_configure_searches_the_range_with_the_kernels_recorded_blur(bank, start
     # The range comes from the grid scaled to the recorded blur, the start from the
     # grid as developed (on this two-layer scene the halved grid leaves 67% of the
     # pixels confident, the developed one 86%: the two are told apart).
-    from dpjax import scene as scene_lib
-
     views = dpjax.make_scene(np.random.default_rng(0), bank, num_layers=2,
                              scale_range=(0.2, 1.4)).views
     opts = scene_lib.SceneOptions(base=Config().replace(**{"init.search": start}),
