@@ -118,6 +118,7 @@ __all__ = [
     "kernel_base_disparity",
     "paper_config",
     "probe_scale_range",
+    "range_search",
     "search_defocus",
     "search_scales",
 ]
@@ -270,7 +271,8 @@ def resolve(preset: str, scene_id, views, bank: KernelBank, base: Config, *,
       views: [2, H, W, C] the scene's views; bank: kernels covering them.
       base: from `resolve_base`.
       probe: auto: refine the range with the coarse probe solve.
-      search: `search_defocus(views, bank)` when already run (reused by auto).
+      search: auto: `range_search(views, bank, ...)` when already run (else the
+        grid as developed is searched here).
 
     Returns:
       (config, record): record has "name", "scale_range", "seconds" and, for auto,
@@ -448,6 +450,28 @@ def search_defocus(views, bank: KernelBank, *, blur_p90: float | None = None) ->
     textured = res.texture > np.percentile(res.texture, _TEXTURE_QUANTILE)
     conf = (res.confidence > _CONFIDENCE_MIN) & textured & interior
     return SearchMap(d, conf, f, span)
+
+
+def range_search(views, bank: KernelBank, *, blur_p90: float | None = None,
+                 search: SearchMap | None = None) -> SearchMap:
+    """The search the auto range uses: over the grid scaled to the kernels' recorded
+    blur (`search_scales`); the search start keeps the grid as developed
+    (experiments/results/own_camera.md, "The range searched in the photos' blur").
+
+    Args:
+      views: [2, H, W, C] left/right views.
+      bank: calibrated kernels covering H x W.
+      blur_p90: the photos' blur in the kernels' unit, or None (`search_scales`).
+      search: a search already run (the start's); returned as it is when it was run
+        over the same grid, so that a calibration without a recorded blur searches once.
+
+    Returns:
+      SearchMap.
+    """
+    _, span = search_scales(blur_p90)
+    if search is not None and search.span == span:
+        return search
+    return search_defocus(views, bank, blur_p90=blur_p90)
 
 
 def analyze_scale_range(views, bank: KernelBank, *,

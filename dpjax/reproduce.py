@@ -232,39 +232,44 @@ class Scene:
 
     @functools.cached_property
     def search(self) -> tuple[presets.SearchMap, float]:
-        """The kernel-symmetry search (the auto range's and the search start's) and its
-        seconds: run once per scene."""
+        """The kernel-symmetry search over the grid as developed (the search start's) and
+        its seconds: run once per scene."""
         views, bank, *_ = self.loaded
         t0 = time.perf_counter()
         found = presets.search_defocus(views, bank)
         return found, time.perf_counter() - t0
 
     @functools.cached_property
+    def range_search(self) -> tuple[presets.SearchMap, float]:
+        """The auto range's search (`presets.range_search`; the start's search when it
+        covers the same grid) and its seconds: shared by mpi and dp_stereo."""
+        views, bank, *_ = self.loaded
+        start = self.search[0] if self.run.base.init.search else None
+        t0 = time.perf_counter()
+        found = presets.range_search(views, bank, blur_p90=self.run.source.blur_p90,
+                                     search=start)
+        return found, self.search[1] if found is start else time.perf_counter() - t0
+
+    @functools.cached_property
     def mpi_config(self) -> tuple[dpjax.Config, dict, Any, dict | None, float]:
         """(cfg, preset record, init, init record, seconds) of the mpi method."""
         views, bank, *_ = self.loaded
         run = self.run
-        search = self.search if run.base.init.search or run.opts.preset == "auto" else None
+        auto = run.opts.preset == "auto"
         timings: dict[str, float] = {}
-        cfg, info, init, init_info = scene.configure(self.name, views, bank, run.scene_opts,
-                                                     timings, search=search,
-                                                     blur_p90=run.source.blur_p90)
-        seconds = timings["preset_s"] + timings.get(
-            "search_init_s", search[1] if search else 0.0)
+        cfg, info, init, init_info = scene.configure(
+            self.name, views, bank, run.scene_opts, timings,
+            search=self.search if run.base.init.search else None,
+            range_search=self.range_search if auto else None, blur_p90=run.source.blur_p90)
+        seconds = timings["preset_s"] + timings.get("search_init_s", 0.0)
         return cfg, info, init, init_info, seconds
 
     @functools.cached_property
     def stereo_config(self) -> tuple[dpjax.Config, dict, float]:
         """(cfg, preset record, seconds) of dp_stereo: the preset's range without the
-        probe, from the same search (again over the range's grid when the kernels
-        record their photos' blur, as `scene.configure` does)."""
+        probe, from the mpi method's range search."""
         views, bank, *_ = self.loaded
-        search = self.search if self.run.opts.preset == "auto" else None
-        blur_p90 = self.run.source.blur_p90
-        if search is not None and blur_p90 is not None:
-            t0 = time.perf_counter()
-            found = presets.search_defocus(views, bank, blur_p90=blur_p90)
-            search = found, search[1] + time.perf_counter() - t0
+        search = self.range_search if self.run.opts.preset == "auto" else None
         cfg, info = presets.resolve(self.run.opts.preset, self.name, views, bank,
                                     self.run.base, search=search[0] if search else None)
         return cfg, info, info["seconds"] + (search[1] if search else 0.0)

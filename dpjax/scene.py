@@ -630,41 +630,42 @@ def plan_solve(channels: int, bank: KernelBank, cfg: config_lib.Config,
 def configure(name: str, views: np.ndarray, bank: KernelBank, opts: SceneOptions,
               timings: dict[str, float] | None = None, *,
               search: tuple[presets.SearchMap, float] | None = None,
+              range_search: tuple[presets.SearchMap, float] | None = None,
               blur_p90: float | None = None):
     """The scene's configuration and start: (cfg, preset record, init, init record).
 
-    The kernel-symmetry search serves both the auto preset's range and the search start.
-    When the kernels record their photos' blur (`blur_p90`), the range is searched again
-    over the grid scaled to it (`presets.search_scales`); the start keeps the grid as
-    developed (experiments/results/own_camera.md, "The kernels' unit").
+    The kernel-symmetry search serves the auto preset's range and the search start; the
+    range's grid follows the kernels' recorded blur (`presets.range_search`).
 
     Args:
-      search: (`presets.search_defocus(views, bank)`, its seconds) when the caller has
-        already run it (experiments/reproduce_table.py shares it with its dp_stereo
-        baseline); None: run here when the auto preset or the start needs it.
+      search: (`presets.search_defocus(views, bank)`, its seconds) for the search start
+        when the caller has already run it; None: run here when the start needs it.
+      range_search: (`presets.range_search(...)`, its seconds) for the auto range when
+        the caller has already run it (experiments/reproduce_table.py shares it with its
+        dp_stereo baseline); None: run here (reusing `search` where it can).
       blur_p90: the kernel source's (`KernelSource.blur_p90`), for the range's grid.
     """
     timings = {} if timings is None else timings
-    auto = opts.preset == "auto"
-    search_s = 0.0
+    search_s = range_s = 0.0
     if search is not None:
         search, search_s = search
-    elif opts.base.init.search or (auto and blur_p90 is None):
+    elif opts.base.init.search:
         t0 = time.perf_counter()
         search = presets.search_defocus(views, bank)
         search_s = time.perf_counter() - t0
-    range_search = search
-    if auto and blur_p90 is not None:
+    if range_search is not None:
+        range_search, range_s = range_search
+    elif opts.preset == "auto":
         t0 = time.perf_counter()
-        range_search = presets.search_defocus(views, bank, blur_p90=blur_p90)
-        search_s += time.perf_counter() - t0
+        range_search = presets.range_search(views, bank, blur_p90=blur_p90, search=search)
+        range_s = time.perf_counter() - t0
     try:
         cfg, preset_info = presets.resolve(opts.preset, name, views, bank, opts.base,
                                            probe=opts.range_probe, search=range_search)
     except ValueError as e:
         raise SceneFailure("config", str(e)) from e
-    # The search is timed with the start when it makes one, else with the preset.
-    timings["preset_s"] = preset_info["seconds"] + (0.0 if opts.base.init.search else search_s)
+    # A search shared by the range and the start is timed with the start.
+    timings["preset_s"] = preset_info["seconds"] + (0.0 if range_search is search else range_s)
     init = init_info = None
     if opts.base.init.search:
         t0 = time.perf_counter()

@@ -226,6 +226,19 @@ def test_search_is_the_same_in_pixels_whatever_the_kernels_unit():
     assert s6.span == pytest.approx(span6) and span6 == pytest.approx(span8 * 4 / 3)
 
 
+def test_range_search_reuses_a_search_only_over_the_same_grid(bank):
+    views = dpjax.make_scene(np.random.default_rng(0), bank, num_layers=2,
+                             scale_range=(0.2, 1.4)).views
+    developed = presets.search_defocus(views, bank)
+    assert presets.range_search(views, bank, search=developed) is developed
+    half = presets.DEVELOPED_BLUR_P90 / 2
+    scaled = presets.range_search(views, bank, blur_p90=half, search=developed)
+    assert scaled.span == pytest.approx(0.5)
+    np.testing.assert_array_equal(
+        scaled.defocus, presets.search_defocus(views, bank, blur_p90=half).defocus)
+    assert presets.range_search(views, bank, blur_p90=half, search=scaled) is scaled
+
+
 @pytest.mark.parametrize("start", [False, True])
 def test_configure_searches_the_range_with_the_kernels_recorded_blur(bank, start):
     # The range comes from the grid scaled to the recorded blur, the start from the

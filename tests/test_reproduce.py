@@ -307,6 +307,37 @@ def test_search_init_is_recorded_and_shared(tmp_path, pixel4_dir,
     assert np.all(np.isfinite(tifffile.imread(out / "mpi" / "011" / "defocus_map.tif")))
 
 
+def test_recorded_blur_scales_the_shared_range_search(tmp_path, pixel4_dir, monkeypatch):
+    # A calibration that records its photos' blur: the start searches the grid as
+    # developed, the range the scaled grid, once for both methods.
+    data = _tiny_dataset(tmp_path, pixel4_dir, calibration=False)
+    (data / "calibration").mkdir()
+    for f in (pixel4_dir / "calibration").iterdir():
+        (data / "calibration" / f.name).symlink_to(f)
+    span = 1.25
+    (data / "calibration" / io.KERNELS_META).write_text(
+        json.dumps({"grid": list(io.PIXEL4_GRID), "tile_size": io.PIXEL4_TILE,
+                    "blur_p90": presets.DEVELOPED_BLUR_P90 * span}))
+    spans = []
+    search = presets.search_defocus
+
+    def counted(*a, **k):
+        found = search(*a, **k)
+        spans.append(found.span)
+        return found
+
+    monkeypatch.setattr(presets, "search_defocus", counted)
+    out = tmp_path / "out"
+    rt.run(rt.Options(data_dir=data, output_dir=out, scenes=("011",), crop=(1, 1),
+                      methods=("mpi", "dp_stereo"), level_iters=(4, 2, 2), quiet=True))
+    assert sorted(spans) == pytest.approx([1.0, span])
+    dp = json.loads((out / "mpi" / "011" / "result.json").read_text())
+    st = json.loads((out / "dp_stereo" / "011" / "result.json").read_text())
+    assert dp["preset"]["search_span"] == st["preset"]["search_span"] == pytest.approx(span)
+    assert dp["preset"]["range_estimate"] == st["preset"]["range_estimate"]
+    assert dp["search_init"]["search_s"] > 0
+
+
 def test_cli_error_message_for_missing_ground_truth(tmp_path, pixel4_dir):
     data = _tiny_dataset(tmp_path, pixel4_dir, gt=False)
     proc = subprocess.run([sys.executable, str(SCRIPT), f"--data_dir={data}", "--crop=1x1",
