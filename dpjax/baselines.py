@@ -107,7 +107,7 @@ class DpStereoResult(NamedTuple):
     texture: np.ndarray
 
 
-def _grad_energy(x: jax.Array) -> jax.Array:
+def grad_energy(x: jax.Array) -> jax.Array:
     """|d/dx|^2 + |d/dy|^2 by forward differences (zero at the far edges)."""
     gx = jnp.diff(x, axis=-1, append=x[..., -1:])
     gy = jnp.diff(x, axis=-2, append=x[..., -1:, :])
@@ -133,7 +133,7 @@ def _stereo_cost_one(grey, kernels, scale, *, geom, window, out_size):
     pair = box_filter(box_filter(pair, 3), 3)
     diff = pair[0] - pair[1]
     num = box_filter(diff * diff, window)
-    den = box_filter(0.5 * (_grad_energy(pair[0]) + _grad_energy(pair[1])), window)
+    den = box_filter(0.5 * (grad_energy(pair[0]) + grad_energy(pair[1])), window)
     return num / (den + _GRAD_EPS)
 
 
@@ -205,7 +205,7 @@ def dp_stereo_defocus(views, bank: KernelBank, scales, *, window: int = STEREO_W
     cmed = np.median(cost, axis=0)
     confidence = np.clip(1.0 - cmin / np.maximum(cmed, 1e-12), 0.0, 1.0).astype(np.float32)
     grey = _grey(views)
-    texture = np.asarray(box_filter(_grad_energy(jnp.asarray(grey.mean(axis=0))), window))
+    texture = np.asarray(box_filter(grad_energy(jnp.asarray(grey.mean(axis=0))), window))
     return DpStereoResult(defocus=defocus, confidence=confidence, texture=texture)
 
 

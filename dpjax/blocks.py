@@ -38,7 +38,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from dpjax import mpi, solver
+from dpjax import mpi, postprocess, solver
 from dpjax.config import Config
 from dpjax.kernels import KernelBank, TileGrid, support_radius
 
@@ -307,6 +307,8 @@ def fit_blocks(observation, bank: KernelBank, config: Config, plan: BlockPlan, *
     timings: dict[str, float] = {}
     n = len(plan.blocks)
     total_core = float(plan.grid.num_tiles)
+    # The defocus fill reaches across blocks: it runs once, on the blended frame.
+    block_config = config.replace(**{"post.fill": False}) if config.post.fill else config
     for i, block in enumerate(plan.blocks):
         ys, xs = _pixels(plan, block)
         offset = time.perf_counter() - t_start
@@ -316,7 +318,7 @@ def fit_blocks(observation, bank: KernelBank, config: Config, plan: BlockPlan, *
                 return callback(p._replace(block=i, num_blocks=n,
                                            elapsed_s=offset + p.elapsed_s))
         try:
-            res = solver.fit(obs[:, ys, xs], _sub_bank(bank, plan, block), config,
+            res = solver.fit(obs[:, ys, xs], _sub_bank(bank, plan, block), block_config,
                              callback=report,
                              init=None if init is None else _sub_init(init, plan, block),
                              init_is_solution=init_is_solution, kernel_support=support)
@@ -346,6 +348,8 @@ def fit_blocks(observation, bank: KernelBank, config: Config, plan: BlockPlan, *
             records[-1]["refine"] = res.refine
         scales = res.scales
         del res  # its device arrays (a block's logits) must not outlive the block
+    if config.post.fill:
+        defocus = np.asarray(postprocess.filled_defocus(defocus, aif, config.post))
     timings["total_s"] = time.perf_counter() - t_start
     refined = [r["refine"] for r in records if "refine" in r]
     return solver.FitResult(

@@ -67,7 +67,8 @@ class FitResult:
       all_in_focus_raw: [H, W, C] the MPI's composite (refined when config.refine.iters
         > 0, `dpjax.refine`) before post-processing.
       defocus: [H, W] signed defocus map (in layer-scale units), read off the layers by
-        config.post.defocus (`dpjax.mpi.estimate_defocus`).
+        config.post.defocus (`dpjax.mpi.estimate_defocus`), its textureless regions
+        filled when config.post.fill (`dpjax.postprocess.fill_defocus`).
       params: final MPI logits at full resolution (None after a block solve,
         `dpjax.blocks.fit_blocks`).
       scales: [L] layer scales.
@@ -815,7 +816,10 @@ def _outputs(params: mpi.MpiParams, observation: jax.Array, lk: mpi.LayerKernels
         aif = postprocess.bilateral_filter(raw, sigma_spatial=cfg.post.sigma_spatial,
                                            sigma_value=cfg.post.sigma_value)
     aif, raw = np.asarray(aif), np.asarray(raw)
-    dmap = np.asarray(mpi.estimate_defocus(trans, scene.scales, cfg.post.defocus))
+    dmap = mpi.estimate_defocus(trans, scene.scales, cfg.post.defocus)
+    if cfg.post.fill:
+        dmap = postprocess.filled_defocus(dmap, aif, cfg.post)
+    dmap = np.asarray(dmap)
     if not (np.all(np.isfinite(aif)) and np.all(np.isfinite(dmap))):
         raise FloatingPointError(f"{prefix}the solve produced non-finite outputs")
     return params, aif, raw, dmap, {k: float(v) for k, v in terms._asdict().items()}, record

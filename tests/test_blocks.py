@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import dpjax
-from dpjax import blocks, kernels, scene, solver
+from dpjax import blocks, kernels, postprocess, scene, solver
 from dpjax.kernels import TileGrid
 
 
@@ -191,3 +191,29 @@ def test_blocks_share_the_frames_kernel_window(monkeypatch):
     blocks.fit_blocks(views, bank, cfg, plan)
     assert len(seen) == 2
     assert set(seen) == {kernels.layer_kernel_radius(bank.kernel_size, 1.2, frame)}
+
+
+def test_block_solve_fills_the_blended_map_once(monkeypatch):
+    """post.fill reaches across blocks: the blocks solve without it and the blended
+    frame is filled once."""
+    bank = dpjax.parametric_bank(rows=2, cols=2, tile_h=32, radius=3.0)
+    views = np.random.default_rng(1).uniform(0.2, 0.8, (2, 64, 64, 1)).astype(np.float32)
+    cfg = dpjax.Config(mpi=dpjax.MpiConfig(num_layers=3, scale_min=0.2, scale_max=1.2),
+                       solver=dpjax.SolverConfig(num_iters=2, chunk_size=2)
+                       ).replace(**{"refine.iters": 0})
+    plan = blocks.plan_blocks(bank.grid, (2, 1))
+    plain = blocks.fit_blocks(views, bank, cfg, plan)
+    fills = []
+    filled_defocus = postprocess.filled_defocus
+
+    def spy(defocus, image, post):
+        fills.append(np.shape(defocus))
+        return filled_defocus(defocus, image, post)
+
+    monkeypatch.setattr(postprocess, "filled_defocus", spy)
+    res = blocks.fit_blocks(views, bank, cfg.replace(**{"post.fill": True}), plan)
+    assert fills == [(64, 64)]
+    np.testing.assert_allclose(res.all_in_focus, plain.all_in_focus, atol=1e-6)
+    expect = filled_defocus(plain.defocus, plain.all_in_focus,
+                            cfg.replace(**{"post.fill": True}).post)
+    np.testing.assert_allclose(res.defocus, np.asarray(expect), atol=1e-5)
