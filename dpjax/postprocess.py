@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,7 @@ FILL_QUANTILE = 50.0  # the less textured half of the pixels takes the fill
 _FILL_ITERATIONS = 3
 _FILL_WINDOW = 7  # texture window (px)
 _FILL_GAMMA = 2.2  # the guide's display encoding
+_FILL_MAX_PIXELS = 2_000_000  # the filter runs on a grid of at most this many pixels
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -154,6 +156,24 @@ def domain_transform(x: jax.Array, guide: jax.Array, *, sigma_spatial: float,
     return y
 
 
+def fill_factor(h: int, w: int) -> int:
+    """The fill's grid step on an h x w frame: 1 up to _FILL_MAX_PIXELS (2 MP), else the
+    smallest integer that brings the grid under it (4 on a 24 MP frame), so that its
+    memory stays bounded whatever the frame size. Its reach (an eighth of the shorter
+    side) is then hundreds of grid steps; what the coarser grid loses is where the
+    fill stops at an edge, within the step."""
+    return max(1, math.ceil(math.sqrt(h * w / _FILL_MAX_PIXELS)))
+
+
+def _block_mean(x: jax.Array, f: int) -> jax.Array:
+    """[H, W, K] -> [ceil(H / f), ceil(W / f), K] means over f x f blocks (edge-padded)."""
+    if f == 1:
+        return x
+    h, w = x.shape[:2]
+    x = jnp.pad(x, ((0, -h % f), (0, -w % f), (0, 0)), mode="edge")
+    return x.reshape(x.shape[0] // f, f, x.shape[1] // f, f, -1).mean(axis=(1, 3))
+
+
 def _percentile(x: jax.Array, q: float) -> jax.Array:
     """The q-th percentile of [H, W] x over every 4th row and column: a threshold, not
     a statistic (sorting the whole Pixel 4 frame took 0.6 s on the CPU)."""
@@ -179,7 +199,8 @@ def fill_defocus(defocus: jax.Array, image: jax.Array, *,
     The texture is the windowed gradient energy of the guide (`fill_guide`); the pixels
     at or below its `quantile` take the normalised, edge-aware average
     `domain_transform(D w) / domain_transform(w)` of the map over the pixels above it
-    (w = 1 there, 0 elsewhere); the others keep their value.
+    (w = 1 there, 0 elsewhere); the others keep their value. Frames over 2 MP are
+    filtered on a coarser grid (`fill_factor`).
 
     Args:
       defocus: [H, W] defocus map.
@@ -199,9 +220,15 @@ def fill_defocus(defocus: jax.Array, image: jax.Array, *,
     kept = texture > jnp.maximum(_percentile(texture, quantile), 1e-3 * jnp.mean(texture))
     w = kept.astype(jnp.float32)
     d = defocus.astype(jnp.float32)
-    sums = domain_transform(jnp.stack([d * w, w], axis=-1), guide,
-                            sigma_spatial=sigma_spatial * min(d.shape),
+    h, wd = d.shape
+    f = fill_factor(h, wd)
+    sums = domain_transform(_block_mean(jnp.stack([d * w, w], axis=-1), f),
+                            _block_mean(guide, f),
+                            sigma_spatial=sigma_spatial * min(h, wd) / f,
                             sigma_value=sigma_value)
+    if f > 1:  # back to full resolution (block centres, half-pixel convention)
+        sums = jax.image.resize(sums, (sums.shape[0] * f, sums.shape[1] * f, 2),
+                                "linear")[:h, :wd]
     filled = sums[..., 0] / jnp.maximum(sums[..., 1], 1e-12)
     # A pixel no kept pixel reaches (sums[..., 1] underflows) keeps its own value.
     filled = jnp.where(sums[..., 1] > 1e-6, filled, d)

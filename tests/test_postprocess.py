@@ -169,3 +169,22 @@ def test_defocus_fill_experiment_scores_the_fill_and_refuses_filled_maps(tmp_pat
     run = subprocess.run([sys.executable, str(script), f"--pixel=a={tmp_path / 'filled'}",
                           f"--pixel_data={data}"], capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "filled during the solve" in run.stderr
+
+
+def test_large_frames_are_filled_on_a_coarser_grid(monkeypatch):
+    assert postprocess.fill_factor(1008, 1344) == 1
+    assert postprocess.fill_factor(4000, 6000) == 4
+    rng = np.random.default_rng(5)
+    image, defocus, truth, tex = _two_regions(rng, h=66, w=98)  # not multiples of 4
+    fine, kept = postprocess.fill_defocus(jnp.asarray(defocus), jnp.asarray(image))
+    monkeypatch.setattr(postprocess, "_FILL_MAX_PIXELS", 66 * 98 // 15)
+    assert postprocess.fill_factor(66, 98) == 4
+    coarse, kept4 = postprocess.fill_defocus(jnp.asarray(defocus), jnp.asarray(image),
+                                             sigma_value=0.1000001)  # traced again
+    coarse = np.asarray(coarse)
+    assert coarse.shape == defocus.shape and np.all(np.isfinite(coarse))
+    np.testing.assert_array_equal(np.asarray(kept4), np.asarray(kept))
+    np.testing.assert_array_equal(coarse[np.asarray(kept)], defocus[np.asarray(kept)])
+    flat = ~tex
+    assert np.abs(coarse - truth)[flat].mean() < 0.1
+    assert np.abs(coarse - np.asarray(fine))[flat].mean() < 0.1
