@@ -113,6 +113,7 @@ __all__ = [
     "auto_config",
     "auto_config_from_estimate",
     "defocus_estimator",
+    "defocus_fill",
     "estimate_auto_range",
     "estimate_scale_range",
     "kernel_base_disparity",
@@ -202,6 +203,20 @@ def defocus_estimator(preset: str, estimator: str | None = None) -> str:
     return AUTO_DEFOCUS if preset == "auto" else "mean"
 
 
+def defocus_fill(preset: str, fill: bool | None = None) -> bool:
+    """Whether a solve with `preset` fills its map's textureless regions
+    (`dpjax.postprocess.fill_defocus`, `--defocus_fill`).
+
+    An explicit True or False wins. None (the flag not given) is the preset's choice: on
+    for `auto`, off for `paper` and `none` (the paper's map). On the six Pixel 4 full
+    frames it lowered the mean AIWE(1) from 0.0605 to 0.0562 with the lab kernels and
+    from 0.0742 to 0.0645 with self-calibrated ones, and 1 - |rho_s| with both; on the
+    3x4 crops it lowered AIWE(1) with the lab kernels but raised 1 - |rho_s|
+    (experiments/results/pixel4.md, "Filling textureless regions").
+    """
+    return preset == "auto" if fill is None else bool(fill)
+
+
 def uses_search_init(preset: str, search_init: bool | None = None) -> bool:
     """Whether a solve with `preset` starts from the search map (`--search_init`).
 
@@ -219,9 +234,11 @@ PRESETS = ("auto", "paper", "none")
 
 
 def resolve_base(preset: str, base: Config | None = None, *, search_init: bool | None = None,
-                 defocus_estimator_name: str | None = None) -> Config:
+                 defocus_estimator_name: str | None = None,
+                 fill: bool | None = None) -> Config:
     """`base` with the preset's scene-independent choices: the start (`init.search`,
-    `uses_search_init`) and the defocus estimator (`post.defocus`, `defocus_estimator`).
+    `uses_search_init`), the defocus estimator (`post.defocus`, `defocus_estimator`) and
+    the map's fill (`post.fill`, `defocus_fill`).
 
     Explicit values win over the preset's choice. Raises ValueError for an unknown preset.
     """
@@ -229,20 +246,23 @@ def resolve_base(preset: str, base: Config | None = None, *, search_init: bool |
         raise ValueError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
     base = Config() if base is None else base
     return base.replace(**{"init.search": uses_search_init(preset, search_init),
-                           "post.defocus": defocus_estimator(preset, defocus_estimator_name)})
+                           "post.defocus": defocus_estimator(preset, defocus_estimator_name),
+                           "post.fill": defocus_fill(preset, fill)})
 
 
 def base_config(*, preset: str, quality: str | None = None, pyramid_levels: int | None = None,
                 level_iters=None, num_iters: int | None = None, num_layers: int | None = None,
                 search_init: bool | None = None, defocus_estimator: str | None = None,
-                refine_iters: int | None = None, colour_levels: int | None = None,
+                defocus_fill: bool | None = None, refine_iters: int | None = None,
+                colour_levels: int | None = None,
                 kernel_mass_cut: float | None = None) -> Config:
     """The base configuration of the apps' shared settings: schedule, layers, preset choices.
 
     One place for what the shared flags (dpjax_apps.flags) mean:
     `dpjax.config.schedule` gives quality / pyramid_levels / level_iters / num_iters
-    their meaning, `resolve_base` the preset's start and defocus estimator (explicit
-    search_init / defocus_estimator win); None keeps the default. Raises ValueError for
+    their meaning, `resolve_base` the preset's start, defocus estimator and fill
+    (explicit search_init / defocus_estimator / defocus_fill win); None keeps the
+    default. Raises ValueError for
     invalid settings (e.g. level_iters with num_iters).
     """
     cfg = Config(solver=schedule(quality=quality, pyramid_levels=pyramid_levels,
@@ -253,7 +273,7 @@ def base_config(*, preset: str, quality: str | None = None, pyramid_levels: int 
         if value is not None:
             cfg = cfg.replace(**{key: value})
     return resolve_base(preset, cfg, search_init=search_init,
-                        defocus_estimator_name=defocus_estimator)
+                        defocus_estimator_name=defocus_estimator, fill=defocus_fill)
 
 
 def resolve(preset: str, scene_id, views, bank: KernelBank, base: Config, *,

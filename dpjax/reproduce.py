@@ -102,6 +102,7 @@ class Options:
     preset: str = "auto"
     range_probe: bool = False
     defocus_estimator: str | None = None
+    defocus_fill: bool | None = None
     search_init: bool | None = None
     quality: str | None = None
     pyramid_levels: int | None = None
@@ -126,7 +127,8 @@ class Options:
             preset=self.preset, quality=self.quality, pyramid_levels=self.pyramid_levels,
             level_iters=self.level_iters, num_iters=self.num_iters,
             num_layers=self.num_layers, search_init=self.search_init,
-            defocus_estimator=self.defocus_estimator, refine_iters=self.refine_iters,
+            defocus_estimator=self.defocus_estimator, defocus_fill=self.defocus_fill,
+            refine_iters=self.refine_iters,
             kernel_mass_cut=self.kernel_mass_cut)
 
 
@@ -653,7 +655,8 @@ def _header(run: Run) -> str:
              f"coarse_iters={s.coarse_iters}")
     header = (f"Pixel 4 table: preset {opts.preset}, crop {_crop_text(opts)}, {sched}, "
               f"num_layers={cfg.mpi.num_layers}, recenter_kernels={opts.recenter_kernels}, "
-              f"search_init={cfg.init.search}, defocus={cfg.post.defocus}; "
+              f"search_init={cfg.init.search}, defocus={cfg.post.defocus}, "
+              f"fill={cfg.post.fill}; "
               f"{platform.node()} ({jax.devices()[0].platform}). Defocus metrics on the "
               "8-bit ground truth in [0, 1] units; image metrics after ±6 px alignment and "
               "affine intensity fit.")

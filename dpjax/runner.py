@@ -1291,6 +1291,7 @@ def _run_locked(opts, st, pairs, devices, on_event, process_index, process_count
             "method": opts.method, "kernels": kernels_meta, "preset": opts.scene.preset,
             "search_init": opts.scene.base.init.search,
             "defocus_estimator": opts.scene.base.post.defocus,
+            "defocus_fill": opts.scene.base.post.fill,
             "base_config": config_lib.to_dict(opts.scene.base), "code_version": code_version(),
             "process_count": process_count, "devices_per_process": len(devices),
             "batch_size": opts.batch_size,

@@ -53,6 +53,10 @@ def define_common(*, output_dir: str, presets: tuple[str, ...] = ("auto", "paper
                   "is read off the solved layers: mean (the paper's) or sharpened "
                   "(dpjax.mpi.defocus_sharpened). Default: sharpened with --preset=auto, "
                   "mean otherwise.")
+    d.DEFINE_bool("defocus_fill", None, "Fill the defocus map's less textured half "
+                  "(no blur cue there) with an edge-aware average of the more textured "
+                  "pixels (dpjax.postprocess.fill_defocus). Default: on with --preset=auto, "
+                  "off otherwise.")
     d.DEFINE_string("input_encoding", "auto", "How the views' values are encoded: auto "
                     "(8-bit files and JPEG are sRGB, 16-bit and float files linear; "
                     "dpjax.encoding.auto_encoding), linear, srgb or gamma:G. Encoded input "
@@ -133,7 +137,7 @@ def base_config():
             preset=FLAGS.preset, quality=FLAGS.quality, pyramid_levels=FLAGS.pyramid_levels,
             level_iters=level_iters(), num_iters=FLAGS.num_iters, num_layers=FLAGS.num_layers,
             search_init=FLAGS.search_init, defocus_estimator=FLAGS.defocus_estimator,
-            refine_iters=FLAGS.refine_iters, colour_levels=FLAGS.colour_levels,
+            defocus_fill=FLAGS.defocus_fill, refine_iters=FLAGS.refine_iters, colour_levels=FLAGS.colour_levels,
             kernel_mass_cut=FLAGS.kernel_mass_cut)
     except ValueError as e:
         raise app.UsageError(f"invalid solver settings: {e}") from None

@@ -41,7 +41,8 @@ def options_from_flags() -> reproduce.Options:
         scenes=(tuple(s.zfill(3) if s.isdigit() else s for s in FLAGS.scenes)
                 if FLAGS.scenes else None),
         methods=tuple(FLAGS.methods), preset=FLAGS.preset, range_probe=FLAGS.range_probe,
-        defocus_estimator=FLAGS.defocus_estimator, search_init=FLAGS.search_init,
+        defocus_estimator=FLAGS.defocus_estimator, defocus_fill=FLAGS.defocus_fill,
+        search_init=FLAGS.search_init,
         quality=FLAGS.quality, pyramid_levels=FLAGS.pyramid_levels,
         level_iters=common.level_iters(),
         num_iters=FLAGS.num_iters, num_layers=FLAGS.num_layers,

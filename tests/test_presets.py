@@ -19,9 +19,14 @@ def test_resolve_base_applies_the_presets_start_and_estimator():
     for name in ("paper", "none"):
         cfg = presets.resolve_base(name, Config())
         assert not cfg.init.search and cfg.post.defocus == "mean"
+    assert auto.post.fill
     cfg = presets.resolve_base("auto", Config(), search_init=False,
-                               defocus_estimator_name="mean")
+                               defocus_estimator_name="mean", fill=False)
     assert not cfg.init.search and cfg.post.defocus == "mean"  # explicit values win
+    assert not cfg.post.fill
+    assert not presets.resolve_base("paper", Config()).post.fill  # the paper's map
+    assert presets.resolve_base("none", Config(), fill=True).post.fill
+    assert not Config().post.fill  # the library keeps the paper's map
     with pytest.raises(ValueError, match="unknown preset"):
         presets.resolve_base("best", Config())
 

@@ -430,6 +430,7 @@ def test_search_init_reaches_the_solve_and_result(tmp_path, calib_dir, monkeypat
     # The auto preset also reads the map with the sharpened estimator.
     assert result["config"]["post"]["defocus"] == "sharpened"
     assert _summary(out)["defocus_estimator"] == "sharpened"
+    assert _summary(out)["defocus_fill"] is True
     # The batched solve takes each scene's start too.
     _write_tiff_pair(inp, "b", _texture(1))
     starts = []
