@@ -176,7 +176,7 @@ def write_figure(path: Path, folder: Path, names: list[str]) -> None:
                                                         "filled (fill_defocus)",
                                                         "ground truth")):
         draw.text((int(x) + 10, 8), text, fill=(0, 0, 0), font=font)
-    im.thumbnail((2400, 2400))
+    im.thumbnail((1800, 1800))
     im.save(path)
 
 
