@@ -262,8 +262,7 @@ def base_config(*, preset: str, quality: str | None = None, pyramid_levels: int 
     `dpjax.config.schedule` gives quality / pyramid_levels / level_iters / num_iters
     their meaning, `resolve_base` the preset's start, defocus estimator and fill
     (explicit search_init / defocus_estimator / defocus_fill win); None keeps the
-    default. Raises ValueError for
-    invalid settings (e.g. level_iters with num_iters).
+    default. Raises ValueError for invalid settings (e.g. level_iters with num_iters).
     """
     cfg = Config(solver=schedule(quality=quality, pyramid_levels=pyramid_levels,
                                  level_iters=level_iters, num_iters=num_iters))

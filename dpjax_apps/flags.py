@@ -137,8 +137,8 @@ def base_config():
             preset=FLAGS.preset, quality=FLAGS.quality, pyramid_levels=FLAGS.pyramid_levels,
             level_iters=level_iters(), num_iters=FLAGS.num_iters, num_layers=FLAGS.num_layers,
             search_init=FLAGS.search_init, defocus_estimator=FLAGS.defocus_estimator,
-            defocus_fill=FLAGS.defocus_fill, refine_iters=FLAGS.refine_iters, colour_levels=FLAGS.colour_levels,
-            kernel_mass_cut=FLAGS.kernel_mass_cut)
+            defocus_fill=FLAGS.defocus_fill, refine_iters=FLAGS.refine_iters,
+            colour_levels=FLAGS.colour_levels, kernel_mass_cut=FLAGS.kernel_mass_cut)
     except ValueError as e:
         raise app.UsageError(f"invalid solver settings: {e}") from None
 

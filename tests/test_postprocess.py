@@ -162,7 +162,8 @@ def test_defocus_fill_experiment_scores_the_fill_and_refuses_filled_maps(tmp_pat
         d = tmp_path / "w" / "a" / label / "mpi" / "s01"
         assert outputs.is_complete(d)
         assert json.loads((d / outputs.RESULT_JSON).read_text())["config"]["post"]["fill"] is fill
-    written = tifffile.imread(tmp_path / "w" / "a" / "filled" / "mpi" / "s01" / outputs.DEFOCUS_TIFF)
+    written = tifffile.imread(tmp_path / "w" / "a" / "filled" / "mpi" / "s01"
+                              / outputs.DEFOCUS_TIFF)
     expect, _ = postprocess.fill_defocus(jnp.asarray(defocus), jnp.asarray(image))
     np.testing.assert_allclose(written, np.asarray(expect), atol=1e-6)
     _solved_folder(tmp_path / "filled", image, defocus, fill=True)
