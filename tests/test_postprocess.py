@@ -189,3 +189,11 @@ def test_large_frames_are_filled_on_a_coarser_grid(monkeypatch):
     flat = ~tex
     assert np.abs(coarse - truth)[flat].mean() < 0.1
     assert np.abs(coarse - np.asarray(fine))[flat].mean() < 0.1
+
+
+def test_a_frame_without_texture_keeps_its_map():
+    defocus = np.random.default_rng(6).uniform(0, 2, (40, 56)).astype(np.float32)
+    filled, kept = postprocess.fill_defocus(jnp.asarray(defocus),
+                                            jnp.full((40, 56, 3), 0.3, jnp.float32))
+    assert not np.asarray(kept).any()  # nothing to fill from
+    np.testing.assert_array_equal(np.asarray(filled), defocus)
