@@ -36,7 +36,7 @@ import numpy as np
 import tifffile
 from absl import app, flags
 
-from dpjax import figures, io, outputs, pipeline, postprocess
+from dpjax import figures, outputs, pipeline, postprocess, scene
 from dpjax_apps.flags import parse_named
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -84,28 +84,39 @@ def _image(d: Path) -> np.ndarray:
     return aif[..., None] if aif.ndim == 2 else aif
 
 
-def _maps(d: Path, quantiles: list[float]) -> dict[str, np.ndarray]:
-    """{"as solved": map, "fill qN": filled map, ...} of one solve folder."""
+def _label(q: float) -> str:
+    return f"fill q{q:g}"
+
+
+def _maps(d: Path, image: np.ndarray, quantiles: list[float]) -> dict[str, np.ndarray]:
+    """{"as solved": map, "fill qN": filled map, ...} of one solve folder, guided by its
+    all-in-focus `image` (`_image`)."""
     raw = tifffile.imread(d / outputs.DEFOCUS_TIFF).astype(np.float32)
-    image = _image(d)
     out = {"as solved": raw}
     for q in quantiles:
         post = postprocess.PostConfig(fill=True, fill_quantile=q)
-        out[f"fill q{q:g}"] = np.asarray(postprocess.filled_defocus(raw, image, post))
+        out[_label(q)] = np.asarray(postprocess.filled_defocus(raw, image, post))
     return out
 
 
-def pixel_gt(result: dict[str, Any], name: str) -> np.ndarray:
-    gt, _ = io.read_image(Path(FLAGS.pixel_data) / "gt_defocus_map" / f"{name}_gt.png")
-    return own_camera._crop(np.asarray(gt, np.float32), result)
+def pixel_gt(result: dict[str, Any], name: str, shape: tuple[int, int]) -> np.ndarray:
+    """The scene's defocus ground truth, cropped as the solve cropped its views (the
+    runner's own `scene.load_ground_truth`)."""
+    info = dict(result.get("preprocessing") or {})
+    _, gt = scene.load_ground_truth(Path(FLAGS.pixel_data), name, shape, info)
+    if gt is None:
+        raise app.UsageError(f"scene {name}: no usable defocus ground truth under "
+                             f"{FLAGS.pixel_data} ({'; '.join(info.get('warnings', []))})")
+    return gt
 
 
 def score_pixel(folder: Path, quantiles: list[float]) -> dict[str, dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     for name, d, result in solved(folder):
-        gt = pixel_gt(result, name)
-        for setting, dmap in _maps(d, quantiles).items():
-            m = pipeline.score(_image(d), dmap, gt_defocus=gt)
+        image = _image(d)
+        gt = pixel_gt(result, name, image.shape[:2])
+        for setting, dmap in _maps(d, image, quantiles).items():
+            m = pipeline.score(image, dmap, gt_defocus=gt)
             rows.setdefault(setting, {})[name] = {"aiwe1": m["aiwe1"],
                                                   "spearman": m["spearman"]}
     return rows
@@ -120,7 +131,7 @@ def score_canon(folder: Path, quantiles: list[float]) -> dict[str, dict[str, Any
             continue
         inv, valid = own_camera.inverse_depth(depth)
         inv, valid = own_camera._crop(inv, result), own_camera._crop(valid, result)
-        for setting, dmap in _maps(d, quantiles).items():
+        for setting, dmap in _maps(d, _image(d), quantiles).items():
             rows.setdefault(setting, {})[name] = own_camera.depth_scores(dmap, inv, valid)
     return rows
 
@@ -128,13 +139,14 @@ def score_canon(folder: Path, quantiles: list[float]) -> dict[str, dict[str, Any
 def write_filled(folder: Path, root: Path) -> None:
     """`--write_filled` for one --pixel folder (module docstring)."""
     for name, d, result in solved(folder):
-        maps = _maps(d, [postprocess.FILL_QUANTILE])
+        image = _image(d)
+        maps = _maps(d, image, [postprocess.FILL_QUANTILE])
         for label, dmap in (("as_solved", maps["as solved"]),
-                            ("filled", maps[f"fill q{postprocess.FILL_QUANTILE:g}"])):
+                            ("filled", maps[_label(postprocess.FILL_QUANTILE)])):
             cfg = dict(result["config"])
             cfg["post"] = {**cfg["post"], "fill": label == "filled"}
             record = {k: v for k, v in result.items() if k != "output_files"}
-            outputs.write_result(root / label / "mpi" / name, all_in_focus=_image(d),
+            outputs.write_result(root / label / "mpi" / name, all_in_focus=image,
                                  defocus=dmap, result={**record, "config": cfg,
                                                        "filled_from": str(d)})
 
@@ -153,10 +165,11 @@ def write_figure(path: Path, folder: Path, names: list[str]) -> None:
     for name, d, result in solved(folder):
         if name not in names:
             continue
-        maps = _maps(d, [postprocess.FILL_QUANTILE])
-        gt = pixel_gt(result, name)
+        image = _image(d)
+        maps = _maps(d, image, [postprocess.FILL_QUANTILE])
+        gt = pixel_gt(result, name, image.shape[:2])
         lo, hi = figures.defocus_range(*maps.values())
-        aif = outputs.display_image(_image(d))
+        aif = outputs.display_image(image)
         row = [figures._rgb(np.asarray(aif))]
         row += [figures._rgb(outputs.defocus_png(m, lo, hi)) for m in maps.values()]
         valid = gt > 0
