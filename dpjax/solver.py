@@ -815,11 +815,10 @@ def _outputs(params: mpi.MpiParams, observation: jax.Array, lk: mpi.LayerKernels
     if cfg.post.bilateral and (record is None or cfg.refine.bilateral):
         aif = postprocess.bilateral_filter(raw, sigma_spatial=cfg.post.sigma_spatial,
                                            sigma_value=cfg.post.sigma_value)
-    aif, raw = np.asarray(aif), np.asarray(raw)
     dmap = mpi.estimate_defocus(trans, scene.scales, cfg.post.defocus)
-    if cfg.post.fill:
+    if cfg.post.fill:  # on the device, before the outputs go to the host
         dmap = postprocess.filled_defocus(dmap, aif, cfg.post)
-    dmap = np.asarray(dmap)
+    aif, raw, dmap = np.asarray(aif), np.asarray(raw), np.asarray(dmap)
     if not (np.all(np.isfinite(aif)) and np.all(np.isfinite(dmap))):
         raise FloatingPointError(f"{prefix}the solve produced non-finite outputs")
     return params, aif, raw, dmap, {k: float(v) for k, v in terms._asdict().items()}, record
