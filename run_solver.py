@@ -265,7 +265,9 @@ def make_executor():
                            num_gpus_per_task=FLAGS.ray_num_gpus,
                            num_cpus_per_task=FLAGS.ray_num_cpus,
                            max_in_flight=FLAGS.ray_max_in_flight,
-                           compilation_cache_dir=FLAGS.compilation_cache_dir)
+                           compilation_cache_dir=common.explicit_compilation_cache_dir(),
+                           default_compilation_cache=(
+                               FLAGS.compilation_cache_dir == common.CACHE_AUTO))
     except ValueError as e:
         raise app.UsageError(str(e)) from None
 
@@ -362,9 +364,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.quiet:
         logging.set_verbosity(logging.WARNING)
-    if FLAGS.compilation_cache_dir:
-        _load_dpjax()
-        logging.info("persistent compilation cache: %s", common.use_compilation_cache())
+    _load_dpjax()
+    cache = common.use_compilation_cache()
+    if cache:
+        logging.info("persistent compilation cache: %s", cache)
     if FLAGS.input_dir is None:
         given = [f"--{n}" for n in _BATCH_FLAGS if FLAGS[n].present]
         if given:

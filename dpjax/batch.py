@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import importlib.util
 import math
 import os
 import urllib.parse
@@ -120,6 +121,7 @@ __all__ = [
     "summarize",
     "thumbnail",
     "use_compilation_cache",
+    "use_default_compilation_cache",
 ]
 
 T = TypeVar("T")
@@ -645,13 +647,52 @@ def thumbnail(image: np.ndarray, max_side: int = 256) -> np.ndarray:
     return np.asarray(Image.fromarray(a).resize(size, Image.Resampling.BOX))
 
 
+# The apps' default persistent compilation cache (--compilation_cache_dir=auto): the
+# folder named by this environment variable, else $XDG_CACHE_HOME/dpjax/jax
+# (~/.cache/dpjax/jax); JAX evicts the least recently used entries beyond the cap.
+CACHE_DIR_ENV = "DPJAX_CACHE_DIR"
+COMPILATION_CACHE_MAX_BYTES = 2 * 2**30
+
+
+def default_compilation_cache_dir() -> Path:
+    """The default cache folder: $DPJAX_CACHE_DIR, else $XDG_CACHE_HOME/dpjax/jax, else
+    ~/.cache/dpjax/jax (not created here)."""
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "dpjax" / "jax"
+
+
+def use_default_compilation_cache() -> tuple[Path | None, str | None]:
+    """Turns on the persistent compilation cache in `default_compilation_cache_dir`,
+    unless one is on already (JAX_COMPILATION_CACHE_DIR or an earlier call), which is
+    kept.
+
+    Returns:
+      (the folder in use, None), or (None, why not) when the default folder cannot be
+      used: the caller warns and goes on without a cache (nobody asked for that
+      folder by name).
+    """
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return Path(current), None
+    try:
+        return use_compilation_cache(default_compilation_cache_dir()), None
+    except ValueError as e:
+        return None, str(e)
+
+
 def use_compilation_cache(path: str | os.PathLike) -> Path:
     """Turns on JAX's persistent compilation cache in `path` (created if missing).
 
     Compiled solver chunks are then written there and reused by later runs and other
     processes with the same shapes, configuration and JAX version, instead of being
-    compiled again (on CPU about a third of a single solve's wall time). JAX keys the
-    entries itself, so a stale entry is never used for a different program.
+    compiled again (BENCHMARKS.md, "Compilation: a cold and a warm cache": 13% of a
+    768x512 colour scene on the 2-core CPU, lost in the noise of a full Pixel 4 frame;
+    more where compute is fast). JAX keys the entries itself, so a stale entry is
+    never used for a different program; beyond COMPILATION_CACHE_MAX_BYTES it evicts
+    the least recently used (with the `filelock` package, a dependency of dpjax;
+    without it the folder is not capped).
 
     Returns:
       The resolved folder.
@@ -669,6 +710,8 @@ def use_compilation_cache(path: str | os.PathLike) -> Path:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"compilation cache folder {folder} is not writable")
     jax.config.update("jax_compilation_cache_dir", str(folder))
+    if importlib.util.find_spec("filelock") is not None:  # JAX's eviction needs it
+        jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
     # JAX caches only compilations over 1 s by default; a solve's many small programs
     # (coarse levels, the search) then compile again in every new process (a Ray worker
     # per GPU scene). Measured on this 2-core CPU, first 128x160 scene of a process:

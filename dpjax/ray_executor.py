@@ -143,6 +143,8 @@ def _first_line(e: BaseException) -> str:
 
 
 _cache_dir_in_use: str | None = None  # per worker process
+# `_run_task`'s cache_dir for "the node's own default folder" (default_compilation_cache).
+_NODE_DEFAULT_CACHE = "<node default>"
 
 
 def _run_task(fn: Callable[[T], R], task: T, cache_dir: str | None) -> R:
@@ -151,7 +153,10 @@ def _run_task(fn: Callable[[T], R], task: T, cache_dir: str | None) -> R:
     if cache_dir is not None and cache_dir != _cache_dir_in_use:
         from dpjax import batch  # imports jax: only when asked for
 
-        batch.use_compilation_cache(cache_dir)
+        if cache_dir == _NODE_DEFAULT_CACHE:
+            batch.use_default_compilation_cache()  # a node without one solves without
+        else:
+            batch.use_compilation_cache(cache_dir)
         _cache_dir_in_use = cache_dir
     return fn(task)
 
@@ -207,6 +212,7 @@ class RayExecutor:
                  num_gpus_per_task: float | None = None, num_cpus_per_task: float = 1.0,
                  runtime_env: Mapping[str, Any] | None = None,
                  compilation_cache_dir: str | os.PathLike | None = None,
+                 default_compilation_cache: bool = False,
                  max_in_flight: int | None = None, scheduling_strategy: str = "SPREAD"):
         """Sets the executor up; Ray is started or connected by `start` (or `with`).
 
@@ -224,6 +230,9 @@ class RayExecutor:
           runtime_env: Ray runtime environment of the tasks (env_vars, py_modules, ...).
           compilation_cache_dir: JAX persistent compilation cache folder that every task
             turns on before calling fn; a shared folder compiles each shape once.
+          default_compilation_cache: without compilation_cache_dir, every task turns
+            on its own node's default folder (`dpjax.batch.use_default_compilation_cache`;
+            none where that folder cannot be used).
           max_in_flight: most tasks submitted and not finished at a time. None: the
             cluster's capacity (`capacity`), so that no task waits in one node's queue
             while another node is idle. On an autoscaling cluster set it above the
@@ -247,8 +256,9 @@ class RayExecutor:
         self.runtime_env = dict(runtime_env) if runtime_env else None
         # Absolute: a relative folder would be taken from each worker's working folder.
         self.compilation_cache_dir = (
-            None if compilation_cache_dir is None
-            else os.fspath(Path(compilation_cache_dir).expanduser().absolute()))
+            os.fspath(Path(compilation_cache_dir).expanduser().absolute())
+            if compilation_cache_dir is not None
+            else _NODE_DEFAULT_CACHE if default_compilation_cache else None)
         self.max_in_flight = max_in_flight
         self.scheduling_strategy = scheduling_strategy
         self._num_gpus_requested = num_gpus_per_task

@@ -11,14 +11,17 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 
 # Defaults spelled out here because flags are defined before dpjax may be imported;
-# tests/test_apps.py checks that they equal the library's (dpjax.dpanet.DEFAULT_TILE, ...).
+# tests/test_dpanet_eval.py checks that they equal the library's (dpjax.dpanet.DEFAULT_TILE, ...).
 DPANET_TILE = 256
 DPANET_OVERLAP = 32
+# --compilation_cache_dir's two words (dpjax.batch.default_compilation_cache_dir).
+CACHE_AUTO = "auto"
+CACHE_OFF = "off"
 
 
 def define_common(*, output_dir: str, presets: tuple[str, ...] = ("auto", "paper", "none"),
@@ -36,9 +39,13 @@ def define_common(*, output_dir: str, presets: tuple[str, ...] = ("auto", "paper
     d.DEFINE_bool("overwrite", False, "Solve again even when a complete result was made "
                   "with the same settings (results of other settings are always redone).")
     d.DEFINE_bool("quiet", False, "Only warnings, failures and the final line.")
-    d.DEFINE_string("compilation_cache_dir", None, "Persistent JAX compilation cache "
-                    "folder (created if missing): later runs with the same shapes reuse the "
-                    "compiled solver. JAX_COMPILATION_CACHE_DIR in the environment also works.")
+    d.DEFINE_string("compilation_cache_dir", CACHE_AUTO, "Persistent JAX compilation "
+                    "cache folder (created if missing): later runs with the same shapes "
+                    f"reuse the compiled solver. '{CACHE_AUTO}' (default): "
+                    "JAX_COMPILATION_CACHE_DIR if set, else $DPJAX_CACHE_DIR, else "
+                    "$XDG_CACHE_HOME/dpjax/jax (~/.cache/dpjax/jax), its least recently "
+                    "used entries evicted beyond dpjax.batch.COMPILATION_CACHE_MAX_BYTES; "
+                    f"'{CACHE_OFF}': none.")
     d.DEFINE_enum("preset", "auto", list(presets), "Per-scene configuration: auto (layer "
                   "range estimated from each pair), paper (Xin et al.'s per-scene Pixel 4 "
                   "settings)" + (", none (the base configuration)" if "none" in presets
@@ -159,15 +166,33 @@ def path_or_none(value: str | None) -> Path | None:
 
 
 def use_compilation_cache() -> str | None:
-    """Turns on --compilation_cache_dir (UsageError for an unusable folder)."""
-    if not FLAGS.compilation_cache_dir:
+    """Turns on --compilation_cache_dir; returns the folder in use, or None.
+
+    A folder given by name that cannot be used is a UsageError; the default folder
+    that cannot be used is a warning, and the run goes on without a cache.
+    """
+    value = FLAGS.compilation_cache_dir
+    if not value or value == CACHE_OFF:
         return None
     from dpjax import batch
 
+    if value == CACHE_AUTO:
+        folder, why = batch.use_default_compilation_cache()
+        if folder is None:
+            logging.warning("no persistent compilation cache (%s); give "
+                            "--compilation_cache_dir=DIR or --compilation_cache_dir=%s",
+                            why, CACHE_OFF)
+        return None if folder is None else str(folder)
     try:
-        return str(batch.use_compilation_cache(FLAGS.compilation_cache_dir))
+        return str(batch.use_compilation_cache(value))
     except ValueError as e:
         raise app.UsageError(f"--compilation_cache_dir: {e}") from None
+
+
+def explicit_compilation_cache_dir() -> str | None:
+    """--compilation_cache_dir when it names a folder (not auto or off), else None."""
+    value = FLAGS.compilation_cache_dir
+    return None if not value or value in (CACHE_AUTO, CACHE_OFF) else value
 
 
 def handle_sigterm() -> None:

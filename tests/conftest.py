@@ -1,14 +1,25 @@
 """Shared fixtures: a tiny synthetic problem, the shared Pixel 4 data location and a
 two-node local Ray cluster."""
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import dpjax
+from dpjax import batch
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pixel4"
+
+
+def pytest_configure(config):
+    """The apps' default persistent compilation cache (dpjax.batch.CACHE_DIR_ENV) goes to
+    pytest's cache folder, shared by the workers, never to the user's ~/.cache."""
+    cache = getattr(config, "cache", None)  # absent with -p no:cacheprovider
+    if cache is not None:
+        os.environ.setdefault(batch.CACHE_DIR_ENV,
+                              str(cache.mkdir("dpjax_compilation_cache")))
 
 
 @pytest.fixture(scope="session")

@@ -196,15 +196,59 @@ def test_thumbnail_shrinks_with_area_filter():
         batch.thumbnail(img.astype(np.float32))
 
 
+def test_default_compilation_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("DPJAX_CACHE_DIR", str(tmp_path / "mine"))
+    assert batch.default_compilation_cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("DPJAX_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert batch.default_compilation_cache_dir() == tmp_path / "xdg" / "dpjax" / "jax"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert batch.default_compilation_cache_dir() == (tmp_path / "home" / ".cache" / "dpjax"
+                                                     / "jax")
+
+
+def test_use_default_compilation_cache_keeps_a_set_cache_and_never_raises(monkeypatch,
+                                                                           tmp_path):
+    import jax
+
+    before = jax.config.jax_compilation_cache_dir
+    before_max = jax.config.jax_compilation_cache_max_size
+    try:
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "set"))
+        monkeypatch.setenv("DPJAX_CACHE_DIR", str(tmp_path / "default"))
+        assert batch.use_default_compilation_cache() == (tmp_path / "set", None)
+        assert not (tmp_path / "default").exists()
+
+        jax.config.update("jax_compilation_cache_dir", None)
+        a_file = tmp_path / "file"
+        a_file.write_text("x")
+        monkeypatch.setenv("DPJAX_CACHE_DIR", str(a_file))
+        folder, why = batch.use_default_compilation_cache()
+        assert folder is None and "is not a folder" in why
+        assert jax.config.jax_compilation_cache_dir is None
+
+        monkeypatch.setenv("DPJAX_CACHE_DIR", str(tmp_path / "default"))
+        folder, why = batch.use_default_compilation_cache()
+        assert why is None and folder == (tmp_path / "default").resolve() and folder.is_dir()
+        assert jax.config.jax_compilation_cache_dir == str(folder)
+        assert jax.config.jax_compilation_cache_max_size == batch.COMPILATION_CACHE_MAX_BYTES
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+        jax.config.update("jax_compilation_cache_max_size", before_max)
+
+
 def test_use_compilation_cache_sets_jax_and_rejects_bad_paths(tmp_path):
     import jax
 
     before = jax.config.jax_compilation_cache_dir
+    before_max = jax.config.jax_compilation_cache_max_size
     try:
         folder = batch.use_compilation_cache(tmp_path / "cache" / "jax")
         assert folder.is_dir() and jax.config.jax_compilation_cache_dir == str(folder)
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+        jax.config.update("jax_compilation_cache_max_size", before_max)
     a_file = tmp_path / "file"
     a_file.write_text("x")
     with pytest.raises(ValueError, match="is not a folder"):

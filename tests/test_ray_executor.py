@@ -228,6 +228,15 @@ def test_compilation_cache_is_set_on_workers(cluster, tmp_path):
     assert cache.is_dir()
 
 
+def test_default_compilation_cache_is_each_nodes_own(cluster, tmp_path):
+    cache = tmp_path / "node_default"  # what DPJAX_CACHE_DIR names on the workers
+    with RayExecutor(address=cluster.address, default_compilation_cache=True,
+                     runtime_env={"env_vars": {"DPJAX_CACHE_DIR": str(cache),
+                                               "JAX_COMPILATION_CACHE_DIR": ""}}) as ex:
+        seen = ex.map_unordered(cache_dir_seen, [0, 1])
+    assert seen == [str(cache.resolve())] * 2
+
+
 def test_close_leaves_a_connection_it_did_not_make(executor, cluster):
     assert ray.is_initialized()  # the module executor is connected
     with RayExecutor(address=cluster.address) as ex:

@@ -63,6 +63,34 @@ def test_cli_bad_compilation_cache_dir_is_a_usage_error(tmp_path):
     assert not (tmp_path / "dpjax_out").exists()  # refused before anything ran
 
 
+def test_compilation_cache_is_on_by_default_and_can_be_turned_off(tmp_path):
+    """The default folder (DPJAX_CACHE_DIR here) fills with compiled solvers; off
+    writes none; a default folder that cannot be used is a warning, not a failure."""
+    inp = tmp_path / "in"
+    _write_tiff_pair(inp, "s0", _texture(0))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    base = [sys.executable, str(ROOT / "run_solver.py"), f"--input_dir={inp}",
+            "--grid=2x2", "--kernel_radius=3", "--kernel_smooth=0.5", "--num_layers=4",
+            "--pyramid_levels=1", "--num_iters=2", "--preset=none"]
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    runs = {}
+    for name, cache, extra in (("auto", tmp_path / "cache", []),
+                               ("off", tmp_path / "cache_off", ["--compilation_cache_dir=off"]),
+                               ("unusable", a_file / "below", [])):
+        proc = subprocess.run(base + [f"--output_dir={tmp_path / name}"] + extra,
+                              check=False, capture_output=True, text=True, timeout=300,
+                              cwd=tmp_path, env={**env, "DPJAX_CACHE_DIR": str(cache),
+                                                 "JAX_PLATFORMS": "cpu"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert outputs.is_complete(tmp_path / name / "s0")
+        runs[name] = proc
+    assert len(list((tmp_path / "cache").iterdir())) >= 3  # the solver's programs
+    assert not (tmp_path / "cache_off").exists()
+    assert "no persistent compilation cache" in runs["unusable"].stderr
+    assert "no persistent compilation cache" not in runs["auto"].stderr
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
