@@ -2,6 +2,7 @@
 two-node local Ray cluster."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,9 @@ def pytest_configure(config):
     """The apps' default persistent compilation cache (dpjax.batch.CACHE_DIR_ENV) goes to
     pytest's cache folder, shared by the workers, never to the user's ~/.cache."""
     cache = getattr(config, "cache", None)  # absent with -p no:cacheprovider
-    if cache is not None:
-        os.environ.setdefault(batch.CACHE_DIR_ENV,
-                              str(cache.mkdir("dpjax_compilation_cache")))
+    folder = (cache.mkdir("dpjax_compilation_cache") if cache is not None
+              else Path(tempfile.gettempdir()) / "dpjax_test_compilation_cache")
+    os.environ.setdefault(batch.CACHE_DIR_ENV, str(folder))
 
 
 @pytest.fixture(scope="session")
