@@ -16,7 +16,8 @@ from absl import app, flags, logging
 FLAGS = flags.FLAGS
 
 # Defaults spelled out here because flags are defined before dpjax may be imported;
-# tests/test_dpanet_eval.py checks that they equal the library's (dpjax.dpanet.DEFAULT_TILE, ...).
+# tests/test_dpanet_eval.py checks that they equal the library's
+# (dpjax.dpanet.DEFAULT_TILE, ...).
 DPANET_TILE = 256
 DPANET_OVERLAP = 32
 # --compilation_cache_dir's two words (dpjax.batch.default_compilation_cache_dir).
