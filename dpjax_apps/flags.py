@@ -172,22 +172,22 @@ def use_compilation_cache() -> str | None:
     A folder given by name that cannot be used is a UsageError; the default folder
     that cannot be used is a warning, and the run goes on without a cache.
     """
-    value = FLAGS.compilation_cache_dir
-    if not value or value == CACHE_OFF:
-        return None
+    named = explicit_compilation_cache_dir()
+    if named is None and FLAGS.compilation_cache_dir != CACHE_AUTO:
+        return None  # off
     from dpjax import batch
 
-    if value == CACHE_AUTO:
-        folder, why = batch.use_default_compilation_cache()
-        if folder is None:
-            logging.warning("no persistent compilation cache (%s); give "
-                            "--compilation_cache_dir=DIR or --compilation_cache_dir=%s",
-                            why, CACHE_OFF)
-        return None if folder is None else str(folder)
-    try:
-        return str(batch.use_compilation_cache(value))
-    except ValueError as e:
-        raise app.UsageError(f"--compilation_cache_dir: {e}") from None
+    if named is not None:
+        try:
+            return str(batch.use_compilation_cache(named))
+        except ValueError as e:
+            raise app.UsageError(f"--compilation_cache_dir: {e}") from None
+    folder, why = batch.use_default_compilation_cache()
+    if folder is None:
+        logging.warning("no persistent compilation cache (%s); give "
+                        "--compilation_cache_dir=DIR or --compilation_cache_dir=%s",
+                        why, CACHE_OFF)
+    return None if folder is None else str(folder)
 
 
 def explicit_compilation_cache_dir() -> str | None:
