@@ -12,7 +12,10 @@ handful of numbers can describe, and `DpKernelModel` holds those numbers:
 - asymmetry: the two views need not be mirror images (`softness_asym`,
   `ramp_asym`);
 - variation across the frame: towards the frame's edge the chief ray is oblique,
-  so the photodiodes' split moves across the aperture (`split`, `split_gradient`).
+  so the photodiodes' split moves across the aperture (`split`, `split_gradient`)
+  and blurs (`softness_edge`: the views overlap more, so their offset shrinks at a
+  given blur; measured on a Canon R6 Mark II plane, where it halves towards the
+  left and right edges, experiments/results/own_camera.md).
 
 The kernels, in kernel coordinates (x = column, y = row, pixels, origin at the
 kernel centre), of a tile whose centre sits at normalised frame position
@@ -21,11 +24,12 @@ kernel centre), of a tile whose centre sits at normalised frame position
     u = (x cos(theta) + y sin(theta)) / r                   position along the split axis
     p = px cos(theta) + py sin(theta)                        the tile along the same axis
     c = split + split_gradient * p                           the crossover, in radii
+    e = exp(softness_edge * p^2)                             its widening off-centre
     w_L(u) = sigmoid((c - u) / tau_L) * exp(-ramp_L * u)     left view: the u < c side
     w_R(u) = sigmoid((u - c) / tau_R) * exp(+ramp_R * u)     right view: the u > c side
     k_v = normalise(G_sigma * (disc_r * w_v)),  sigma = smooth * r
 
-with tau_L,R = softness * exp(+-softness_asym / 2) and ramp_L,R = ramp +- ramp_asym / 2.
+with tau_L,R = e * softness * exp(+-softness_asym / 2) and ramp_L,R = ramp +- ramp_asym / 2.
 softness = 0 gives hard half discs. Everything but r is in units of the radius, so
 the shape does not depend on r.
 
@@ -87,6 +91,8 @@ class DpKernelModel:
         along the split axis (vignetting moves the split towards the frame edge).
       softness: width of the crossover in radii (0 = hard half discs).
       softness_asym: log ratio tau_L / tau_R.
+      softness_edge: the crossover's width grows by exp(softness_edge * p^2) at
+        normalised position p along the split axis (0: the same everywhere).
       ramp: exponential brightening towards each view's outer edge (per radius).
       ramp_asym: ramp_L - ramp_R.
       smooth: Gaussian blur sigma of the kernel, in radii.
@@ -98,6 +104,7 @@ class DpKernelModel:
     split_gradient: float = 0.0
     softness: float = 0.1
     softness_asym: float = 0.0
+    softness_edge: float = 0.0
     ramp: float = 0.4
     ramp_asym: float = 0.0
     smooth: float = 0.06
@@ -183,7 +190,8 @@ def render_kernels_jnp(params: dict, positions: jax.Array, *, radius: float, siz
 
     Args:
       params: mapping with scalar entries angle_deg, split, split_gradient, softness,
-        softness_asym, ramp, ramp_asym, smooth (DpKernelModel's shape fields).
+        softness_asym, ramp, ramp_asym, smooth (DpKernelModel's shape fields), and
+        optionally softness_edge (absent: 0).
       positions: [T, 2] normalised frame positions (px, py) of the tile centres.
       radius: aperture radius in pixels (the disc's edge is not differentiated).
       size: odd kernel side.
@@ -201,8 +209,11 @@ def render_kernels_jnp(params: dict, positions: jax.Array, *, radius: float, siz
     cos, sin = jnp.cos(theta), jnp.sin(theta)
     u = (x * cos + y * sin) / radius  # [n, n]
     pos = jnp.asarray(positions, jnp.float32)
-    c = params["split"] + params["split_gradient"] * (pos[:, 0] * cos + pos[:, 1] * sin)  # [T]
+    along = pos[:, 0] * cos + pos[:, 1] * sin  # [T] tile positions along the split axis
+    c = params["split"] + params["split_gradient"] * along  # [T]
     soft = jnp.maximum(params["softness"], _MIN_SOFTNESS)
+    if "softness_edge" in params:  # [T, 1, 1]
+        soft = soft * jnp.exp(params["softness_edge"] * along * along)[:, None, None]
     tau_l = soft * jnp.exp(0.5 * params["softness_asym"])
     tau_r = soft * jnp.exp(-0.5 * params["softness_asym"])
     ramp_l = params["ramp"] + 0.5 * params["ramp_asym"]

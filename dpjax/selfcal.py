@@ -46,7 +46,7 @@ the gradient-energy normaliser stops the cost from favouring large blur, see
    kernels run_solver.py uses without a calibration (`fallback=True`, with the
    reason in `note`).
 
-Not fitted by default: `smooth` (see SelfCalConfig.fit_params). Time: grid searches
+Not fitted by default: `smooth` and `softness_edge` (see SelfCalConfig.fit_params). Time: grid searches
 over 25 scales of every window dominate; `SelfCalResult.seconds` records it.
 """
 
@@ -86,11 +86,12 @@ __all__ = [
     "save_self_calibration",
 ]
 
-_SHAPE = ("angle_deg", "split", "split_gradient", "softness", "softness_asym", "ramp",
-          "ramp_asym", "smooth")
+_SHAPE = ("angle_deg", "split", "split_gradient", "softness", "softness_asym",
+          "softness_edge", "ramp", "ramp_asym", "smooth")
 # Shape parameter -> its unconstrained variable in the fit.
 _Z_NAME = {"angle_deg": "angle", "split": "split", "split_gradient": "split_gradient",
-           "softness": "softness", "softness_asym": "softness_asym", "ramp": "ramp",
+           "softness": "softness", "softness_asym": "softness_asym",
+           "softness_edge": "softness_edge", "ramp": "ramp",
            "ramp_asym": "ramp_asym", "smooth": "smooth"}
 # Guards the cost's normaliser in flat windows (views are divided by their mean ~ 1).
 _GRAD_EPS = 1e-6
@@ -121,6 +122,9 @@ class SelfCalConfig:
         smoother kernels whenever anything is imperfect (scale discretisation, noise,
         windows straddling two depths), so a fitted value runs to its bound (measured
         on synthetic scenes, where the true smoothing costs more than 0.2 radii).
+        `softness_edge` is opt-in: fitted on the Canon plane it agrees with the value
+        fitted to that plane's target kernels, but the solve does not improve with it
+        (experiments/results/own_camera.md, "Shape or variation across the frame").
       refine_windows: windows the refinement uses (the informative ones, most
         confident first; a fixed count so that it compiles once).
       steps, rounds, learning_rate: the refinement (Adam, cosine-decayed rate).
@@ -147,6 +151,11 @@ class SelfCalConfig:
     min_informative: int = 24
     min_gain: float = 0.15
     min_angle_margin: float = 0.05
+
+    def __post_init__(self):
+        unknown = sorted(set(self.fit_params) - set(_SHAPE))
+        if unknown:
+            raise ValueError(f"unknown fit_params {unknown}; choose from {', '.join(_SHAPE)}")
 
     def scales(self) -> np.ndarray:
         """The scale grid of the searches, symmetric about 0 (which it contains)."""
@@ -355,6 +364,7 @@ def _params(z: dict) -> dict:
         "split_gradient": 2.0 * jnp.tanh(z["split_gradient"] / 2.0),
         "softness": 0.01 + jnp.exp(jnp.clip(z["softness"], -6.0, 1.5)),
         "softness_asym": 2.0 * jnp.tanh(z["softness_asym"] / 2.0),
+        "softness_edge": 3.0 * jnp.tanh(z["softness_edge"] / 3.0),
         "ramp": 3.0 * jnp.tanh(z["ramp"] / 3.0),
         "ramp_asym": 2.0 * jnp.tanh(z["ramp_asym"] / 2.0),
         "smooth": 0.005 + jnp.exp(jnp.clip(z["smooth"], -6.0, math.log(_MAX_SMOOTH - 0.005))),
@@ -371,6 +381,7 @@ def _unconstrained(model: DpKernelModel) -> dict:
         "split_gradient": 2.0 * np.arctanh(np.clip(model.split_gradient / 2.0, -0.999, 0.999)),
         "softness": float(np.log(max(model.softness - 0.01, 1e-3))),
         "softness_asym": 2.0 * np.arctanh(np.clip(model.softness_asym / 2.0, -0.999, 0.999)),
+        "softness_edge": atanh(model.softness_edge, 3.0),
         "ramp": 3.0 * np.arctanh(np.clip(model.ramp / 3.0, -0.999, 0.999)),
         "ramp_asym": 2.0 * np.arctanh(np.clip(model.ramp_asym / 2.0, -0.999, 0.999)),
         "smooth": float(np.log(max(model.smooth - 0.005, 1e-3))),
@@ -573,9 +584,6 @@ def fit_kernel_model(pairs: Sequence[np.ndarray], config: SelfCalConfig = SelfCa
     z["angle"] = jnp.float32(best / 10.0)
 
     # 3. Refinement rounds on a fixed-size subset of windows.
-    unknown = set(cfg.fit_params) - set(_SHAPE)
-    if unknown:
-        raise ValueError(f"unknown fit_params {sorted(unknown)}; choose from {_SHAPE}")
     fixed = tuple(_Z_NAME[p] for p in _SHAPE if p not in cfg.fit_params)
     n_ref = min(cfg.refine_windows, len(win.tile))
     for _ in range(cfg.rounds):

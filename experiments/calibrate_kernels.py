@@ -52,6 +52,10 @@ flags.DEFINE_integer("max_side", selfcal.SelfCalConfig.max_side,
                      "Fit resolution: downsample until the longer side is at most this.")
 flags.DEFINE_integer("windows_per_pair", selfcal.SelfCalConfig.windows_per_pair,
                      "Textured windows used per pair.")
+flags.DEFINE_list("fit_params", list(selfcal.SelfCalConfig.fit_params),
+                  "Kernel model parameters the fit estimates; the others keep their start "
+                  "values (dpjax.selfcal.SelfCalConfig.fit_params; add softness_edge to let "
+                  "the split soften towards the frame's edge, or smooth).")
 flags.DEFINE_bool("write_fallback", False, "Write the default parametric kernels when the "
                   "fit is rejected (marked in kernels_meta.json) instead of failing.")
 
@@ -103,7 +107,12 @@ def calibrate(input_dir: Path, output_dir: Path) -> selfcal.SelfCalResult:
     views = [scene.load_views(p, source, opts)[0] for p in pairs]
     logging.info("loaded %d pairs (%dx%d) in %.1f s: %s", len(views), views[0].shape[1],
                  views[0].shape[2], time.perf_counter() - t0, ", ".join(names))
-    cfg = selfcal.SelfCalConfig(max_side=FLAGS.max_side, windows_per_pair=FLAGS.windows_per_pair)
+    try:
+        cfg = selfcal.SelfCalConfig(max_side=FLAGS.max_side,
+                                    windows_per_pair=FLAGS.windows_per_pair,
+                                    fit_params=tuple(FLAGS.fit_params))
+    except ValueError as e:
+        raise CalibrationError(str(e)) from e
     res = selfcal.fit_kernel_model(views, cfg, names=names)
     logging.info("fit in %.1f s: cost %.4g (null %.4g, gain %.3f), orientation margin %.2f, "
                  "%d of %d windows informative, blur radius p10/p50/p90 %s px",

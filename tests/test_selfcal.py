@@ -94,6 +94,44 @@ def test_model_validates_and_round_trips_as_dict():
     assert DpKernelModel.from_dict(TRUE.to_dict()) == TRUE
 
 
+def _offsets(k: np.ndarray) -> np.ndarray:
+    """Right minus left centroid along x of each tile's pair [2, T, K, K] -> [T]."""
+    x = np.arange(k.shape[-1]) - (k.shape[-1] - 1) / 2
+    c = (k * x).sum(axis=(-2, -1)) / k.sum(axis=(-2, -1))
+    return c[1] - c[0]
+
+
+def test_softness_edge_shrinks_the_offset_towards_the_edge_along_the_split_only():
+    base = DpKernelModel(radius=4.0, softness=0.3, ramp=-0.3)
+    flat = render_kernel_pairs(base, rows=3, cols=4, size=13)
+    np.testing.assert_array_equal(render_kernel_pairs(base.replace(softness_edge=0.0), rows=3,
+                                                      cols=4, size=13), flat)
+    edge = render_kernel_pairs(base.replace(softness_edge=2.0), rows=3, cols=4, size=13)
+    np.testing.assert_allclose(edge.sum(axis=(2, 3)), 1.0, atol=1e-5)
+    off_flat = _offsets(flat.astype(np.float64)).reshape(3, 4)
+    off_edge = _offsets(edge.astype(np.float64)).reshape(3, 4)
+    assert np.ptp(off_flat) < 1e-4  # no split movement: the same offset everywhere
+    # Columns 0/3 sit at |px| 0.75, 1/2 at 0.25: the outer ones lose more, left and
+    # right alike; the rows (across the split) do not matter.
+    assert np.all(off_edge[:, [0, 3]] < off_edge[:, [1, 2]] - 0.05)
+    assert np.all(off_edge[:, [1, 2]] < off_flat[:, [1, 2]])
+    np.testing.assert_allclose(off_edge[:, 0], off_edge[:, 3], atol=1e-4)
+    np.testing.assert_allclose(off_edge, np.repeat(off_edge[:1], 3, axis=0), atol=1e-4)
+    # Turned by 90 degrees it acts along the rows instead.
+    turned = render_kernel_pairs(base.replace(softness_edge=2.0, angle_deg=90.0), rows=4,
+                                 cols=3, size=13)
+    np.testing.assert_allclose(turned.reshape(2, 4, 3, 13, 13),
+                               np.swapaxes(np.swapaxes(edge.reshape(2, 3, 4, 13, 13), 1, 2),
+                                           -1, -2), atol=1e-6)
+
+
+def test_selfcal_config_refuses_unknown_fit_params():
+    assert "softness_edge" not in selfcal.SelfCalConfig().fit_params  # opt-in
+    selfcal.SelfCalConfig(fit_params=("angle_deg", "softness_edge"))
+    with pytest.raises(ValueError, match="unknown fit_params \\['bogus'\\]"):
+        selfcal.SelfCalConfig(fit_params=("angle_deg", "bogus"))
+
+
 @pytest.fixture(scope="module")
 def synthetic_fit():
     bank = model_bank(TRUE, GRID)
@@ -212,6 +250,9 @@ def test_calibrate_kernels_cli_refuses_mixed_sizes_and_unknown_scenes(tmp_path):
     assert len(errors) == 1 and "b is 64x80x3 but a is 64x96x3" in errors[0]
     res = _run_calibrate(f"--input_dir={tmp_path}", f"--output_dir={out}", "--scenes=a,zz")
     assert res.returncode == 1 and "--scenes zz not found" in res.stderr
+    res = _run_calibrate(f"--input_dir={tmp_path}", f"--output_dir={out}", "--scenes=a",
+                         "--fit_params=angle_deg,bogus")
+    assert res.returncode == 1 and "unknown fit_params ['bogus']" in res.stderr
     assert not out.exists()
 
 
