@@ -46,8 +46,9 @@ the gradient-energy normaliser stops the cost from favouring large blur, see
    kernels run_solver.py uses without a calibration (`fallback=True`, with the
    reason in `note`).
 
-Not fitted by default: `smooth` and `softness_edge` (see SelfCalConfig.fit_params). Time: grid searches
-over 25 scales of every window dominate; `SelfCalResult.seconds` records it.
+Not fitted by default: `smooth` and `softness_edge` (see SelfCalConfig.fit_params).
+Time: grid searches over 25 scales of every window dominate; `SelfCalResult.seconds`
+records it.
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ class SelfCalConfig:
         windows straddling two depths), so a fitted value runs to its bound (measured
         on synthetic scenes, where the true smoothing costs more than 0.2 radii).
         `softness_edge` is opt-in: fitted on the Canon plane it agrees with the value
-        fitted to that plane's target kernels, but the solve does not improve with it
+        fitted to that plane's target kernels; the plane's solve gains from it only
+        with the range probe, and it is not yet checked on other scenes
         (experiments/results/own_camera.md, "Shape or variation across the frame").
       refine_windows: windows the refinement uses (the informative ones, most
         confident first; a fixed count so that it compiles once).

@@ -61,7 +61,8 @@ def tile_average(kernels: np.ndarray, grid: tuple[int, int], neighbourhood: int 
         out = np.empty_like(g)
         for i in range(rows):
             for j in range(cols):
-                out[:, i, j] = g[:, max(0, i - n):i + n + 1, max(0, j - n):j + n + 1].mean(axis=(1, 2))
+                block = g[:, max(0, i - n):i + n + 1, max(0, j - n):j + n + 1]
+                out[:, i, j] = block.mean(axis=(1, 2))
     out /= out.sum(axis=(-2, -1), keepdims=True)
     return out.reshape(k.shape).astype(np.float32)
 
