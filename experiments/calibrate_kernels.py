@@ -82,6 +82,12 @@ def _loader(input_dir: Path) -> tuple[scene.KernelSource, scene.SceneOptions]:
 
 
 def calibrate(input_dir: Path, output_dir: Path) -> selfcal.SelfCalResult:
+    try:
+        cfg = selfcal.SelfCalConfig(max_side=FLAGS.max_side,
+                                    windows_per_pair=FLAGS.windows_per_pair,
+                                    fit_params=tuple(FLAGS.fit_params))
+    except ValueError as e:
+        raise CalibrationError(str(e)) from e
     if not input_dir.is_dir():
         raise CalibrationError(f"input folder not found: {input_dir}")
     found = io.scan_inputs(input_dir)
@@ -107,12 +113,6 @@ def calibrate(input_dir: Path, output_dir: Path) -> selfcal.SelfCalResult:
     views = [scene.load_views(p, source, opts)[0] for p in pairs]
     logging.info("loaded %d pairs (%dx%d) in %.1f s: %s", len(views), views[0].shape[1],
                  views[0].shape[2], time.perf_counter() - t0, ", ".join(names))
-    try:
-        cfg = selfcal.SelfCalConfig(max_side=FLAGS.max_side,
-                                    windows_per_pair=FLAGS.windows_per_pair,
-                                    fit_params=tuple(FLAGS.fit_params))
-    except ValueError as e:
-        raise CalibrationError(str(e)) from e
     res = selfcal.fit_kernel_model(views, cfg, names=names)
     logging.info("fit in %.1f s: cost %.4g (null %.4g, gain %.3f), orientation margin %.2f, "
                  "%d of %d windows informative, blur radius p10/p50/p90 %s px",
@@ -132,7 +132,8 @@ def calibrate(input_dir: Path, output_dir: Path) -> selfcal.SelfCalResult:
                                "the frames or give --tile_size")
     calib = selfcal.save_self_calibration(
         output_dir, res, height=h, width=w, tile_size=FLAGS.tile_size,
-        sources=[str(p.left) for p in pairs], settings=shared)
+        sources=[str(p.left) for p in pairs], settings=shared,
+        extra_meta={"fit_params": list(cfg.fit_params)})
     logging.info("wrote %s: %dx%d tiles of %d px, %d px kernels, radius %.1f px at scale 1",
                  output_dir, calib.grid[0], calib.grid[1], calib.tile_size,
                  calib.kernels.shape[-1], res.model.radius)
