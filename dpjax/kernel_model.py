@@ -190,8 +190,8 @@ def render_kernels_jnp(params: dict, positions: jax.Array, *, radius: float, siz
 
     Args:
       params: mapping with scalar entries angle_deg, split, split_gradient, softness,
-        softness_asym, ramp, ramp_asym, smooth (DpKernelModel's shape fields), and
-        optionally softness_edge (absent: 0).
+        softness_asym, softness_edge, ramp, ramp_asym, smooth (DpKernelModel's shape
+        fields).
       positions: [T, 2] normalised frame positions (px, py) of the tile centres.
       radius: aperture radius in pixels (the disc's edge is not differentiated).
       size: odd kernel side.
@@ -212,8 +212,7 @@ def render_kernels_jnp(params: dict, positions: jax.Array, *, radius: float, siz
     along = pos[:, 0] * cos + pos[:, 1] * sin  # [T] tile positions along the split axis
     c = params["split"] + params["split_gradient"] * along  # [T]
     soft = jnp.maximum(params["softness"], _MIN_SOFTNESS)
-    if "softness_edge" in params:  # [T, 1, 1]
-        soft = soft * jnp.exp(params["softness_edge"] * along * along)[:, None, None]
+    soft = soft * jnp.exp(params["softness_edge"] * along * along)[:, None, None]  # [T, 1, 1]
     tau_l = soft * jnp.exp(0.5 * params["softness_asym"])
     tau_r = soft * jnp.exp(-0.5 * params["softness_asym"])
     ramp_l = params["ramp"] + 0.5 * params["ramp_asym"]
