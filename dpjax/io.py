@@ -56,6 +56,7 @@ import io
 import json
 import os
 import re
+import shutil
 import struct
 import zlib
 from collections.abc import Sequence
@@ -818,6 +819,19 @@ def save_calibration_kernels(calib_dir, calib: CalibratedKernels, *,
     for v, fname in enumerate((KERNELS_LEFT, KERNELS_RIGHT)):
         atomic_write(calib_dir / fname, lambda fh, k=kernels[v]: np.save(fh, k))
     write_json(calib_dir / KERNELS_META, {**meta, **(extra_meta or {})})
+
+
+def copy_white_sheets(src_dir, dst_dir) -> list[Path]:
+    """Copy white_sheet_{left,right}.png that src_dir has into dst_dir (so that a
+    calibration folder derived from another keeps its vignetting correction).
+
+    Returns the copied files' new paths (empty when src_dir has none).
+    """
+    copied = []
+    for name in (WHITE_LEFT, WHITE_RIGHT):
+        if (Path(src_dir) / name).is_file():
+            copied.append(Path(shutil.copy(Path(src_dir) / name, Path(dst_dir) / name)))
+    return copied
 
 
 def check_kernels_match_image(calib: CalibratedKernels, height: int, width: int) -> None:

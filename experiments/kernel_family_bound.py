@@ -19,7 +19,6 @@ OUTPUT/family_fit.json.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import jax
@@ -97,9 +96,7 @@ def main(argv):
     io.save_calibration_kernels(out, io.CalibratedKernels(kernels=k, grid=calib.grid,
                                                           tile_size=calib.tile_size),
                                 extra_meta={"family_fit": best})
-    for name in ("white_sheet_left.png", "white_sheet_right.png"):
-        if (Path(FLAGS.calib_dir) / name).is_file():
-            shutil.copy(Path(FLAGS.calib_dir) / name, out / name)
+    io.copy_white_sheets(FLAGS.calib_dir, out)
     (out / "family_fit.json").write_text(json.dumps(
         {"best": best, "l1_rendered": l1, "fits": fits, "steps": FLAGS.steps}, indent=1))
     print(f"best radius {best['radius']}: L1 {l1:.3f} -> {out}")

@@ -18,7 +18,6 @@ are copied.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -91,9 +90,7 @@ def main(argv):
                                                           blur_p90=calib.blur_p90),
                                 extra_meta={"tile_average": {"source": str(src),
                                                              "neighbourhood": text}})
-    for name in ("white_sheet_left.png", "white_sheet_right.png"):
-        if (src / name).is_file():
-            shutil.copy(src / name, out / name)
+    io.copy_white_sheets(src, out)
     print(f"tile_average_kernels: {calib.grid[0]}x{calib.grid[1]} tiles, neighbourhood "
           f"{text} -> {out}")
     return 0

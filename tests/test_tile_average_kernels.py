@@ -42,6 +42,8 @@ def test_script_writes_a_calibration_and_refuses_bad_input(tmp_path):
     src, out = tmp_path / "cal", tmp_path / "avg"
     io.save_calibration_kernels(src, io.CalibratedKernels(kernels=_kernels(), grid=(2, 3),
                                                           tile_size=16, blur_p90=1.1))
+    for name in (io.WHITE_LEFT, io.WHITE_RIGHT):
+        (src / name).write_bytes(name.encode())  # copied as they are, not read
     script = [sys.executable, str(ROOT / "experiments" / "tile_average_kernels.py"),
               f"--calib_dir={src}"]
     proc = subprocess.run(script + [f"--output_dir={out}", "--neighbourhood=all"],
@@ -51,6 +53,8 @@ def test_script_writes_a_calibration_and_refuses_bad_input(tmp_path):
     assert calib.grid == (2, 3) and calib.tile_size == 16 and calib.blur_p90 == 1.1
     np.testing.assert_allclose(calib.kernels, tak.tile_average(_kernels(), (2, 3), None),
                                atol=1e-6)
+    for name in (io.WHITE_LEFT, io.WHITE_RIGHT):
+        assert (out / name).read_bytes() == name.encode()
     meta = json.loads((out / "kernels_meta.json").read_text())
     assert meta["tile_average"]["neighbourhood"] == "all"
     for bad, message in (("-1", ">= 0"), ("x", "integer >= 0 or 'all'")):
