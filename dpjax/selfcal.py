@@ -125,7 +125,7 @@ class SelfCalConfig:
         on synthetic scenes, where the true smoothing costs more than 0.2 radii).
         `softness_edge` is opt-in: fitted on the Canon plane it agrees with the value
         fitted to that plane's target kernels; the plane's solve gains from it only
-        with the range probe, and it is not yet checked on other scenes
+        with the range probe, which costs the Pixel 4 crops' image 0.4 dB
         (experiments/results/own_camera.md, "Shape or variation across the frame").
       refine_windows: windows the refinement uses (the informative ones, most
         confident first; a fixed count so that it compiles once).
