@@ -51,3 +51,25 @@ def test_a_seam_artefact_shows_and_plain_noise_does_not(tmp_path, pixel4_dir):
     assert seamed["ratio_db"] > noise["ratio_db"] + 10.0  # 25x the variance along the seam
     assert seamed["far_mse"] == pytest.approx(noise["far_mse"], rel=1e-3)
     assert res["mean_ratio_db"]["seam"] == seamed["ratio_db"]
+
+
+def test_edge_distance_measures_to_the_outer_edge():
+    d = seam_error.edge_distance((3, 5), (1, 2), (6, 9))
+    # Image rows 1..3 of 6 (distances 1, 2, 2), columns 2..6 of 9 (2, 3, 4, 3, 2).
+    np.testing.assert_array_equal(d, [[1, 1, 1, 1, 1], [2, 2, 2, 2, 2], [2, 2, 2, 2, 2]])
+
+
+def test_a_frame_edge_artefact_shows_with_edges_frame():
+    rng = np.random.default_rng(1)
+    gt = 0.5 + 0.1 * rng.standard_normal((80, 96))
+    noisy = gt + 0.01 * rng.standard_normal(gt.shape)
+    edged = noisy.copy()
+    ring = seam_error.edge_distance(gt.shape, (0, 0), gt.shape) < 10
+    edged[ring] += 0.05 * rng.standard_normal(int(ring.sum()))
+    kw = dict(tile=(40, 48), grid=(2, 2), band=8, far=20)
+    plain = seam_error.seam_ratio(noisy, gt, edges="frame", **kw)
+    frame = seam_error.seam_ratio(edged, gt, edges="frame", **kw)
+    tiles = seam_error.seam_ratio(edged, gt, edges="tiles", **kw)
+    assert abs(plain["ratio_db"]) < 1.0
+    assert frame["ratio_db"] > plain["ratio_db"] + 10.0  # 25x the variance near the edge
+    assert frame["ratio_db"] > tiles["ratio_db"] + 10.0  # the seams' measure misses it
