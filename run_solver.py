@@ -57,9 +57,9 @@ DEMO_CALIB = ROOT / "calib_data" / "parametric_2x2"
 # Flags that only make sense with --input_dir.
 _BATCH_FLAGS = (
     "calib_dir", "preset", "range_probe", "search_init", "defocus_estimator", "scenes",
-    "overwrite", "batch_size", "memory_budget_gb", "blocks", "quality", "pyramid_levels",
-    "level_iters", "num_layers", "refine_iters", "black_level", "allow_8bit", "input_encoding",
-    "recenter_kernels", "grid", "tile_size",
+    "overwrite", "batch_size", "memory_budget_gb", "blocks", "quality", "optimizer",
+    "pyramid_levels", "level_iters", "num_layers", "refine_iters", "black_level", "allow_8bit",
+    "input_encoding", "recenter_kernels", "grid", "tile_size",
     "kernel_radius", "kernel_ramp", "kernel_smooth", "kernel_size", "crop", "kernels",
     "white_dir",
     "coordinator_address", "num_processes", "process_id", "distributed",

@@ -52,7 +52,7 @@ flags.DEFINE_string("data_dir", str(Path(__file__).resolve().parents[2] / "share
 flags.DEFINE_string("scene", "008", "Scene id.")
 flags.DEFINE_string("crop", "2x2", "The central RxC block of kernel tiles, or full.")
 flags.DEFINE_list("runs", ["paper", "fast"], "Runs, in order: paper and/or the names of "
-                  "dpjax.config.QUALITY_LEVEL_ITERS (fast, best).")
+                  "dpjax.config.QUALITIES (fast, best).")
 flags.DEFINE_list("refine_iters", [str(refine.RefineConfig().iters)],
                   "Refinement iteration counts with which each dpjax run's MPI is finished "
                   "(0 = the MPI's own image); empty = 0 only.")
@@ -237,7 +237,7 @@ def dpjax_run(name, views, bank, gt_aif, gt_defocus, opts, paper_base, refine_it
 def main(argv):
     del argv
     names = list(FLAGS.runs)
-    allowed = ["paper", *config_lib.QUALITY_LEVEL_ITERS]
+    allowed = ["paper", *config_lib.QUALITIES]
     if not names or any(n not in allowed for n in names) or len(set(names)) != len(names):
         raise app.UsageError(f"--runs must name distinct runs among {', '.join(allowed)}")
     try:

@@ -45,7 +45,13 @@ class SolverConfig:
     """Optimiser and schedule.
 
     Attributes:
-      optimizer: "adam" (the paper's) or "lbfgs" (optax.lbfgs with line search).
+      optimizer: "adam" (the paper's) or "lbfgs" (optax.lbfgs with its zoom line
+        search; the apps' default, `DEFAULT_OPTIMIZER`). The learning rates below are
+        Adam's; L-BFGS chooses its own step lengths.
+      lbfgs_memory: L-BFGS history length m (pairs of parameter-sized arrays kept:
+        2m MPI-sized buffers of memory, `dpjax.batch.estimate_solve_memory`). 5 (optax's
+        default is 10): on three Pixel 4 crops the same scores as 10 (PSNR within
+        0.03 dB, AIWE(1) within 0.0006) with half the history.
       num_iters: iteration budget at the finest level.
       coarse_iters: iteration budget at each coarser pyramid level.
       level_iters: optional per-level budgets, coarsest first (overrides num_iters
@@ -80,6 +86,7 @@ class SolverConfig:
     """
 
     optimizer: Literal["adam", "lbfgs"] = "adam"
+    lbfgs_memory: int = 5
     num_iters: int = 1000
     coarse_iters: int = 300
     level_iters: tuple[int, ...] | None = None
@@ -99,6 +106,8 @@ class SolverConfig:
     def __post_init__(self):
         if self.optimizer not in ("adam", "lbfgs"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; use 'adam' or 'lbfgs'")
+        if self.lbfgs_memory < 1:
+            raise ValueError(f"lbfgs_memory must be >= 1, got {self.lbfgs_memory}")
         if self.conv_method not in ("fft", "direct"):
             raise ValueError(f"unknown conv_method {self.conv_method!r}")
         if self.num_iters < 1 or self.chunk_size < 1 or self.pyramid_levels < 1:
@@ -128,30 +137,47 @@ class SolverConfig:
         return self.num_iters if level == 0 else self.coarse_iters
 
 
-FAST_LEVEL_ITERS = (200, 120, 20)
-# For accelerators, where steps cost milliseconds: 4x the half-resolution steps (the
-# level whose length kept paying off: 80 -> 120 -> 160 each gained PSNR, BENCHMARKS.md
-# "Choosing the schedule") and 3x the full-resolution ones; ~3x the fast schedule's
-# time. On the six shared 3x4 crops (experiments/results/pixel4.md, "--quality=best"):
-# +0.13 dB PSNR, AIWE(1) 0.051 vs 0.063, but 1 - |rho_s| 0.465 vs 0.433.
-BEST_LEVEL_ITERS = (200, 480, 60)
-QUALITY_LEVEL_ITERS = {"fast": FAST_LEVEL_ITERS, "best": BEST_LEVEL_ITERS}
+# The apps' schedules (`schedule`): per optimizer, the budgets of each quality, coarsest
+# level first.
+# Adam, the optimizer until 2026-12-06 (its schedules as they were then): "fast" was
+# chosen among schedules on Pixel 4 crops (BENCHMARKS.md, "Choosing the schedule");
+# "best", for accelerators, takes 4x the half-resolution steps and 3x the full-resolution
+# ones, ~3x the time (on the six shared 3x4 crops: +0.13 dB PSNR, AIWE(1) 0.051 vs 0.063,
+# but 1 - |rho_s| 0.465 vs 0.433; experiments/results/pixel4.md, "--quality=best").
+ADAM_LEVEL_ITERS = {"fast": (200, 120, 20), "best": (200, 480, 60)}
+# L-BFGS (opt-in, `--optimizer=lbfgs`): in the same number of steps it reaches a lower
+# objective than Adam (on the six Pixel 4 crops 13-35% lower), each step costing ~1.15x
+# Adam's. Its "fast" budgets are half of Adam's: on the six shared 3x4 crops, against
+# Adam's fast schedule, PSNR +0.06 dB, SSIM +0.004, AIWE(1) 0.0488 vs 0.0560, 1 - |rho_s|
+# 0.483 vs 0.472, in 62% of the time. Its "best" is Adam's fast budgets: PSNR +0.10 dB,
+# AIWE(1) 0.0424, 1 - |rho_s| 0.459, in ~1.15x Adam's fast time (BENCHMARKS.md, "L-BFGS
+# for the fit").
+LBFGS_LEVEL_ITERS = {"fast": (100, 60, 10), "best": (200, 120, 20)}
+QUALITY_LEVEL_ITERS = {"lbfgs": LBFGS_LEVEL_ITERS, "adam": ADAM_LEVEL_ITERS}
+DEFAULT_OPTIMIZER = "adam"  # lbfgs measured better and faster; not yet the default
+# The default optimizer's budgets.
+FAST_LEVEL_ITERS = QUALITY_LEVEL_ITERS[DEFAULT_OPTIMIZER]["fast"]
+BEST_LEVEL_ITERS = QUALITY_LEVEL_ITERS[DEFAULT_OPTIMIZER]["best"]
+QUALITIES = ("fast", "best")
 
 
 def schedule(*, quality: str | None = None, pyramid_levels: int | None = None,
-             level_iters=None, num_iters: int | None = None) -> SolverConfig:
+             level_iters=None, num_iters: int | None = None,
+             optimizer: str | None = None) -> SolverConfig:
     """The solver schedule of the apps and the runner: the one place its defaults live.
 
     Every app flag means the same thing through this function:
-      - nothing given: the fast schedule (`fast_solver`, FAST_LEVEL_ITERS over 3 levels);
-      - `quality`: "fast" (the same) or "best" (BEST_LEVEL_ITERS, for accelerators);
+      - nothing given: the default optimizer's fast schedule (FAST_LEVEL_ITERS, 3 levels);
+      - `quality`: "fast" (the same) or "best" (BEST_LEVEL_ITERS, for accelerators), of
+        the optimizer's own budgets (QUALITY_LEVEL_ITERS);
       - `level_iters`: every level's budget, coarsest first (`pyramid_levels`, when also
         given, must equal its length);
       - `num_iters`: the finest level's budget; the coarser levels keep the quality's
         schedule's (or, for a level count other than 3 without `level_iters`,
         SolverConfig's `coarse_iters`);
       - `pyramid_levels` alone, other than 3: SolverConfig's single-level budgets
-        (`num_iters` 1000 at the finest level, `coarse_iters` 300 at the others).
+        (`num_iters` 1000 at the finest level, `coarse_iters` 300 at the others);
+      - `optimizer`: "lbfgs" or "adam"; default `DEFAULT_OPTIMIZER`.
 
     Raises:
       ValueError: an unknown quality; `level_iters` together with `num_iters` (both set
@@ -159,16 +185,28 @@ def schedule(*, quality: str | None = None, pyramid_levels: int | None = None,
         level count other than 3; a length that disagrees with `pyramid_levels`, or
         invalid budgets.
     """
-    if quality is not None and quality not in QUALITY_LEVEL_ITERS:
-        raise ValueError(f"quality must be one of {', '.join(QUALITY_LEVEL_ITERS)}, got "
-                         f"{quality!r}")
+    optimizer = optimizer or DEFAULT_OPTIMIZER
+    if optimizer not in QUALITY_LEVEL_ITERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; use "
+                         f"{' or '.join(map(repr, QUALITY_LEVEL_ITERS))}")
+    solver = _schedule_budgets(QUALITY_LEVEL_ITERS[optimizer], quality=quality,
+                               pyramid_levels=pyramid_levels, level_iters=level_iters,
+                               num_iters=num_iters)
+    return dataclasses.replace(solver, optimizer=optimizer)
+
+
+def _schedule_budgets(budgets: dict[str, tuple[int, ...]], *, quality, pyramid_levels,
+                      level_iters, num_iters) -> SolverConfig:
+    """`schedule`'s level count and budgets, from one optimizer's `budgets`."""
+    if quality is not None and quality not in QUALITIES:
+        raise ValueError(f"quality must be one of {', '.join(QUALITIES)}, got {quality!r}")
     if level_iters is not None and num_iters is not None:
         raise ValueError("give either level_iters (every level) or num_iters (the finest "
                          "level), not both")
     if level_iters is not None and quality is not None:
         raise ValueError("give either level_iters or quality (both set every level's "
                          "budget), not both")
-    base = QUALITY_LEVEL_ITERS[quality or "fast"]
+    base = budgets[quality or "fast"]
     if quality is not None and pyramid_levels is not None and pyramid_levels != len(base):
         raise ValueError(f"quality {quality} is a {len(base)}-level schedule, "
                          f"pyramid_levels is {pyramid_levels}")
@@ -185,25 +223,6 @@ def schedule(*, quality: str | None = None, pyramid_levels: int | None = None,
     if num_iters is None:
         return SolverConfig(pyramid_levels=levels)
     return SolverConfig(pyramid_levels=levels, num_iters=int(num_iters))
-
-
-def fast_solver() -> SolverConfig:
-    """dpjax's fast default: coarse-to-fine Adam over 3 levels (1/4, 1/2, full res).
-
-    200 steps at quarter resolution find the layer structure cheaply; 120 at half and
-    20 at full resolution refine it with a lower learning rate (refine_lr). Chosen on
-    336x336 crops of Pixel 4 scenes 008 and 013 (auto preset) among six schedules
-    ((200, 80, 20) then: +0.27 and +0.12 dB PSNR at equal AIWE(1) against (200, 40, 8);
-    400 coarse steps, other refine learning rates or no full-resolution steps did worse
-    on at least one scene), then the half-resolution level lengthened from 80 to 120
-    steps after checking it on the central 2x2 tiles of all six shared scenes: +0.08 dB
-    PSNR on average (better on five, -0.05 dB on 005), AIWE(1) equal or better except
-    on 005 (+0.002); 160 steps gain more (+0.14 dB) but would take a full 1008x1344
-    solve on a 2-core CPU close to 10 minutes. This is the schedule of run_solver.py and
-    experiments/reproduce_table.py; BENCHMARKS.md has its time to quality against the
-    paper's schedule.
-    """
-    return SolverConfig(pyramid_levels=len(FAST_LEVEL_ITERS), level_iters=FAST_LEVEL_ITERS)
 
 
 def paper_solver(num_iters: int = 10_000) -> SolverConfig:

@@ -255,17 +255,18 @@ def base_config(*, preset: str, quality: str | None = None, pyramid_levels: int 
                 search_init: bool | None = None, defocus_estimator: str | None = None,
                 defocus_fill: bool | None = None, refine_iters: int | None = None,
                 colour_levels: int | None = None,
-                kernel_mass_cut: float | None = None) -> Config:
+                kernel_mass_cut: float | None = None, optimizer: str | None = None) -> Config:
     """The base configuration of the apps' shared settings: schedule, layers, preset choices.
 
     One place for what the shared flags (dpjax_apps.flags) mean:
-    `dpjax.config.schedule` gives quality / pyramid_levels / level_iters / num_iters
-    their meaning, `resolve_base` the preset's start, defocus estimator and fill
+    `dpjax.config.schedule` gives quality / pyramid_levels / level_iters / num_iters /
+    optimizer their meaning, `resolve_base` the preset's start, defocus estimator and fill
     (explicit search_init / defocus_estimator / defocus_fill win); None keeps the
     default. Raises ValueError for invalid settings (e.g. level_iters with num_iters).
     """
     cfg = Config(solver=schedule(quality=quality, pyramid_levels=pyramid_levels,
-                                 level_iters=level_iters, num_iters=num_iters))
+                                 level_iters=level_iters, num_iters=num_iters,
+                                 optimizer=optimizer))
     for key, value in (("mpi.num_layers", num_layers), ("refine.iters", refine_iters),
                        ("solver.colour_levels", colour_levels),
                        ("solver.kernel_mass_cut", kernel_mass_cut)):
@@ -555,7 +556,8 @@ def probe_scale_range(views, bank: KernelBank, est: RangeEstimate,
       bank: calibrated kernels covering H x W.
       est: the symmetry search's estimate (`analyze_scale_range`).
       base: configuration whose layer count and solver settings the probe uses, with
-        the auto weights (default Config()).
+        the auto weights (default Config()); the probe runs Adam whatever base's
+        optimizer (it was measured so).
       num_iters: Adam iterations of the probe.
 
     Returns:
@@ -575,7 +577,7 @@ def probe_scale_range(views, bank: KernelBank, est: RangeEstimate,
     cfg = auto_config_from_estimate(est, base).replace(**{
         "mpi.scale_min": lo, "mpi.scale_max": hi, "solver.pyramid_levels": 1,
         "solver.level_iters": None, "solver.num_iters": int(num_iters),
-        "solver.rel_tol": 0.0, "post.bilateral": False, "refine.iters": 0})
+        "solver.optimizer": "adam", "solver.rel_tol": 0.0, "post.bilateral": False, "refine.iters": 0})
     t0 = time.perf_counter()
     try:
         res = solver.fit(_downsample_views(views, f), downsample_bank(bank, f), cfg)

@@ -105,6 +105,7 @@ class Options:
     defocus_fill: bool | None = None
     search_init: bool | None = None
     quality: str | None = None
+    optimizer: str | None = None
     pyramid_levels: int | None = None
     level_iters: tuple[int, ...] | None = None
     num_iters: int | None = None
@@ -129,7 +130,7 @@ class Options:
             num_layers=self.num_layers, search_init=self.search_init,
             defocus_estimator=self.defocus_estimator, defocus_fill=self.defocus_fill,
             refine_iters=self.refine_iters,
-            kernel_mass_cut=self.kernel_mass_cut)
+            kernel_mass_cut=self.kernel_mass_cut, optimizer=self.optimizer)
 
 
 # ----------------------------------------------------------------------------------------
@@ -653,7 +654,8 @@ def _header(run: Run) -> str:
              f"{','.join(map(str, s.level_iters))}" if s.level_iters else
              f"pyramid_levels={s.pyramid_levels}, num_iters={s.num_iters}, "
              f"coarse_iters={s.coarse_iters}")
-    header = (f"Pixel 4 table: preset {opts.preset}, crop {_crop_text(opts)}, {sched}, "
+    header = (f"Pixel 4 table: preset {opts.preset}, crop {_crop_text(opts)}, {s.optimizer}, "
+              f"{sched}, "
               f"num_layers={cfg.mpi.num_layers}, recenter_kernels={opts.recenter_kernels}, "
               f"search_init={cfg.init.search}, defocus={cfg.post.defocus}, "
               f"fill={cfg.post.fill}; "

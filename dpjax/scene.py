@@ -546,7 +546,8 @@ def _solve_memory(channels: int, bank: KernelBank, cfg: config_lib.Config, grid:
         kernel_support=support, conv_method=cfg.solver.conv_method,
         round_fft=cfg.solver.round_fft,
         refine_images=refine.unknown_images(cfg.refine, cfg.mpi.num_layers),
-        refine_history=cfg.refine.memory)
+        refine_history=cfg.refine.memory,
+        fit_history=cfg.solver.lbfgs_memory if cfg.solver.optimizer == "lbfgs" else 0)
 
 
 def solve_memory(channels: int, bank: KernelBank, cfg: config_lib.Config,

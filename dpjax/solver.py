@@ -108,12 +108,14 @@ class _StepConfig(NamedTuple):
     lr_start: float
     lr_end: float
     chunk_size: int
+    lbfgs_memory: int
 
     @classmethod
     def of(cls, cfg: SolverConfig, refine: bool = False) -> _StepConfig:
         lr = cfg.refine_lr if (refine and cfg.refine_lr is not None) else (cfg.lr_start,
                                                                            cfg.lr_end)
-        return cls(cfg.optimizer, float(lr[0]), float(lr[1]), cfg.chunk_size)
+        return cls(cfg.optimizer, float(lr[0]), float(lr[1]), cfg.chunk_size,
+                   cfg.lbfgs_memory)
 
 
 def _lr_schedule(cfg: _StepConfig, num_steps) -> optax.Schedule:
@@ -127,10 +129,21 @@ def _lr_schedule(cfg: _StepConfig, num_steps) -> optax.Schedule:
     return schedule
 
 
+# Most L-BFGS iterations take the line search's first step. optax's default allows 20
+# trials when that step fails, and late in a level (the objective nearly flat in float32)
+# a run of such iterations made a half-resolution level of a Pixel 4 crop take 4.9x its
+# usual time (125 s against 26 s); capped at 5 trials the same solve took its usual
+# time and ended at the same objective (BENCHMARKS.md, "L-BFGS for the fit").
+LBFGS_LINESEARCH_STEPS = 5
+
+
 def _make_optimizer(cfg: _StepConfig, num_steps) -> optax.GradientTransformation:
     if cfg.optimizer == "adam":
         return optax.adam(_lr_schedule(cfg, num_steps))
-    return optax.lbfgs()
+    return optax.lbfgs(memory_size=cfg.lbfgs_memory,
+                       linesearch=optax.scale_by_zoom_linesearch(
+                           max_linesearch_steps=LBFGS_LINESEARCH_STEPS,
+                           initial_guess_strategy="one"))
 
 
 def _all_finite(tree) -> jax.Array:
@@ -187,7 +200,11 @@ def _chunk(params: mpi.MpiParams, opt_state, step0: jax.Array, num_steps: jax.Ar
                 return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
 
             params = keep(new_params, params)
-            state = keep(new_state, state)
+            # The optimiser state is not kept: after a bad step the scene takes no more
+            # steps and the host raises, so nothing reads it, and selecting between the
+            # old and the new state would hold both (for L-BFGS 2 x (2m + 3) MPI-sized
+            # buffers) where the update can otherwise reuse the old one's memory.
+            state = new_state
             bad_step = jnp.where(ok, bad_step, n)
             return (params, state, bad_step), value.astype(jnp.float32)
 

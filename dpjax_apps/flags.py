@@ -70,13 +70,16 @@ def define_common(*, output_dir: str, presets: tuple[str, ...] = ("auto", "paper
                     "dpjax.encoding.auto_encoding), linear, srgb or gamma:G. Encoded input "
                     "is linearised before the blur model sees it; the all-in-focus PNG is "
                     "written back in the same encoding.")
-    d.DEFINE_enum("quality", None, ["fast", "best"], "Solver schedule: fast (the default, "
-                  "dpjax.config.FAST_LEVEL_ITERS) or best (BEST_LEVEL_ITERS: ~3x the steps, "
-                  "for accelerators; not with --level_iters).")
+    d.DEFINE_enum("quality", None, ["fast", "best"], "Solver schedule: fast (the default) or "
+                  "best (~3x the steps with Adam, 2x with L-BFGS: for accelerators; not "
+                  "with --level_iters); the budgets: dpjax.config.QUALITY_LEVEL_ITERS.")
+    d.DEFINE_enum("optimizer", None, ["lbfgs", "adam"], "The MPI fit's optimiser (default: "
+                  "dpjax.config.DEFAULT_OPTIMIZER, adam, the paper's; lbfgs: half the steps, "
+                  "BENCHMARKS.md \"L-BFGS for the fit\").")
     d.DEFINE_integer("pyramid_levels", None, "Coarse-to-fine levels (default: 3, the fast "
                      "schedule; dpjax.config.schedule).")
     d.DEFINE_list("level_iters", None, "Iterations of every pyramid level, coarsest first "
-                  "(default: dpjax.config.FAST_LEVEL_ITERS).")
+                  "(default: the optimizer's fast schedule, dpjax.config.QUALITY_LEVEL_ITERS).")
     d.DEFINE_integer("num_iters", None, "Iterations at the finest level; the coarser "
                      "levels keep the schedule's (not with --level_iters).")
     d.DEFINE_integer("num_layers", None, "MPI layers (default: dpjax.Config's, 12).")
@@ -146,7 +149,8 @@ def base_config():
             level_iters=level_iters(), num_iters=FLAGS.num_iters, num_layers=FLAGS.num_layers,
             search_init=FLAGS.search_init, defocus_estimator=FLAGS.defocus_estimator,
             defocus_fill=FLAGS.defocus_fill, refine_iters=FLAGS.refine_iters,
-            colour_levels=FLAGS.colour_levels, kernel_mass_cut=FLAGS.kernel_mass_cut)
+            colour_levels=FLAGS.colour_levels, kernel_mass_cut=FLAGS.kernel_mass_cut,
+            optimizer=FLAGS.optimizer)
     except ValueError as e:
         raise app.UsageError(f"invalid solver settings: {e}") from None
 

@@ -43,7 +43,7 @@ def options_from_flags() -> reproduce.Options:
         methods=tuple(FLAGS.methods), preset=FLAGS.preset, range_probe=FLAGS.range_probe,
         defocus_estimator=FLAGS.defocus_estimator, defocus_fill=FLAGS.defocus_fill,
         search_init=FLAGS.search_init,
-        quality=FLAGS.quality, pyramid_levels=FLAGS.pyramid_levels,
+        quality=FLAGS.quality, optimizer=FLAGS.optimizer, pyramid_levels=FLAGS.pyramid_levels,
         level_iters=common.level_iters(),
         num_iters=FLAGS.num_iters, num_layers=FLAGS.num_layers,
         refine_iters=FLAGS.refine_iters, kernel_mass_cut=FLAGS.kernel_mass_cut,

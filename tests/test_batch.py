@@ -90,10 +90,10 @@ def test_memory_estimate_with_the_refinement():
 
 
 def test_memory_estimate_covers_whole_solves():
-    # Fit and refinement in one process (batch.SOLVE_MEASUREMENTS): the estimate is above
-    # every measured peak, by 8-15%.
+    # Fit and refinement in one process (batch.SOLVE_MEASUREMENTS, Adam fits): the
+    # estimate is above every measured peak, by 8-15%.
     pair = kernels.parametric_dp_kernels(radius=16.0)
-    cfg = presets.base_config(preset="auto").replace(
+    cfg = presets.base_config(preset="auto", optimizer="adam").replace(
         **{"mpi.scale_min": -0.6, "mpi.scale_max": 1.0})  # as bench_blocks.py solves
     for (h, w, rows, cols, c), mb in batch.SOLVE_MEASUREMENTS:
         bank = kernels.KernelBank.create(np.repeat(pair[:, None], rows * cols, axis=1),
@@ -101,6 +101,26 @@ def test_memory_estimate_covers_whole_solves():
                                          tile_w=w // cols)
         est = scene.solve_memory(c, bank, cfg)
         assert 1.0 < est.total / 1e6 / mb < 1.2, (h, w, c, est.total / 1e6, mb)
+
+
+def test_memory_estimate_of_an_lbfgs_fit_adds_its_history():
+    adam = _estimate(1008, 1344, 12, 1, 61, 6, 8)
+    lbfgs = _estimate(1008, 1344, 12, 1, 61, 6, 8, fit_history=5)
+    assert "history" not in adam.parts
+    mpi_bytes = (12 + 11) * 1008 * 1344 * 4.0  # one MPI-sized buffer, grey
+    assert lbfgs.parts["history"] == pytest.approx(16 * mpi_bytes)
+    assert lbfgs.total == pytest.approx(adam.total + 16 * mpi_bytes)
+    # scene.solve_memory takes it from the config.
+    bank = kernels.KernelBank.create(
+        np.repeat(kernels.parametric_dp_kernels(radius=8.0)[:, None], 4, axis=1),
+        rows=2, cols=2, tile_h=128, tile_w=128)
+    base = presets.base_config(preset="auto")
+    est = {opt: scene.solve_memory(1, bank, base.replace(**{"solver.optimizer": opt,
+                                                            "refine.iters": 0}))
+           for opt in ("adam", "lbfgs")}
+    m = base.solver.lbfgs_memory
+    assert est["lbfgs"].parts["history"] == pytest.approx((2 * m + 6) * 23 * 256 * 256 * 4.0)
+    assert "history" not in est["adam"].parts
 
 
 def test_memory_estimate_matches_measurements_and_scales():

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from dpjax import config as config_lib
-from dpjax.config import BEST_LEVEL_ITERS, FAST_LEVEL_ITERS, Config, InitConfig, schedule
+from dpjax.config import (
+    BEST_LEVEL_ITERS,
+    DEFAULT_OPTIMIZER,
+    FAST_LEVEL_ITERS,
+    Config,
+    InitConfig,
+    SolverConfig,
+    schedule,
+)
 
 
 def test_schedule_defaults_and_num_iters_mean_the_finest_level():
@@ -34,6 +42,23 @@ def test_schedule_quality():
         schedule(quality="best", level_iters=(10, 5, 2))
     with pytest.raises(ValueError, match="3-level schedule, pyramid_levels is 2"):
         schedule(quality="best", pyramid_levels=2)
+
+
+def test_schedule_optimizer():
+    # The apps' optimizer whatever sets the budgets; each optimizer has its own budgets.
+    assert DEFAULT_OPTIMIZER == "adam"
+    for kw in ({}, {"quality": "best"}, {"level_iters": (10, 4)}, {"pyramid_levels": 1},
+               {"num_iters": 3}):
+        assert schedule(**kw).optimizer == "adam"
+        assert schedule(**kw, optimizer="lbfgs").optimizer == "lbfgs"
+    assert schedule(optimizer="lbfgs").level_iters == (100, 60, 10)
+    assert schedule(optimizer="lbfgs", quality="best").level_iters == (200, 120, 20)
+    assert schedule(optimizer="lbfgs", level_iters=(10, 4)).level_iters == (10, 4)
+    assert SolverConfig().optimizer == "adam"
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        schedule(optimizer="sgd")
+    with pytest.raises(ValueError, match="lbfgs_memory must be >= 1"):
+        SolverConfig(lbfgs_memory=0)
 
 
 def test_schedule_refuses_contradictions():

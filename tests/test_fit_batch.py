@@ -98,6 +98,18 @@ def test_compiles_once_per_level(solved, bank, views):
     assert solver._run_chunk_batch._cache_size() == before
 
 
+def test_lbfgs_batch_matches_separate_fits(bank, views):
+    # L-BFGS (the apps' optimizer): each scene's line search runs in the batch as alone.
+    cfg = _cfg(**{"solver.optimizer": "lbfgs", "solver.lbfgs_memory": 3, "refine.iters": 0})
+    batch = dpjax.fit_batch(views, bank, cfg)
+    singles = [dpjax.fit(v, bank, cfg) for v in views]
+    for b, s in zip(batch, singles):
+        assert b.level_iterations == s.level_iterations == (8, 8)
+        assert s.loss_history[-1] < 0.5 * s.loss_history[0]
+        assert _rel(b.loss_history, s.loss_history) < 1e-3
+        assert _mean_rel(b.defocus, s.defocus) < 1e-3
+
+
 def test_stopping_rule_is_per_scene(bank, views):
     # At the coarse level a low-contrast copy of scene 0 improves by ~22% in its second
     # chunk, scene 0 itself by 36% and 33% in its second and third: with rel_tol=0.3
