@@ -577,7 +577,8 @@ def probe_scale_range(views, bank: KernelBank, est: RangeEstimate,
     cfg = auto_config_from_estimate(est, base).replace(**{
         "mpi.scale_min": lo, "mpi.scale_max": hi, "solver.pyramid_levels": 1,
         "solver.level_iters": None, "solver.num_iters": int(num_iters),
-        "solver.optimizer": "adam", "solver.rel_tol": 0.0, "post.bilateral": False, "refine.iters": 0})
+        "solver.optimizer": "adam", "solver.rel_tol": 0.0, "post.bilateral": False,
+        "refine.iters": 0})
     t0 = time.perf_counter()
     try:
         res = solver.fit(_downsample_views(views, f), downsample_bank(bank, f), cfg)

@@ -133,7 +133,7 @@ def _lr_schedule(cfg: _StepConfig, num_steps) -> optax.Schedule:
 # trials when that step fails, and late in a level (the objective nearly flat in float32)
 # a run of such iterations made a half-resolution level of a Pixel 4 crop take 4.9x its
 # usual time (125 s against 26 s); capped at 5 trials the same solve took its usual
-# time and ended at the same objective (BENCHMARKS.md, "L-BFGS for the fit").
+# time and ended at a slightly lower objective (BENCHMARKS.md, "L-BFGS for the fit").
 LBFGS_LINESEARCH_STEPS = 5
 
 
