@@ -10,10 +10,12 @@ Depth scenes (`casual/orbbec/NNN/{l,r,d}.png`): with focus at 1 m the signed def
 affine in inverse depth (data README), so each defocus map is scored against 1/depth on
 the pixels with a depth measurement: 1 - |rho_s| (rank order; `dpjax.metrics.
 spearman_loss`) and AIWE(1) in dioptres (the error of the best affine fit defocus ->
-1/depth, `dpjax.metrics.aiwe1`). The `dp_stereo` baseline (calibrated kernel-symmetry
-search, `dpjax.baselines.dp_stereo_defocus`) is run here, with the same kernels as a
-`--stereo` item's kernels (default: today's parametric model; an auto run's
-self_calibration folder gives it the self-calibrated ones).
+1/depth, `dpjax.metrics.aiwe1`); and 1 - |rho_s| on the more and the less textured
+half of the pixels, split as the defocus fill splits them (`texture_split_scores`). The
+`dp_stereo` baseline (calibrated kernel-symmetry search, `dpjax.baselines.
+dp_stereo_defocus`) is run here, with the same kernels as a `--stereo` item's kernels
+(default: today's parametric model; an auto run's self_calibration folder gives it the
+self-calibrated ones).
 
 Plane (`flat/001/1500/{f4,f20}`): the f/4 result's all-in-focus image against the mean
 of the f/20 views (sharp reference, linearised) after the metrics' shift search and
@@ -33,7 +35,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
-from dpjax import baselines, io, metrics, outputs, scene
+from dpjax import baselines, io, metrics, outputs, postprocess, scene
 from dpjax_apps.flags import parse_named
 
 FLAGS = flags.FLAGS
@@ -64,6 +66,21 @@ def depth_scores(defocus: np.ndarray, inv: np.ndarray, valid: np.ndarray) -> dic
             "valid_fraction": float(valid.mean())}
 
 
+def texture_split_scores(defocus: np.ndarray, image: np.ndarray, inv: np.ndarray,
+                         valid: np.ndarray) -> dict[str, float]:
+    """1 - |rho_s| on the more and the less textured half of the pixels, as the defocus
+    fill splits them (`dpjax.postprocess.fill_defocus`'s kept mask from the run's own
+    all-in-focus image): where the photo's texture decides the map and where the priors
+    (or the fill) do. defocus, inv, valid: [H, W]; image: [H, W] or [H, W, C] linear."""
+    image = image[..., None] if image.ndim == 2 else image
+    _, kept = postprocess.fill_defocus(np.asarray(defocus, np.float32),
+                                       np.asarray(image, np.float32))
+    kept = np.asarray(kept)
+    return {"one_minus_abs_rho_s_textured": metrics.spearman_loss(defocus, inv, valid & kept),
+            "one_minus_abs_rho_s_untextured": metrics.spearman_loss(defocus, inv,
+                                                                     valid & ~kept)}
+
+
 def score_depth_results(folder: Path, canon: Path) -> dict[str, dict[str, float]]:
     """Scores every scene of a run_solver output folder of the casual/orbbec scenes."""
     out = {}
@@ -79,7 +96,9 @@ def score_depth_results(folder: Path, canon: Path) -> dict[str, dict[str, float]
         defocus = tifffile.imread(d / outputs.DEFOCUS_TIFF)
         inv, valid = inverse_depth(depth)
         inv, valid = _crop(inv, result), _crop(valid, result)
+        image = tifffile.imread(d / outputs.AIF_TIFF)
         out[name] = {**depth_scores(defocus, inv, valid),
+                     **texture_split_scores(defocus, image, inv, valid),
                      "wall_s": (result.get("timings") or {}).get("wall_s"),
                      "kernels": (result.get("kernels") or {}).get("model")}
     return out
@@ -201,11 +220,15 @@ def main(argv):
     if FLAGS.pixel_reference:
         path, _, preset = FLAGS.pixel_reference.partition(":")
         report["pixel4"][f"reference:{preset}"] = pixel_reference(ROOT / path, preset)
-    lines = ["| method | scenes | mean 1-abs(rho_s) | mean AIWE(1) [D] |", "|---|---:|---:|---:|"]
+    lines = ["| method | scenes | mean 1-abs(rho_s) | mean AIWE(1) [D] | textured half | "
+             "less textured half |", "|---|---:|---:|---:|---:|---:|"]
     for name, rows in report["depth"].items():
         if rows:
+            split = [f"{_mean(rows, k):.3f}" if all(k in r for r in rows.values()) else "-"
+                     for k in ("one_minus_abs_rho_s_textured",
+                               "one_minus_abs_rho_s_untextured")]
             lines.append(f"| {name} | {len(rows)} | {_mean(rows, 'one_minus_abs_rho_s'):.3f} | "
-                         f"{_mean(rows, 'aiwe1_dioptres'):.3f} |")
+                         f"{_mean(rows, 'aiwe1_dioptres'):.3f} | {' | '.join(split)} |")
     for name, f in report["flat"].items():
         lines.append(f"\nplane {name}: PSNR {f['input_psnr']:.2f} -> {f['psnr']:.2f} dB "
                      f"(+{f['gain_db']:.2f}), SSIM {f['input_ssim']:.3f} -> {f['ssim']:.3f}, "
