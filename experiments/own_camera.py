@@ -96,7 +96,7 @@ def score_depth_results(folder: Path, canon: Path) -> dict[str, dict[str, float]
         defocus = tifffile.imread(d / outputs.DEFOCUS_TIFF)
         inv, valid = inverse_depth(depth)
         inv, valid = _crop(inv, result), _crop(valid, result)
-        image = tifffile.imread(d / outputs.AIF_TIFF)
+        image = tifffile.imread(d / outputs.AIF_TIFF)  # every run writes it
         out[name] = {**depth_scores(defocus, inv, valid),
                      **texture_split_scores(defocus, image, inv, valid),
                      "wall_s": (result.get("timings") or {}).get("wall_s"),
