@@ -25,7 +25,7 @@ import numpy as np
 from absl import app, flags
 
 import dpjax
-from dpjax import baselines, metrics, presets, scene
+from dpjax import baselines, pipeline, presets, scene
 from dpjax import reproduce as rt
 from dpjax_apps.flags import parse_rxc
 
@@ -55,11 +55,6 @@ def parse_runs(text: str) -> dict[str, tuple[str, tuple[int, int, int]]]:
     return out
 
 
-def _scores(aif, dmap, gt_aif, gt_def) -> dict:
-    im = metrics.image_metrics(np.asarray(aif)[..., 0], gt_aif)
-    return {**im, **metrics.defocus_metrics(dmap, gt_def)}
-
-
 def solve(sid, views, bank, gt_aif, gt_def, opts, optimizer, budgets) -> dict:
     """One configured solve and its scores."""
     base = presets.base_config(preset="auto", level_iters=budgets, optimizer=optimizer)
@@ -67,9 +62,10 @@ def solve(sid, views, bank, gt_aif, gt_def, opts, optimizer, budgets) -> dict:
     cfg, _, init, _ = scene.configure(sid, views, bank, dataclasses.replace(opts, base=base))
     res = dpjax.fit(views, bank, cfg, init=init, init_is_solution=False)
     seconds = time.perf_counter() - t0
-    s = _scores(res.all_in_focus, res.defocus, gt_aif, gt_def)
+    s = pipeline.score(np.asarray(res.all_in_focus), res.defocus, gt_all_in_focus=gt_aif,
+                       gt_defocus=gt_def)
     wiener = baselines.wiener_deconvolve(views, bank, res.defocus, cfg.mpi.scales())
-    w = _scores(wiener, res.defocus, gt_aif, gt_def)
+    w = pipeline.score(np.asarray(wiener), None, gt_all_in_focus=gt_aif)
     return {"seconds": round(seconds, 1), "level_iterations": list(res.level_iterations),
             "objective": round(float(res.terms["total"]), 3),
             "psnr": round(s["psnr"], 3), "ssim": round(s["ssim"], 4),
