@@ -655,8 +655,8 @@ def _header(run: Run) -> str:
              f"pyramid_levels={s.pyramid_levels}, num_iters={s.num_iters}, "
              f"coarse_iters={s.coarse_iters}")
     header = (f"Pixel 4 table: preset {opts.preset}, crop {_crop_text(opts)}, {s.optimizer}, "
-              f"{sched}, "
-              f"num_layers={cfg.mpi.num_layers}, recenter_kernels={opts.recenter_kernels}, "
+              f"{sched}, num_layers={cfg.mpi.num_layers}, "
+              f"recenter_kernels={opts.recenter_kernels}, "
               f"search_init={cfg.init.search}, defocus={cfg.post.defocus}, "
               f"fill={cfg.post.fill}; "
               f"{platform.node()} ({jax.devices()[0].platform}). Defocus metrics on the "
