@@ -99,7 +99,7 @@ def test_compiles_once_per_level(solved, bank, views):
 
 
 def test_lbfgs_batch_matches_separate_fits(bank, views):
-    # L-BFGS (the apps' optimizer): each scene's line search runs in the batch as alone.
+    # L-BFGS (--optimizer=lbfgs): each scene's line search runs in the batch as alone.
     cfg = _cfg(**{"solver.optimizer": "lbfgs", "solver.lbfgs_memory": 3, "refine.iters": 0})
     batch = dpjax.fit_batch(views, bank, cfg)
     singles = [dpjax.fit(v, bank, cfg) for v in views]
