@@ -54,8 +54,8 @@ flags.DEFINE_integer("windows_per_pair", selfcal.SelfCalConfig.windows_per_pair,
                      "Textured windows used per pair.")
 flags.DEFINE_list("fit_params", list(selfcal.SelfCalConfig.fit_params),
                   "Kernel model parameters the fit estimates; the others keep their start "
-                  "values (dpjax.selfcal.SelfCalConfig.fit_params; add softness_edge to let "
-                  "the split soften towards the frame's edge, or smooth).")
+                  "values (dpjax.selfcal.SelfCalConfig.fit_params; add smooth to fit the "
+                  "kernels' own smoothing too).")
 flags.DEFINE_bool("write_fallback", False, "Write the default parametric kernels when the "
                   "fit is rejected (marked in kernels_meta.json) instead of failing.")
 
