@@ -127,9 +127,9 @@ class SelfCalConfig:
         on synthetic scenes, where the true smoothing costs more than 0.2 radii).
         `softness_edge` is fitted (since 2026-12-06): fitted on the Canon plane it
         agrees with the value fitted to that plane's target kernels, and both cameras
-        give 0.3-0.4; with it the Canon depth scenes rank better (all six) and the Pixel
-        4 crops' image gains 0.15 dB (experiments/results/own_camera.md, "The split's
-        softening towards the frame's edge, fitted by default"). Small frames identify
+        give 0.3-0.4; with it the Canon depth scenes rank better (0.378 -> 0.341) and
+        the Pixel 4 full frames stay level (experiments/results/own_camera.md, "The
+        split's softening towards the frame's edge, fitted by default"). Small frames identify
         it weakly: on 192 x 288 synthetic pairs rendered with 0.4 the fit returns 0
         (its lower bound).
       refine_windows: windows the refinement uses (the informative ones, most
