@@ -129,9 +129,9 @@ class SelfCalConfig:
         agrees with the value fitted to that plane's target kernels, and both cameras
         give 0.3-0.4; with it the Canon depth scenes rank better (0.378 -> 0.341) and
         the Pixel 4 full frames stay level (experiments/results/own_camera.md, "The
-        split's softening towards the frame's edge, fitted by default"). Small frames identify
-        it weakly: on 192 x 288 synthetic pairs rendered with 0.4 the fit returns 0
-        (its lower bound).
+        split's softening towards the frame's edge, fitted by default"). Small frames
+        identify it weakly: on 192 x 288 synthetic pairs rendered with 0.4 the fit
+        returns 0 (its lower bound).
       refine_windows: windows the refinement uses (the informative ones, most
         confident first; a fixed count so that it compiles once).
       steps, rounds, learning_rate: the refinement (Adam, cosine-decayed rate).
@@ -479,9 +479,9 @@ def _refine(z, s, weights, spec, tile, positions, *, st, steps, lr, max_scale, f
         # Window scales move in scale units; z in its own units (angle in tens of deg).
         upd, state = opt.update(g, state, v)
         v = optax.apply_updates(v, upd)
-        z = v["z"]
-        if "softness_edge" not in fixed:  # >= 0, by projection (module docstring)
-            z = {**z, "softness_edge": jnp.maximum(z["softness_edge"], 0.0)}
+        z, edge = v["z"], _Z_NAME["softness_edge"]
+        if edge not in fixed:  # >= 0, by projection (module docstring)
+            z = {**z, edge: jnp.maximum(z[edge], 0.0)}
         v = {"z": z, "s": jnp.clip(v["s"], -max_scale, max_scale)}
         return (v, state), loss
 
