@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from dpjax import config, kernels, scene, solver
+from dpjax import config, kernels, scene
 
 
 def emit(result: dict[str, Any], output: str | None, *, indent: int = 2) -> None:
@@ -48,20 +48,13 @@ def define_step_flags() -> None:
     flags.DEFINE_float("kernel_mass_cut", config.SolverConfig().kernel_mass_cut,
                        "Layer kernels cut to the window holding all but this fraction of "
                        "their mass (SolverConfig.kernel_mass_cut; 0: the whole window).")
-    flags.DEFINE_integer("level_factor", 1, "Time the pyramid level downsampled by this "
-                         "factor (the image and kernels of `dpjax.solver.level_bank`).")
-    flags.DEFINE_bool("merge_coarse_tiles", config.SolverConfig().merge_coarse_tiles,
-                      "At a coarse level, solve on blocks of merged kernel tiles "
-                      "(SolverConfig.merge_coarse_tiles).")
 
 
 def kernel_record(bank: kernels.KernelBank) -> dict[str, Any]:
     """What a benchmark's JSON records of the step problem's kernels (the flags')."""
     f = flags.FLAGS
     return {"kernel_size": bank.kernel_size, "calib_dir": f.calib_dir,
-            "kernel_mass_cut": f.kernel_mass_cut, "level_factor": f.level_factor,
-            "merge_coarse_tiles": f.merge_coarse_tiles,
-            "grid": [bank.grid.rows, bank.grid.cols, bank.grid.tile_h, bank.grid.tile_w]}
+            "kernel_mass_cut": f.kernel_mass_cut}
 
 
 def step_problem_of_flags() -> StepProblem:
@@ -70,20 +63,15 @@ def step_problem_of_flags() -> StepProblem:
     return step_problem(rows=f.rows, cols=f.cols, tile=f.tile, kernel_size=f.kernel_size,
                         num_layers=f.num_layers, scale_min=f.scale_min,
                         scale_max=f.scale_max, mass_cut=f.kernel_mass_cut,
-                        calib_dir=f.calib_dir, level_factor=f.level_factor,
-                        merge_coarse_tiles=f.merge_coarse_tiles)
+                        calib_dir=f.calib_dir)
 
 
 def step_problem(*, rows: int, cols: int, tile: int, kernel_size: int, num_layers: int,
                  scale_min: float, scale_max: float,
                  mass_cut: float = config.SolverConfig().kernel_mass_cut,
-                 calib_dir: str | None = None, level_factor: int = 1,
-                 merge_coarse_tiles: bool = config.SolverConfig().merge_coarse_tiles
-                 ) -> StepProblem:
+                 calib_dir: str | None = None) -> StepProblem:
     """The parametric model (or the calibration in `calib_dir`, whose own kernel side
-    replaces `kernel_size`) through dpjax.scene, as the apps build their banks; at
-    `level_factor` > 1 the pyramid level's problem, as the solver builds it
-    (`dpjax.solver.level_bank`, `dpjax.solver.level_kernel_radius`)."""
+    replaces `kernel_size`) through dpjax.scene, as the apps build their banks."""
     if calib_dir is None:
         opts = scene.KernelOptions(kind="parametric", grid=(rows, cols), tile_size=tile,
                                    radius=kernel_size / 2 - 3, smooth=1.0, size=kernel_size)
@@ -96,8 +84,7 @@ def step_problem(*, rows: int, cols: int, tile: int, kernel_size: int, num_layer
                          f"{source.tile_size} px, the problem {rows}x{cols} of {tile} px")
     bank = scene.make_bank(source, {})
     scales = jnp.asarray(np.linspace(scale_max, scale_min, num_layers), jnp.float32)
-    radius = solver.level_kernel_radius(bank.kernel_size,
-                                        kernels.support_radius(bank.kernels, mass_cut),
-                                        max(abs(scale_min), abs(scale_max)), level_factor)
-    return StepProblem(solver.level_bank(bank, level_factor, merge_coarse_tiles), scales,
-                       radius)
+    radius = kernels.layer_kernel_radius(bank.kernel_size,
+                                         max(abs(scale_min), abs(scale_max)),
+                                         kernels.support_radius(bank.kernels, mass_cut))
+    return StepProblem(bank, scales, radius)

@@ -83,12 +83,6 @@ class SolverConfig:
         cutting its layer kernels to the calibration's 61 px (up to 1.7% of a Pixel 4
         kernel at the paper's widest scale, 1.6; `docs/implementation.md`, "Kernel
         window").
-      merge_coarse_tiles: at a pyramid level downsampled by f > 1, solve on blocks of
-        m x m neighbouring kernel tiles, each with the mean of its tiles' kernels (m
-        the largest power of 2 <= f dividing the grid, `kernels.coarse_merge_factor`),
-        so the level's tiles keep about the full-resolution tile's size and its
-        transforms pay less padding. The finest level always uses every tile. False
-        keeps the calibration's grid at every level (the behaviour before this option).
     """
 
     optimizer: Literal["adam", "lbfgs"] = "adam"
@@ -108,7 +102,6 @@ class SolverConfig:
     init_noise: float = 0.0
     colour_levels: int = 1
     kernel_mass_cut: float = 0.015
-    merge_coarse_tiles: bool = True
 
     def __post_init__(self):
         if self.optimizer not in ("adam", "lbfgs"):

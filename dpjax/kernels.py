@@ -216,53 +216,6 @@ def downsample_bank(bank: KernelBank, factor: int) -> KernelBank:
     return KernelBank(kernels=small, grid=bank.grid.downsampled(factor))
 
 
-def coarse_merge_factor(grid: TileGrid, factor: int) -> int:
-    """How many neighbouring tiles per side `merge_tiles` joins at a pyramid level.
-
-    The largest power of 2 that is at most the level's downsampling `factor` and
-    divides both the grid's rows and columns (1 at full resolution). At that merge a
-    level's tiles hold about as many pixels as the full-resolution tiles, instead of
-    factor**2 fewer: each tile's transform pays the kernel window's padding on both
-    sides, which at 1/2 resolution made the Pixel 4's 84-px tiles cost (84 + 2r)**2
-    per 84**2 pixels (BENCHMARKS.md, "Larger tiles at the coarse levels").
-    """
-    if factor < 1:
-        raise ValueError(f"factor must be >= 1, got {factor}")
-    m = 1
-    while 2 * m <= factor and grid.rows % (2 * m) == 0 and grid.cols % (2 * m) == 0:
-        m *= 2
-    return m
-
-
-def merge_tiles(bank: KernelBank, m: int) -> KernelBank:
-    """The bank on a grid of m x m blocks of tiles, each block's kernels the mean of
-    its tiles' kernels (per view; unit sums are kept).
-
-    A coarse pyramid level only starts the finer ones, so it can use the kernels'
-    variation across the frame at a coarser step: `dpjax.solver` does so by default
-    (`SolverConfig.merge_coarse_tiles`, `coarse_merge_factor`).
-
-    Args:
-      bank: kernels [V, T, K, K] on a rows x cols grid.
-      m: tiles per block side; must divide rows and cols.
-
-    Returns:
-      KernelBank of [V, T / m**2, K, K] kernels on (rows / m) x (cols / m) tiles of
-      (m * tile_h) x (m * tile_w) px.
-    """
-    g = bank.grid
-    if m < 1 or g.rows % m or g.cols % m:
-        raise ValueError(f"cannot merge {m}x{m} tiles of a {g.rows}x{g.cols} grid")
-    if m == 1:
-        return bank
-    k = bank.kernels
-    v, _, ks, _ = k.shape
-    blocks = k.reshape(v, g.rows // m, m, g.cols // m, m, ks, ks).mean(axis=(2, 4))
-    grid = TileGrid(rows=g.rows // m, cols=g.cols // m, tile_h=g.tile_h * m,
-                    tile_w=g.tile_w * m)
-    return KernelBank(kernels=blocks.reshape(v, grid.num_tiles, ks, ks), grid=grid)
-
-
 def recenter_kernel_pairs(kernels: np.ndarray) -> np.ndarray:
     """Shifts each tile's kernel pair so that their mean kernel is centred.
 

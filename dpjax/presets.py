@@ -254,9 +254,8 @@ def base_config(*, preset: str, quality: str | None = None, pyramid_levels: int 
                 level_iters=None, num_iters: int | None = None, num_layers: int | None = None,
                 search_init: bool | None = None, defocus_estimator: str | None = None,
                 defocus_fill: bool | None = None, refine_iters: int | None = None,
-                colour_levels: int | None = None, kernel_mass_cut: float | None = None,
-                merge_coarse_tiles: bool | None = None,
-                optimizer: str | None = None) -> Config:
+                colour_levels: int | None = None,
+                kernel_mass_cut: float | None = None, optimizer: str | None = None) -> Config:
     """The base configuration of the apps' shared settings: schedule, layers, preset choices.
 
     One place for what the shared flags (dpjax_apps.flags) mean:
@@ -270,8 +269,7 @@ def base_config(*, preset: str, quality: str | None = None, pyramid_levels: int 
                                  optimizer=optimizer))
     for key, value in (("mpi.num_layers", num_layers), ("refine.iters", refine_iters),
                        ("solver.colour_levels", colour_levels),
-                       ("solver.kernel_mass_cut", kernel_mass_cut),
-                       ("solver.merge_coarse_tiles", merge_coarse_tiles)):
+                       ("solver.kernel_mass_cut", kernel_mass_cut)):
         if value is not None:
             cfg = cfg.replace(**{key: value})
     return resolve_base(preset, cfg, search_init=search_init,

@@ -112,7 +112,6 @@ class Options:
     num_layers: int | None = None
     refine_iters: int | None = None
     kernel_mass_cut: float | None = None
-    merge_coarse_tiles: bool | None = None
     crop: tuple[int, int] | None = None
     recenter_kernels: bool = True
     output_dir: Path = Path("out/pixel4")
@@ -131,8 +130,7 @@ class Options:
             num_layers=self.num_layers, search_init=self.search_init,
             defocus_estimator=self.defocus_estimator, defocus_fill=self.defocus_fill,
             refine_iters=self.refine_iters,
-            kernel_mass_cut=self.kernel_mass_cut,
-            merge_coarse_tiles=self.merge_coarse_tiles, optimizer=self.optimizer)
+            kernel_mass_cut=self.kernel_mass_cut, optimizer=self.optimizer)
 
 
 # ----------------------------------------------------------------------------------------

@@ -25,11 +25,9 @@ from dpjax import conv, losses, mpi, postprocess, refine
 from dpjax.config import Config, SolverConfig
 from dpjax.kernels import (
     KernelBank,
-    coarse_merge_factor,
     downsample_bank,
     downsampled_kernel_size,
     layer_kernel_radius,
-    merge_tiles,
     rescaled_radius,
     support_radius,
 )
@@ -327,41 +325,19 @@ def match_channels(params: mpi.MpiParams, observation: jax.Array) -> mpi.MpiPara
     raise ValueError(f"init has {have} channels, the observation {want}")
 
 
-def level_kernel_radius(kernel_size: int, support: int, max_abs_scale: float,
-                        factor: int) -> int:
+def _kernel_radius(s: _Scene, factor: int) -> int:
     """Half-width of the layer kernels at the pyramid level with this factor.
 
-    Args:
-      kernel_size: side K of the full-resolution reference kernels.
-      support: their support radius at full resolution (`kernels.support_radius`),
-        shrunk to the level as `downsample_bank` shrinks the kernels, so that it holds
-        the same mass of them.
-      max_abs_scale: the largest |layer scale|.
-      factor: the level's downsampling factor.
+    The scene's support window (full resolution, `_Scene.support`) shrunk to the level
+    as `downsample_bank` shrinks the kernels: it holds the same mass of them.
     """
-    lvl_size = downsampled_kernel_size(kernel_size, factor)
-    lvl_support = rescaled_radius(2 * support + 1, 1.0 / factor)
-    return layer_kernel_radius(lvl_size, max_abs_scale, lvl_support)
-
-
-def level_bank(bank: KernelBank, factor: int, merge_coarse_tiles: bool = True) -> KernelBank:
-    """The kernel bank a pyramid level with this factor solves with: downsampled
-    (`downsample_bank`), and at a coarse level on blocks of merged tiles
-    (`kernels.merge_tiles`, `kernels.coarse_merge_factor`) unless `merge_coarse_tiles`
-    is off (`SolverConfig.merge_coarse_tiles`)."""
-    merge = coarse_merge_factor(bank.grid, factor) if merge_coarse_tiles else 1
-    return downsample_bank(merge_tiles(bank, merge), factor)
-
-
-def _kernel_radius(s: _Scene, factor: int) -> int:
-    """`level_kernel_radius` of the scene's kernels at this factor."""
-    return level_kernel_radius(s.bank.kernel_size, s.support, s.max_abs, factor)
+    lvl_size = downsampled_kernel_size(s.bank.kernel_size, factor)
+    lvl_support = rescaled_radius(2 * s.support + 1, 1.0 / factor)
+    return layer_kernel_radius(lvl_size, s.max_abs, lvl_support)
 
 
 def _level_problem(s: _Scene, factor: int, at_least: int = 0, exact: bool = False):
     """Observation and prepared layer kernels of the pyramid level with this factor.
-
-    Its kernels are `level_bank`'s: at a coarse level, blocks of merged tiles.
 
     Args:
       s: the scene.
@@ -377,10 +353,10 @@ def _level_problem(s: _Scene, factor: int, at_least: int = 0, exact: bool = Fals
     Returns:
       (observation [V, C, H/f, W/f], LayerKernels).
     """
-    scfg = s.config.solver
-    lvl_bank = level_bank(s.bank, factor, scfg.merge_coarse_tiles)
+    lvl_bank = downsample_bank(s.bank, factor)
     lvl_obs = downsample_image(s.planar, factor)
     own = _kernel_radius(s, factor)
+    scfg = s.config.solver
     make = conv.ConvGeometry.create if exact else conv.ConvGeometry.shared
     geom = make(lvl_bank.grid, max(own, at_least), scfg.conv_method, scfg.round_fft)
     lk = _prepare(lvl_bank.kernels, s.scales, geom, own)

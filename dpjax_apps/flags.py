@@ -91,9 +91,6 @@ def define_common(*, output_dir: str, presets: tuple[str, ...] = ("auto", "paper
     d.DEFINE_float("kernel_mass_cut", None, "Cut the layer kernels to the window holding "
                    "all but this fraction of every calibrated kernel's mass (default: "
                    "dpjax.SolverConfig's, 0.015; 0 keeps the whole calibration window).")
-    d.DEFINE_bool("merge_coarse_tiles", None, "Solve the coarse pyramid levels on blocks "
-                  "of neighbouring kernel tiles with their mean kernels (faster; the "
-                  "finest level uses every tile). Default: dpjax.SolverConfig's, on.")
     d.DEFINE_integer("refine_iters", None, "L-BFGS iterations of the all-in-focus "
                      "refinement with the layer weights frozen (dpjax.refine; default: "
                      "dpjax.RefineConfig's; 0 turns it off).")
@@ -154,7 +151,7 @@ def base_config():
             search_init=FLAGS.search_init, defocus_estimator=FLAGS.defocus_estimator,
             defocus_fill=FLAGS.defocus_fill, refine_iters=FLAGS.refine_iters,
             colour_levels=FLAGS.colour_levels, kernel_mass_cut=FLAGS.kernel_mass_cut,
-            merge_coarse_tiles=FLAGS.merge_coarse_tiles, optimizer=FLAGS.optimizer)
+            optimizer=FLAGS.optimizer)
     except ValueError as e:
         raise app.UsageError(f"invalid solver settings: {e}") from None
 

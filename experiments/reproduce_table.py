@@ -47,7 +47,6 @@ def options_from_flags() -> reproduce.Options:
         level_iters=common.level_iters(),
         num_iters=FLAGS.num_iters, num_layers=FLAGS.num_layers,
         refine_iters=FLAGS.refine_iters, kernel_mass_cut=FLAGS.kernel_mass_cut,
-        merge_coarse_tiles=FLAGS.merge_coarse_tiles,
         crop=common.parse_rxc(FLAGS.crop, "crop"),
         recenter_kernels=FLAGS.recenter_kernels,
         output_dir=Path(FLAGS.output_dir), overwrite=FLAGS.overwrite, quiet=FLAGS.quiet,

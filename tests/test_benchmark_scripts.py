@@ -59,18 +59,6 @@ def test_bench_step_on_calibrated_kernels_with_the_cut(tmp_path):
     assert bad.returncode != 0 and "2x2 kernel tiles of 32 px" in bad.stderr
 
 
-def test_bench_step_at_a_coarse_level(tmp_path):
-    """--level_factor: the pyramid level's problem as the solver builds it, on merged
-    tiles unless --nomerge_coarse_tiles."""
-    args = [*TINY, "--repeats=1", "--methods=fft", "--level_factor=2"]
-    merged = _run("bench_step", args, tmp_path)["problem"]
-    tiles = _run("bench_step", [*args, "--nomerge_coarse_tiles"], tmp_path)["problem"]
-    assert merged["height"] == tiles["height"] == 32
-    assert merged["grid"] == [1, 1, 32, 32] and merged["merge_coarse_tiles"]
-    assert tiles["grid"] == [2, 2, 16, 16] and not tiles["merge_coarse_tiles"]
-    assert merged["kernel_size"] == tiles["kernel_size"] < 9  # the level's kernels
-
-
 def test_bench_refine(tmp_path):
     res = _run("bench_refine", [*TINY, "--iters=4", "--channels=3"], tmp_path)
     assert res["problem"]["channels"] == 3 and len(res["runs"]) == 2

@@ -144,29 +144,3 @@ def test_render_kernel_pairs_in_chunks_matches_one_pass(monkeypatch):
     chunked = kernel_model.render_kernel_pairs(model, rows=3, cols=5)  # 4 chunks of 4
     assert chunked.shape == whole.shape == (2, 15, size, size)
     np.testing.assert_allclose(chunked, whole, atol=1e-7)
-
-
-@pytest.mark.parametrize("rows, cols, factor, merge", [
-    (6, 8, 1, 1), (6, 8, 2, 2), (6, 8, 4, 2), (4, 4, 4, 4), (4, 4, 8, 4), (3, 4, 2, 1),
-    (4, 6, 2, 2), (4, 6, 4, 2), (2, 2, 3, 2)])
-def test_coarse_merge_factor(rows, cols, factor, merge):
-    grid = kernels.TileGrid(rows=rows, cols=cols, tile_h=16, tile_w=16)
-    assert kernels.coarse_merge_factor(grid, factor) == merge
-
-
-def test_merge_tiles_averages_blocks_of_tiles():
-    rng = np.random.default_rng(3)
-    k = rng.uniform(0.1, 1.0, size=(2, 6 * 8, 5, 5))
-    bank = dpjax.KernelBank.create(k, rows=6, cols=8, tile_h=12, tile_w=10)
-    merged = kernels.merge_tiles(bank, 2)
-    assert merged.grid == kernels.TileGrid(rows=3, cols=4, tile_h=24, tile_w=20)
-    assert merged.grid.image_shape == bank.grid.image_shape
-    src = np.asarray(bank.kernels).reshape(2, 6, 8, 5, 5)
-    out = np.asarray(merged.kernels).reshape(2, 3, 4, 5, 5)
-    # Block (1, 2) covers tile rows 2-3 and columns 4-5.
-    want = src[:, 2:4, 4:6].mean(axis=(1, 2))
-    np.testing.assert_allclose(out[:, 1, 2], want, rtol=1e-6)
-    np.testing.assert_allclose(out.sum(axis=(-2, -1)), 1.0, rtol=1e-5)
-    assert kernels.merge_tiles(bank, 1) is bank
-    with pytest.raises(ValueError, match="cannot merge 4x4"):
-        kernels.merge_tiles(bank, 4)

@@ -158,24 +158,3 @@ def test_colour_at_the_finest_levels_only(colour_scene, tiny_bank, colour_levels
         return (x[..., 0] - x[..., 2]).ravel()
 
     assert np.corrcoef(chroma(res.all_in_focus), chroma(colour_scene.all_in_focus))[0, 1] > 0.8
-
-
-def test_coarse_level_merges_tiles_and_changes_nothing_for_uniform_kernels():
-    """The coarse level solves on merged tiles (SolverConfig.merge_coarse_tiles); with the
-    same kernel in every tile merging is exact, so both solves agree to float rounding."""
-    pair = dpjax.parametric_dp_kernels(radius=4.5, ramp=0.4, smooth_sigma=0.5, size=15)
-    k = np.repeat(pair[:, None], 4, axis=1)  # [2, 4, K, K]
-    bank = dpjax.KernelBank.create(k, rows=2, cols=2, tile_h=32, tile_w=48)
-    sc = dpjax.make_scene(np.random.default_rng(1), bank, num_layers=3,
-                          scale_range=(0.2, 1.4), slope=2.0)
-    cfg = _cfg(**{"solver.pyramid_levels": 2, "solver.level_iters": (30, 10),
-                  "solver.chunk_size": 10})
-    off = cfg.replace(**{"solver.merge_coarse_tiles": False})
-    s = solver._scene(sc.views, bank, cfg)
-    assert solver._level_problem(s, 2)[1].geom.grid.num_tiles == 1
-    assert solver._level_problem(s, 1)[1].geom.grid.num_tiles == 4
-    assert solver._level_problem(solver._scene(sc.views, bank, off), 2)[1].geom.grid.num_tiles == 4
-    a, b = dpjax.fit(sc.views, bank, cfg), dpjax.fit(sc.views, bank, off)
-    np.testing.assert_allclose(a.loss_history, b.loss_history, rtol=2e-4)
-    np.testing.assert_allclose(a.all_in_focus, b.all_in_focus, atol=2e-3)
-    np.testing.assert_allclose(a.defocus, b.defocus, atol=2e-3)
