@@ -130,8 +130,8 @@ class SelfCalConfig:
         give 0.3-0.4; with it the Canon depth scenes rank better (0.378 -> 0.341) and
         the Pixel 4 full frames stay level (experiments/results/own_camera.md, "The
         split's softening towards the frame's edge, fitted by default"). Small frames
-        identify it weakly: on 192 x 288 synthetic pairs rendered with 0.4 the fit
-        returns 0 (its lower bound).
+        identify it weakly: from two 192 x 288 synthetic pairs rendered with 0.4 the
+        fit returns 0 (its lower bound).
       refine_windows: windows the refinement uses (the informative ones, most
         confident first; a fixed count so that it compiles once).
       steps, rounds, learning_rate: the refinement (Adam, cosine-decayed rate).
