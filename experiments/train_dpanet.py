@@ -186,7 +186,10 @@ def run() -> dict:
         raise ConfigError(f"{output_dir} already holds checkpoints ({ckpt_path.name}) and "
                           "--noresume was given: use a new --output_dir")
     if ckpt_path is not None:
-        ckpt = train.load_checkpoint(ckpt_path)
+        try:
+            ckpt = train.load_checkpoint(ckpt_path)
+        except ValueError as e:  # e.g. a weights-only copy (export_dpanet.py)
+            raise ConfigError(str(e)) from e
         check_resumable(ckpt, config, output_dir)
         params, opt_state, start = ckpt.params, ckpt.opt_state, ckpt.step
         log_path = output_dir / TRAIN_LOG

@@ -119,6 +119,64 @@ def test_load_checkpoint_returns_everything_in_one_pass(ckpt_dir, params):
     assert older.step == 2 and older.npz.name == "ckpt_000000002.npz"
 
 
+def test_bfloat16_planes_round_to_nearest_even():
+    import ml_dtypes  # jax's own dependency: the reference rounding
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, 1000) * 10.0 ** rng.integers(-30, 30, 1000),
+                        [0.0, -0.0, 1.0, 1.00390625, 1.01171875, -3.0e38]]).astype(np.float32)
+    planes = train._to_bf16_planes(x.reshape(2, -1))
+    assert planes.dtype == np.uint8 and planes.shape == (2, 2, x.size // 2)
+    back = train._from_bf16_planes(planes).reshape(-1)
+    np.testing.assert_array_equal(back, x.astype(ml_dtypes.bfloat16).astype(np.float32))
+    assert np.all(np.abs(back - x) <= np.abs(x) * 2.0 ** -8)
+
+
+def test_weights_only_export_loads_for_inference_not_for_training(ckpt_dir, params, tmp_path):
+    src = ckpt_dir / "ckpt_000000005.npz"
+    out = train.export_weights(src, tmp_path / "export")
+    assert out == tmp_path / "export" / "ckpt_000000005.npz"
+    assert out.stat().st_size < 0.2 * src.stat().st_size
+    with np.load(out) as data:
+        assert all(n.startswith("params/") for n in data.files)
+    loaded = dpanet.load_checkpoint(tmp_path / "export")
+    assert loaded.step == 5 and loaded.config == CONFIG
+    assert loaded.meta["params_storage"] == train.BF16_PLANES
+    for x, y in zip(jax.tree_util.tree_leaves(loaded.params), jax.tree_util.tree_leaves(params)):
+        assert x.dtype == jnp.float32 and x.shape == y.shape
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2.0 ** -8, atol=0)
+    with pytest.raises(ValueError, match="training cannot resume"):
+        train.load_checkpoint(out)
+    with pytest.raises(ValueError, match="already a weights-only checkpoint"):
+        train.export_weights(out, tmp_path / "again")
+    with pytest.raises(ValueError, match="export to another folder"):
+        train.export_weights(src, ckpt_dir)
+    # A sidecar that names another storage, or float32 arrays under the bfloat16 name.
+    meta = json.loads(out.with_suffix(".json").read_text())
+    out.with_suffix(".json").write_text(json.dumps({**meta, "params_storage": "int4"}))
+    with pytest.raises(dpanet.CheckpointError, match="unknown params_storage 'int4'"):
+        dpanet.load_model(out)
+    shutil.copy(src, out)
+    out.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(dpanet.CheckpointError, match="is not stored as bfloat16_planes"):
+        dpanet.load_model(out)
+
+
+def test_export_app_writes_a_loadable_copy_and_fails_cleanly(ckpt_dir, tmp_path):
+    script = ROOT / "experiments" / "export_dpanet.py"
+    proc = subprocess.run([sys.executable, str(script), f"--checkpoint={ckpt_dir}",
+                           f"--output_dir={tmp_path / 'w'}"], check=False,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert dpanet.load_checkpoint(tmp_path / "w").step == 5
+    proc = subprocess.run([sys.executable, str(script), f"--checkpoint={tmp_path / 'w'}",
+                           f"--output_dir={tmp_path / 'w2'}"], check=False,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("export_dpanet: error: ")
+    assert "already a weights-only checkpoint" in proc.stderr
+
+
 def test_run_solver_dpanet_tile_defaults_match_the_library():
     # run_solver defines its flags before importing dpjax (jax.distributed must start
     # first), so it spells the defaults out; they must stay the library's.

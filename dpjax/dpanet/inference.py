@@ -164,7 +164,8 @@ class LoadedCheckpoint(NamedTuple):
 
 
 def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
-    """Resolves, checks and reads a trained DPANet in one pass (sidecar read once).
+    """Resolves, checks and reads a trained DPANet in one pass (sidecar read once): a
+    training checkpoint or a weights-only copy (`train.export_weights`), as float32.
 
     Args:
       path: as for `resolve_checkpoint`.
@@ -183,6 +184,10 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
             arrays = {n: data[n] for n in names}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{npz}: unreadable checkpoint archive ({e})") from e
+    try:
+        arrays = train.decode_params(arrays, meta, npz)  # a weights-only copy's bfloat16
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
     try:
         params = train._unflatten(shapes, "params", arrays, npz)
     except ValueError as e:
