@@ -9,8 +9,9 @@ Checkpoints are pairs in one folder:
 - `ckpt_<step>.json`: format version, step, model and training config.
 A weights-only copy for shipping (`export_weights`) keeps the parameters alone, rounded
 to bfloat16 (sidecar field "params_storage"); inference reads it, training cannot resume
-from it. Both files are written to a temporary file and moved into place with os.replace, the JSON
-last, so a checkpoint exists (for `latest_checkpoint`) only once it is complete.
+from it. Both files are written to a temporary file and moved into place with
+os.replace, the JSON last, so a checkpoint exists (for `latest_checkpoint`) only once it
+is complete.
 """
 
 from __future__ import annotations
@@ -216,6 +217,11 @@ def save_checkpoint(directory: str | os.PathLike, step: int, params: Params, opt
 BF16_PLANES = "bfloat16_planes"
 
 
+def _params_storage(meta: dict) -> str:
+    """The sidecar's "params_storage": "float32" (a training checkpoint) or BF16_PLANES."""
+    return meta.get("params_storage", "float32")
+
+
 def _to_bf16_planes(x: np.ndarray) -> np.ndarray:
     """Finite float32 [...] -> uint8 [2, ...] (see BF16_PLANES)."""
     u = np.ascontiguousarray(x, np.float32).view(np.uint32)
@@ -249,7 +255,7 @@ def export_weights(checkpoint: str | os.PathLike, directory: str | os.PathLike) 
     """
     src = Path(checkpoint).with_suffix(".npz")
     meta = json.loads(src.with_suffix(".json").read_text())
-    if meta.get("params_storage", "float32") != "float32":
+    if _params_storage(meta) != "float32":
         raise ValueError(f"{src}: already a weights-only checkpoint")
     with np.load(src) as data:
         params = {n: data[n] for n in data.files if n.startswith("params/")}
@@ -274,7 +280,7 @@ def decode_params(arrays: dict[str, np.ndarray], meta: dict, source: Path
     Raises:
       ValueError: an unknown storage, or arrays that are not stored as it says.
     """
-    storage = meta.get("params_storage", "float32")
+    storage = _params_storage(meta)
     if storage == "float32":
         return arrays
     if storage != BF16_PLANES:
@@ -295,7 +301,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     meta = json.loads(npz_path.with_suffix(".json").read_text())
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"{npz_path}: unsupported checkpoint format {meta.get('format')}")
-    if meta.get("params_storage", "float32") != "float32":
+    if _params_storage(meta) != "float32":
         raise ValueError(f"{npz_path}: a weights-only checkpoint (export_weights) holds no "
                          "optimiser state: training cannot resume from it")
     model_config = DpanetConfig(**meta["model_config"])
