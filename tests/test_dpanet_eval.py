@@ -151,6 +151,14 @@ def test_weights_only_export_loads_for_inference_not_for_training(ckpt_dir, para
         train.export_weights(out, tmp_path / "again")
     with pytest.raises(ValueError, match="export to another folder"):
         train.export_weights(src, ckpt_dir)
+    future = tmp_path / "future"
+    future.mkdir()
+    for suffix in (".npz", ".json"):
+        shutil.copy(src.with_suffix(suffix), future / src.with_suffix(suffix).name)
+    meta = json.loads(src.with_suffix(".json").read_text())
+    (future / src.with_suffix(".json").name).write_text(json.dumps({**meta, "format": 99}))
+    with pytest.raises(ValueError, match="unsupported checkpoint format 99"):
+        train.export_weights(future / src.name, tmp_path / "from_future")
     # A sidecar that names another storage, or float32 arrays under the bfloat16 name.
     meta = json.loads(out.with_suffix(".json").read_text())
     out.with_suffix(".json").write_text(json.dumps({**meta, "params_storage": "int4"}))

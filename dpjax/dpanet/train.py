@@ -217,6 +217,14 @@ def save_checkpoint(directory: str | os.PathLike, step: int, params: Params, opt
 BF16_PLANES = "bfloat16_planes"
 
 
+def _read_sidecar(npz_path: Path) -> dict:
+    """The checkpoint's JSON sidecar, refused unless it has this FORMAT_VERSION."""
+    meta = json.loads(npz_path.with_suffix(".json").read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{npz_path}: unsupported checkpoint format {meta.get('format')}")
+    return meta
+
+
 def _params_storage(meta: dict) -> str:
     """The sidecar's "params_storage": "float32" (a training checkpoint) or BF16_PLANES."""
     return meta.get("params_storage", "float32")
@@ -251,10 +259,11 @@ def export_weights(checkpoint: str | os.PathLike, directory: str | os.PathLike) 
       the written .npz.
 
     Raises:
-      ValueError: no float32 parameters, non-finite ones, or the checkpoint's own folder.
+      ValueError: an unsupported format, no float32 parameters, non-finite ones, or the
+        checkpoint's own folder.
     """
     src = Path(checkpoint).with_suffix(".npz")
-    meta = json.loads(src.with_suffix(".json").read_text())
+    meta = _read_sidecar(src)
     if _params_storage(meta) != "float32":
         raise ValueError(f"{src}: already a weights-only checkpoint")
     with np.load(src) as data:
@@ -298,9 +307,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     configs (with jax.eval_shape, allocating nothing) and filled by path.
     """
     npz_path = Path(path).with_suffix(".npz")
-    meta = json.loads(npz_path.with_suffix(".json").read_text())
-    if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{npz_path}: unsupported checkpoint format {meta.get('format')}")
+    meta = _read_sidecar(npz_path)
     if _params_storage(meta) != "float32":
         raise ValueError(f"{npz_path}: a weights-only checkpoint (export_weights) holds no "
                          "optimiser state: training cannot resume from it")
