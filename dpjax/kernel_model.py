@@ -15,7 +15,8 @@ handful of numbers can describe, and `DpKernelModel` holds those numbers:
   so the photodiodes' split moves across the aperture (`split`, `split_gradient`)
   and blurs (`softness_edge`: the views overlap more, so their offset shrinks at a
   given blur; measured on a Canon R6 Mark II plane, where it halves towards the
-  left and right edges, experiments/results/own_camera.md).
+  left and right edges, roughly in proportion to |p|, while the kernels keep their
+  size, experiments/results/own_camera.md).
 
 The kernels, in kernel coordinates (x = column, y = row, pixels, origin at the
 kernel centre), of a tile whose centre sits at normalised frame position
@@ -24,7 +25,7 @@ kernel centre), of a tile whose centre sits at normalised frame position
     u = (x cos(theta) + y sin(theta)) / r                   position along the split axis
     p = px cos(theta) + py sin(theta)                        the tile along the same axis
     c = split + split_gradient * p                           the crossover, in radii
-    e = exp(softness_edge * p^2)                             its widening off-centre
+    e = exp(softness_edge * |p|^softness_edge_power)         its widening off-centre
     w_L(u) = sigmoid((c - u) / tau_L) * exp(-ramp_L * u)     left view: the u < c side
     w_R(u) = sigmoid((u - c) / tau_R) * exp(+ramp_R * u)     right view: the u > c side
     k_v = normalise(G_sigma * (disc_r * w_v)),  sigma = smooth * r
@@ -64,6 +65,7 @@ import numpy as np
 from dpjax.kernels import KernelBank, TileGrid
 
 __all__ = [
+    "LEGACY_EDGE_POWER",
     "LEGACY_MODEL",
     "DpKernelModel",
     "model_bank",
@@ -76,6 +78,8 @@ __all__ = [
 # Softness below this is a hard split (the sigmoid is then a step to float precision;
 # supersampling anti-aliases it).
 _MIN_SOFTNESS = 1e-3
+# The softening profile's exponent of models saved before `softness_edge_power` existed.
+LEGACY_EDGE_POWER = 2.0
 _MIN_SMOOTH = 1e-3
 
 
@@ -91,8 +95,12 @@ class DpKernelModel:
         along the split axis (vignetting moves the split towards the frame edge).
       softness: width of the crossover in radii (0 = hard half discs).
       softness_asym: log ratio tau_L / tau_R.
-      softness_edge: the crossover's width grows by exp(softness_edge * p^2) at
-        normalised position p along the split axis (0: the same everywhere).
+      softness_edge: the crossover's width grows by
+        exp(softness_edge * |p|^softness_edge_power) at normalised position p along
+        the split axis (0: the same everywhere).
+      softness_edge_power: the exponent of that profile, not fitted: 1 since
+        2026-12-07 (the Canon target kernels' offset falls like |p|); models written
+        before the field existed used 2, which `from_dict` supplies for them.
       ramp: exponential brightening towards each view's outer edge (per radius).
       ramp_asym: ramp_L - ramp_R.
       smooth: Gaussian blur sigma of the kernel, in radii.
@@ -105,6 +113,7 @@ class DpKernelModel:
     softness: float = 0.1
     softness_asym: float = 0.0
     softness_edge: float = 0.0
+    softness_edge_power: float = 1.0
     ramp: float = 0.4
     ramp_asym: float = 0.0
     smooth: float = 0.06
@@ -119,6 +128,9 @@ class DpKernelModel:
         if self.softness < 0 or self.smooth < 0:
             raise ValueError(f"softness and smooth must be >= 0, got {self.softness}, "
                              f"{self.smooth}")
+        if self.softness_edge_power <= 0:
+            raise ValueError(f"softness_edge_power must be positive, got "
+                             f"{self.softness_edge_power}")
         if abs(self.split) >= 1:
             raise ValueError(f"split must lie inside the aperture (|split| < 1), got {self.split}")
 
@@ -134,7 +146,10 @@ class DpKernelModel:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown DpKernelModel parameters: {sorted(unknown)}")
-        return cls(**{k: float(v) for k, v in d.items()})
+        values = {k: float(v) for k, v in d.items()}
+        if "softness_edge" in values:  # written before the power was recorded: p^2
+            values.setdefault("softness_edge_power", LEGACY_EDGE_POWER)
+        return cls(**values)
 
     def default_size(self) -> int:
         """Odd kernel side holding the disc and 3 sigma of smoothing."""
@@ -190,8 +205,8 @@ def render_kernels_jnp(params: dict, positions: jax.Array, *, radius: float, siz
 
     Args:
       params: mapping with scalar entries angle_deg, split, split_gradient, softness,
-        softness_asym, softness_edge, ramp, ramp_asym, smooth (DpKernelModel's shape
-        fields).
+        softness_asym, softness_edge, softness_edge_power, ramp, ramp_asym, smooth
+        (DpKernelModel's shape fields).
       positions: [T, 2] normalised frame positions (px, py) of the tile centres.
       radius: aperture radius in pixels (the disc's edge is not differentiated).
       size: odd kernel side.
@@ -212,7 +227,8 @@ def render_kernels_jnp(params: dict, positions: jax.Array, *, radius: float, siz
     along = pos[:, 0] * cos + pos[:, 1] * sin  # [T] tile positions along the split axis
     c = params["split"] + params["split_gradient"] * along  # [T]
     soft = jnp.maximum(params["softness"], _MIN_SOFTNESS)
-    soft = soft * jnp.exp(params["softness_edge"] * along * along)[:, None, None]  # [T, 1, 1]
+    profile = jnp.abs(along) ** params["softness_edge_power"]  # [T]
+    soft = soft * jnp.exp(params["softness_edge"] * profile)[:, None, None]  # [T, 1, 1]
     tau_l = soft * jnp.exp(0.5 * params["softness_asym"])
     tau_r = soft * jnp.exp(-0.5 * params["softness_asym"])
     ramp_l = params["ramp"] + 0.5 * params["ramp_asym"]

@@ -131,7 +131,10 @@ class SelfCalConfig:
         the Pixel 4 full frames stay level (experiments/results/own_camera.md, "The
         split's softening towards the frame's edge, fitted by default"). Small frames
         identify it weakly: from two 192 x 288 synthetic pairs rendered with 0.4 the
-        fit returns 0 (its lower bound).
+        fit returns 0 (its lower bound). Its profile across the frame
+        (`DpKernelModel.softness_edge_power`) is not fitted: the start's, |p| since
+        2026-12-07 (own_camera.md, "How the Canon kernels change towards the frame's
+        edge").
       refine_windows: windows the refinement uses (the informative ones, most
         confident first; a fixed count so that it compiles once).
       steps, rounds, learning_rate: the refinement (Adam, cosine-decayed rate).
@@ -360,6 +363,7 @@ class _Static(NamedTuple):
     window: int
     margin: int
     fft: int
+    edge_power: float  # the model's softness_edge_power (not fitted)
     supersample: int = 4  # of the fit's kernel rendering
 
 
@@ -395,16 +399,17 @@ def _unconstrained(model: DpKernelModel) -> dict:
     }
 
 
-def _z_to_model(z: dict, radius: float) -> DpKernelModel:
+def _z_to_model(z: dict, radius: float, edge_power: float) -> DpKernelModel:
     p = {k: float(v) for k, v in _params({k: jnp.float32(v) for k, v in z.items()}).items()}
     angle, grad = normalise_angle(p["angle_deg"], p["split_gradient"])
     p.update(angle_deg=angle, split_gradient=grad)
-    return DpKernelModel(radius=float(radius), **p)
+    return DpKernelModel(radius=float(radius), softness_edge_power=float(edge_power), **p)
 
 
 def _tile_kernels(z, positions, st: _Static):
     """[2, T, k0, k0] kernels of the fit grid at the reference radius."""
-    return render_kernels_jnp(_params(z), positions, radius=st.ref_radius, size=st.k0,
+    return render_kernels_jnp({**_params(z), "softness_edge_power": st.edge_power}, positions,
+                              radius=st.ref_radius, size=st.k0,
                               supersample=st.supersample)
 
 
@@ -578,7 +583,7 @@ def fit_kernel_model(pairs: Sequence[np.ndarray], config: SelfCalConfig = SelfCa
     win = _select_windows(pairs, names, cfg, f, margin)
     fft = conv.good_fft_size(win.patches.shape[-1])
     st = _Static(ref_radius=float(cfg.ref_radius), k0=k0, ks=2 * rk + 1, window=cfg.window,
-                 margin=margin, fft=fft)
+                 margin=margin, fft=fft, edge_power=float(cfg.start.softness_edge_power))
     pre = jnp.fft.rfft2(jnp.asarray(_PREBLUR), s=(fft, fft))
     spec = jnp.fft.rfft2(jnp.asarray(win.patches), s=(fft, fft)) * pre
     positions = jnp.asarray(tile_positions(*_fit_grid(h, w, cfg.fit_tiles)))
@@ -623,7 +628,8 @@ def fit_kernel_model(pairs: Sequence[np.ndarray], config: SelfCalConfig = SelfCa
     blur = np.abs(sr.scale[use]) * cfg.ref_radius * f
     pct = tuple(float(v) for v in np.percentile(blur, [10, 50, 90])) if n_inf else (nan,) * 3
     radius = float(np.clip(round(pct[2] * 10) / 10, 2.0, 64.0)) if n_inf else cfg.start.radius
-    fitted = _z_to_model({k: float(v) for k, v in z.items()}, radius)
+    fitted = _z_to_model({k: float(v) for k, v in z.items()}, radius,
+                         cfg.start.softness_edge_power)
     pair_costs = tuple(
         float(np.mean(sr.cost[use & (win.pair == i)])) if np.any(use & (win.pair == i))
         else nan for i in range(len(pairs)))

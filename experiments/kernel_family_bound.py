@@ -55,7 +55,9 @@ def fit_shape(target: np.ndarray, rows: int, cols: int, radius: float, *,
               ) -> tuple[kernel_model.DpKernelModel, float]:
     """The shape parameters closest in L1 to target [2, T, K, K] at one radius."""
     positions = jnp.asarray(kernel_model.tile_positions(rows, cols))
-    z0 = {k: jnp.float32(v) for k, v in start.to_dict().items() if k != "radius"}
+    fixed = {"radius", "softness_edge_power"}  # the gauge, and the profile's (unfitted) form
+    z0 = {k: jnp.float32(v) for k, v in start.to_dict().items() if k not in fixed}
+    power = jnp.float32(start.softness_edge_power)
     target = jnp.asarray(target, jnp.float32)
     r = jnp.float32(radius)
     opt = optax.adam(lr)
@@ -64,17 +66,20 @@ def fit_shape(target: np.ndarray, rows: int, cols: int, radius: float, *,
     def run(z):
         def step(carry, _):
             z, state = carry
-            g = jax.grad(family_l1)(z, target, positions, r)
+            g = jax.grad(lambda z: family_l1({**z, "softness_edge_power": power}, target,
+                                             positions, r))(z)
             updates, state = opt.update(g, state)
             return (optax.apply_updates(z, updates), state), None
         (z, _), _ = jax.lax.scan(step, (z, opt.init(z)), None, length=steps)
-        return z, family_l1(z, target, positions, r)
+        return z, family_l1({**z, "softness_edge_power": power}, target, positions, r)
 
     z, l1 = run(z0)
     values = {k: float(v) for k, v in z.items()}
     values["softness"] = max(values["softness"], 0.0)
     values["smooth"] = max(values["smooth"], 0.0)
-    return kernel_model.DpKernelModel(radius=float(radius), **values), float(l1)
+    return kernel_model.DpKernelModel(radius=float(radius),
+                                      softness_edge_power=start.softness_edge_power,
+                                      **values), float(l1)
 
 
 def main(argv):

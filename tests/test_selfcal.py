@@ -126,6 +126,23 @@ def test_softness_edge_shrinks_the_offset_towards_the_edge_along_the_split_only(
                                            -1, -2), atol=1e-6)
 
 
+def test_softness_edge_power_sets_the_profile_and_old_models_keep_p_squared():
+    # Columns 0/3 sit at |p| 0.75, 1/2 at 0.25. With the power 1 (the default) the inner
+    # columns lose more of their offset than with 2 (|p| > p^2 there), the outer ones too.
+    base = DpKernelModel(radius=4.0, softness=0.3, ramp=-0.3, softness_edge=1.0)
+    assert base.softness_edge_power == 1.0
+    linear = _offsets(render_kernel_pairs(base, rows=1, cols=4, size=13).astype(np.float64))
+    square = _offsets(render_kernel_pairs(base.replace(softness_edge_power=2.0), rows=1,
+                                          cols=4, size=13).astype(np.float64))
+    assert np.all(linear < square - 0.01)
+    # A model saved before the power was recorded is read back with the p^2 it used.
+    old = {k: v for k, v in base.to_dict().items() if k != "softness_edge_power"}
+    assert DpKernelModel.from_dict(old).softness_edge_power == 2.0
+    assert DpKernelModel.from_dict(base.to_dict()) == base
+    with pytest.raises(ValueError, match="softness_edge_power must be positive"):
+        base.replace(softness_edge_power=0.0)
+
+
 def test_selfcal_config_refuses_unknown_fit_params():
     assert "softness_edge" in selfcal.SelfCalConfig().fit_params
     assert "smooth" not in selfcal.SelfCalConfig().fit_params  # runs to its bound
