@@ -157,8 +157,14 @@ def test_weights_only_export_loads_for_inference_not_for_training(ckpt_dir, para
         shutil.copy(src.with_suffix(suffix), future / src.with_suffix(suffix).name)
     meta = json.loads(src.with_suffix(".json").read_text())
     (future / src.with_suffix(".json").name).write_text(json.dumps({**meta, "format": 99}))
-    with pytest.raises(ValueError, match="unsupported checkpoint format 99"):
+    with pytest.raises(ValueError, match=r"unsupported checkpoint format 99 \(expected 1\)"):
         train.export_weights(future / src.name, tmp_path / "from_future")
+    with pytest.raises(dpanet.CheckpointError, match=r"format 99 \(expected 1\)"):
+        dpanet.load_model(future / src.name)
+    # Training and inference read the sidecar through one check: the same messages.
+    (future / src.with_suffix(".json").name).unlink()
+    with pytest.raises(ValueError, match="sidecar .* is missing"):
+        train.load_checkpoint(future / src.name)
     # A sidecar that names another storage, or float32 arrays under the bfloat16 name.
     meta = json.loads(out.with_suffix(".json").read_text())
     out.with_suffix(".json").write_text(json.dumps({**meta, "params_storage": "int4"}))

@@ -49,7 +49,6 @@ rarer.
 from __future__ import annotations
 
 import functools
-import json
 import zipfile
 from pathlib import Path
 from typing import NamedTuple
@@ -130,16 +129,9 @@ def checkpoint_meta(npz: str | Path) -> dict:
     """
     sidecar = Path(npz).with_suffix(".json")
     try:
-        meta = json.loads(sidecar.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{npz}: its sidecar {sidecar.name} is missing (an incomplete "
-                              "checkpoint: the sidecar is written last)") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{sidecar}: unreadable checkpoint sidecar ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != train.FORMAT_VERSION:
-        found = meta.get("format") if isinstance(meta, dict) else None
-        raise CheckpointError(f"{sidecar}: unsupported checkpoint format {found!r} "
-                              f"(expected {train.FORMAT_VERSION})")
+        meta = train.read_sidecar(npz)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
     try:
         DpanetConfig(**meta["model_config"])
         int(meta["step"])

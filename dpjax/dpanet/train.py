@@ -217,11 +217,28 @@ def save_checkpoint(directory: str | os.PathLike, step: int, params: Params, opt
 BF16_PLANES = "bfloat16_planes"
 
 
-def _read_sidecar(npz_path: Path) -> dict:
-    """The checkpoint's JSON sidecar, refused unless it has this FORMAT_VERSION."""
-    meta = json.loads(npz_path.with_suffix(".json").read_text())
-    if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{npz_path}: unsupported checkpoint format {meta.get('format')}")
+def read_sidecar(npz_path: str | os.PathLike) -> dict:
+    """A checkpoint's JSON sidecar, refused unless it is readable and has FORMAT_VERSION.
+
+    The one check of the format, for training (resume, export) and inference
+    (`dpjax.dpanet.checkpoint_meta`, which re-raises it as a CheckpointError).
+
+    Raises:
+      ValueError: a missing or unreadable sidecar, or another format.
+    """
+    npz_path = Path(npz_path)
+    sidecar = npz_path.with_suffix(".json")
+    try:
+        meta = json.loads(sidecar.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{npz_path}: its sidecar {sidecar.name} is missing (an incomplete "
+                         "checkpoint: the sidecar is written last)") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{sidecar}: unreadable checkpoint sidecar ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{sidecar}: unsupported checkpoint format {found!r} "
+                         f"(expected {FORMAT_VERSION})")
     return meta
 
 
@@ -263,7 +280,7 @@ def export_weights(checkpoint: str | os.PathLike, directory: str | os.PathLike) 
         checkpoint's own folder.
     """
     src = Path(checkpoint).with_suffix(".npz")
-    meta = _read_sidecar(src)
+    meta = read_sidecar(src)
     if _params_storage(meta) != "float32":
         raise ValueError(f"{src}: already a weights-only checkpoint")
     with np.load(src) as data:
@@ -307,7 +324,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     configs (with jax.eval_shape, allocating nothing) and filled by path.
     """
     npz_path = Path(path).with_suffix(".npz")
-    meta = _read_sidecar(npz_path)
+    meta = read_sidecar(npz_path)
     if _params_storage(meta) != "float32":
         raise ValueError(f"{npz_path}: a weights-only checkpoint (export_weights) holds no "
                          "optimiser state: training cannot resume from it")
