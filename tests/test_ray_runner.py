@@ -128,12 +128,17 @@ def _staging(out: Path) -> list[Path]:
     return list(out.rglob(".staging-*"))
 
 
-def _killer(root: Path, out: Path, seen: dict, errors: list) -> None:
-    """Kills each victim's worker once it holds; notes what the folders looked like."""
+def _killer(root: Path, out: Path, seen: dict, errors: list, run_over: threading.Event
+            ) -> None:
+    """Kills each victim's worker once it holds; notes what the folders looked like.
+
+    Watches until both are killed or the run is over (`run_over`), not for a fixed time:
+    on a loaded machine the second victim can start minutes late. A victim that is
+    never killed stops holding after HOLD_S and fails its attempt, so the run still ends.
+    """
     try:
-        deadline = time.time() + 240
         pending = dict(VICTIMS)
-        while pending and time.time() < deadline:
+        while pending and not run_over.is_set():
             for name, where in list(pending.items()):
                 marker = root / "hold" / name
                 if not marker.exists():
@@ -184,15 +189,21 @@ def first_run(ray_connection, jax_cache, tmp_path_factory):
         _write_tiff_pair(inp, name, _texture(i))
     seen: dict = {}
     errors: list = []
-    killer = threading.Thread(target=_killer, args=(root, out, seen, errors), daemon=True)
+    run_over = threading.Event()
+    killer = threading.Thread(target=_killer, args=(root, out, seen, errors, run_over),
+                              daemon=True)
     killer.start()
     records = []
     t0 = time.perf_counter()
-    with RayExecutor(address=ray_connection, max_retries=2,
-                     compilation_cache_dir=jax_cache) as ex:
-        outcome = runner.run(_opts(inp, out, **KERNELS), executor=Traced(ex, root, VICTIMS),
-                             on_event=lambda e: records.append(e.data)
-                             if e.kind == "scene" else None)
+    try:
+        with RayExecutor(address=ray_connection, max_retries=2,
+                         compilation_cache_dir=jax_cache) as ex:
+            outcome = runner.run(_opts(inp, out, **KERNELS),
+                                 executor=Traced(ex, root, VICTIMS),
+                                 on_event=lambda e: records.append(e.data)
+                                 if e.kind == "scene" else None)
+    finally:
+        run_over.set()
     wall_s = time.perf_counter() - t0
     killer.join(timeout=5)
     assert not errors, errors
