@@ -62,16 +62,17 @@ def fit_shape(target: np.ndarray, rows: int, cols: int, radius: float, *,
     r = jnp.float32(radius)
     opt = optax.adam(lr)
 
+    def loss(z):  # the fitted parameters plus the fixed profile
+        return family_l1({**z, "softness_edge_power": power}, target, positions, r)
+
     @jax.jit
     def run(z):
         def step(carry, _):
             z, state = carry
-            g = jax.grad(lambda z: family_l1({**z, "softness_edge_power": power}, target,
-                                             positions, r))(z)
-            updates, state = opt.update(g, state)
+            updates, state = opt.update(jax.grad(loss)(z), state)
             return (optax.apply_updates(z, updates), state), None
         (z, _), _ = jax.lax.scan(step, (z, opt.init(z)), None, length=steps)
-        return z, family_l1({**z, "softness_edge_power": power}, target, positions, r)
+        return z, loss(z)
 
     z, l1 = run(z0)
     values = {k: float(v) for k, v in z.items()}
