@@ -35,6 +35,7 @@ __all__ = [
     "Encoding",
     "auto_encoding",
     "from_linear",
+    "from_linear_differentiable",
     "parse_encoding",
     "to_linear",
 ]
@@ -191,3 +192,40 @@ def from_linear(x, enc: Encoding | str) -> np.ndarray:
             return np.where(a <= _SRGB_LINEAR_KNEE, a * _SRGB_SLOPE, power)
         out = _odd(srgb_encode, v)
     return np.asarray(out, np.float32)
+
+
+# Below this linear value `from_linear_differentiable` continues a gamma curve as the
+# straight line to the origin (its slope there is 1000^(1 - 1/G), 43 at G = 2.2).
+GAMMA_TOE = 1e-3
+
+
+def from_linear_differentiable(x, enc: Encoding | str, xp=np):
+    """Linear intensity -> encoded values, written for any array module (numpy or
+    jax.numpy) and with a bounded derivative, for objectives that are differentiated.
+
+    Values are clipped to [0, 1] first (the encoded values of a fit's intensities, not
+    of its ringing or highlights). The sRGB curve has its own linear toe; a pure gamma
+    curve, whose slope is infinite at 0, is continued below `GAMMA_TOE` by the straight
+    line to the origin. Equals `from_linear` on [0, 1] except there.
+
+    Args:
+      x: any shape, linear values with full scale 1.
+      enc: the encoding (or its text form).
+      xp: the array module of x.
+
+    Returns:
+      Same shape and dtype as x.
+    """
+    enc = parse_encoding(enc)
+    if enc.kind == "linear":
+        return x
+    v = xp.clip(x, 0.0, 1.0)
+    if enc.kind == "srgb":
+        knee, slope, exponent = _SRGB_LINEAR_KNEE, _SRGB_SLOPE, _SRGB_EXPONENT
+        power = (1 + _SRGB_OFFSET) * xp.maximum(v, knee) ** (1.0 / exponent) - _SRGB_OFFSET
+    else:
+        knee = GAMMA_TOE
+        slope = knee ** (1.0 / enc.gamma - 1.0)
+        power = xp.maximum(v, knee) ** (1.0 / enc.gamma)
+    return xp.where(v <= knee, v * slope, power)
+

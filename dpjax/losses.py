@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from dpjax import layer_ops, mpi
+from dpjax import encoding, layer_ops, mpi
 from dpjax.kernels import TileGrid
 
 
@@ -42,6 +42,16 @@ class LossWeights:
         (chosen from the noise model, then measured on both real data sets:
         experiments/results/own_camera.md, "Data terms relative to the noise").
       noise_floor: see noise_power.
+      prior_encoding: the transfer function ("linear", "srgb" or "gamma:G",
+        `dpjax.encoding`) through which the priors see the layer intensities: the
+        intensity smoothness (term 3) and the edge mask that terms 3 and 4 share, with
+        the normaliser taken from the observation encoded the same way; the data terms
+        stay in linear light. "linear" is the paper's. A
+        display-referred input's noise and quantisation steps are even in its own
+        encoding, not in linear light, where a smoothness prior of fixed strength
+        flattens shadows and leaves highlights noisy; `dpjax.scene` sets the input's
+        encoding by default (`SceneOptions.prior_encoding`; measured:
+        experiments/results/own_camera.md, "Image priors in the input's encoding").
     """
 
     data: float = 2.5e4
@@ -54,11 +64,15 @@ class LossWeights:
     edge_beta: float = 1.0 / 32.0
     noise_power: float = 1.0
     noise_floor: float = 0.05
+    prior_encoding: str = "linear"
 
     def __post_init__(self):
         if not self.noise_power >= 0 or not self.noise_floor > 0:
             raise ValueError(f"noise_power must be >= 0 and noise_floor > 0, got "
                              f"{self.noise_power} and {self.noise_floor}")
+        # The canonical text form, so that equal curves give equal (hashable) weights.
+        object.__setattr__(self, "prior_encoding",
+                           str(encoding.parse_encoding(self.prior_encoding)))
 
 
 class LossTerms(NamedTuple):
@@ -234,7 +248,8 @@ def loss_terms(params: mpi.MpiParams, observation: jax.Array, lk: mpi.LayerKerne
     color = mpi.colors(params)
     alpha = mpi.alphas(params)
     data, aux = data_terms(color, alpha, observation, lk, weights, stop_gradient)
-    norm = 0.5 / jnp.mean(observation)  # n, the intensity normaliser
+    # n, the intensity normaliser, of the values the priors see
+    norm = 0.5 / jnp.mean(prior_values(observation, weights))
     image_tv, alpha_tv, entropy = prior_terms(color, alpha, norm, weights, stop_gradient)
     total = data + aux + image_tv + alpha_tv + entropy
     return LossTerms(data=data, aux=aux, image_tv=image_tv, alpha_tv=alpha_tv,
@@ -276,15 +291,21 @@ def data_terms(color: jax.Array, alpha: jax.Array, observation: jax.Array,
     return data, aux
 
 
+def prior_values(intensity: jax.Array, weights: LossWeights) -> jax.Array:
+    """Linear intensities as the image priors see them: through `weights.prior_encoding`
+    (the identity for "linear"), clipped to [0, 1] otherwise; same shape."""
+    return encoding.from_linear_differentiable(intensity, weights.prior_encoding, xp=jnp)
+
+
 def prior_terms(color: jax.Array, alpha: jax.Array, norm: jax.Array, weights: LossWeights,
                 stop_gradient: Callable[[jax.Array], jax.Array] = jax.lax.stop_gradient
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Terms 3-5 (weighted): intensity smoothness, alpha smoothness, collision entropy.
 
     Args:
-      color: [L, C, H, W] layer intensities.
+      color: [L, C, H, W] layer intensities (linear).
       alpha: [L, H, W] alphas (layer 0 opaque).
-      norm: the intensity normaliser 0.5 / mean(observation).
+      norm: the intensity normaliser 0.5 / mean(prior_values(observation)).
       weights: weights and constants.
       stop_gradient: the sg(.) on the layer-TV weights and the edge mask.
 
@@ -294,6 +315,7 @@ def prior_terms(color: jax.Array, alpha: jax.Array, norm: jax.Array, weights: Lo
     g = weights.charbonnier_gamma
     num_layers = color.shape[0]
     trans = mpi.transmittance(alpha)  # [L, H, W]
+    color = prior_values(color, weights)
 
     # Term 3: intensity smoothness, edge-aware with a mask from the image itself.
     aif = mpi.all_in_focus(color, trans)  # [C, H, W]

@@ -256,12 +256,13 @@ class Scene:
     @functools.cached_property
     def mpi_config(self) -> tuple[dpjax.Config, dict, Any, dict | None, float]:
         """(cfg, preset record, init, init record, seconds) of the mpi method."""
-        views, bank, *_ = self.loaded
+        views, bank, *_, loaded_info = self.loaded
         run = self.run
         auto = run.opts.preset == "auto"
         timings: dict[str, float] = {}
         cfg, info, init, init_info = scene.configure(
-            self.name, views, bank, run.scene_opts, timings,
+            self.name, views, bank, scene.with_prior_encoding(run.scene_opts, loaded_info),
+            timings,
             search=self.search if run.base.init.search else None,
             range_search=self.range_search if auto else None, blur_p90=run.source.blur_p90)
         seconds = timings["preset_s"] + timings.get("search_init_s", 0.0)

@@ -237,6 +237,7 @@ def fingerprint(opts: RunOptions, source: KernelSource, pair: io.ScenePair,
     if opts.method == "mpi":
         return make_fingerprint(opts.method, pair, pre, config=config_lib.to_dict(s.base),
                                 preset=s.preset, range_probe=s.range_probe,
+                                prior_encoding=s.prior_encoding,
                                 kernels=kernel_record(source),
                                 blocks=None if s.blocks is None else list(s.blocks))
     return make_fingerprint(opts.method, pair, pre, dpanet=dpanet_info)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from dpjax import batch, blocks, io, pipeline, presets, refine
+from dpjax import batch, blocks, encoding, io, pipeline, presets, refine
 from dpjax import config as config_lib
 from dpjax.kernel_model import render_kernel_pairs
 from dpjax.kernels import (
@@ -65,6 +65,8 @@ class SceneFailure(Exception):
 
 
 KERNEL_KINDS = ("auto", "calibrated", "parametric", "fitted")
+# SceneOptions.prior_encoding: the image priors in each input's own encoding.
+PRIOR_INPUT = "input"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -277,6 +279,11 @@ class SceneOptions:
       blocks: solve in a (rows, cols) split of overlapping blocks (`dpjax.blocks`)
         whatever the memory; None: one block when the frame fits the memory budget,
         else the split with the least estimated work whose blocks do (`plan_solve`).
+      prior_encoding: the curve the fit's intensity-smoothness prior sees the layers
+        through (`losses.LossWeights.prior_encoding`): PRIOR_INPUT ("input", the
+        default) the input's own encoding (linear for raw and linear files, so their
+        solve is the paper's), else "linear", "srgb" or "gamma:G" for every scene;
+        set into `base` by `with_prior_encoding`.
     """
 
     base: config_lib.Config
@@ -289,6 +296,25 @@ class SceneOptions:
     input_dir: Path | None = None
     whole_frame: bool = False
     blocks: tuple[int, int] | None = None
+    prior_encoding: str = PRIOR_INPUT
+
+    def __post_init__(self):
+        if self.prior_encoding != PRIOR_INPUT:
+            try:
+                encoding.parse_encoding(self.prior_encoding)
+            except ValueError as e:
+                raise ValueError(f"prior_encoding: {e} (or '{PRIOR_INPUT}', the input's "
+                                 "own)") from None
+
+
+def with_prior_encoding(opts: SceneOptions, info: dict[str, Any]) -> SceneOptions:
+    """`opts` with `base.loss.prior_encoding` set for one scene: its input's encoding
+    (`info["input"]["encoding"]`, from `load_views`) for PRIOR_INPUT, else the curve
+    asked for."""
+    enc = opts.prior_encoding
+    if enc == PRIOR_INPUT:
+        enc = info["input"]["encoding"]
+    return dataclasses.replace(opts, base=opts.base.replace(**{"loss.prior_encoding": enc}))
 
 
 def load_views(pair: io.ScenePair, source: KernelSource, opts: SceneOptions,
@@ -523,6 +549,7 @@ def prepare(name: str, pair: io.ScenePair, source: KernelSource, opts: SceneOpti
     t0 = time.perf_counter()
     views, info = load_views(pair, source, opts)
     timings["load_s"] = time.perf_counter() - t0
+    opts = with_prior_encoding(opts, info)
     warnings = input_warnings(views)
     if warnings:
         info.setdefault("warnings", []).extend(warnings)

@@ -31,6 +31,24 @@ def test_round_trips_over_unit_interval(enc):
     assert denc.to_linear(0.0, enc) == 0 and denc.to_linear(1.0, enc) == pytest.approx(1, abs=1e-7)
 
 
+@pytest.mark.parametrize("enc", ["srgb", "gamma:2.2", "gamma:0.5", "linear"])
+def test_differentiable_curve_matches_and_has_a_bounded_slope(enc):
+    import jax
+    import jax.numpy as jnp
+
+    x = np.linspace(0, 1, 10_001)
+    got = denc.from_linear_differentiable(x, enc)
+    above = x >= denc.GAMMA_TOE
+    np.testing.assert_allclose(got[above], denc.from_linear(x[above], enc), atol=1e-6)
+    assert np.all(np.diff(got) >= 0)  # monotonic, the toe included
+    if enc != "linear":  # clipped outside [0, 1]
+        out = denc.from_linear_differentiable(np.array([-0.5, 1.5]), enc)
+        np.testing.assert_allclose(out, [0.0, 1.0], atol=1e-12)
+    slope = jax.vmap(jax.grad(lambda v: denc.from_linear_differentiable(v, enc, xp=jnp)))(
+        jnp.asarray(x[1:], jnp.float32))
+    assert np.all(np.isfinite(np.asarray(slope))) and float(jnp.max(slope)) < 100
+
+
 def test_srgb_known_values():
     # IEC 61966-2-1: ((V + 0.055) / 1.055)^2.4 above 0.04045, V / 12.92 below.
     assert denc.to_linear(0.5, "srgb") == pytest.approx(0.2140411, abs=1e-6)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from dpjax import conv, losses, mpi
+from dpjax import encoding as denc
 from dpjax.kernels import KernelBank
 
 
@@ -32,11 +33,12 @@ def test_terms_are_finite_and_sum(tiny_bank):
     assert vals["aux"] > 0 and vals["image_tv"] > 0 and vals["entropy"] > 0
 
 
-def test_gradient_matches_finite_differences_float64(tiny_bank):
+@pytest.mark.parametrize("prior_encoding", ["linear", "srgb", "gamma:2.2"])
+def test_gradient_matches_finite_differences_float64(tiny_bank, prior_encoding):
     rng = np.random.default_rng(1)
     with jax.enable_x64(True):
         params, obs, lk = _problem(jnp.float64, tiny_bank, rng)
-        weights = losses.LossWeights()
+        weights = losses.LossWeights(prior_encoding=prior_encoding)
 
         @jax.jit
         def f(p):
@@ -56,14 +58,41 @@ def test_gradient_matches_finite_differences_float64(tiny_bank):
         assert analytic == pytest.approx(numeric, rel=1e-5)
 
 
-def test_extreme_logits_give_finite_gradients(tiny_bank):
+@pytest.mark.parametrize("prior_encoding", ["linear", "srgb", "gamma:2.2"])
+def test_extreme_logits_give_finite_gradients(tiny_bank, prior_encoding):
     rng = np.random.default_rng(2)
     params, obs, lk = _problem(jnp.float32, tiny_bank, rng)
     params = mpi.MpiParams(params.color_logits * 40.0, params.alpha_logits * 40.0)
-    g = jax.jit(jax.grad(
-        lambda p: losses.loss_terms(p, obs, lk, losses.LossWeights()).total))(params)
+    weights = losses.LossWeights(prior_encoding=prior_encoding)
+    g = jax.jit(jax.grad(lambda p: losses.loss_terms(p, obs, lk, weights).total))(params)
     for leaf in g:
         assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def test_prior_encoding_changes_the_image_prior_only(tiny_bank):
+    """With an encoding the priors are the linear priors of the encoded layers (the
+    intensity prior and the edge mask it shares with the alpha prior), normalised by the
+    encoded observation; the data terms and the entropy are the same as without."""
+    rng = np.random.default_rng(3)
+    params, obs, lk = _problem(jnp.float32, tiny_bank, rng, channels=3)
+    terms = jax.jit(losses.loss_terms, static_argnums=3)
+    plain = terms(params, obs, lk, losses.LossWeights())
+    for enc in ("srgb", "gamma:2.2"):
+        weights = losses.LossWeights(prior_encoding=enc)
+        got = terms(params, obs, lk, weights)
+        for k in ("data", "aux", "entropy"):
+            assert float(getattr(got, k)) == float(getattr(plain, k))
+        color = denc.from_linear(np.asarray(mpi.colors(params)), enc)
+        norm = 0.5 / np.mean(denc.from_linear(np.asarray(obs), enc))
+        want = losses.prior_terms(jnp.asarray(color), mpi.alphas(params), norm,
+                                  losses.LossWeights())
+        np.testing.assert_allclose([float(got.image_tv), float(got.alpha_tv)],
+                                   [float(want[0]), float(want[1])], rtol=1e-4)
+        assert abs(float(got.image_tv) / float(plain.image_tv) - 1) > 1e-2
+    # The text form is canonical (equal curves, equal static weights); bad text refused.
+    assert losses.LossWeights(prior_encoding="SRGB") == losses.LossWeights(prior_encoding="srgb")
+    with pytest.raises(ValueError, match="gamma"):
+        losses.LossWeights(prior_encoding="gamma:0")
 
 
 def test_collision_entropy_bounds():

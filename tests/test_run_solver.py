@@ -52,6 +52,16 @@ def test_cli_batch_flags_need_input_dir(tmp_path):
     assert not (tmp_path / "dpjax_out").exists()
 
 
+def test_cli_bad_prior_encoding_is_a_usage_error(tmp_path):
+    (tmp_path / "in").mkdir()
+    proc = subprocess.run([sys.executable, str(ROOT / "run_solver.py"), "--input_dir=in",
+                           "--prior_encoding=gamma:-1"],
+                          check=False, capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert proc.returncode != 0 and "--prior_encoding: bad encoding 'gamma:-1'" in proc.stderr
+    assert "'input'" in proc.stderr and not (tmp_path / "dpjax_out").exists()
+
+
 def test_cli_bad_compilation_cache_dir_is_a_usage_error(tmp_path):
     (tmp_path / "taken").write_text("not a folder")
     proc = subprocess.run([sys.executable, str(ROOT / "run_solver.py"),
