@@ -89,11 +89,6 @@ def _define_flags() -> None:
     d.DEFINE_float("black_level", None, "Black level of the raw views (default: Pixel 1024, "
                    "PNG/TIFF 0; required for PGM).")
     d.DEFINE_bool("allow_8bit", False, "Accept 8-bit views (default: 16-bit expected).")
-    d.DEFINE_string("prior_encoding", "input", "The curve the MPI fit's image smoothness "
-                    "prior sees intensities through (the data terms stay linear): input "
-                    "(default: each file's own encoding, --input_encoding's; linear for "
-                    "raw and linear files), linear (the paper's), srgb or gamma:G "
-                    "(dpjax.scene.SceneOptions.prior_encoding).")
     d.DEFINE_enum("kernels", None, ["auto", "calibrated", "parametric"], "Where the blur "
                   "kernels come from: calibrated (--calib_dir), auto (estimated from the "
                   "pairs themselves before solving, written to OUTPUT/self_calibration/; "
@@ -228,16 +223,13 @@ def run_options_from_flags():
             raise app.UsageError("--search_init needs --method=mpi (DPANet has no layers to "
                                  "initialise)")
         base = base.replace(**{"init.search": False})
-    try:
-        scene_opts = scene.SceneOptions(
+    scene_opts = scene.SceneOptions(
             base=base, preset=FLAGS.preset, range_probe=FLAGS.range_probe,
             black_level=FLAGS.black_level, allow_8bit=FLAGS.allow_8bit,
-            encoding=common.input_encoding(), prior_encoding=FLAGS.prior_encoding,
+            encoding=common.input_encoding(), prior_encoding=common.prior_encoding(),
             crop_tiles=common.parse_rxc(FLAGS.crop, "crop"), input_dir=Path(FLAGS.input_dir),
             whole_frame=FLAGS.method == "dpanet",
             blocks=common.parse_rxc(FLAGS.blocks, "blocks"))
-    except ValueError as e:  # the one check SceneOptions makes: --prior_encoding
-        raise app.UsageError(f"--{e}") from None
     return runner.RunOptions(
         input_dir=Path(FLAGS.input_dir), output_dir=Path(FLAGS.output_dir),
         scene=scene_opts,

@@ -101,6 +101,7 @@ class Options:
     methods: tuple[str, ...] = ("mpi", "input", "wiener", "dp_stereo")
     preset: str = "auto"
     range_probe: bool = False
+    prior_encoding: str = "input"  # scene.SceneOptions.prior_encoding
     defocus_estimator: str | None = None
     defocus_fill: bool | None = None
     search_init: bool | None = None
@@ -342,6 +343,7 @@ def prepare_run(opts: Options, log: Log = _silent) -> Run:
             log(logging.WARNING, f"scene {sid} was used to train DPANet: its dpanet"
                 f"{' and mpi' if opts.dpanet_init else ''} results are not held-out results")
     scene_opts = scene.SceneOptions(base=base, preset=opts.preset, range_probe=opts.range_probe,
+                                    prior_encoding=opts.prior_encoding,
                                     crop_tiles=opts.crop, input_dir=Path(opts.data_dir))
     return Run(opts=opts, methods=methods, base=base, source=source, scene_opts=scene_opts,
                pairs=pairs, model=model, log=log)
@@ -469,7 +471,8 @@ def run_dpanet(sc: Scene) -> Output:
 
 def _settings_mpi(run: Run) -> dict[str, Any]:
     out = {"config": config_lib.to_dict(run.base), "preset": run.opts.preset,
-           "range_probe": run.opts.range_probe, "kernels": runner.kernel_record(run.source)}
+           "range_probe": run.opts.range_probe, "prior_encoding": run.opts.prior_encoding,
+           "kernels": runner.kernel_record(run.source)}
     if run.opts.dpanet_init:  # one value: a change reads "dpanet_init ... -> null"
         out["dpanet_init"] = json.dumps(run.model.settings(run.opts), sort_keys=True)
     return out

@@ -299,12 +299,17 @@ class SceneOptions:
     prior_encoding: str = PRIOR_INPUT
 
     def __post_init__(self):
-        if self.prior_encoding != PRIOR_INPUT:
-            try:
-                encoding.parse_encoding(self.prior_encoding)
-            except ValueError as e:
-                raise ValueError(f"prior_encoding: {e} (or '{PRIOR_INPUT}', the input's "
-                                 "own)") from None
+        check_prior_encoding(self.prior_encoding)
+
+
+def check_prior_encoding(text: str) -> None:
+    """ValueError unless `text` is a `SceneOptions.prior_encoding`."""
+    if text != PRIOR_INPUT:
+        try:
+            encoding.parse_encoding(text)
+        except ValueError as e:
+            raise ValueError(f"prior_encoding: {e} (or '{PRIOR_INPUT}', the input's "
+                             "own)") from None
 
 
 def with_prior_encoding(opts: SceneOptions, info: dict[str, Any]) -> SceneOptions:

@@ -70,6 +70,11 @@ def define_common(*, output_dir: str, presets: tuple[str, ...] = ("auto", "paper
                     "dpjax.encoding.auto_encoding), linear, srgb or gamma:G. Encoded input "
                     "is linearised before the blur model sees it; the all-in-focus PNG is "
                     "written back in the same encoding.")
+    d.DEFINE_string("prior_encoding", "input", "The curve the MPI fit's priors see the "
+                    "layer intensities through (the data terms stay linear): input "
+                    "(default: each file's own encoding, --input_encoding's; linear for "
+                    "raw and linear files), linear (the paper's), srgb or gamma:G "
+                    "(dpjax.scene.SceneOptions.prior_encoding).")
     d.DEFINE_enum("quality", None, ["fast", "best"], "Solver schedule: fast (the default) or "
                   "best (~3x the steps with Adam, 2x with L-BFGS: for accelerators; not "
                   "with --level_iters); the budgets: dpjax.config.QUALITY_LEVEL_ITERS.")
@@ -165,6 +170,17 @@ def input_encoding() -> str:
     except ValueError as e:
         raise app.UsageError(f"--input_encoding: {e}") from None
     return FLAGS.input_encoding
+
+
+def prior_encoding() -> str:
+    """--prior_encoding, checked (UsageError with the reason)."""
+    from dpjax import scene
+
+    try:
+        scene.check_prior_encoding(FLAGS.prior_encoding)
+    except ValueError as e:
+        raise app.UsageError(f"--{e}") from None
+    return FLAGS.prior_encoding
 
 
 def path_or_none(value: str | None) -> Path | None:

@@ -19,8 +19,11 @@ self-calibrated ones).
 
 Plane (`flat/001/1500/{f4,f20}`): the f/4 result's all-in-focus image against the mean
 of the f/20 views (sharp reference, linearised) after the metrics' shift search and
-affine intensity fit, next to the blurry input's score; and the mean colour of the
-written all_in_focus.png against the input's (8-bit levels per channel).
+affine intensity fit, next to the blurry input's score, in linear light and again in the
+input's display values (all three images through its encoding, clipped to [0, 1]); and
+the mean colour of the written all_in_focus.png against the input's (8-bit levels per
+channel); and the spread (std) of its defocus map, which for a plane should be one
+value.
 
 Writes one JSON file with every number and prints a Markdown table.
 """
@@ -35,7 +38,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
-from dpjax import baselines, io, metrics, outputs, postprocess, scene
+from dpjax import baselines, encoding, io, metrics, outputs, postprocess, scene
 from dpjax_apps.flags import parse_named
 
 FLAGS = flags.FLAGS
@@ -143,12 +146,22 @@ def flat_scores(folder: Path, canon: Path) -> dict[str, Any]:
     aif = tifffile.imread(d / outputs.AIF_TIFF)
     est = metrics.image_metrics(aif, sharp)
     inp = metrics.image_metrics(blurred, sharp)
+    # The same in the input's display values (what a viewer of the export sees).
+    def shown(x):
+        return encoding.from_linear(np.clip(x, 0.0, 1.0), enc)
+
+    est_d = metrics.image_metrics(shown(aif), shown(sharp))
+    inp_d = metrics.image_metrics(shown(blurred), shown(sharp))
     png = np.asarray(Image.open(d / outputs.AIF_PNG).convert("RGB"), np.float64)
     src = [np.asarray(Image.open(canon / f"flat/001/1500/f4/{s}.png").convert("RGB"),
                       np.float64) for s in ("l", "r")]
     src_mean = _crop((src[0] + src[1]) / 2, result)
     return {"psnr": est["psnr"], "ssim": est["ssim"], "input_psnr": inp["psnr"],
             "input_ssim": inp["ssim"], "gain_db": est["psnr"] - inp["psnr"],
+            "display_psnr": est_d["psnr"], "display_input_psnr": inp_d["psnr"],
+            "display_gain_db": est_d["psnr"] - inp_d["psnr"],
+            # the plane's defocus should be one value: its spread over the frame
+            "defocus_std": float(np.std(tifffile.imread(d / outputs.DEFOCUS_TIFF))),
             "png_mean_rgb": png.mean(axis=(0, 1)).tolist(),
             "input_mean_rgb": src_mean.mean(axis=(0, 1)).tolist(),
             "png_mean_shift_levels": (png.mean(axis=(0, 1))
@@ -232,6 +245,9 @@ def main(argv):
     for name, f in report["flat"].items():
         lines.append(f"\nplane {name}: PSNR {f['input_psnr']:.2f} -> {f['psnr']:.2f} dB "
                      f"(+{f['gain_db']:.2f}), SSIM {f['input_ssim']:.3f} -> {f['ssim']:.3f}, "
+                     f"display values {f['display_input_psnr']:.2f} -> "
+                     f"{f['display_psnr']:.2f} dB (+{f['display_gain_db']:.2f}), defocus std "
+                     f"{f['defocus_std']:.3f}, "
                      f"PNG mean shift {np.round(f['png_mean_shift_levels'], 2).tolist()}")
     if report["pixel4"]:
         lines += ["", "| Pixel 4 run | scenes | AIWE(1) | AIWE(2) | 1-abs(rho_s) | PSNR | SSIM | "

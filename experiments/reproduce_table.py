@@ -36,11 +36,15 @@ flags.DEFINE_bool("dpanet_init", False, "Start the mpi method's layer colours fr
 
 def options_from_flags() -> reproduce.Options:
     """Options of the flags (UsageError for bad values)."""
+    if FLAGS["input_encoding"].present:  # a shared flag this app has no use for
+        raise app.UsageError("--input_encoding is not read here: the Pixel 4 raw views "
+                             "are linear")
     opts = reproduce.Options(
         data_dir=Path(FLAGS.data_dir), calib_dir=common.path_or_none(FLAGS.calib_dir),
         scenes=(tuple(s.zfill(3) if s.isdigit() else s for s in FLAGS.scenes)
                 if FLAGS.scenes else None),
         methods=tuple(FLAGS.methods), preset=FLAGS.preset, range_probe=FLAGS.range_probe,
+        prior_encoding=common.prior_encoding(),
         defocus_estimator=FLAGS.defocus_estimator, defocus_fill=FLAGS.defocus_fill,
         search_init=FLAGS.search_init,
         quality=FLAGS.quality, optimizer=FLAGS.optimizer, pyramid_levels=FLAGS.pyramid_levels,

@@ -76,6 +76,8 @@ def test_script_rejects_dpanet_unknown_methods_and_bad_crop(tmp_path, pixel4_dir
         rt.run(dataclasses.replace(base, methods=("dpjax",)))  # the old name is gone
     with pytest.raises(scene.SetupError, match="does not fit"):
         rt.run(dataclasses.replace(base, crop=(7, 1)))
+    with pytest.raises(ValueError, match="prior_encoding: unknown encoding 'log'"):
+        rt.run(dataclasses.replace(base, prior_encoding="log"))
     data = _tiny_dataset(tmp_path, pixel4_dir, as_sid="099")
     with pytest.raises(ValueError, match="no paper settings"):
         rt.run(dataclasses.replace(base, data_dir=data, preset="paper", scenes=None))
@@ -346,3 +348,13 @@ def test_cli_error_message_for_missing_ground_truth(tmp_path, pixel4_dir):
     assert proc.returncode == 1
     assert "error: scene 011: ground truth not found" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_cli_refuses_flags_it_would_ignore_or_cannot_read(tmp_path):
+    for flag, why in (("--input_encoding=srgb", "--input_encoding is not read here"),
+                      ("--prior_encoding=log", "--prior_encoding: unknown encoding 'log'")):
+        proc = subprocess.run([sys.executable, str(SCRIPT), flag,
+                               f"--output_dir={tmp_path / 'out'}"], check=False,
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode != 0 and why in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
