@@ -223,16 +223,15 @@ def run_options_from_flags():
             raise app.UsageError("--search_init needs --method=mpi (DPANet has no layers to "
                                  "initialise)")
         base = base.replace(**{"init.search": False})
-    scene_opts = scene.SceneOptions(
+    return runner.RunOptions(
+        input_dir=Path(FLAGS.input_dir), output_dir=Path(FLAGS.output_dir),
+        scene=scene.SceneOptions(
             base=base, preset=FLAGS.preset, range_probe=FLAGS.range_probe,
             black_level=FLAGS.black_level, allow_8bit=FLAGS.allow_8bit,
             encoding=common.input_encoding(), prior_encoding=common.prior_encoding(),
             crop_tiles=common.parse_rxc(FLAGS.crop, "crop"), input_dir=Path(FLAGS.input_dir),
             whole_frame=FLAGS.method == "dpanet",
-            blocks=common.parse_rxc(FLAGS.blocks, "blocks"))
-    return runner.RunOptions(
-        input_dir=Path(FLAGS.input_dir), output_dir=Path(FLAGS.output_dir),
-        scene=scene_opts,
+            blocks=common.parse_rxc(FLAGS.blocks, "blocks")),
         kernels=scene.KernelOptions(
             kind=kernels_kind(), calib_dir=common.path_or_none(FLAGS.calib_dir),
             white_dir=common.path_or_none(FLAGS.white_dir), recenter=FLAGS.recenter_kernels,

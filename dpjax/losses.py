@@ -46,10 +46,10 @@ class LossWeights:
         `dpjax.encoding`) through which the priors see the layer intensities: the
         intensity smoothness (term 3) and the edge mask that terms 3 and 4 share, with
         the normaliser taken from the observation encoded the same way; the data terms
-        stay in linear light. "linear" is the paper's. A
-        display-referred input's noise and quantisation steps are even in its own
-        encoding, not in linear light, where a smoothness prior of fixed strength
-        flattens shadows and leaves highlights noisy; `dpjax.scene` sets the input's
+        stay in linear light. "linear" is the paper's. A display-referred input's
+        noise and quantisation steps are even in its own encoding, not in linear light,
+        where the edge mask's fixed threshold misses the edges of dark texture (the
+        alpha smoothness then runs across them); `dpjax.scene` sets the input's
         encoding by default (`SceneOptions.prior_encoding`; measured:
         experiments/results/own_camera.md, "Image priors in the input's encoding").
     """

@@ -279,9 +279,9 @@ class SceneOptions:
       blocks: solve in a (rows, cols) split of overlapping blocks (`dpjax.blocks`)
         whatever the memory; None: one block when the frame fits the memory budget,
         else the split with the least estimated work whose blocks do (`plan_solve`).
-      prior_encoding: the curve the fit's intensity-smoothness prior sees the layers
-        through (`losses.LossWeights.prior_encoding`): PRIOR_INPUT ("input", the
-        default) the input's own encoding (linear for raw and linear files, so their
+      prior_encoding: the curve the fit's priors see the layer intensities through
+        (`losses.LossWeights.prior_encoding`): PRIOR_INPUT ("input", the default) the
+        input's own encoding (linear for raw and linear files, so their
         solve is the paper's), else "linear", "srgb" or "gamma:G" for every scene;
         set into `base` by `with_prior_encoding`.
     """
