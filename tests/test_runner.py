@@ -21,9 +21,8 @@ import tifffile
 
 import dpjax
 from dpjax import batch, io, outputs, pipeline, presets, runner, scene
-from dpjax import scene as scene_lib
 from dpjax.config import Config, schedule
-from dpjax.scene import KernelOptions, SceneOptions
+from dpjax.scene import PRIOR_INPUT, KernelOptions, SceneOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -83,7 +82,7 @@ def _opts(inp: Path, out: Path, **kw) -> runner.RunOptions:
                             radius=kw.pop("kernel_radius", 8.0))
     scene = SceneOptions(base=base, preset=preset, input_dir=inp,
                          whole_frame=method == "dpanet", blocks=kw.pop("blocks", None),
-                         prior_encoding=kw.pop("prior_encoding", scene_lib.PRIOR_INPUT))
+                         prior_encoding=kw.pop("prior_encoding", PRIOR_INPUT))
     return runner.RunOptions(input_dir=inp, output_dir=out, scene=scene, kernels=kernels, **kw)
 
 
@@ -513,7 +512,7 @@ def test_rerun_with_other_settings_resolves_and_says_why(tmp_path, calib_dir, ca
     assert recs["a"]["status"] == "done"  # num_layers back to 4: solved again as well
 
 
-def test_image_priors_follow_each_inputs_encoding(tmp_path, caplog):
+def test_image_priors_follow_each_inputs_encoding(tmp_path):
     """By default the fit's image prior sees each scene through its file's encoding
     (16-bit TIFF linear, 8-bit TIFF sRGB: result.json's config says which); asking for
     another curve re-solves the scenes and says why."""
