@@ -74,8 +74,9 @@ PAPER_RANGES = {"001": (0.5, 1.6), "005": (0.1, 1.3), "008": (0.2, 1.5), "011": 
 
 
 def load_problem(opts: scene.SceneOptions):
-    """Views, kernel bank and ground truth of the scene, loaded as the apps load it
-    (dpjax.scene: re-centred calibrated kernels, the central block of tiles)."""
+    """Views, kernel bank, ground truth and the input's encoding of the scene, loaded as
+    the apps load it (dpjax.scene: re-centred calibrated kernels, the central block of
+    tiles)."""
     data = Path(FLAGS.data_dir)
     pairs = {p.name: p for p in io.discover_pairs(data)}
     if FLAGS.scene not in pairs:
@@ -89,7 +90,7 @@ def load_problem(opts: scene.SceneOptions):
     if gt_aif is None or gt_def is None:
         raise app.UsageError(f"scene {FLAGS.scene}: ground truth missing or unusable "
                              f"({info.get('warnings')})")
-    return views, bank, gt_aif, gt_def
+    return views, bank, gt_aif, gt_def, info["input"]["encoding"]
 
 
 def scores(aif, dmap, gt_aif, gt_defocus):
@@ -192,14 +193,16 @@ def paper_run(views, bank, gt_aif, gt_defocus, base):
             "records": rec.records}
 
 
-def dpjax_run(name, views, bank, gt_aif, gt_defocus, opts, paper_base, refine_iters):
+def dpjax_run(name, views, bank, gt_aif, gt_defocus, opts, paper_base, refine_iters,
+              encoding):
     """A dpjax schedule's run: the MPI without refinement, then each refinement count."""
     base = presets.base_config(preset="auto", quality=name, refine_iters=0).replace(
         **{"solver.chunk_size": FLAGS.fast_eval_every})
     t0 = time.perf_counter()
     if FLAGS.fast_preset == "auto":
         cfg, _, init, _ = scene.configure(FLAGS.scene, views, bank,
-                                          dataclasses.replace(opts, base=base))
+                                          dataclasses.replace(opts, base=base),
+                                          input_encoding=encoding)
     else:
         cfg = base.replace(mpi=paper_base.mpi)
         init = None
@@ -249,7 +252,7 @@ def main(argv):
     crop = parse_rxc(FLAGS.crop, "crop")
     opts = scene.SceneOptions(base=presets.base_config(preset="auto"), preset="auto",
                               crop_tiles=crop)
-    views, bank, gt_aif, gt_defocus = load_problem(opts)
+    views, bank, gt_aif, gt_defocus, encoding = load_problem(opts)
     s_min, s_max = PAPER_RANGES.get(FLAGS.scene, (0.1, 1.6))
     paper_base = dpjax.Config().replace(**{"mpi.scale_min": s_min, "mpi.scale_max": s_max})
     runs = {}
@@ -270,7 +273,7 @@ def main(argv):
                 runs["paper"] = paper_run(views, bank, gt_aif, gt_defocus, paper_base)
         else:
             runs[name] = dpjax_run(name, views, bank, gt_aif, gt_defocus, opts, paper_base,
-                                   refine_iters)
+                                   refine_iters, encoding)
     inp = metrics.image_metrics(views.mean(0)[..., 0], gt_aif)
     summary = {"scene": FLAGS.scene, "crop": FLAGS.crop, "shape": list(views.shape),
                "input_psnr": inp["psnr"], "input_ssim": inp["ssim"],

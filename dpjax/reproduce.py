@@ -101,7 +101,7 @@ class Options:
     methods: tuple[str, ...] = ("mpi", "input", "wiener", "dp_stereo")
     preset: str = "auto"
     range_probe: bool = False
-    prior_encoding: str = "input"  # scene.SceneOptions.prior_encoding
+    prior_encoding: str = scene.PRIOR_INPUT  # scene.SceneOptions.prior_encoding
     defocus_estimator: str | None = None
     defocus_fill: bool | None = None
     search_init: bool | None = None
@@ -262,8 +262,8 @@ class Scene:
         auto = run.opts.preset == "auto"
         timings: dict[str, float] = {}
         cfg, info, init, init_info = scene.configure(
-            self.name, views, bank, scene.with_prior_encoding(run.scene_opts, loaded_info),
-            timings,
+            self.name, views, bank, run.scene_opts, timings,
+            input_encoding=loaded_info["input"]["encoding"],
             search=self.search if run.base.init.search else None,
             range_search=self.range_search if auto else None, blur_p90=run.source.blur_p90)
         seconds = timings["preset_s"] + timings.get("search_init_s", 0.0)

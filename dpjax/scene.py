@@ -283,7 +283,7 @@ class SceneOptions:
         (`losses.LossWeights.prior_encoding`): PRIOR_INPUT ("input", the default) the
         input's own encoding (linear for raw and linear files, so their
         solve is the paper's), else "linear", "srgb" or "gamma:G" for every scene;
-        set into `base` by `with_prior_encoding`.
+        resolved per scene by `configure`.
     """
 
     base: config_lib.Config
@@ -312,13 +312,10 @@ def check_prior_encoding(text: str) -> None:
                              "own)") from None
 
 
-def with_prior_encoding(opts: SceneOptions, info: dict[str, Any]) -> SceneOptions:
-    """`opts` with `base.loss.prior_encoding` set for one scene: its input's encoding
-    (`info["input"]["encoding"]`, from `load_views`) for PRIOR_INPUT, else the curve
-    asked for."""
-    enc = opts.prior_encoding
-    if enc == PRIOR_INPUT:
-        enc = info["input"]["encoding"]
+def _with_prior_encoding(opts: SceneOptions, input_encoding: str) -> SceneOptions:
+    """`opts` with `base.loss.prior_encoding` set for one scene: `input_encoding` for
+    PRIOR_INPUT, else the curve asked for."""
+    enc = input_encoding if opts.prior_encoding == PRIOR_INPUT else opts.prior_encoding
     return dataclasses.replace(opts, base=opts.base.replace(**{"loss.prior_encoding": enc}))
 
 
@@ -554,13 +551,13 @@ def prepare(name: str, pair: io.ScenePair, source: KernelSource, opts: SceneOpti
     t0 = time.perf_counter()
     views, info = load_views(pair, source, opts)
     timings["load_s"] = time.perf_counter() - t0
-    opts = with_prior_encoding(opts, info)
     warnings = input_warnings(views)
     if warnings:
         info.setdefault("warnings", []).extend(warnings)
     bank = make_bank(source, info)
-    cfg, preset_info, init, init_info = configure(name, views, bank, opts, timings,
-                                                  blur_p90=source.blur_p90)
+    cfg, preset_info, init, init_info = configure(
+        name, views, bank, opts, timings, input_encoding=info["input"]["encoding"],
+        blur_p90=source.blur_p90)
     plan, plan_info, est = plan_solve(views.shape[3], bank, cfg, opts.blocks, budget_bytes)
     gt_aif, gt_def = load_ground_truth(opts.input_dir, name, views.shape[1:3], info)
     return PreparedScene(name=name, views=views, info=info, bank=bank, cfg=cfg,
@@ -661,7 +658,7 @@ def plan_solve(channels: int, bank: KernelBank, cfg: config_lib.Config,
 
 
 def configure(name: str, views: np.ndarray, bank: KernelBank, opts: SceneOptions,
-              timings: dict[str, float] | None = None, *,
+              timings: dict[str, float] | None = None, *, input_encoding: str,
               search: tuple[presets.SearchMap, float] | None = None,
               range_search: tuple[presets.SearchMap, float] | None = None,
               blur_p90: float | None = None):
@@ -671,6 +668,9 @@ def configure(name: str, views: np.ndarray, bank: KernelBank, opts: SceneOptions
     range's grid follows the kernels' recorded blur (`presets.range_search`).
 
     Args:
+      input_encoding: how the views were encoded before `load_views` linearised them
+        (`info["input"]["encoding"]`: "linear", "srgb" or "gamma:G"); the fit's priors
+        see the layers through it when `opts.prior_encoding` is PRIOR_INPUT.
       search: (`presets.search_defocus(views, bank)`, its seconds) for the search start
         when the caller has already run it; None: run here when the start needs it.
       range_search: (`presets.range_search(...)`, its seconds) for the auto range when
@@ -679,6 +679,7 @@ def configure(name: str, views: np.ndarray, bank: KernelBank, opts: SceneOptions
       blur_p90: the kernel source's (`KernelSource.blur_p90`), for the range's grid.
     """
     timings = {} if timings is None else timings
+    opts = _with_prior_encoding(opts, input_encoding)
     search_s = range_s = 0.0
     if search is not None:
         search, search_s = search

@@ -55,11 +55,12 @@ def parse_runs(text: str) -> dict[str, tuple[str, tuple[int, int, int]]]:
     return out
 
 
-def solve(sid, views, bank, gt_aif, gt_def, opts, optimizer, budgets) -> dict:
-    """One configured solve and its scores."""
+def solve(sid, views, bank, gt_aif, gt_def, opts, optimizer, budgets, encoding) -> dict:
+    """One configured solve and its scores (`encoding`: the input's, as loaded)."""
     base = presets.base_config(preset="auto", level_iters=budgets, optimizer=optimizer)
     t0 = time.perf_counter()
-    cfg, _, init, _ = scene.configure(sid, views, bank, dataclasses.replace(opts, base=base))
+    cfg, _, init, _ = scene.configure(sid, views, bank, dataclasses.replace(opts, base=base),
+                                      input_encoding=encoding)
     res = dpjax.fit(views, bank, cfg, init=init, init_is_solution=False)
     seconds = time.perf_counter() - t0
     s = pipeline.score(np.asarray(res.all_in_focus), res.defocus, gt_all_in_focus=gt_aif,
@@ -89,12 +90,14 @@ def main(argv):
         raise app.UsageError(str(e)) from None
     opts = run.scene_opts
     for sid, pair in run.pairs.items():
-        views, bank, gt_aif, gt_def, _ = rt.load_scene(run, pair)
+        views, bank, gt_aif, gt_def, info = rt.load_scene(run, pair)
+        scene_data = (views, bank, gt_aif, gt_def, opts)
+        encoding = info["input"]["encoding"]
         for optimizer in sorted({o for o, _ in runs.values()}):  # compile, untimed
-            solve(sid, views, bank, gt_aif, gt_def, opts, optimizer, (1, 1, 1))
+            solve(sid, *scene_data, optimizer, (1, 1, 1), encoding)
         for name, (optimizer, budgets) in runs.items():
             row = {"scene": sid, "crop": FLAGS.crop, "run": name, "optimizer": optimizer,
-                   **solve(sid, views, bank, gt_aif, gt_def, opts, optimizer, budgets)}
+                   **solve(sid, *scene_data, optimizer, budgets, encoding)}
             line = json.dumps(row)
             print(line, flush=True)
             if FLAGS.jsonl:

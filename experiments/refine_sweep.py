@@ -59,7 +59,8 @@ def run_scene(sid: str, settings, data: Path, crop) -> dict:
     views, info = scene.load_views(pair, source, opts)
     bank = scene.make_bank(source, info)
     gt_aif, gt_def = scene.load_ground_truth(data, sid, views.shape[1:3], info)
-    cfg, _, init, _ = scene.configure(sid, views, bank, opts)
+    cfg, _, init, _ = scene.configure(sid, views, bank, opts,
+                                      input_encoding=info["input"]["encoding"])
     t0 = time.perf_counter()
     res = dpjax.fit(views, bank, cfg, init=init, init_is_solution=False)
     fit_s = time.perf_counter() - t0

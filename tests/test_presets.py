@@ -256,7 +256,7 @@ def test_configure_searches_the_range_with_the_kernels_recorded_blur(bank, start
     timings = {}
     half = presets.DEVELOPED_BLUR_P90 / 2
     cfg, info, init, init_info = scene_lib.configure("a", views, bank, opts, timings,
-                                                     blur_p90=half)
+                                                     input_encoding="linear", blur_p90=half)
     assert info["search_span"] == pytest.approx(0.5)
     est = presets.analyze_scale_range(
         views, bank, search=presets.search_defocus(views, bank, blur_p90=half))
@@ -267,5 +267,18 @@ def test_configure_searches_the_range_with_the_kernels_recorded_blur(bank, start
         assert init_info["confident_fraction"] == pytest.approx(developed.confident.mean())
     assert timings["preset_s"] > 0
     # Without a recorded blur: one search, the grid as developed, for both.
-    cfg, info, _, _ = scene_lib.configure("a", views, bank, opts)
+    cfg, info, _, _ = scene_lib.configure("a", views, bank, opts, input_encoding="linear")
     assert info["search_span"] == 1.0
+
+
+@pytest.mark.parametrize("asked, input_encoding, expected", [
+    (scene_lib.PRIOR_INPUT, "srgb", "srgb"), (scene_lib.PRIOR_INPUT, "linear", "linear"),
+    (scene_lib.PRIOR_INPUT, "gamma:2.2", "gamma:2.2"), ("gamma:2", "srgb", "gamma:2")])
+def test_configure_resolves_the_prior_encoding_from_the_input(bank, asked, input_encoding,
+                                                              expected):
+    # Every caller of configure gets the priors in the input's encoding unless it asks
+    # for a curve: there is no path that silently keeps the library's linear default.
+    views = dpjax.make_scene(np.random.default_rng(0), bank, num_layers=2).views
+    opts = scene_lib.SceneOptions(base=Config(), preset="paper", prior_encoding=asked)
+    cfg, *_ = scene_lib.configure("001", views, bank, opts, input_encoding=input_encoding)
+    assert cfg.loss.prior_encoding == expected
