@@ -217,7 +217,7 @@ def run_options_from_flags():
     _load_dpjax()
     from dpjax import runner, scene
 
-    base = common.base_config()
+    base, linear_solver = common.base_configs()
     if FLAGS.method == "dpanet":  # no layers to start: the preset's search start is off
         if FLAGS.search_init:
             raise app.UsageError("--search_init needs --method=mpi (DPANet has no layers to "
@@ -229,6 +229,7 @@ def run_options_from_flags():
             base=base, preset=FLAGS.preset, range_probe=FLAGS.range_probe,
             black_level=FLAGS.black_level, allow_8bit=FLAGS.allow_8bit,
             encoding=common.input_encoding(), prior_encoding=common.prior_encoding(),
+            linear_solver=linear_solver,
             crop_tiles=common.parse_rxc(FLAGS.crop, "crop"), input_dir=Path(FLAGS.input_dir),
             whole_frame=FLAGS.method == "dpanet",
             blocks=common.parse_rxc(FLAGS.blocks, "blocks")),

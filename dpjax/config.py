@@ -46,8 +46,8 @@ class SolverConfig:
 
     Attributes:
       optimizer: "adam" (the paper's) or "lbfgs" (optax.lbfgs with its zoom line
-        search; opt-in in the apps, `--optimizer=lbfgs`). The learning rates below are
-        Adam's; L-BFGS chooses its own step lengths.
+        search; the apps' default for linear input, LINEAR_INPUT_OPTIMIZER). The
+        learning rates below are Adam's; L-BFGS chooses its own step lengths.
       lbfgs_memory: L-BFGS history length m (pairs of parameter-sized arrays kept:
         2m MPI-sized buffers of memory, `dpjax.batch.estimate_solve_memory`). 5 (optax's
         default is 10): on three Pixel 4 crops the same scores as 10 (PSNR within
@@ -145,20 +145,29 @@ class SolverConfig:
 # ones, ~3x the time (on the six shared 3x4 crops: +0.13 dB PSNR, AIWE(1) 0.051 vs 0.063,
 # but 1 - |rho_s| 0.465 vs 0.433; experiments/results/pixel4.md, "--quality=best").
 ADAM_LEVEL_ITERS = {"fast": (200, 120, 20), "best": (200, 480, 60)}
-# L-BFGS (opt-in, `--optimizer=lbfgs`): in the same number of steps it reaches a lower
-# objective than Adam (on the six Pixel 4 crops 13-35% lower), each step costing ~1.15x
-# Adam's. Its "fast" budgets are half of Adam's: on the six shared 3x4 crops, against
-# Adam's fast schedule, PSNR +0.06 dB, SSIM +0.004, AIWE(1) 0.0488 vs 0.0560, 1 - |rho_s|
-# 0.483 vs 0.472, in 62% of the time. Its "best" is Adam's fast budgets: PSNR +0.10 dB,
-# AIWE(1) 0.0424, 1 - |rho_s| 0.459, in ~1.15x Adam's fast time (BENCHMARKS.md, "L-BFGS
-# for the fit").
-LBFGS_LEVEL_ITERS = {"fast": (100, 60, 10), "best": (200, 120, 20)}
+# L-BFGS (the apps' default for linear input, LINEAR_INPUT_OPTIMIZER): in the same
+# number of steps it reaches a lower objective than Adam (on the six Pixel 4 crops 13-35%
+# lower), each step costing ~1.15x Adam's. Its "fast" budgets were half of Adam's,
+# 100/60/10: on the six shared 3x4 crops, against Adam's fast schedule, PSNR +0.06 dB,
+# SSIM +0.004, AIWE(1) 0.0488 vs 0.0560, 1 - |rho_s| 0.483 vs 0.472, in 62% of the time;
+# since 2026-12-07 6 full-resolution steps instead of 10: PSNR -0.012 dB on the six crops'
+# mean (chosen on 001/005/008 among 100/40/10, 100/60/6 and 60/40/10, checked on
+# 011/013/016), AIWE(1) and 1 - |rho_s| within 0.005, 9% less time a crop (full frames:
+# BENCHMARKS.md). Its "best" is Adam's fast budgets: PSNR +0.10 dB, AIWE(1) 0.0424,
+# 1 - |rho_s| 0.459, in ~1.15x Adam's fast time (BENCHMARKS.md, "L-BFGS for the fit").
+LBFGS_LEVEL_ITERS = {"fast": (100, 60, 6), "best": (200, 120, 20)}
 QUALITY_LEVEL_ITERS = {"lbfgs": LBFGS_LEVEL_ITERS, "adam": ADAM_LEVEL_ITERS}
-# Adam stays the default: L-BFGS is better and faster on the Pixel 4 (lab or
-# self-calibrated kernels) but worse on the uncalibrated Canon R6 Mark II (depth ranks
-# 0.421 vs 0.380, plane +1.00 vs +1.16 dB; experiments/results/own_camera.md, "L-BFGS
-# for the fit on this camera").
+# Adam is the library's default and the apps' for display-referred input (8-bit, JPEG,
+# sRGB exports): on the Canon R6 Mark II's 8-bit exports L-BFGS ranks depth worse
+# (1 - |rho_s| 0.319 vs 0.274 on the six scenes, plane +1.04 vs +1.05 dB;
+# experiments/results/own_camera.md, "Image priors in the input's encoding").
 DEFAULT_OPTIMIZER = "adam"
+# The apps' optimizer for linear input (raw, 16-bit, float files) when none is asked
+# for (`presets.linear_input_solver`, resolved per scene by `dpjax.scene.configure`): on
+# the Pixel 4's raw pairs L-BFGS is as good or better in ~2/3 of Adam's time, with lab
+# and with self-calibrated kernels (six full frames: PSNR 27.31 vs 27.26 dB, 1 - |rho_s|
+# 0.158 vs 0.177, 212 vs 311 s a frame; BENCHMARKS.md, "L-BFGS for the fit").
+LINEAR_INPUT_OPTIMIZER = "lbfgs"
 # The default optimizer's budgets.
 FAST_LEVEL_ITERS = QUALITY_LEVEL_ITERS[DEFAULT_OPTIMIZER]["fast"]
 BEST_LEVEL_ITERS = QUALITY_LEVEL_ITERS[DEFAULT_OPTIMIZER]["best"]

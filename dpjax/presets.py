@@ -93,7 +93,14 @@ from typing import NamedTuple
 import numpy as np
 
 from dpjax import baselines, solver
-from dpjax.config import Config, MpiConfig, schedule
+from dpjax.config import (
+    DEFAULT_OPTIMIZER,
+    LINEAR_INPUT_OPTIMIZER,
+    Config,
+    MpiConfig,
+    SolverConfig,
+    schedule,
+)
 from dpjax.kernels import KernelBank, downsample_bank
 
 __all__ = [
@@ -274,6 +281,23 @@ def base_config(*, preset: str, quality: str | None = None, pyramid_levels: int 
             cfg = cfg.replace(**{key: value})
     return resolve_base(preset, cfg, search_init=search_init,
                         defocus_estimator_name=defocus_estimator, fill=defocus_fill)
+
+
+def linear_input_solver(**settings) -> SolverConfig | None:
+    """The solver for linear input (raw, 16-bit, float files) under `base_config`'s
+    `settings`, where it differs from `base_config(**settings).solver`; else None.
+
+    With no optimizer asked for, display-referred input is fitted with the default
+    optimizer (`config.DEFAULT_OPTIMIZER`) and linear input with
+    `config.LINEAR_INPUT_OPTIMIZER` on its own schedule (the measurements are beside
+    those constants); `dpjax.scene.configure` applies it per scene
+    (`SceneOptions.linear_solver`). None when an optimizer is asked for, and for the
+    paper preset (the paper's Adam).
+    """
+    if (settings.get("optimizer") is not None or settings["preset"] == "paper"
+            or LINEAR_INPUT_OPTIMIZER == DEFAULT_OPTIMIZER):
+        return None
+    return base_config(**{**settings, "optimizer": LINEAR_INPUT_OPTIMIZER}).solver
 
 
 def resolve(preset: str, scene_id, views, bank: KernelBank, base: Config, *,

@@ -123,15 +123,22 @@ class Options:
     dpanet_tile: int = dpanet.DEFAULT_TILE
     dpanet_overlap: int = dpanet.DEFAULT_OVERLAP
 
-    def base_config(self) -> dpjax.Config:
-        """The resolved base configuration (ValueError for invalid settings)."""
-        return presets.base_config(
+    def _settings(self) -> dict[str, Any]:
+        return dict(
             preset=self.preset, quality=self.quality, pyramid_levels=self.pyramid_levels,
             level_iters=self.level_iters, num_iters=self.num_iters,
             num_layers=self.num_layers, search_init=self.search_init,
             defocus_estimator=self.defocus_estimator, defocus_fill=self.defocus_fill,
             refine_iters=self.refine_iters,
             kernel_mass_cut=self.kernel_mass_cut, optimizer=self.optimizer)
+
+    def base_config(self) -> dpjax.Config:
+        """The resolved base configuration (ValueError for invalid settings)."""
+        return presets.base_config(**self._settings())
+
+    def linear_solver(self) -> config_lib.SolverConfig | None:
+        """The solver for linear input where it differs (`presets.linear_input_solver`)."""
+        return presets.linear_input_solver(**self._settings())
 
 
 # ----------------------------------------------------------------------------------------
@@ -344,6 +351,7 @@ def prepare_run(opts: Options, log: Log = _silent) -> Run:
                 f"{' and mpi' if opts.dpanet_init else ''} results are not held-out results")
     scene_opts = scene.SceneOptions(base=base, preset=opts.preset, range_probe=opts.range_probe,
                                     prior_encoding=opts.prior_encoding,
+                                    linear_solver=opts.linear_solver(),
                                     crop_tiles=opts.crop, input_dir=Path(opts.data_dir))
     return Run(opts=opts, methods=methods, base=base, source=source, scene_opts=scene_opts,
                pairs=pairs, model=model, log=log)
@@ -472,6 +480,7 @@ def run_dpanet(sc: Scene) -> Output:
 def _settings_mpi(run: Run) -> dict[str, Any]:
     out = {"config": config_lib.to_dict(run.base), "preset": run.opts.preset,
            "range_probe": run.opts.range_probe, "prior_encoding": run.opts.prior_encoding,
+           "linear_solver": runner.solver_record(run.scene_opts.linear_solver),
            "kernels": runner.kernel_record(run.source)}
     if run.opts.dpanet_init:  # one value: a change reads "dpanet_init ... -> null"
         out["dpanet_init"] = json.dumps(run.model.settings(run.opts), sort_keys=True)
@@ -658,7 +667,11 @@ def _header(run: Run) -> str:
              f"{','.join(map(str, s.level_iters))}" if s.level_iters else
              f"pyramid_levels={s.pyramid_levels}, num_iters={s.num_iters}, "
              f"coarse_iters={s.coarse_iters}")
-    header = (f"Pixel 4 table: preset {opts.preset}, crop {_crop_text(opts)}, {s.optimizer}, "
+    lin = run.scene_opts.linear_solver
+    optimizer = s.optimizer if lin is None else (
+        f"{s.optimizer} ({lin.optimizer} for linear input: level_iters="
+        f"{','.join(map(str, lin.level_iters or (lin.num_iters,)))})")
+    header = (f"Pixel 4 table: preset {opts.preset}, crop {_crop_text(opts)}, {optimizer}, "
               f"{sched}, num_layers={cfg.mpi.num_layers}, "
               f"recenter_kernels={opts.recenter_kernels}, "
               f"search_init={cfg.init.search}, defocus={cfg.post.defocus}, "

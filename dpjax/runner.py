@@ -76,6 +76,7 @@ __all__ = [
     "fingerprint_changes",
     "kernel_record",
     "make_fingerprint",
+    "solver_record",
     "release_host_memory",
     "run",
     "run_scene",
@@ -238,9 +239,16 @@ def fingerprint(opts: RunOptions, source: KernelSource, pair: io.ScenePair,
         return make_fingerprint(opts.method, pair, pre, config=config_lib.to_dict(s.base),
                                 preset=s.preset, range_probe=s.range_probe,
                                 prior_encoding=s.prior_encoding,
+                                linear_solver=solver_record(s.linear_solver),
                                 kernels=kernel_record(source),
                                 blocks=None if s.blocks is None else list(s.blocks))
     return make_fingerprint(opts.method, pair, pre, dpanet=dpanet_info)
+
+
+def solver_record(solver: config_lib.SolverConfig | None) -> dict[str, Any] | None:
+    """`SceneOptions.linear_solver` as results record it (fingerprints, run settings;
+    also experiments/reproduce_table.py's)."""
+    return None if solver is None else dataclasses.asdict(solver)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -1293,7 +1301,9 @@ def _run_locked(opts, st, pairs, devices, on_event, process_index, process_count
             "search_init": opts.scene.base.init.search,
             "defocus_estimator": opts.scene.base.post.defocus,
             "defocus_fill": opts.scene.base.post.fill,
-            "base_config": config_lib.to_dict(opts.scene.base), "code_version": code_version(),
+            "base_config": config_lib.to_dict(opts.scene.base),
+            "linear_input_solver": solver_record(opts.scene.linear_solver),
+            "code_version": code_version(),
             "process_count": process_count, "devices_per_process": len(devices),
             "batch_size": opts.batch_size,
             "memory_budget_gb": None if st.budget is None else round(st.budget / 1e9, 3),

@@ -284,6 +284,9 @@ class SceneOptions:
         input's own encoding (linear for raw and linear files, so their
         solve is the paper's), else "linear", "srgb" or "gamma:G" for every scene;
         resolved per scene by `configure`.
+      linear_solver: the solver for scenes whose input is linear (raw, 16-bit, float),
+        in place of `base.solver`; None: `base.solver` for every scene. The apps set
+        it to `presets.linear_input_solver` (L-BFGS when no optimizer is asked for).
     """
 
     base: config_lib.Config
@@ -297,9 +300,15 @@ class SceneOptions:
     whole_frame: bool = False
     blocks: tuple[int, int] | None = None
     prior_encoding: str = PRIOR_INPUT
+    linear_solver: config_lib.SolverConfig | None = None
 
     def __post_init__(self):
         check_prior_encoding(self.prior_encoding)
+        if (self.linear_solver is not None
+                and self.linear_solver.pyramid_levels != self.base.solver.pyramid_levels):
+            raise ValueError("linear_solver must have base's pyramid levels "
+                             f"({self.base.solver.pyramid_levels}), not "
+                             f"{self.linear_solver.pyramid_levels}")
 
 
 def check_prior_encoding(text: str) -> None:
@@ -312,11 +321,15 @@ def check_prior_encoding(text: str) -> None:
                              "own)") from None
 
 
-def _with_prior_encoding(opts: SceneOptions, input_encoding: str) -> SceneOptions:
-    """`opts` with `base.loss.prior_encoding` set for one scene: `input_encoding` for
-    PRIOR_INPUT, else the curve asked for."""
+def _for_input(opts: SceneOptions, input_encoding: str) -> SceneOptions:
+    """`opts` with `base` set for one scene whose input was encoded with
+    `input_encoding`: `loss.prior_encoding` that encoding for PRIOR_INPUT (else the
+    curve asked for), and the solver `linear_solver` for linear input when set."""
     enc = input_encoding if opts.prior_encoding == PRIOR_INPUT else opts.prior_encoding
-    return dataclasses.replace(opts, base=opts.base.replace(**{"loss.prior_encoding": enc}))
+    base = opts.base.replace(**{"loss.prior_encoding": enc})
+    if input_encoding == "linear" and opts.linear_solver is not None:
+        base = base.replace(solver=opts.linear_solver)
+    return dataclasses.replace(opts, base=base)
 
 
 def load_views(pair: io.ScenePair, source: KernelSource, opts: SceneOptions,
@@ -670,7 +683,8 @@ def configure(name: str, views: np.ndarray, bank: KernelBank, opts: SceneOptions
     Args:
       input_encoding: how the views were encoded before `load_views` linearised them
         (`info["input"]["encoding"]`: "linear", "srgb" or "gamma:G"); the fit's priors
-        see the layers through it when `opts.prior_encoding` is PRIOR_INPUT.
+        see the layers through it when `opts.prior_encoding` is PRIOR_INPUT, and
+        linear input is fitted with `opts.linear_solver` when set.
       search: (`presets.search_defocus(views, bank)`, its seconds) for the search start
         when the caller has already run it; None: run here when the start needs it.
       range_search: (`presets.range_search(...)`, its seconds) for the auto range when
@@ -679,7 +693,7 @@ def configure(name: str, views: np.ndarray, bank: KernelBank, opts: SceneOptions
       blur_p90: the kernel source's (`KernelSource.blur_p90`), for the range's grid.
     """
     timings = {} if timings is None else timings
-    opts = _with_prior_encoding(opts, input_encoding)
+    opts = _for_input(opts, input_encoding)
     search_s = range_s = 0.0
     if search is not None:
         search, search_s = search

@@ -78,10 +78,11 @@ def define_common(*, output_dir: str, presets: tuple[str, ...] = ("auto", "paper
     d.DEFINE_enum("quality", None, ["fast", "best"], "Solver schedule: fast (the default) or "
                   "best (~3x the steps with Adam, 2x with L-BFGS: for accelerators; not "
                   "with --level_iters); the budgets: dpjax.config.QUALITY_LEVEL_ITERS.")
-    d.DEFINE_enum("optimizer", None, ["lbfgs", "adam"], "The MPI fit's optimiser (default: "
-                  "dpjax.config.DEFAULT_OPTIMIZER, adam, the paper's; lbfgs: half the steps, "
-                  "a third less time on the calibrated Pixel 4, worse on the uncalibrated Canon; "
-                  "BENCHMARKS.md \"L-BFGS for the fit\").")
+    d.DEFINE_enum("optimizer", None, ["lbfgs", "adam"], "The MPI fit's optimiser for "
+                  "every scene (default: lbfgs for linear input, raw, 16-bit and float "
+                  "files, where it is as good in a third less time; adam, the paper's, for "
+                  "display-referred input, 8-bit, JPEG and sRGB, where lbfgs ranks depth "
+                  "worse; and adam with --preset=paper; dpjax.presets.linear_input_solver).")
     d.DEFINE_integer("pyramid_levels", None, "Coarse-to-fine levels (default: 3, the fast "
                      "schedule; dpjax.config.schedule).")
     d.DEFINE_list("level_iters", None, "Iterations of every pyramid level, coarsest first "
@@ -145,18 +146,20 @@ def level_iters() -> tuple[int, ...] | None:
         raise app.UsageError(f"--level_iters must be integers, got {FLAGS.level_iters}") from None
 
 
-def base_config():
-    """The resolved base configuration of the flags (`dpjax.presets.base_config`)."""
+def base_configs():
+    """(the resolved base configuration of the flags, the solver for linear input or
+    None): `dpjax.presets.base_config` and `dpjax.presets.linear_input_solver`."""
     from dpjax import presets
 
+    settings = dict(
+        preset=FLAGS.preset, quality=FLAGS.quality, pyramid_levels=FLAGS.pyramid_levels,
+        level_iters=level_iters(), num_iters=FLAGS.num_iters, num_layers=FLAGS.num_layers,
+        search_init=FLAGS.search_init, defocus_estimator=FLAGS.defocus_estimator,
+        defocus_fill=FLAGS.defocus_fill, refine_iters=FLAGS.refine_iters,
+        colour_levels=FLAGS.colour_levels, kernel_mass_cut=FLAGS.kernel_mass_cut,
+        optimizer=FLAGS.optimizer)
     try:
-        return presets.base_config(
-            preset=FLAGS.preset, quality=FLAGS.quality, pyramid_levels=FLAGS.pyramid_levels,
-            level_iters=level_iters(), num_iters=FLAGS.num_iters, num_layers=FLAGS.num_layers,
-            search_init=FLAGS.search_init, defocus_estimator=FLAGS.defocus_estimator,
-            defocus_fill=FLAGS.defocus_fill, refine_iters=FLAGS.refine_iters,
-            colour_levels=FLAGS.colour_levels, kernel_mass_cut=FLAGS.kernel_mass_cut,
-            optimizer=FLAGS.optimizer)
+        return presets.base_config(**settings), presets.linear_input_solver(**settings)
     except ValueError as e:
         raise app.UsageError(f"invalid solver settings: {e}") from None
 

@@ -1,7 +1,7 @@
 """Optimisers and schedules on Pixel 4 crops: scores and solve time without compilation.
 
   python experiments/optimizer_compare.py --scenes=001,005,008 --crop=3x4 \
-      --schedules=adam:adam:200,120,20,lbfgs:lbfgs:100,60,10 --jsonl=out/optimizers.jsonl
+      --schedules=adam:adam:200,120,20,lbfgs:lbfgs:100,60,6 --jsonl=out/optimizers.jsonl
 
 Each scene is loaded and configured as the apps do it (`dpjax.scene.configure`: the
 auto preset's layer range and search start, calibrated kernels re-centred), then solved
@@ -36,7 +36,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("data_dir", str(rt.DEFAULT_DATA_DIR), "Pixel 4 dataset folder.")
     flags.DEFINE_list("scenes", ["001", "005", "008"], "Scene ids.")
     flags.DEFINE_string("crop", "3x4", "The central RxC block of kernel tiles, or full.")
-    flags.DEFINE_string("schedules", "adam:adam:200,120,20,lbfgs:lbfgs:100,60,10",
+    flags.DEFINE_string("schedules", "adam:adam:200,120,20,lbfgs:lbfgs:100,60,6",
                         "NAME:OPTIMIZER:L1,L2,L3 entries, comma-separated.")
     flags.DEFINE_string("jsonl", None, "Also append the JSON lines to this file.")
 

@@ -51,7 +51,7 @@ def test_schedule_optimizer():
                {"num_iters": 3}):
         assert schedule(**kw).optimizer == "adam"
         assert schedule(**kw, optimizer="lbfgs").optimizer == "lbfgs"
-    assert schedule(optimizer="lbfgs").level_iters == (100, 60, 10)
+    assert schedule(optimizer="lbfgs").level_iters == (100, 60, 6)
     assert schedule(optimizer="lbfgs", quality="best").level_iters == (200, 120, 20)
     assert schedule(optimizer="lbfgs", level_iters=(10, 4)).level_iters == (10, 4)
     assert SolverConfig().optimizer == "adam"

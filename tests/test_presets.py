@@ -282,3 +282,36 @@ def test_configure_resolves_the_prior_encoding_from_the_input(bank, asked, input
     opts = scene_lib.SceneOptions(base=Config(), preset="paper", prior_encoding=asked)
     cfg, *_ = scene_lib.configure("001", views, bank, opts, input_encoding=input_encoding)
     assert cfg.loss.prior_encoding == expected
+
+
+def test_linear_input_solver_is_lbfgs_on_its_own_schedule_unless_an_optimizer_is_asked():
+    settings = dict(preset="auto")
+    linear = presets.linear_input_solver(**settings)
+    assert linear == schedule(optimizer="lbfgs")  # its own fast budgets, not Adam's
+    assert presets.base_config(**settings).solver.optimizer == "adam"
+    assert linear.level_iters != presets.base_config(**settings).solver.level_iters
+    # Explicit budgets and quality carry over, as with --optimizer=lbfgs.
+    assert presets.linear_input_solver(preset="auto", level_iters=(5, 4, 3)).level_iters == (
+        5, 4, 3)
+    assert presets.linear_input_solver(preset="auto", quality="best") == schedule(
+        quality="best", optimizer="lbfgs")
+    # An optimizer asked for holds for every input; the paper preset is the paper's Adam.
+    assert presets.linear_input_solver(preset="auto", optimizer="adam") is None
+    assert presets.linear_input_solver(preset="auto", optimizer="lbfgs") is None
+    assert presets.linear_input_solver(preset="paper") is None
+    with pytest.raises(ValueError, match="either level_iters"):
+        presets.linear_input_solver(preset="auto", level_iters=(5, 4, 3), num_iters=2)
+
+
+@pytest.mark.parametrize("input_encoding, expected", [("linear", "lbfgs"), ("srgb", "adam"),
+                                                      ("gamma:2.2", "adam")])
+def test_configure_fits_linear_input_with_the_linear_solver(bank, input_encoding, expected):
+    views = dpjax.make_scene(np.random.default_rng(0), bank, num_layers=2).views
+    base = presets.base_config(preset="paper")
+    opts = scene_lib.SceneOptions(base=base, preset="paper",
+                                  linear_solver=schedule(optimizer="lbfgs"))
+    cfg, *_ = scene_lib.configure("001", views, bank, opts, input_encoding=input_encoding)
+    assert cfg.solver.optimizer == expected
+    assert cfg.mpi.num_layers == base.mpi.num_layers  # only the solver is swapped
+    with pytest.raises(ValueError, match="linear_solver must have base's pyramid levels"):
+        scene_lib.SceneOptions(base=base, linear_solver=schedule(pyramid_levels=1))

@@ -82,7 +82,8 @@ def _opts(inp: Path, out: Path, **kw) -> runner.RunOptions:
                             radius=kw.pop("kernel_radius", 8.0))
     scene = SceneOptions(base=base, preset=preset, input_dir=inp,
                          whole_frame=method == "dpanet", blocks=kw.pop("blocks", None),
-                         prior_encoding=kw.pop("prior_encoding", PRIOR_INPUT))
+                         prior_encoding=kw.pop("prior_encoding", PRIOR_INPUT),
+                         linear_solver=kw.pop("linear_solver", None))
     return runner.RunOptions(input_dir=inp, output_dir=out, scene=scene, kernels=kernels, **kw)
 
 
@@ -512,28 +513,42 @@ def test_rerun_with_other_settings_resolves_and_says_why(tmp_path, calib_dir, ca
     assert recs["a"]["status"] == "done"  # num_layers back to 4: solved again as well
 
 
-def test_image_priors_follow_each_inputs_encoding(tmp_path):
+def test_image_priors_and_optimizer_follow_each_inputs_encoding(tmp_path):
     """By default the fit's image prior sees each scene through its file's encoding
-    (16-bit TIFF linear, 8-bit TIFF sRGB: result.json's config says which); asking for
-    another curve re-solves the scenes and says why."""
+    (16-bit TIFF linear, 8-bit TIFF sRGB: result.json's config says which), and the
+    linear scene is fitted with `linear_solver`; asking for another curve re-solves the
+    scenes and says why."""
     inp, out = tmp_path / "in", tmp_path / "out"
     _write_tiff_pair(inp, "deep", _texture(0))
     _write_tiff_pair(inp, "eight", _texture(1), dtype=np.uint8, scale=250.0)
-    kw = {"grid": (2, 2), "kernel_radius": 3.0}
+    lbfgs = schedule(pyramid_levels=TINY["pyramid_levels"], num_iters=TINY["num_iters"],
+                     optimizer="lbfgs")
+    kw = {"grid": (2, 2), "kernel_radius": 3.0, "linear_solver": lbfgs}
     assert run_solver.run_batch(_opts(inp, out, **kw)) == 0
 
     def used(name):
         result = json.loads((out / name / "result.json").read_text())
         return (result["config"]["loss"]["prior_encoding"],
-                result["preprocessing"]["input"]["encoding"])
+                result["preprocessing"]["input"]["encoding"],
+                result["config"]["solver"]["optimizer"])
 
-    assert used("deep") == ("linear", "linear") and used("eight") == ("srgb", "srgb")
+    assert used("deep") == ("linear", "linear", "lbfgs")
+    assert used("eight") == ("srgb", "srgb", "adam")
+    assert _summary(out)["linear_input_solver"]["optimizer"] == "lbfgs"
     assert run_solver.run_batch(_opts(inp, out, prior_encoding="gamma:2.2", quiet=False,
                                       **kw)) == 0
     recs = _by_scene(_summary(out))
     assert all(r["status"] == "done" for r in recs.values())
     assert "prior_encoding input -> gamma:2.2" in recs["eight"]["resolved_because"]
-    assert used("deep") == ("gamma:2.2", "linear") and used("eight") == ("gamma:2.2", "srgb")
+    assert used("deep") == ("gamma:2.2", "linear", "lbfgs")
+    assert used("eight") == ("gamma:2.2", "srgb", "adam")
+    # Without a linear solver the linear scene is fitted with base's Adam: solved
+    # again, the reason named.
+    kw.pop("linear_solver")
+    assert run_solver.run_batch(_opts(inp, out, prior_encoding="gamma:2.2", quiet=False,
+                                      **kw)) == 0
+    assert "linear_solver" in _by_scene(_summary(out))["deep"]["resolved_because"]
+    assert used("deep") == ("gamma:2.2", "linear", "adam")
     with pytest.raises(ValueError, match="prior_encoding: unknown encoding 'log'"):
         SceneOptions(base=Config(), prior_encoding="log")
 
