@@ -660,19 +660,23 @@ def write_tables(opts: Options, rows: list[dict[str, Any]], header: str) -> None
     outputs.atomic_write_bytes(out / "table.md", ("\n".join(lines) + "\n").encode())
 
 
+def _solver_text(s: config_lib.SolverConfig) -> str:
+    budgets = (f"level_iters={','.join(map(str, s.level_iters))}" if s.level_iters else
+               f"num_iters={s.num_iters}, coarse_iters={s.coarse_iters}")
+    return f"{s.optimizer}, pyramid_levels={s.pyramid_levels}, {budgets}"
+
+
+def _schedule_text(run: Run) -> str:
+    """The run's solver, and the one for linear input where it differs."""
+    lin = run.scene_opts.linear_solver
+    return _solver_text(run.base.solver) + (
+        "" if lin is None else f" ({_solver_text(lin)} for linear input)")
+
+
 def _header(run: Run) -> str:
     opts, cfg = run.opts, run.base
-    s = cfg.solver
-    sched = (f"pyramid_levels={s.pyramid_levels}, level_iters="
-             f"{','.join(map(str, s.level_iters))}" if s.level_iters else
-             f"pyramid_levels={s.pyramid_levels}, num_iters={s.num_iters}, "
-             f"coarse_iters={s.coarse_iters}")
-    lin = run.scene_opts.linear_solver
-    optimizer = s.optimizer if lin is None else (
-        f"{s.optimizer} ({lin.optimizer} for linear input: level_iters="
-        f"{','.join(map(str, lin.level_iters or (lin.num_iters,)))})")
-    header = (f"Pixel 4 table: preset {opts.preset}, crop {_crop_text(opts)}, {optimizer}, "
-              f"{sched}, num_layers={cfg.mpi.num_layers}, "
+    header = (f"Pixel 4 table: preset {opts.preset}, crop {_crop_text(opts)}, "
+              f"{_schedule_text(run)}, num_layers={cfg.mpi.num_layers}, "
               f"recenter_kernels={opts.recenter_kernels}, "
               f"search_init={cfg.init.search}, defocus={cfg.post.defocus}, "
               f"fill={cfg.post.fill}; "
@@ -700,8 +704,7 @@ def run(opts: Options, log: Log = _silent) -> list[dict[str, Any]]:
     lock.acquire()
     try:
         log(logging.INFO, f"methods {r.methods}, scenes {tuple(r.pairs)}, preset {opts.preset}, "
-                          f"crop {_crop_text(opts)}, schedule "
-                          f"{r.base.solver.level_iters or r.base.solver.num_iters}")
+                          f"crop {_crop_text(opts)}, solver {_schedule_text(r)}")
         for pair in r.pairs.values():
             sc = Scene(r, pair)
             for method in r.methods:

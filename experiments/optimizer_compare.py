@@ -59,8 +59,10 @@ def solve(sid, views, bank, gt_aif, gt_def, opts, optimizer, budgets, encoding) 
     """One configured solve and its scores (`encoding`: the input's, as loaded)."""
     base = presets.base_config(preset="auto", level_iters=budgets, optimizer=optimizer)
     t0 = time.perf_counter()
-    cfg, _, init, _ = scene.configure(sid, views, bank, dataclasses.replace(opts, base=base),
-                                      input_encoding=encoding)
+    # Each schedule names its optimizer: no separate solver for linear input.
+    cfg, _, init, _ = scene.configure(
+        sid, views, bank, dataclasses.replace(opts, base=base, linear_solver=None),
+        input_encoding=encoding)
     res = dpjax.fit(views, bank, cfg, init=init, init_is_solution=False)
     seconds = time.perf_counter() - t0
     s = pipeline.score(np.asarray(res.all_in_focus), res.defocus, gt_all_in_focus=gt_aif,

@@ -245,6 +245,8 @@ def test_reproduce_table_end_to_end(tmp_path, pixel4_dir):
             assert m["aiwe1"] is None
     dp = results["mpi"]
     assert dp["config"]["solver"]["level_iters"] == [12, 4, 2]
+    # The Pixel 4's raw pairs are linear: fitted with L-BFGS, as the table's header says.
+    assert dp["config"]["solver"]["optimizer"] == "lbfgs"
     assert dp["preset"]["name"] == "auto"
     assert dp["config"]["loss"]["alpha_tv"] == presets.AUTO_ALPHA_TV
     lo, hi = dp["preset"]["scale_range"]
@@ -261,6 +263,8 @@ def test_reproduce_table_end_to_end(tmp_path, pixel4_dir):
     assert rows[2]["aiwe1"] == ""  # input: no defocus map
     table = (out / "table.md").read_text()
     assert "AIWE(1)" in table and "| **mpi** | **mean** |" in table
+    assert ("adam, pyramid_levels=3, level_iters=12,4,2 (lbfgs, pyramid_levels=3, "
+            "level_iters=12,4,2 for linear input)") in table
 
     # A second run keeps complete results with the same settings (no --overwrite).
     stamp = (out / "mpi" / "011" / "result.json").stat().st_mtime_ns
