@@ -327,7 +327,7 @@ def _for_input(opts: SceneOptions, input_encoding: str) -> SceneOptions:
     curve asked for), and the solver `linear_solver` for linear input when set."""
     enc = input_encoding if opts.prior_encoding == PRIOR_INPUT else opts.prior_encoding
     base = opts.base.replace(**{"loss.prior_encoding": enc})
-    if input_encoding == "linear" and opts.linear_solver is not None:
+    if encoding.parse_encoding(input_encoding).is_linear and opts.linear_solver is not None:
         base = base.replace(solver=opts.linear_solver)
     return dataclasses.replace(opts, base=base)
 
