@@ -33,7 +33,14 @@ from dpjax.ray_executor import RayExecutor
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'dpjax[ray]')")
 
-from test_runner import ROOT, _case_missing_partner, _opts, _texture, _write_tiff_pair
+from test_runner import (
+    ROOT,
+    TINY_LINEAR_SOLVER,
+    _case_missing_partner,
+    _opts,
+    _texture,
+    _write_tiff_pair,
+)
 
 pytestmark = pytest.mark.slow  # ~2 min on a shared 2-core CPU (cluster start included)
 
@@ -198,7 +205,9 @@ def first_run(ray_connection, jax_cache, tmp_path_factory):
     try:
         with RayExecutor(address=ray_connection, max_retries=2,
                          compilation_cache_dir=jax_cache) as ex:
-            outcome = runner.run(_opts(inp, out, **KERNELS),
+            # The options run_solver.py builds from the rerun's flags, below.
+            outcome = runner.run(_opts(inp, out, linear_solver=TINY_LINEAR_SOLVER,
+                                       **KERNELS),
                                  executor=Traced(ex, root, VICTIMS),
                                  on_event=lambda e: records.append(e.data)
                                  if e.kind == "scene" else None)

@@ -30,6 +30,10 @@ import run_solver
 
 SIZE, TILE = 64, 32
 TINY = {"num_layers": 4, "pyramid_levels": 1, "num_iters": 5, "preset": "none", "quiet": True}
+# What run_solver.py with TINY's flags fits linear input with (no --optimizer given);
+# `_opts` keeps base's solver unless given it.
+TINY_LINEAR_SOLVER = presets.linear_input_solver(
+    **{k: v for k, v in TINY.items() if k != "quiet"})
 
 
 def _texture(seed: int, h: int = SIZE, w: int = SIZE) -> np.ndarray:
