@@ -46,7 +46,8 @@ class SolverConfig:
 
     Attributes:
       optimizer: "adam" (the paper's) or "lbfgs" (optax.lbfgs with its zoom line
-        search; the apps' default for linear input, LINEAR_INPUT_OPTIMIZER). The
+        search, each pyramid level's first step scaled by the coarser level's
+        curvature; the apps' default for linear input, LINEAR_INPUT_OPTIMIZER). The
         learning rates below are Adam's; L-BFGS chooses its own step lengths.
       lbfgs_memory: L-BFGS history length m (pairs of parameter-sized arrays kept:
         2m MPI-sized buffers of memory, `dpjax.batch.estimate_solve_memory`). 5 (optax's

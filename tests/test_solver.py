@@ -1,4 +1,7 @@
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import dpjax
@@ -72,6 +75,93 @@ def test_lbfgs_reduces_loss(scene, tiny_bank):
     res = dpjax.fit(scene.views, tiny_bank, cfg)
     assert np.all(np.isfinite(res.loss_history))
     assert res.loss_history[-1] < 0.5 * res.loss_history[0]
+
+
+_CURVATURE = 4.0  # the isotropic quadratic's Hessian is _CURVATURE * I
+
+
+def _quadratic():
+    """f(x) = c/2 |x - t|^2 over a two-leaf tree, its minimiser t and a start x0."""
+    target = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.linspace(-1.0, 1.0, 4)}
+
+    def f(x):
+        return 0.5 * _CURVATURE * sum(jnp.sum((x[k] - target[k]) ** 2) for k in x)
+
+    return f, target, jax.tree_util.tree_map(jnp.zeros_like, target)
+
+
+def _lbfgs_steps(opt, state, x, f, n):
+    for _ in range(n):
+        value, grad = optax.value_and_grad_from_state(f)(x, state=state)
+        updates, state = opt.update(grad, state, x, value=value, grad=grad, value_fn=f)
+        x = optax.apply_updates(x, updates)
+    return x, state
+
+
+def test_lbfgs_unseeded_matches_optax():
+    # Without a scale the solver's chain is optax.lbfgs with the same line search.
+    f, _, x0 = _quadratic()
+    ours = solver._make_optimizer(solver._StepConfig("lbfgs", 0.0, 0.0, 1, 5), 10)
+    ref = optax.lbfgs(memory_size=5, linesearch=optax.scale_by_zoom_linesearch(
+        max_linesearch_steps=solver.LBFGS_LINESEARCH_STEPS, initial_guess_strategy="one"))
+    x_ours, _ = _lbfgs_steps(ours, ours.init(x0), x0, f, 3)
+    x_ref, _ = _lbfgs_steps(ref, ref.init(x0), x0, f, 3)
+    for k in x0:
+        np.testing.assert_allclose(x_ours[k], x_ref[k], rtol=1e-6)
+
+
+def test_lbfgs_seeded_first_step():
+    # With the inverse Hessian's scale the first step lands on an isotropic quadratic's
+    # minimum, taken at the line search's first trial.
+    f, target, x0 = _quadratic()
+    opt = solver._make_optimizer(solver._StepConfig("lbfgs", 0.0, 0.0, 1, 5), 10)
+    state = opt.init(x0)
+    state = (state[0], state[1]._replace(scale=jnp.float32(1.0 / _CURVATURE)), *state[2:])
+    x1, state = _lbfgs_steps(opt, state, x0, f, 1)
+    for k in x0:
+        np.testing.assert_allclose(x1[k], target[k], rtol=1e-5, atol=1e-6)
+    assert int(optax.tree_utils.tree_get(state, "num_linesearch_steps")) == 1
+    # optax's own first step (length 1 here) stops far short of it.
+    x1, _ = _lbfgs_steps(opt, opt.init(x0), x0, f, 1)
+    dist = np.sqrt(sum(float(jnp.sum((x1[k] - target[k]) ** 2)) for k in x0))
+    assert dist > 5.0
+
+
+def test_next_level_scale_is_lbfgs_curvature_times_pixel_ratio():
+    f, _, x0 = _quadratic()
+    opt = solver._make_optimizer(solver._StepConfig("lbfgs", 0.0, 0.0, 1, 5), 10)
+    state = opt.init(x0)
+    assert np.isnan(solver._next_level_scale(state, 4.0))  # no history yet
+    x0 = {"a": x0["a"] + 1.0, "b": x0["b"] - 2.0}
+    _, state = _lbfgs_steps(opt, opt.init(x0), x0, f, 2)
+    np.testing.assert_allclose(solver._next_level_scale(state, 4.0), 4.0 / _CURVATURE,
+                               rtol=1e-4)
+
+
+def _first_scales(monkeypatch, name):
+    """Records the seeded scale each level's first chunk starts from."""
+    seen = []
+    orig = getattr(solver, name)
+
+    def spy(params, opt_state, step0, *args, **kwargs):
+        if int(step0) == 0:
+            seen.append((params.color_logits.shape[-2:], np.asarray(opt_state[1].scale)))
+        return orig(params, opt_state, step0, *args, **kwargs)
+
+    monkeypatch.setattr(solver, name, spy)
+    return seen
+
+
+def test_lbfgs_levels_start_from_the_coarser_curvature(scene, tiny_bank, monkeypatch):
+    seen = _first_scales(monkeypatch, "_run_chunk")
+    cfg = _cfg(**{"solver.optimizer": "lbfgs", "solver.pyramid_levels": 2,
+                  "solver.coarse_iters": 8, "solver.num_iters": 4, "solver.chunk_size": 4})
+    res = dpjax.fit(scene.views, tiny_bank, cfg)
+    assert res.level_iterations == (8, 4)
+    (coarse_shape, coarse), (fine_shape, fine) = seen
+    assert fine_shape == scene.defocus.shape and coarse_shape != fine_shape
+    assert np.isnan(coarse)  # the first level: optax's own first step
+    assert np.isfinite(fine) and fine > 0
 
 
 def test_coarse_to_fine(scene, tiny_bank):
