@@ -146,9 +146,10 @@ def _seeded_first_step() -> optax.GradientTransformationExtraArgs:
     """L-BFGS's first direction at a level, -scale * grad, when its state's scale is set.
 
     L-BFGS starts each pyramid level without history, and optax then scales the first
-    direction by a capped reciprocal of the gradient norm: on a Pixel 4 frame about 8x
-    shorter than the curvature the level goes on to measure, so the line search spent 3
-    extra trials (each a loss and gradient at the level's resolution) doubling it. The
+    direction by a capped reciprocal of the gradient norm: on a Pixel 4 frame 30-70x
+    shorter than the curvature the level goes on to measure implies, so the line search
+    spent 3 extra trials (each a loss and gradient at the level's resolution) doubling
+    it to 8x. The
     previous level's curvature (`_next_level_scale`) gives the step's length instead.
     Placed after `optax.scale_by_lbfgs` in the chain; reads the raw gradient from the
     `grad` keyword the line search also needs.
