@@ -149,8 +149,8 @@ def _seeded_first_step() -> optax.GradientTransformationExtraArgs:
     direction by a capped reciprocal of the gradient norm: on a Pixel 4 frame 30-70x
     shorter than the curvature the level goes on to measure implies, so the line search
     spent 3 extra trials (each a loss and gradient at the level's resolution) doubling
-    it to 8x. The
-    previous level's curvature (`_next_level_scale`) gives the step's length instead.
+    it to 8x. The previous level's curvature (`_next_level_scale`) gives the step's
+    length instead.
     Placed after `optax.scale_by_lbfgs` in the chain; reads the raw gradient from the
     `grad` keyword the line search also needs.
     """
