@@ -80,9 +80,10 @@ def define_common(*, output_dir: str, presets: tuple[str, ...] = ("auto", "paper
                   "with --level_iters); the budgets: dpjax.config.QUALITY_LEVEL_ITERS.")
     d.DEFINE_enum("optimizer", None, ["lbfgs", "adam"], "The MPI fit's optimiser for "
                   "every scene (default: lbfgs for linear input, raw, 16-bit and float "
-                  "files, where it is as good in ~40% less time; adam, the paper's, for "
-                  "display-referred input, 8-bit, JPEG and sRGB, where lbfgs ranks depth "
-                  "worse; and adam with --preset=paper; dpjax.presets.linear_input_solver).")
+                  "files, where it is as good in a little over half the time; adam, the "
+                  "paper's, for display-referred input, 8-bit, JPEG and sRGB, where lbfgs "
+                  "ranks depth worse; and adam with --preset=paper; "
+                  "dpjax.presets.linear_input_solver).")
     d.DEFINE_integer("pyramid_levels", None, "Coarse-to-fine levels (default: 3, the fast "
                      "schedule; dpjax.config.schedule).")
     d.DEFINE_list("level_iters", None, "Iterations of every pyramid level, coarsest first "
