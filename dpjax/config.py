@@ -165,10 +165,9 @@ QUALITY_LEVEL_ITERS = {"lbfgs": LBFGS_LEVEL_ITERS, "adam": ADAM_LEVEL_ITERS}
 DEFAULT_OPTIMIZER = "adam"
 # The apps' optimizer for linear input (raw, 16-bit, float files) when none is asked
 # for (`presets.linear_input_solver`, resolved per scene by `dpjax.scene.configure`): on
-# the Pixel 4's raw pairs L-BFGS is as good or better in ~60% of Adam's time, with lab
-# and with self-calibrated kernels (six full frames on 100/60/6: PSNR 27.30 vs 27.26 dB,
-# 1 - |rho_s| 0.159 vs 0.177; one frame 198 vs 342 s; BENCHMARKS.md, "L-BFGS for linear
-# input").
+# the Pixel 4's raw pairs L-BFGS is as good or better in a little over half of Adam's
+# time, with lab and with self-calibrated kernels (BENCHMARKS.md, "L-BFGS for linear
+# input" and "Each level's first L-BFGS step").
 LINEAR_INPUT_OPTIMIZER = "lbfgs"
 # The default optimizer's budgets.
 FAST_LEVEL_ITERS = QUALITY_LEVEL_ITERS[DEFAULT_OPTIMIZER]["fast"]
