@@ -93,6 +93,7 @@ __all__ = [
     "load_pixel_pair",
     "load_png_pair",
     "load_tiff_pair",
+    "probe_encoding",
     "read_camera_settings",
     "read_image",
     "save_calibration_kernels",
@@ -1089,6 +1090,54 @@ def load_pair_with_info(pair: ScenePair, *, black_level: float | None = None,
     return LoadedPair(views, info)
 
 
+def _header_bit_depth(path: Path) -> int | None:
+    """Bits per sample from an image file's header as `read_image` would report them
+    (None for floating point), without decoding pixels. Raises InputError when the
+    header cannot tell."""
+    suffix = path.suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tf:
+                dtype = np.dtype(tf.pages[0].dtype)
+        except Exception as e:  # tifffile raises several types for corrupt files
+            raise InputError(f"{path}: unreadable TIFF header ({type(e).__name__})") from e
+        return None if dtype.kind == "f" else 8 * dtype.itemsize
+    ihdr = _png_ihdr(path)
+    if ihdr is not None:
+        return int(ihdr[8])
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(_JPEG_SIGNATURE))
+    except OSError as e:
+        raise InputError(f"{path}: unreadable ({e})") from e
+    if suffix in (".jpg", ".jpeg") or head == _JPEG_SIGNATURE:
+        return 8
+    raise InputError(f"{path}: no PNG, TIFF or JPEG header")
+
+
+def probe_encoding(pair: ScenePair, encoding: Encoding | str = AUTO) -> Encoding | None:
+    """The encoding `load_pair_with_info` reads `pair` with, from the left file's header
+    (no pixels decoded): what a result's settings fingerprint needs before the solve.
+
+    Returns None when the header cannot tell (a missing, broken or unknown file): the
+    load then decides, and reports what is wrong.
+    """
+    requested = parse_encoding(encoding, allow_auto=True)
+    if requested is not None:
+        return requested
+    if pair.format in RAW_FORMATS:
+        return LINEAR
+    if pair.left is None:
+        return None
+    try:
+        depth = _header_bit_depth(Path(pair.left))
+    except InputError:
+        return None
+    return auto_encoding(depth, raw_format=False)
+
+
 # ----------------------------------------------------------------------------------------
 # Scene names and discovery
 
@@ -1162,18 +1211,25 @@ _FAMILY = {"png": "png", "pgm": "pgm", "tif": "tiff", "tiff": "tiff", "jpg": "jp
 _NOT_VIEWS = (WHITE_LEFT, WHITE_RIGHT)  # calibration files named like views
 
 
-def _is_grey_png(path: Path) -> bool:
-    """Whether a PNG's header says greyscale (Pixel raw views are; colour PNGs never);
-    True if unreadable, so that a broken file keeps the name-based format and fails at
-    load, naming itself."""
+def _png_ihdr(path: Path) -> bytes | None:
+    """The 13 bytes of a PNG's IHDR chunk read from the file's start (width, height, bit
+    depth at 8, colour type at 9, ...), None when the file is unreadable or no PNG."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(len(_PNG_SIGNATURE) + 8 + 13)
     except OSError:
-        return True
+        return None
     if len(head) < 29 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
-        return True
-    return head[25] in (0, 4)  # colour type: greyscale, greyscale + alpha
+        return None
+    return head[16:29]
+
+
+def _is_grey_png(path: Path) -> bool:
+    """Whether a PNG's header says greyscale (Pixel raw views are; colour PNGs never);
+    True if unreadable, so that a broken file keeps the name-based format and fails at
+    load, naming itself."""
+    ihdr = _png_ihdr(path)
+    return ihdr is None or ihdr[9] in (0, 4)  # colour type: greyscale, greyscale + alpha
 
 
 def scan_inputs(input_dir) -> Discovery:

@@ -230,16 +230,23 @@ def make_fingerprint(method: str, pair: io.ScenePair, preprocessing: dict[str, A
 
 def fingerprint(opts: RunOptions, source: KernelSource, pair: io.ScenePair,
                 dpanet_info: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything that changes a scene's output of this run (`make_fingerprint`)."""
+    """Everything that changes a scene's output of this run (`make_fingerprint`).
+
+    `SceneOptions.linear_solver` counts only for a scene read as linear (by its files'
+    headers, `io.probe_encoding`; when they cannot tell, it counts): a display-referred
+    scene is fitted with `base`'s solver whatever it is.
+    """
     s = opts.scene
     pre = {"black_level": s.black_level, "allow_8bit": s.allow_8bit,
            "encoding": s.encoding or "auto",
            "crop_tiles": None if s.crop_tiles is None else list(s.crop_tiles)}
     if opts.method == "mpi":
+        enc = io.probe_encoding(pair, s.encoding or "auto") if s.linear_solver else None
+        linear_solver = None if enc is not None and not enc.is_linear else s.linear_solver
         return make_fingerprint(opts.method, pair, pre, config=config_lib.to_dict(s.base),
                                 preset=s.preset, range_probe=s.range_probe,
                                 prior_encoding=s.prior_encoding,
-                                linear_solver=solver_record(s.linear_solver),
+                                linear_solver=solver_record(linear_solver),
                                 kernels=kernel_record(source),
                                 blocks=None if s.blocks is None else list(s.blocks))
     return make_fingerprint(opts.method, pair, pre, dpanet=dpanet_info)

@@ -304,6 +304,11 @@ class SceneOptions:
 
     def __post_init__(self):
         check_prior_encoding(self.prior_encoding)
+        if self.encoding is not None:
+            try:
+                encoding.parse_encoding(self.encoding, allow_auto=True)
+            except ValueError as e:
+                raise ValueError(f"encoding: {e}") from None
         if (self.linear_solver is not None
                 and self.linear_solver.pyramid_levels != self.base.solver.pyramid_levels):
             raise ValueError("linear_solver must have base's pyramid levels "

@@ -595,6 +595,47 @@ def test_discover_suffix_forms_at_depth_2(tmp_path):
     assert raw.views.shape == (2, 12, 16, 1) and raw.preprocessing.format == "pixel"
 
 
+def test_probe_encoding_reads_what_the_load_assumes(tmp_path):
+    """From the headers alone, the encoding the load picks: 8-bit PNG, JPEG and TIFF
+    sRGB; 16-bit PNG and TIFF, float TIFF and Pixel raw linear; a requested one as
+    asked; None for a file whose header says nothing."""
+    from dpjax import outputs
+
+    rng = np.random.default_rng(21)
+    writers = {
+        "png8": lambda p: Image.fromarray(_rgb8(rng)).save(p),
+        "png16": lambda p: outputs.write_png(p, _raw16(rng, (12, 16, 3))),
+        "jpeg": lambda p: Image.fromarray(_rgb8(rng)).save(p, format="JPEG"),
+        "tif8": lambda p: tifffile.imwrite(p, _rgb8(rng)),
+        "tif16": lambda p: tifffile.imwrite(p, _raw16(rng, (12, 16, 3))),
+        "tiff32": lambda p: tifffile.imwrite(p, rng.uniform(0, 1, (12, 16, 3)).astype(
+            np.float32)),
+    }
+    suffix = {"png8": "png", "png16": "png", "jpeg": "jpg", "tif8": "tif", "tif16": "tif",
+              "tiff32": "tiff"}
+    for name, write in writers.items():
+        for side in ("L", "R"):
+            write(tmp_path / f"{name}_{side}.{suffix[name]}")
+    for side in ("left", "right"):
+        _write_grey16(tmp_path / f"raw_{side}.png", _raw16(rng, (12, 16)))
+    pairs = {p.name: p for p in dio.discover_pairs(tmp_path)}
+    assert set(pairs) == {*writers, "raw"}
+    expected = {"png8": "srgb", "png16": "linear", "jpeg": "srgb", "tif8": "srgb",
+                "tif16": "linear", "tiff32": "linear", "raw": "linear"}
+    for name, pair in pairs.items():
+        probed = dio.probe_encoding(pair)
+        loaded = dio.load_pair_with_info(pair, pixel_preprocess=dio.Pixel4Preprocess(
+            crop_hw=None)).preprocessing.encoding
+        assert (name, str(probed)) == (name, str(loaded)) == (name, expected[name])
+    assert str(dio.probe_encoding(pairs["png8"], "gamma:2.2")) == "gamma:2.2"
+    assert str(dio.probe_encoding(pairs["tif16"], "srgb")) == "srgb"
+    broken = tmp_path / "broken_L.png"
+    broken.write_bytes(b"not an image")
+    assert dio.probe_encoding(pairs["png8"]._replace(left=broken)) is None
+    assert dio.probe_encoding(pairs["png8"]._replace(left=tmp_path / "gone.png")) is None
+    assert dio.probe_encoding(pairs["png8"]._replace(left=None)) is None
+
+
 def test_name_collisions_between_forms_stay_unique(tmp_path):
     rng = np.random.default_rng(13)
     (tmp_path / "x").mkdir()

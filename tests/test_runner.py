@@ -547,14 +547,20 @@ def test_image_priors_and_optimizer_follow_each_inputs_encoding(tmp_path):
     assert used("deep") == ("gamma:2.2", "linear", "lbfgs")
     assert used("eight") == ("gamma:2.2", "srgb", "adam")
     # Without a linear solver the linear scene is fitted with base's Adam: solved
-    # again, the reason named.
+    # again, the reason named; the sRGB scene, fitted with Adam either way, is kept.
     kw.pop("linear_solver")
+    eight_before = (out / "eight" / "result.json").read_bytes()
     assert run_solver.run_batch(_opts(inp, out, prior_encoding="gamma:2.2", quiet=False,
                                       **kw)) == 0
-    assert "linear_solver" in _by_scene(_summary(out))["deep"]["resolved_because"]
+    recs = _by_scene(_summary(out))
+    assert "linear_solver" in recs["deep"]["resolved_because"]
+    assert recs["eight"]["status"] == "skipped"
+    assert (out / "eight" / "result.json").read_bytes() == eight_before
     assert used("deep") == ("gamma:2.2", "linear", "adam")
     with pytest.raises(ValueError, match="prior_encoding: unknown encoding 'log'"):
         SceneOptions(base=Config(), prior_encoding="log")
+    with pytest.raises(ValueError, match="^encoding: unknown encoding 'log'"):
+        SceneOptions(base=Config(), encoding="log")
 
 
 def test_fingerprint_changes_names_the_difference():
