@@ -169,11 +169,23 @@ def _seeded_first_step() -> optax.GradientTransformationExtraArgs:
     return optax.GradientTransformationExtraArgs(init, update)
 
 
+# Where the L-BFGS chain (`_make_optimizer`) keeps scale_by_lbfgs's state and the seeded
+# first step's (`_FirstStepState`).
+_LBFGS_STATE, _SEED_STATE = 0, 1
+
+
+def _with_first_scale(opt_state: tuple, scale: jax.Array) -> tuple:
+    """The L-BFGS chain's state with the seeded first step's scale set."""
+    seed = opt_state[_SEED_STATE]._replace(scale=scale)
+    return opt_state[:_SEED_STATE] + (seed,) + opt_state[_SEED_STATE + 1:]
+
+
 def _make_optimizer(cfg: _StepConfig, num_steps) -> optax.GradientTransformation:
     if cfg.optimizer == "adam":
         return optax.adam(_lr_schedule(cfg, num_steps))
     # optax.lbfgs's chain with the seeded first step after the preconditioner; its state
-    # is (scale_by_lbfgs's, _FirstStepState, scale's, the line search's).
+    # is (scale_by_lbfgs's, _FirstStepState, scale's, the line search's): the indices
+    # _LBFGS_STATE and _SEED_STATE.
     return optax.chain(
         optax.scale_by_lbfgs(memory_size=cfg.lbfgs_memory),
         _seeded_first_step(),
@@ -192,7 +204,7 @@ def _next_level_scale(opt_state, pixel_ratio: float) -> jax.Array:
     each level was 1.6-4x the previous level's final one for a ratio of 4). NaN (optax's
     own first step) when the memory holds no pair of positive curvature.
     """
-    lbfgs = opt_state[0]
+    lbfgs = opt_state[_LBFGS_STATE]
     leaves = zip(jax.tree_util.tree_leaves(lbfgs.diff_params_memory),
                  jax.tree_util.tree_leaves(lbfgs.diff_updates_memory))
     sy = jnp.float32(0.0)
@@ -764,8 +776,7 @@ def _solve(scenes: Sequence[_Scene], *, batched: bool,
             opt_state = jax.tree_util.tree_map(
                 jnp.copy, (jax.vmap(opt_init) if batched else opt_init)(params))
             if step_cfg.optimizer == "lbfgs" and first_scale is not None:
-                opt_state = (opt_state[0], opt_state[1]._replace(scale=first_scale),
-                             *opt_state[2:])
+                opt_state = _with_first_scale(opt_state, first_scale)
             prev_mean: list[float | None] = [None] * num
             last_loss = np.full(num, np.nan)
             while done < budget:

@@ -40,6 +40,29 @@ def tiny_bank():
     return dpjax.KernelBank.create(kernels, rows=2, cols=2, tile_h=32, tile_w=48)
 
 
+@pytest.fixture
+def first_step_scales(monkeypatch):
+    """spy(name) wraps `dpjax.solver.<name>` (`_run_chunk` or `_run_chunk_batch`) and
+    returns a list that gets, for each pyramid level's first chunk, (the parameters'
+    [H, W], the seeded first-step scale it starts from: a scalar, or [B] in a batch)."""
+    from dpjax import solver
+
+    def spy_on(name):
+        seen = []
+        orig = getattr(solver, name)
+
+        def spy(params, opt_state, step0, *args, **kwargs):
+            if int(step0) == 0:
+                seen.append((params.color_logits.shape[-2:],
+                             np.asarray(opt_state[solver._SEED_STATE].scale)))
+            return orig(params, opt_state, step0, *args, **kwargs)
+
+        monkeypatch.setattr(solver, name, spy)
+        return seen
+
+    return spy_on
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real two-node Ray cluster on this machine: a head and one more node (separate

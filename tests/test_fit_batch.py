@@ -98,20 +98,13 @@ def test_compiles_once_per_level(solved, bank, views):
     assert solver._run_chunk_batch._cache_size() == before
 
 
-def test_lbfgs_batch_matches_separate_fits(bank, views, monkeypatch):
+def test_lbfgs_batch_matches_separate_fits(bank, views, first_step_scales):
     # L-BFGS (--optimizer=lbfgs): each scene's line search runs in the batch as alone,
     # and each starts the finer level from its own curvature.
     cfg = _cfg(**{"solver.optimizer": "lbfgs", "solver.lbfgs_memory": 3, "refine.iters": 0})
-    scales = []
-    orig = solver._run_chunk_batch
-
-    def spy(params, opt_state, step0, *args, **kwargs):
-        if int(step0) == 0:
-            scales.append(np.asarray(opt_state[1].scale))
-        return orig(params, opt_state, step0, *args, **kwargs)
-
-    monkeypatch.setattr(solver, "_run_chunk_batch", spy)
+    seen = first_step_scales("_run_chunk_batch")
     batch = dpjax.fit_batch(views, bank, cfg)
+    scales = [scale for _, scale in seen]
     assert len(scales) == 2 and scales[1].shape == (2,)
     assert np.all(np.isnan(scales[0])) and np.all(scales[1] > 0)
     assert scales[1][0] != scales[1][1]

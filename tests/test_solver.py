@@ -116,7 +116,7 @@ def test_lbfgs_seeded_first_step():
     f, target, x0 = _quadratic()
     opt = solver._make_optimizer(solver._StepConfig("lbfgs", 0.0, 0.0, 1, 5), 10)
     state = opt.init(x0)
-    state = (state[0], state[1]._replace(scale=jnp.float32(1.0 / _CURVATURE)), *state[2:])
+    state = solver._with_first_scale(state, jnp.float32(1.0 / _CURVATURE))
     x1, state = _lbfgs_steps(opt, state, x0, f, 1)
     for k in x0:
         np.testing.assert_allclose(x1[k], target[k], rtol=1e-5, atol=1e-6)
@@ -138,22 +138,8 @@ def test_next_level_scale_is_lbfgs_curvature_times_pixel_ratio():
                                rtol=1e-4)
 
 
-def _first_scales(monkeypatch, name):
-    """Records the seeded scale each level's first chunk starts from."""
-    seen = []
-    orig = getattr(solver, name)
-
-    def spy(params, opt_state, step0, *args, **kwargs):
-        if int(step0) == 0:
-            seen.append((params.color_logits.shape[-2:], np.asarray(opt_state[1].scale)))
-        return orig(params, opt_state, step0, *args, **kwargs)
-
-    monkeypatch.setattr(solver, name, spy)
-    return seen
-
-
-def test_lbfgs_levels_start_from_the_coarser_curvature(scene, tiny_bank, monkeypatch):
-    seen = _first_scales(monkeypatch, "_run_chunk")
+def test_lbfgs_levels_start_from_the_coarser_curvature(scene, tiny_bank, first_step_scales):
+    seen = first_step_scales("_run_chunk")
     cfg = _cfg(**{"solver.optimizer": "lbfgs", "solver.pyramid_levels": 2,
                   "solver.coarse_iters": 8, "solver.num_iters": 4, "solver.chunk_size": 4})
     res = dpjax.fit(scene.views, tiny_bank, cfg)
