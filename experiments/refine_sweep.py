@@ -6,8 +6,8 @@ all-in-focus image".)
       --output=experiments/results/refine_sweep_dev.json
 
 Each scene is loaded, configured and fitted once exactly as experiments/reproduce_table.py
-does it (calibrated Pixel 4 kernels, the auto preset, today's defaults, refinement
-off); then every --settings item refines that same fit (`refine.refine_all_in_focus`
+does it (calibrated Pixel 4 kernels, the auto preset, today's defaults with the raw views fitted by the apps' solver
+for linear input, refinement off); then every --settings item refines that same fit (`refine.refine_all_in_focus`
 at full resolution of the crop) and is scored against the ground truth, next to the
 input, the fit's image and `baselines.wiener_deconvolve` at the fit's defocus map.
 Settings are NAME:key=value;... of `dpjax.refine.RefineConfig`. Prints a Markdown table
@@ -48,13 +48,16 @@ def parse_setting(text: str) -> tuple[str, refine.RefineConfig]:
     return name, refine.RefineConfig(**kw)
 
 
-def run_scene(sid: str, settings, data: Path, crop) -> dict:
+def run_scene(sid: str, refinements, data: Path, crop) -> dict:
     # The apps' defaults (fast coarse-to-fine schedule, auto preset's start and reading);
     # a bare Config() would be the library's single-level 1000-step solver.
-    base = presets.base_config(preset="auto", refine_iters=0)  # the fit alone
+    settings = {"preset": "auto", "refine_iters": 0}  # the fit alone
+    base = presets.base_config(**settings)
     source = scene.kernel_source(scene.KernelOptions(calib_dir=data / "calibration"),
                                  2 ** (base.solver.pyramid_levels - 1), crop)
-    opts = scene.SceneOptions(base=base, preset="auto", input_dir=data)
+    # The raw views are linear: fitted with the apps' solver for linear input.
+    opts = scene.SceneOptions(base=base, preset="auto", input_dir=data,
+                              linear_solver=presets.linear_input_solver(**settings))
     pair = io.ScenePair(sid, data / f"{sid}_left.png", data / f"{sid}_right.png", "pixel")
     views, info = scene.load_views(pair, source, opts)
     bank = scene.make_bank(source, info)
@@ -75,7 +78,7 @@ def run_scene(sid: str, settings, data: Path, crop) -> dict:
     rows["wiener"] = sc(baselines.wiener_deconvolve(views, bank, res.defocus,
                                                     cfg.mpi.scales()))
     rows["wiener"]["seconds"] = time.perf_counter() - t0
-    for name, rc in settings:
+    for name, rc in refinements:
         done = solver.finish_fit(views, bank, cfg.replace(refine=rc), res.params)
         ref, img = done.refine, done.all_in_focus_raw
         rows[name] = {**sc(img), "seconds": ref["seconds"], "iterations": ref["iterations"],
@@ -87,7 +90,8 @@ def run_scene(sid: str, settings, data: Path, crop) -> dict:
         logging.info("%s %s: PSNR %.2f (fit %.2f, wiener %.2f) in %.0f s", sid, name,
                      rows[name]["psnr"], rows["fit"]["psnr"], rows["wiener"]["psnr"],
                      ref["seconds"])
-    return {"rows": rows, "fit_s": fit_s, "shape": list(views.shape)}
+    return {"rows": rows, "fit_s": fit_s, "shape": list(views.shape),
+            "optimizer": cfg.solver.optimizer, "level_iters": list(cfg.solver.level_iters)}
 
 
 def main(argv):
