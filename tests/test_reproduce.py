@@ -19,6 +19,10 @@ from dpjax import reproduce as rt
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "reproduce_table.py"
+# The in-process runs that test what feeds the solve (range, start), not the solve: one
+# small configuration, so that they share one set of compiled programs (compilation is
+# most of their time; the end-to-end run keeps the defaults' shape).
+SMALL_SOLVE = {"level_iters": (2,), "num_layers": 4, "refine_iters": 0}
 
 
 @pytest.fixture(scope="module")
@@ -277,8 +281,8 @@ def test_reproduce_table_end_to_end(tmp_path, pixel4_dir):
 def test_range_probe_serves_mpi_only(tmp_path, pixel4_dir):
     out = tmp_path / "out"
     rt.run(rt.Options(data_dir=pixel4_dir, output_dir=out, scenes=("011",), crop=(1, 1),
-                      methods=("mpi", "dp_stereo"), level_iters=(4, 2, 2),
-                      range_probe=True, quiet=True))
+                      methods=("mpi", "dp_stereo"), range_probe=True, quiet=True,
+                      **SMALL_SOLVE))
     dp = json.loads((out / "mpi" / "011" / "result.json").read_text())["preset"]
     st = json.loads((out / "dp_stereo" / "011" / "result.json").read_text())
     probe, search = dp["range_estimate"], st["preset"]["range_estimate"]
@@ -297,7 +301,7 @@ def test_search_init_is_recorded_and_shared(tmp_path, pixel4_dir,
     search = presets.search_defocus
     monkeypatch.setattr(presets, "search_defocus", lambda *a: calls.append(1) or search(*a))
     opts = rt.Options(data_dir=pixel4_dir, output_dir=out, scenes=("011",), crop=(1, 1),
-                      methods=("mpi", "dp_stereo"), level_iters=(4, 2, 2), quiet=True)
+                      methods=("mpi", "dp_stereo"), quiet=True, **SMALL_SOLVE)
     assert opts.preset == "auto" and opts.search_init is None  # on: the auto preset's default
     rt.run(opts)
     assert len(calls) == 1  # one search: the range of both methods and the start
@@ -335,7 +339,7 @@ def test_recorded_blur_scales_the_shared_range_search(tmp_path, pixel4_dir, monk
     monkeypatch.setattr(presets, "search_defocus", counted)
     out = tmp_path / "out"
     rt.run(rt.Options(data_dir=data, output_dir=out, scenes=("011",), crop=(1, 1),
-                      methods=("mpi", "dp_stereo"), level_iters=(4, 2, 2), quiet=True))
+                      methods=("mpi", "dp_stereo"), quiet=True, **SMALL_SOLVE))
     assert sorted(spans) == pytest.approx([1.0, span])
     dp = json.loads((out / "mpi" / "011" / "result.json").read_text())
     st = json.loads((out / "dp_stereo" / "011" / "result.json").read_text())
