@@ -47,7 +47,9 @@ def _scenes(n: int, seed: int) -> list[np.ndarray]:
 
 def _opts(inp: Path, out: Path, **kernels) -> runner.RunOptions:
     cfg = Config(solver=schedule(pyramid_levels=1, num_iters=5))
-    cfg = cfg.replace(**{"mpi.num_layers": 4, "init.search": False})
+    # No refinement: the kernels' fit is under test, and its compilation would be most
+    # of the solves' time.
+    cfg = cfg.replace(**{"mpi.num_layers": 4, "init.search": False, "refine.iters": 0})
     return runner.RunOptions(input_dir=inp, output_dir=out,
                              scene=SceneOptions(base=cfg, preset="none", input_dir=inp),
                              kernels=KernelOptions(**kernels))
