@@ -29,7 +29,10 @@ sys.path.insert(0, str(ROOT))
 import run_solver
 
 SIZE, TILE = 64, 32
-TINY = {"num_layers": 4, "pyramid_levels": 1, "num_iters": 5, "preset": "none", "quiet": True}
+# No refinement: these tests are about the runner, and the refinement's compilation
+# would be much of each solve's time (test_ray_runner.py's rerun passes the same flag).
+TINY = {"num_layers": 4, "pyramid_levels": 1, "num_iters": 5, "preset": "none",
+        "refine_iters": 0, "quiet": True}
 # What run_solver.py with TINY's flags fits linear input with (no --optimizer given);
 # `_opts` keeps base's solver unless given it.
 TINY_LINEAR_SOLVER = presets.linear_input_solver(
@@ -77,7 +80,8 @@ def _opts(inp: Path, out: Path, **kw) -> runner.RunOptions:
         search_init = False
     cfg = Config(solver=schedule(pyramid_levels=kw.pop("pyramid_levels"),
                                  num_iters=kw.pop("num_iters")))
-    cfg = cfg.replace(**{"mpi.num_layers": kw.pop("num_layers")})
+    cfg = cfg.replace(**{"mpi.num_layers": kw.pop("num_layers"),
+                         "refine.iters": kw.pop("refine_iters")})
     base = presets.resolve_base(preset, cfg, search_init=search_init,
                                 defocus_estimator_name=kw.pop("defocus_estimator", None))
     calib = kw.pop("calib_dir", None)
