@@ -6,10 +6,11 @@ all-in-focus image".)
       --output=experiments/results/refine_sweep_dev.json
 
 Each scene is loaded, configured and fitted once exactly as experiments/reproduce_table.py
-does it (calibrated Pixel 4 kernels, the auto preset, today's defaults with the raw views fitted by the apps' solver
-for linear input, refinement off); then every --settings item refines that same fit (`refine.refine_all_in_focus`
-at full resolution of the crop) and is scored against the ground truth, next to the
-input, the fit's image and `baselines.wiener_deconvolve` at the fit's defocus map.
+does it (calibrated Pixel 4 kernels, the auto preset, today's defaults with the raw
+views fitted by the apps' solver for linear input, refinement off); then every
+--settings item refines that same fit (`refine.refine_all_in_focus` at full resolution
+of the crop) and is scored against the ground truth, next to the input, the fit's image
+and `baselines.wiener_deconvolve` at the fit's defocus map.
 Settings are NAME:key=value;... of `dpjax.refine.RefineConfig`. Prints a Markdown table
 of the means and writes every number (and each refinement's seconds) to --output.
 """

@@ -278,8 +278,8 @@ def test_rerun_from_the_command_line_skips_everything(first_run, ray_connection)
     args = [sys.executable, str(ROOT / "run_solver.py"), "--input_dir=in",
             "--output_dir=out", "--grid=2x2", "--kernel_radius=3", "--num_layers=4",
             "--pyramid_levels=1", "--num_iters=5", "--preset=none", "--refine_iters=0",
-            "--quiet", "--executor=ray", f"--ray_address={ray_connection}", "--ray_max_retries=1",
-            f"--compilation_cache_dir={cache}"]
+            "--quiet", "--executor=ray", f"--ray_address={ray_connection}",
+            "--ray_max_retries=1", f"--compilation_cache_dir={cache}"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
                                                        os.environ.get("PYTHONPATH")]))}

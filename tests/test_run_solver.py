@@ -118,8 +118,8 @@ def test_two_processes_cover_each_scene_once(tmp_path):
     args = [sys.executable, str(ROOT / "run_solver.py"), f"--input_dir={inp}",
             f"--output_dir={out}", "--grid=2x2", "--kernel_radius=3", "--kernel_smooth=0.5",
             "--num_layers=4", "--pyramid_levels=1", "--num_iters=5", "--preset=none",
-            "--refine_iters=0", "--quiet", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-            "--distributed_timeout_s=120"]
+            "--refine_iters=0", "--quiet", f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2", "--distributed_timeout_s=120"]
     procs = [subprocess.Popen(args + [f"--process_id={k}"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
              for k in range(2)]
