@@ -283,6 +283,12 @@ def _parse_png(data: bytes, name: str) -> _PngInfo:
         (crc,) = struct.unpack(">I", data[end:end + 4])
         if zlib.crc32(body, zlib.crc32(ctype)) != crc:
             raise InputError(f"{name}: corrupt PNG (CRC mismatch in chunk {ctype!r})")
+        # The spec: IHDR first, and once (a reader taking another one would disagree
+        # with `_png_ihdr`, which reads the first).
+        if header is None and ctype != b"IHDR":
+            raise InputError(f"{name}: corrupt PNG (no IHDR chunk first)")
+        if header is not None and ctype == b"IHDR":
+            raise InputError(f"{name}: corrupt PNG (a second IHDR chunk)")
         if ctype == b"IHDR":
             if length != 13:
                 raise InputError(f"{name}: corrupt PNG (IHDR length {length})")
@@ -292,8 +298,6 @@ def _parse_png(data: bytes, name: str) -> _PngInfo:
         elif ctype == b"IEND":
             break
         pos = end + 4
-    if header is None:
-        raise InputError(f"{name}: corrupt PNG (no IHDR chunk)")
     width, height, depth, colour, _, _, interlace = header
     if width == 0 or height == 0:
         raise InputError(f"{name}: PNG has zero size {height}x{width}")
@@ -1093,8 +1097,21 @@ def load_pair_with_info(pair: ScenePair, *, black_level: float | None = None,
 def _header_bit_depth(path: Path) -> int | None:
     """Bits per sample from an image file's header as `read_image` would report them
     (None for floating point), without decoding pixels. Raises InputError when the
-    header cannot tell."""
+    header cannot tell, and for PGM (raw sensor data, whose encoding is not automatic)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(_PNG_SIGNATURE))
+    except OSError as e:
+        raise InputError(f"{path}: unreadable ({e})") from e
+    # read_image's order of formats, so that both take a file for the same kind.
     suffix = path.suffix.lower()
+    if suffix == ".png" or head.startswith(_PNG_SIGNATURE):
+        ihdr = _png_ihdr(path)
+        if ihdr is None:
+            raise InputError(f"{path}: no PNG header")
+        return int(ihdr[8])
+    if suffix == ".pgm" or head[:2] in (b"P5", b"P2"):
+        raise InputError(f"{path}: a PGM file's encoding is decided when it is read")
     if suffix in (".tif", ".tiff"):
         import tifffile
 
@@ -1104,17 +1121,9 @@ def _header_bit_depth(path: Path) -> int | None:
         except Exception as e:  # tifffile raises several types for corrupt files
             raise InputError(f"{path}: unreadable TIFF header ({type(e).__name__})") from e
         return None if dtype.kind == "f" else 8 * dtype.itemsize
-    ihdr = _png_ihdr(path)
-    if ihdr is not None:
-        return int(ihdr[8])
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(len(_JPEG_SIGNATURE))
-    except OSError as e:
-        raise InputError(f"{path}: unreadable ({e})") from e
-    if suffix in (".jpg", ".jpeg") or head == _JPEG_SIGNATURE:
+    if suffix in (".jpg", ".jpeg") or head.startswith(_JPEG_SIGNATURE):
         return 8
-    raise InputError(f"{path}: no PNG, TIFF or JPEG header")
+    raise InputError(f"{path}: no PNG, PGM, TIFF or JPEG header")
 
 
 def probe_encoding(pair: ScenePair, encoding: Encoding | str = AUTO) -> Encoding | None:

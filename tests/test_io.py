@@ -634,6 +634,33 @@ def test_probe_encoding_reads_what_the_load_assumes(tmp_path):
     assert dio.probe_encoding(pairs["png8"]._replace(left=broken)) is None
     assert dio.probe_encoding(pairs["png8"]._replace(left=tmp_path / "gone.png")) is None
     assert dio.probe_encoding(pairs["png8"]._replace(left=None)) is None
+    # A 16-bit PGM named .jpg: read as the PGM it is (linear), which its name alone
+    # would not say, so the probe does not tell.
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    for side in ("L", "R"):
+        _write_pgm(odd / f"x_{side}.jpg", _raw16(rng, (12, 16)), 65535)
+    (pgm_as_jpeg,) = dio.discover_pairs(odd)
+    assert pgm_as_jpeg.format == "jpeg" and dio.probe_encoding(pgm_as_jpeg) is None
+    assert str(dio.load_pair_with_info(pgm_as_jpeg).preprocessing.encoding) == "linear"
+
+
+def test_png_ihdr_must_come_first_and_once(tmp_path):
+    """So that every reader takes the same header (the probe reads the first)."""
+    good = _png_bytes(np.zeros((4, 5), np.uint8))
+    sig, ihdr_chunk, rest = good[:8], good[8:33], good[33:]
+    ihdr16 = bytearray(ihdr_chunk)
+    ihdr16[16] = 16  # bit depth
+    body = bytes(ihdr16[4:21])
+    ihdr16[21:25] = struct.pack(">I", zlib.crc32(body))
+    for name, data, message in (
+            ("twice.png", sig + ihdr_chunk + bytes(ihdr16) + rest, "a second IHDR chunk"),
+            ("late.png", sig + rest[:-12] + ihdr_chunk + rest[-12:], "no IHDR chunk first")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(dio.InputError, match=message):
+            dio.read_image(tmp_path / name)
+    (tmp_path / "good.png").write_bytes(good)
+    assert dio.read_image(tmp_path / "good.png")[1] == 8
 
 
 def test_name_collisions_between_forms_stay_unique(tmp_path):
