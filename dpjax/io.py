@@ -256,6 +256,15 @@ def _normalise_pair_peak(left: np.ndarray, right: np.ndarray,
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_HEAD = len(_PNG_SIGNATURE) + 8 + 13  # bytes up to the end of IHDR's body
+
+
+def _ihdr_of(head: bytes) -> bytes | None:
+    """The 13 bytes of a PNG's IHDR chunk from the file's first _PNG_HEAD bytes (width,
+    height, bit depth at 8, colour type at 9, ...), None when they are no PNG's."""
+    if len(head) < _PNG_HEAD or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
+        return None
+    return head[16:_PNG_HEAD]
 
 
 class _PngInfo(NamedTuple):
@@ -284,7 +293,7 @@ def _parse_png(data: bytes, name: str) -> _PngInfo:
         if zlib.crc32(body, zlib.crc32(ctype)) != crc:
             raise InputError(f"{name}: corrupt PNG (CRC mismatch in chunk {ctype!r})")
         # The spec: IHDR first, and once (a reader taking another one would disagree
-        # with `_png_ihdr`, which reads the first).
+        # with `_ihdr_of`, which reads the first).
         if header is None and ctype != b"IHDR":
             raise InputError(f"{name}: corrupt PNG (no IHDR chunk first)")
         if header is not None and ctype == b"IHDR":
@@ -458,20 +467,36 @@ def read_image(path: str | Path) -> tuple[np.ndarray, int | None]:
     """
     path = Path(path)
     data = _read_bytes(path, "image")
-    suffix = path.suffix.lower()
-    if suffix == ".png" or data.startswith(_PNG_SIGNATURE):
+    kind = _image_kind(path, data)
+    if kind == "png":
         return _decode_png(data, str(path))
-    if suffix == ".pgm" or data[:2] in (b"P5", b"P2"):
+    if kind == "pgm":
         return _decode_pgm(data, str(path))
-    if suffix in (".tif", ".tiff"):
+    if kind == "tiff":
         return _decode_tiff(data, str(path))
-    if suffix in (".jpg", ".jpeg") or data.startswith(_JPEG_SIGNATURE):
+    if kind == "jpeg":
         return _decode_jpeg(data, str(path))
     raise InputError(f"{path}: unknown image format (expected .png, .pgm, .tif, .tiff, "
                      ".jpg or .jpeg)")
 
 
 _JPEG_SIGNATURE = b"\xff\xd8\xff"
+
+
+def _image_kind(path: Path, head: bytes) -> str | None:
+    """Which decoder reads a file ("png", "pgm", "tiff", "jpeg"; None: none), from its
+    suffix and its first bytes (8 are enough): the one rule for `read_image` and the
+    header probe (`probe_encoding`), so that both take a file for the same kind."""
+    suffix = path.suffix.lower()
+    if suffix == ".png" or head.startswith(_PNG_SIGNATURE):
+        return "png"
+    if suffix == ".pgm" or head[:2] in (b"P5", b"P2"):
+        return "pgm"
+    if suffix in (".tif", ".tiff"):
+        return "tiff"
+    if suffix in (".jpg", ".jpeg") or head.startswith(_JPEG_SIGNATURE):
+        return "jpeg"
+    return None
 
 
 def _decode_jpeg(data: bytes, name: str) -> tuple[np.ndarray, int]:
@@ -1100,19 +1125,18 @@ def _header_bit_depth(path: Path) -> int | None:
     header cannot tell, and for PGM (raw sensor data, whose encoding is not automatic)."""
     try:
         with open(path, "rb") as fh:
-            head = fh.read(len(_PNG_SIGNATURE))
+            head = fh.read(_PNG_HEAD)
     except OSError as e:
         raise InputError(f"{path}: unreadable ({e})") from e
-    # read_image's order of formats, so that both take a file for the same kind.
-    suffix = path.suffix.lower()
-    if suffix == ".png" or head.startswith(_PNG_SIGNATURE):
-        ihdr = _png_ihdr(path)
+    kind = _image_kind(path, head)
+    if kind == "png":
+        ihdr = _ihdr_of(head)
         if ihdr is None:
             raise InputError(f"{path}: no PNG header")
         return int(ihdr[8])
-    if suffix == ".pgm" or head[:2] in (b"P5", b"P2"):
+    if kind == "pgm":
         raise InputError(f"{path}: a PGM file's encoding is decided when it is read")
-    if suffix in (".tif", ".tiff"):
+    if kind == "tiff":
         import tifffile
 
         try:
@@ -1121,7 +1145,7 @@ def _header_bit_depth(path: Path) -> int | None:
         except Exception as e:  # tifffile raises several types for corrupt files
             raise InputError(f"{path}: unreadable TIFF header ({type(e).__name__})") from e
         return None if dtype.kind == "f" else 8 * dtype.itemsize
-    if suffix in (".jpg", ".jpeg") or head.startswith(_JPEG_SIGNATURE):
+    if kind == "jpeg":
         return 8
     raise InputError(f"{path}: no PNG, PGM, TIFF or JPEG header")
 
@@ -1220,24 +1244,15 @@ _FAMILY = {"png": "png", "pgm": "pgm", "tif": "tiff", "tiff": "tiff", "jpg": "jp
 _NOT_VIEWS = (WHITE_LEFT, WHITE_RIGHT)  # calibration files named like views
 
 
-def _png_ihdr(path: Path) -> bytes | None:
-    """The 13 bytes of a PNG's IHDR chunk read from the file's start (width, height, bit
-    depth at 8, colour type at 9, ...), None when the file is unreadable or no PNG."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(len(_PNG_SIGNATURE) + 8 + 13)
-    except OSError:
-        return None
-    if len(head) < 29 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
-        return None
-    return head[16:29]
-
-
 def _is_grey_png(path: Path) -> bool:
     """Whether a PNG's header says greyscale (Pixel raw views are; colour PNGs never);
     True if unreadable, so that a broken file keeps the name-based format and fails at
     load, naming itself."""
-    ihdr = _png_ihdr(path)
+    try:
+        with open(path, "rb") as fh:
+            ihdr = _ihdr_of(fh.read(_PNG_HEAD))
+    except OSError:
+        return True
     return ihdr is None or ihdr[9] in (0, 4)  # colour type: greyscale, greyscale + alpha
 
 
