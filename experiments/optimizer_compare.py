@@ -5,11 +5,11 @@
 
 Each scene is loaded and configured as the apps do it (`dpjax.scene.configure`: the
 auto preset's layer range and search start, calibrated kernels re-centred), then solved
-once per --schedules entry NAME:OPTIMIZER:L1,L2,L3 (the iteration budgets of the three
-pyramid levels, coarsest first; everything else the apps' defaults, refinement
-included). Before the timed runs, every optimiser named is run once with one iteration
-per level, so that the timed runs reuse compiled code and their seconds compare the
-schedules, not compilation. Per scene and run one JSON line: seconds (configuration and
+once per --schedules entry NAME:OPTIMIZER:L1,L2,... (the iteration budgets of the
+pyramid levels, coarsest first, one level or more; everything else the apps' defaults,
+refinement included). Before the timed runs, every optimiser and level count named is
+run once with one iteration per level, so that the timed runs reuse compiled code and
+their seconds compare the schedules, not compilation. Per scene and run one JSON line: seconds (configuration and
 solve), the final objective, the image's PSNR / SSIM, AIWE(1), 1 - |rho_s|, and the
 Wiener filter's PSNR at the run's own defocus map.
 """
@@ -37,21 +37,36 @@ def _define_flags() -> None:
     flags.DEFINE_list("scenes", ["001", "005", "008"], "Scene ids.")
     flags.DEFINE_string("crop", "3x4", "The central RxC block of kernel tiles, or full.")
     flags.DEFINE_string("schedules", "adam:adam:200,120,20,lbfgs:lbfgs:100,60,6",
-                        "NAME:OPTIMIZER:L1,L2,L3 entries, comma-separated.")
+                        "NAME:OPTIMIZER:L1,L2,... entries (one budget per pyramid level, "
+                        "coarsest first), comma-separated.")
     flags.DEFINE_string("jsonl", None, "Also append the JSON lines to this file.")
 
 
-def parse_runs(text: str) -> dict[str, tuple[str, tuple[int, int, int]]]:
-    """'a:adam:200,120,20,b:lbfgs:100,60,10' -> {name: (optimizer, budgets)}."""
+def parse_runs(text: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """'a:adam:200,120,20,b:lbfgs:6' -> {name: (optimizer, budgets)}.
+
+    An entry starts at each part with two colons; the plain numbers after it are its
+    levels' budgets, coarsest first (at least one).
+    """
     out = {}
-    parts = text.split(",")
-    for i in range(0, len(parts), 3):
-        head = parts[i].split(":")
-        if len(head) != 3 or i + 2 >= len(parts):
-            raise ValueError(f"--schedules takes NAME:OPTIMIZER:L1,L2,L3 entries, got "
-                             f"{text!r}")
-        name, optimizer, first = head
-        out[name] = (optimizer, (int(first), int(parts[i + 1]), int(parts[i + 2])))
+    usage = f"--schedules takes NAME:OPTIMIZER:L1,L2,... entries, got {text!r}"
+    for part in text.split(","):
+        head = part.split(":")
+        if len(head) == 3:
+            name, optimizer, part = head
+            if not name or name in out:
+                raise ValueError(f"{usage} (empty or repeated name {name!r})")
+            out[name] = (optimizer, ())
+        elif len(head) != 1 or not out:
+            raise ValueError(usage)
+        try:
+            budget = int(part)
+        except ValueError:
+            raise ValueError(f"{usage} ({part!r} is not a number)") from None
+        optimizer, budgets = out[name]
+        out[name] = (optimizer, budgets + (budget,))
+    if not out:
+        raise ValueError(usage)
     return out
 
 
@@ -95,8 +110,8 @@ def main(argv):
         views, bank, gt_aif, gt_def, info = rt.load_scene(run, pair)
         scene_data = (views, bank, gt_aif, gt_def, opts)
         encoding = info["input"]["encoding"]
-        for optimizer in sorted({o for o, _ in runs.values()}):  # compile, untimed
-            solve(sid, *scene_data, optimizer, (1, 1, 1), encoding)
+        for optimizer, levels in sorted({(o, len(b)) for o, b in runs.values()}):
+            solve(sid, *scene_data, optimizer, (1,) * levels, encoding)  # compile, untimed
         for name, (optimizer, budgets) in runs.items():
             row = {"scene": sid, "crop": FLAGS.crop, "run": name, "optimizer": optimizer,
                    **solve(sid, *scene_data, optimizer, budgets, encoding)}
