@@ -6,7 +6,8 @@ On a Pixel 4 scene it runs, for each --runs name:
   and no refinement (the published method);
 - `fast`, `best`: dpjax's schedules (`--quality`, `dpjax.config.schedule`), loaded
   and configured as the apps do it (`dpjax.scene.configure`: the auto preset's range
-  and the search-map start, their time counted), the MPI solved with the refinement
+  and the search-map start, their time counted; the optimizer the apps pick for the
+  input's encoding, L-BFGS for the Pixel 4's raw pairs since 2026-12-07), the MPI solved with the refinement
   off and then finished (`dpjax.solver.finish_fit`) with each --refine_iters count of
   L-BFGS refinement iterations, every one from the same MPI: a user running with
   --refine_iters=K pays the MPI's time plus that finish.
@@ -196,15 +197,18 @@ def paper_run(views, bank, gt_aif, gt_defocus, base):
 def dpjax_run(name, views, bank, gt_aif, gt_defocus, opts, paper_base, refine_iters,
               encoding):
     """A dpjax schedule's run: the MPI without refinement, then each refinement count."""
-    base = presets.base_config(preset="auto", quality=name, refine_iters=0).replace(
-        **{"solver.chunk_size": FLAGS.fast_eval_every})
+    settings = {"preset": "auto", "quality": name, "refine_iters": 0}
+    chunk = FLAGS.fast_eval_every
+    base = presets.base_config(**settings).replace(**{"solver.chunk_size": chunk})
+    linear = presets.linear_input_solver(**settings)  # as the apps: L-BFGS for raw input
+    opts = dataclasses.replace(opts, base=base, linear_solver=linear and dataclasses.replace(
+        linear, chunk_size=chunk))
     t0 = time.perf_counter()
     if FLAGS.fast_preset == "auto":
-        cfg, _, init, _ = scene.configure(FLAGS.scene, views, bank,
-                                          dataclasses.replace(opts, base=base),
+        cfg, _, init, _ = scene.configure(FLAGS.scene, views, bank, opts,
                                           input_encoding=encoding)
     else:
-        cfg = base.replace(mpi=paper_base.mpi)
+        cfg = scene.for_input(opts, encoding).base.replace(mpi=paper_base.mpi)
         init = None
     configure_s = time.perf_counter() - t0
     rec = Recorder(views.shape[1:3], cfg, gt_aif, gt_defocus, offset_s=configure_s)

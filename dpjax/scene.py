@@ -326,7 +326,7 @@ def check_prior_encoding(text: str) -> None:
                              "own)") from None
 
 
-def _for_input(opts: SceneOptions, input_encoding: str) -> SceneOptions:
+def for_input(opts: SceneOptions, input_encoding: str) -> SceneOptions:
     """`opts` with `base` set for one scene whose input was encoded with
     `input_encoding`: `loss.prior_encoding` that encoding for PRIOR_INPUT (else the
     curve asked for), and the solver `linear_solver` for linear input when set."""
@@ -698,7 +698,7 @@ def configure(name: str, views: np.ndarray, bank: KernelBank, opts: SceneOptions
       blur_p90: the kernel source's (`KernelSource.blur_p90`), for the range's grid.
     """
     timings = {} if timings is None else timings
-    opts = _for_input(opts, input_encoding)
+    opts = for_input(opts, input_encoding)
     search_s = range_s = 0.0
     if search is not None:
         search, search_s = search

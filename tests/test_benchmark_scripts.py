@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dpjax import presets
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--rows=2", "--cols=2", "--tile=32", "--kernel_size=9", "--num_layers=4",
         "--scale_min=0.2", "--scale_max=1.2"]
@@ -90,13 +92,16 @@ def test_colour_solve(tmp_path):
 def test_time_to_quality(tmp_path):
     # One tile, a 20-iteration paper run and the fast schedule finished with 0 and 3
     # refinement iterations: checks the records and the refinement curve, not the times.
+    # The fast run fits the raw pairs with the apps' solver for linear input.
     res = _run("time_to_quality", ["--crop=1x1", "--paper_iters=20", "--eval_every=10",
                                    "--fast_eval_every=40", "--refine_iters=3",
                                    f"--plot={tmp_path / 'ttq.png'}"], tmp_path)
     paper, fast = res["runs"]["paper"], res["runs"]["fast"]
     assert res["shape"][1:3] == [168, 168] and res["refine_iters"] == [0, 3]
     assert paper["iterations"] == [20] and len(paper["records"]) == 2
-    assert fast["iterations"] == [200, 120, 20]
+    linear = presets.linear_input_solver(preset="auto")
+    assert fast["iterations"] == list(linear.level_iters)
+    assert fast["schedule"]["optimizer"] == linear.optimizer == "lbfgs"
     (curve,) = fast["refine_curve"]
     assert curve["iters"] == 3 and curve["refine"]["iterations"] == 3
     # The default (15) was not run, so the final result is the last count's.
