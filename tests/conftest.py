@@ -5,6 +5,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -21,6 +22,11 @@ def pytest_configure(config):
     folder = (cache.mkdir("dpjax_compilation_cache") if cache is not None
               else Path(tempfile.gettempdir()) / "dpjax_test_compilation_cache")
     os.environ.setdefault(batch.CACHE_DIR_ENV, str(folder))
+    # The in-process tests solve tiny problems, so compiling is most of their time:
+    # XLA's slower passes are off in this process (not in the apps the tests start,
+    # which keep the optimised build users get). DPJAX_TEST_XLA_OPT=1 turns them on.
+    if os.environ.get("DPJAX_TEST_XLA_OPT") != "1":
+        jax.config.update("jax_disable_most_optimizations", True)
 
 
 @pytest.fixture(scope="session")

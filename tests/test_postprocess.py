@@ -165,7 +165,9 @@ def test_defocus_fill_experiment_scores_the_fill_and_refuses_filled_maps(tmp_pat
     written = tifffile.imread(tmp_path / "w" / "a" / "filled" / "mpi" / "s01"
                               / outputs.DEFOCUS_TIFF)
     expect, _ = postprocess.fill_defocus(jnp.asarray(defocus), jnp.asarray(image))
-    np.testing.assert_allclose(written, np.asarray(expect), atol=1e-6)
+    # Written by the script's process, which compiles with XLA's optimisations (this
+    # one does not: conftest.py): float32 rounding apart (measured 1.4e-6 at 3.0).
+    np.testing.assert_allclose(written, np.asarray(expect), rtol=1e-6, atol=1e-6)
     _solved_folder(tmp_path / "filled", image, defocus, fill=True)
     run = subprocess.run([sys.executable, str(script), f"--pixel=a={tmp_path / 'filled'}",
                           f"--pixel_data={data}"], capture_output=True, text=True, timeout=300)
