@@ -9,9 +9,9 @@ once per --schedules entry NAME:OPTIMIZER:L1,L2,... (the iteration budgets of th
 pyramid levels, coarsest first, one level or more; everything else the apps' defaults,
 refinement included). Before the timed runs, every optimiser and level count named is
 run once with one iteration per level, so that the timed runs reuse compiled code and
-their seconds compare the schedules, not compilation. Per scene and run one JSON line: seconds (configuration and
-solve), the final objective, the image's PSNR / SSIM, AIWE(1), 1 - |rho_s|, and the
-Wiener filter's PSNR at the run's own defocus map.
+their seconds compare the schedules, not compilation. Per scene and run one JSON line:
+seconds (configuration and solve), the final objective, the image's PSNR / SSIM,
+AIWE(1), 1 - |rho_s|, and the Wiener filter's PSNR at the run's own defocus map.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """dpjax.fit_batch: same-size scenes solved by one vmapped chunk match separate fits.
 
 Tiny problem: 2x2 tiles of 32x40 px, 11-px kernels cut to their support (mass cut
-0.2), 4 layers, 2 pyramid levels of 8 steps in chunks of 4. Every solve here shares those shapes and static settings, so
-the module compiles the batched chunk once per level (and `fit`'s likewise).
+0.2), 4 layers, 2 pyramid levels of 8 steps in chunks of 4. Every solve here shares
+those shapes and static settings, so the module compiles the batched chunk once per
+level (and `fit`'s likewise).
 """
 
 import jax
