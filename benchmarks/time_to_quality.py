@@ -8,9 +8,9 @@ On a Pixel 4 scene it runs, for each --runs name:
   and configured as the apps do it (`dpjax.scene.configure`: the auto preset's range
   and the search-map start, their time counted; the optimizer the apps pick for the
   input's encoding, L-BFGS for the Pixel 4's raw pairs since 2026-12-07), the MPI
-  solved with the refinement off and then finished (`dpjax.solver.finish_fit`) with each --refine_iters count of
-  L-BFGS refinement iterations, every one from the same MPI: a user running with
-  --refine_iters=K pays the MPI's time plus that finish.
+  solved with the refinement off and then finished (`dpjax.solver.finish_fit`) with
+  each --refine_iters count of L-BFGS refinement iterations, every one from the same
+  MPI: a user running with --refine_iters=K pays the MPI's time plus that finish.
 It records the loss and the metrics against ground truth over the solver's wall time
 (metric evaluation is excluded from the clock) and prints JSON with each run's final
 result (the refinement count that is the default when it was run, else the last), the
