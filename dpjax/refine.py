@@ -92,10 +92,6 @@ class RefineConfig:
       bilateral: apply the post-processing bilateral filter (PostConfig) after the
         refinement too; False skips it when the refinement runs (its prior replaces
         the filter's denoising). Without refinement PostConfig alone decides.
-      noise_relative: weigh each pixel's squared residual by the fit's per-pixel
-        noise weight (`losses.intensity_weight` with the fit's LossWeights.noise_power
-        and noise_floor) inside the robust function, as the fit's data term does;
-        False counts residuals in absolute units.
     """
 
     # The defaults below were chosen on three shared scenes' 3x4 crops and checked on
@@ -112,7 +108,6 @@ class RefineConfig:
     sharpen: float = 4.0
     memory: int = 10
     bilateral: bool = False
-    noise_relative: bool = False
 
     def __post_init__(self):
         if self.iters < 0:
@@ -142,7 +137,6 @@ class Problem(NamedTuple):
       observation: [V, C, H, W] the views.
       norm: scalar n = 0.5 / mean(observation).
       reference: [C, H, W] the fit's composite (the anchor's target).
-      weight: [H, W] the data term's per-pixel weight of the squared residuals.
     """
 
     alpha: jax.Array
@@ -151,7 +145,6 @@ class Problem(NamedTuple):
     observation: jax.Array
     norm: jax.Array
     reference: jax.Array
-    weight: jax.Array
 
 
 class RefineResult(NamedTuple):
@@ -201,7 +194,7 @@ def sharpen_alphas(alpha: jax.Array, power: float) -> jax.Array:
 
 
 def prepare(alpha: jax.Array, observation: jax.Array, lk: mpi.LayerKernels,
-            reference: jax.Array | None = None, weight: jax.Array | None = None) -> Problem:
+            reference: jax.Array | None = None) -> Problem:
     """The frozen operator's fixed parts.
 
     Args:
@@ -210,16 +203,13 @@ def prepare(alpha: jax.Array, observation: jax.Array, lk: mpi.LayerKernels,
       observation: [V, C, H, W] views.
       lk: the layer kernels of the fit at this resolution.
       reference: [C, H, W] the fit's composite (default zeros: no anchor target).
-      weight: [H, W] per-pixel weight of the squared residuals (default ones).
     """
     if reference is None:
         reference = jnp.zeros(observation.shape[1:], observation.dtype)
-    if weight is None:
-        weight = jnp.ones(observation.shape[-2:], observation.dtype)
     padded = conv.pad_edges(alpha, lk.geom.radius)
     return Problem(alpha=padded, trans=mpi.transmittance(padded),
                    visibility=mpi.blurred_visibility(alpha, lk), observation=observation,
-                   norm=0.5 / jnp.mean(observation), reference=reference, weight=weight)
+                   norm=0.5 / jnp.mean(observation), reference=reference)
 
 
 def _layer_signals(x: jax.Array, problem: Problem, radius: int, cfg: RefineConfig
@@ -320,7 +310,7 @@ def objective_terms(x: jax.Array, problem: Problem, lk: mpi.LayerKernels,
     """
     n = problem.norm
     resid = n * (render_linear(x, problem, lk, cfg) - problem.observation)
-    sq = problem.weight * resid * resid  # [V, C, H, W]
+    sq = resid * resid
     if cfg.robust > 0:  # gamma^2 (sqrt(1 + r^2 / gamma^2) - 1): r^2 / 2 for small r
         # written as r^2 / (1 + sqrt(1 + r^2 / gamma^2)) (times 2, for the 0.5 below):
         # the difference form cancels to zero in float32 for r << gamma.
@@ -417,7 +407,7 @@ def _run(x0: jax.Array, problem: Problem, lk: mpi.LayerKernels, *, cfg: RefineCo
 
 
 def refine_all_in_focus(params: mpi.MpiParams, observation: jax.Array, lk: mpi.LayerKernels,
-                        cfg: RefineConfig, weight: jax.Array | None = None) -> RefineResult:
+                        cfg: RefineConfig) -> RefineResult:
     """Refines the fit's all-in-focus image with its alphas frozen (module docstring).
 
     Args:
@@ -425,8 +415,6 @@ def refine_all_in_focus(params: mpi.MpiParams, observation: jax.Array, lk: mpi.L
       observation: [V, C, H, W] the views the fit used (full resolution).
       lk: the fit's layer kernels at this resolution.
       cfg: refinement settings; cfg.iters must be > 0.
-      weight: [H, W] the data term's per-pixel weight (default ones; the solver
-        passes the fit's noise weight when cfg.noise_relative).
 
     Returns:
       RefineResult.
@@ -440,7 +428,7 @@ def refine_all_in_focus(params: mpi.MpiParams, observation: jax.Array, lk: mpi.L
     alpha = mpi.alphas(params)
     color, trans = mpi.colors(params), mpi.transmittance(alpha)
     problem = prepare(sharpen_alphas(alpha, cfg.sharpen), observation, lk,
-                      mpi.all_in_focus(color, trans), weight)
+                      mpi.all_in_focus(color, trans))
     radius = lk.geom.radius
     x0 = initial_unknown(color, trans, radius, cfg)
     x, start, data, prior, iters, evals, ok = _run(x0, problem, lk, cfg=cfg)

@@ -896,12 +896,8 @@ def _outputs(params: mpi.MpiParams, observation: jax.Array, lk: mpi.LayerKernels
     if cfg.refine.iters > 0:
         t0 = time.perf_counter()
         try:
-            weight = (losses.intensity_weight(observation, cfg.loss.noise_power,
-                                              cfg.loss.noise_floor)
-                      if cfg.refine.noise_relative and cfg.loss.noise_power > 0 else None)
             ref = refine.refine_all_in_focus(params, observation,
-                                             lk if refine_lk is None else refine_lk, cfg.refine,
-                                             weight)
+                                             lk if refine_lk is None else refine_lk, cfg.refine)
         except FloatingPointError as e:
             raise FloatingPointError(f"{prefix}{e}") from e
         image = jnp.asarray(ref.all_in_focus)
