@@ -38,13 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-import dpjax
-from dpjax import baselines, io, mpi, outputs, pipeline, presets, refine, scene, solver
+from dpjax import baselines, mpi, outputs, pipeline, presets, refine, solver
 from dpjax_apps.flags import parse_rxc
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import refine_sweep  # noqa: E402  (its scene loading and fit)
+
 FLAGS = flags.FLAGS
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "pixel4"
 
 
 def oracle_map(fit_map: np.ndarray, gt: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -109,19 +109,7 @@ def split_params(trans: np.ndarray, dmap: np.ndarray, fine_scales: np.ndarray,
 
 
 def run_scene(sid: str, data: Path, crop) -> dict:
-    settings = {"preset": "auto", "refine_iters": 0}
-    base = presets.base_config(**settings)
-    source = scene.kernel_source(scene.KernelOptions(calib_dir=data / "calibration"),
-                                 2 ** (base.solver.pyramid_levels - 1), crop)
-    opts = scene.SceneOptions(base=base, preset="auto", input_dir=data,
-                              linear_solver=presets.linear_input_solver(**settings))
-    pair = io.ScenePair(sid, data / f"{sid}_left.png", data / f"{sid}_right.png", "pixel")
-    views, info = scene.load_views(pair, source, opts)
-    bank = scene.make_bank(source, info)
-    gt_aif, gt_def = scene.load_ground_truth(data, sid, views.shape[1:3], info)
-    cfg, _, init, _ = scene.configure(sid, views, bank, opts,
-                                      input_encoding=info["input"]["encoding"])
-    res = dpjax.fit(views, bank, cfg, init=init, init_is_solution=False)
+    views, bank, cfg, res, gt_aif, gt_def, _ = refine_sweep.fit_scene(sid, data, crop)
     scales = cfg.mpi.scales()
     refined = cfg.replace(refine=presets.base_config(preset="auto").refine)
 
@@ -179,6 +167,6 @@ def main(argv):
 if __name__ == "__main__":
     flags.DEFINE_list("scenes", ["001", "005", "008"], "Pixel 4 scene ids.")
     flags.DEFINE_string("crop", "3x4", "RxC central kernel tiles, or 'full'.")
-    flags.DEFINE_string("data_dir", str(DEFAULT_DATA), "The Pixel 4 folder.")
+    flags.DEFINE_string("data_dir", str(refine_sweep.DEFAULT_DATA), "The Pixel 4 folder.")
     flags.DEFINE_string("output", "", "JSON file for every number.")
     sys.exit(app.run(main))

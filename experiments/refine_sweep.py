@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -49,7 +50,20 @@ def parse_setting(text: str) -> tuple[str, refine.RefineConfig]:
     return name, refine.RefineConfig(**kw)
 
 
-def run_scene(sid: str, refinements, data: Path, crop) -> dict:
+class SceneFit(NamedTuple):
+    """One Pixel 4 scene fitted with the apps' defaults, refinement off."""
+
+    views: np.ndarray  # [2, H, W, C]
+    bank: object  # its KernelBank
+    config: object  # its Config (refinement off)
+    result: object  # dpjax.FitResult
+    gt_all_in_focus: np.ndarray | None
+    gt_defocus: np.ndarray | None
+    fit_s: float
+
+
+def fit_scene(sid: str, data: Path, crop) -> SceneFit:
+    """Loads, configures and fits one scene as experiments/reproduce_table.py does it."""
     # The apps' defaults (fast coarse-to-fine schedule, auto preset's start and reading);
     # a bare Config() would be the library's single-level 1000-step solver.
     settings = {"preset": "auto", "refine_iters": 0}  # the fit alone
@@ -67,7 +81,11 @@ def run_scene(sid: str, refinements, data: Path, crop) -> dict:
                                       input_encoding=info["input"]["encoding"])
     t0 = time.perf_counter()
     res = dpjax.fit(views, bank, cfg, init=init, init_is_solution=False)
-    fit_s = time.perf_counter() - t0
+    return SceneFit(views, bank, cfg, res, gt_aif, gt_def, time.perf_counter() - t0)
+
+
+def run_scene(sid: str, refinements, data: Path, crop) -> dict:
+    views, bank, cfg, res, gt_aif, gt_def, fit_s = fit_scene(sid, data, crop)
 
     def sc(img, dmap=None):
         s = pipeline.score(np.asarray(img), dmap, gt_all_in_focus=gt_aif, gt_defocus=gt_def)
