@@ -28,6 +28,8 @@ from absl import app, flags, logging
 
 import dpjax
 from dpjax import baselines, io, outputs, pipeline, postprocess, presets, refine, scene, solver
+from dpjax.config import Config
+from dpjax.kernels import KernelBank
 from dpjax_apps.flags import parse_rxc
 
 FLAGS = flags.FLAGS
@@ -54,9 +56,9 @@ class SceneFit(NamedTuple):
     """One Pixel 4 scene fitted with the apps' defaults, refinement off."""
 
     views: np.ndarray  # [2, H, W, C]
-    bank: object  # its KernelBank
-    config: object  # its Config (refinement off)
-    result: object  # dpjax.FitResult
+    bank: KernelBank
+    config: Config  # refinement off
+    result: solver.FitResult
     gt_all_in_focus: np.ndarray | None
     gt_defocus: np.ndarray | None
     fit_s: float
