@@ -135,7 +135,7 @@ def test_block_solve_matches_whole_frame_solve_without_seams():
                           scale_range=(0.2, 1.4), slope=2.0)
     cfg = dpjax.Config(
         mpi=dpjax.MpiConfig(num_layers=5, scale_min=0.0, scale_max=1.6),
-        solver=dpjax.SolverConfig(num_iters=60, coarse_iters=60, pyramid_levels=2,
+        solver=dpjax.SolverConfig(num_iters=30, coarse_iters=30, pyramid_levels=2,
                                   chunk_size=30))
     whole = dpjax.fit(sc.views, bank, cfg)
     plan = blocks.plan_blocks(bank.grid, (2, 2))
