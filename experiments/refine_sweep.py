@@ -140,6 +140,7 @@ if __name__ == "__main__":
     flags.DEFINE_list("scenes", ["001", "005", "008"], "Pixel 4 scene ids.")
     flags.DEFINE_string("data_dir", str(DEFAULT_DATA), "Pixel 4 data folder.")
     flags.DEFINE_string("crop", "3x4", "RxC block of kernel tiles, or full.")
-    flags.DEFINE_list("settings", DEFAULT_SETTINGS, "NAME:key=value;... RefineConfig items (comma-separated).")
+    flags.DEFINE_list("settings", DEFAULT_SETTINGS,
+                      "NAME:key=value;... RefineConfig items (comma-separated).")
     flags.DEFINE_string("output", None, "JSON file for every number.")
     sys.exit(app.run(main))
