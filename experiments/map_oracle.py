@@ -79,12 +79,9 @@ def two_layer_params(dmap: np.ndarray, scales: np.ndarray, composite: np.ndarray
       scales: [L] layer scales, back to front (decreasing).
       composite: [C, H, W] the fit's all-in-focus composite (`_logits`).
     """
-    s = np.asarray(scales, np.float64)
-    dmap = np.clip(dmap, s.min(), s.max())
-    # hat weights in the layer index: t = position of dmap along the decreasing scales
-    t = np.interp(dmap, s[::-1], np.arange(len(s))[::-1].astype(np.float64))
-    idx = np.arange(len(s))[:, None, None]
-    return _logits(np.maximum(0.0, 1.0 - np.abs(idx - t[None])), composite)
+    # the Wiener baseline's weights of the two bracketing scales (ascending: flipped twice)
+    ascending = np.asarray(scales, np.float32)[::-1]
+    return _logits(baselines._interp_weights(dmap, ascending)[::-1], composite)
 
 
 def split_params(trans: np.ndarray, dmap: np.ndarray, fine_scales: np.ndarray,
