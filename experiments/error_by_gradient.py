@@ -23,11 +23,9 @@ import numpy as np
 import tifffile
 from absl import app, flags
 
-from dpjax import io, metrics, outputs
+from dpjax import io, metrics, outputs, reproduce
 
 FLAGS = flags.FLAGS
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "pixel4"
 PARTS = (("flat_50", 0.0, 0.5), ("middle_40", 0.5, 0.9), ("steep_10", 0.9, 1.0))
 
 
@@ -80,7 +78,7 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.DEFINE_string("results", None, "A reproduce_table.py --output_dir.", required=True)
-    flags.DEFINE_string("data_dir", str(DEFAULT_DATA), "The Pixel 4 folder.")
+    flags.DEFINE_string("data_dir", str(reproduce.DEFAULT_DATA_DIR), "The Pixel 4 folder.")
     flags.DEFINE_list("methods", ["input", "wiener", "mpi"], "Methods to split (wiener needed).")
     flags.DEFINE_string("output", "", "JSON file for every number.")
     sys.exit(app.run(main))

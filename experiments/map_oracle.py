@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from dpjax import baselines, mpi, outputs, pipeline, presets, refine, solver
+from dpjax import baselines, mpi, outputs, pipeline, presets, refine, reproduce, solver
 from dpjax_apps.flags import parse_rxc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -164,6 +164,6 @@ def main(argv):
 if __name__ == "__main__":
     flags.DEFINE_list("scenes", ["001", "005", "008"], "Pixel 4 scene ids.")
     flags.DEFINE_string("crop", "3x4", "RxC central kernel tiles, or 'full'.")
-    flags.DEFINE_string("data_dir", str(refine_sweep.DEFAULT_DATA), "The Pixel 4 folder.")
+    flags.DEFINE_string("data_dir", str(reproduce.DEFAULT_DATA_DIR), "The Pixel 4 folder.")
     flags.DEFINE_string("output", "", "JSON file for every number.")
     sys.exit(app.run(main))

@@ -27,14 +27,23 @@ import numpy as np
 from absl import app, flags, logging
 
 import dpjax
-from dpjax import baselines, io, outputs, pipeline, postprocess, presets, refine, scene, solver
+from dpjax import (
+    baselines,
+    io,
+    outputs,
+    pipeline,
+    postprocess,
+    presets,
+    refine,
+    reproduce,
+    scene,
+    solver,
+)
 from dpjax.config import Config
 from dpjax.kernels import KernelBank
 from dpjax_apps.flags import parse_rxc
 
 FLAGS = flags.FLAGS
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "pixel4"
 DEFAULT_SETTINGS = ["tv3e-3:iters=30", "tv1e-3:iters=30;weight=1e-3",
                     "hl0.8:iters=30;power=0.8", "sharpen2:iters=30;sharpen=2"]
 
@@ -138,7 +147,7 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.DEFINE_list("scenes", ["001", "005", "008"], "Pixel 4 scene ids.")
-    flags.DEFINE_string("data_dir", str(DEFAULT_DATA), "Pixel 4 data folder.")
+    flags.DEFINE_string("data_dir", str(reproduce.DEFAULT_DATA_DIR), "Pixel 4 data folder.")
     flags.DEFINE_string("crop", "3x4", "RxC block of kernel tiles, or full.")
     flags.DEFINE_list("settings", DEFAULT_SETTINGS,
                       "NAME:key=value;... RefineConfig items (comma-separated).")
