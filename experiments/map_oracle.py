@@ -135,7 +135,7 @@ def run_scene(sid: str, data: Path, crop) -> dict:
                 solver.finish_fit(views, bank, cfg_k, params).all_in_focus_raw)
     # The fit's sharpened weights, each pixel's heaviest layer split at its map value.
     trans = np.asarray(mpi.transmittance(refine.sharpen_alphas(alpha, refined.refine.sharpen)))
-    dmap = np.asarray(mpi.estimate_defocus(mpi.transmittance(alpha), scales, "sharpened"))
+    dmap = np.asarray(mpi.estimate_defocus(mpi.transmittance(alpha), scales, cfg.post.defocus))
     rows[f"refined_split_{2 * len(scales) - 1}_layers"] = sc(solver.finish_fit(
         views, bank, fine_cfg, split_params(trans, dmap, fine_cfg.mpi.scales(), composite)
     ).all_in_focus_raw)
